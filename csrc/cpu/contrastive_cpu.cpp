@@ -1,0 +1,154 @@
+// Fused contrastive loss over a reference set on the CPU (DESIGN.md section 1):
+//   l_i = sum_{j in P_i} (1 - S_ij) + sum_{j in N_i, S_ij > m} S_ij
+//   dl_i/dx_i = sum_j c_ij r_j,  c_ij = -1 (positive), +1 (active negative), 0 otherwise.
+// c_ij depends only on its own pair, so one pass over the reference rows gives the loss,
+// the active-pair counts and the gradient: per tile S = X R^T (GEMM), the epilogue turns S
+// into C in place, then dX += C R reuses the tile of R just read.
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "cpu/tiles.h"
+
+namespace xbm_kernels {
+namespace {
+
+using at::Tensor;
+
+// Overwrites s (B x w, row-major) with c_ij; adds per-row loss and active-pair counts.
+// Columns are c0 .. c0 + w - 1 of the reference; all of them are < ref_valid.
+void contrastive_epilogue(float* s, int64_t B, int64_t w, int64_t c0, const int32_t* y, const int32_t* z,
+                          const int64_t* self_idx, float margin, float pos_thr, double* loss, int64_t* counts) {
+  for (int64_t i = 0; i < B; ++i) {
+    float* row = s + i * w;
+    const int32_t yi = y[i];
+    const int64_t self_col = self_idx ? self_idx[i] - c0 : -1;
+    const bool has_self = self_col >= 0 && self_col < w;
+    const float self_s = has_self ? row[self_col] : 0.f;
+    float acc = 0.f;
+    int32_t npos = 0, nneg = 0;
+    for (int64_t j = 0; j < w; ++j) {  // branch-free so the compiler vectorises it
+      const float v = row[j];
+      const bool same = z[j] == yi;
+      const bool pos = same & (v < pos_thr);
+      const bool neg = (!same) & (v > margin);
+      acc += pos ? 1.f - v : (neg ? v : 0.f);
+      npos += pos;
+      nneg += neg;
+      row[j] = static_cast<float>(neg) - static_cast<float>(pos);
+    }
+    if (has_self) {  // take the anchor's own column back out
+      const bool same = z[self_col] == yi;
+      const bool pos = same && self_s < pos_thr, neg = !same && self_s > margin;
+      acc -= pos ? 1.f - self_s : (neg ? self_s : 0.f);
+      npos -= pos;
+      nneg -= neg;
+      row[self_col] = 0.f;
+    }
+    loss[i] += acc;
+    counts[2 * i] += npos;
+    counts[2 * i + 1] += nneg;
+  }
+}
+
+struct Inputs {
+  Tensor x32, ref, y, z, self_idx;
+  int64_t B, D, n;
+  const int64_t* self_ptr() const { return self_idx.defined() ? self_idx.data_ptr<int64_t>() : nullptr; }
+};
+
+Inputs prepare(const Tensor& x, const Tensor& labels, const Tensor& ref, const Tensor& ref_labels,
+               const c10::optional<Tensor>& self_index, int64_t ref_valid) {
+  check_loss_args(x, labels, ref, ref_labels, self_index, ref_valid);
+  TORCH_CHECK(x.device().is_cpu(), "x: expected a CPU tensor, got ", x.device());
+  Inputs in;
+  in.x32 = x.detach().to(at::kFloat).contiguous();
+  in.ref = ref.detach().contiguous();
+  in.y = labels.contiguous();
+  in.z = ref_labels.contiguous();
+  if (self_index.has_value()) in.self_idx = self_index->contiguous();
+  in.B = x.size(0);
+  in.D = x.size(1);
+  in.n = ref_valid;
+  return in;
+}
+
+// The kernels call ATen ops on their own buffers: keep them below autograd.
+using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
+
+std::tuple<Tensor, Tensor, Tensor> contrastive_fwd_cpu(const Tensor& x, const Tensor& labels, const Tensor& ref,
+                                                       const Tensor& ref_labels,
+                                                       const c10::optional<Tensor>& self_index, int64_t ref_valid,
+                                                       double margin, double pos_eps, bool need_grad,
+                                                       bool /*allow_tf32: no TF32 on the CPU*/) {
+  BelowAutograd guard;
+  const Inputs in = prepare(x, labels, ref, ref_labels, self_index, ref_valid);
+  const int64_t B = in.B, D = in.D;
+  const auto plan = cpu::plan_tiles(B, in.n);
+  const auto f32 = x.options().dtype(at::kFloat);
+  Tensor loss_parts = at::zeros({plan.parts, B}, f32.dtype(at::kDouble));
+  Tensor count_parts = at::zeros({plan.parts, B, 2}, f32.dtype(at::kLong));
+  Tensor grad_parts = need_grad ? at::zeros({plan.parts, B, D}, f32) : Tensor();
+  const int32_t* y = in.y.data_ptr<int32_t>();
+  const int32_t* z = in.z.data_ptr<int32_t>();
+  const float pos_thr = static_cast<float>(1.0 - pos_eps);
+
+  std::vector<std::unique_ptr<cpu::TileScratch>> scratch(plan.parts);
+  cpu::for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
+    if (!scratch[p]) scratch[p] = std::make_unique<cpu::TileScratch>(B, D, plan.cols, in.ref);
+    Tensor rt = scratch[p]->ref_tile(in.ref, c0, w);
+    Tensor st = scratch[p]->similarity(in.x32, rt);
+    contrastive_epilogue(st.data_ptr<float>(), B, w, c0, y, z + c0, in.self_ptr(), static_cast<float>(margin),
+                         pos_thr, loss_parts[p].data_ptr<double>(), count_parts[p].data_ptr<int64_t>());
+    if (need_grad) grad_parts[p].addmm_(st, rt);
+  });
+
+  Tensor loss = cpu::sum_parts(loss_parts).to(at::kFloat);
+  Tensor counts = cpu::sum_parts(count_parts).to(at::kInt);
+  Tensor grad = need_grad ? cpu::sum_parts(grad_parts) : at::empty({0}, f32);
+  return {loss, grad, counts};
+}
+
+std::tuple<Tensor, Tensor> contrastive_bwd_cpu(const Tensor& x, const Tensor& labels, const Tensor& ref,
+                                               const Tensor& ref_labels, const c10::optional<Tensor>& self_index,
+                                               int64_t ref_valid, double margin, double pos_eps,
+                                               const Tensor& grad_rows, bool /*allow_tf32*/) {
+  BelowAutograd guard;
+  const Inputs in = prepare(x, labels, ref, ref_labels, self_index, ref_valid);
+  const int64_t B = in.B, D = in.D;
+  TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == B, "grad_rows: expected shape (", B, ",)");
+  const Tensor g = grad_rows.to(at::kFloat).contiguous();
+  const auto plan = cpu::plan_tiles(B, in.n);
+  const auto f32 = x.options().dtype(at::kFloat);
+  Tensor grad_parts = at::zeros({plan.parts, B, D}, f32);
+  Tensor grad_ref = at::zeros({ref.size(0), D}, f32);  // rows >= ref_valid get no gradient
+  Tensor loss_scratch = at::zeros({plan.parts, B}, f32.dtype(at::kDouble));
+  Tensor count_scratch = at::zeros({plan.parts, B, 2}, f32.dtype(at::kLong));
+  const int32_t* y = in.y.data_ptr<int32_t>();
+  const int32_t* z = in.z.data_ptr<int32_t>();
+  const float pos_thr = static_cast<float>(1.0 - pos_eps);
+  const Tensor g_col = g.unsqueeze(1);
+
+  std::vector<std::unique_ptr<cpu::TileScratch>> scratch(plan.parts);
+  cpu::for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
+    if (!scratch[p]) scratch[p] = std::make_unique<cpu::TileScratch>(B, D, plan.cols, in.ref);
+    Tensor rt = scratch[p]->ref_tile(in.ref, c0, w);
+    Tensor st = scratch[p]->similarity(in.x32, rt);
+    contrastive_epilogue(st.data_ptr<float>(), B, w, c0, y, z + c0, in.self_ptr(), static_cast<float>(margin),
+                         pos_thr, loss_scratch[p].data_ptr<double>(), count_scratch[p].data_ptr<int64_t>());
+    st.mul_(g_col);  // row i of C scaled by dL/dl_i
+    grad_parts[p].addmm_(st, rt);
+    Tensor gr = grad_ref.narrow(0, c0, w);
+    at::mm_out(gr, st.t(), in.x32);  // tiles own disjoint rows of grad_ref: no reduction
+  });
+  return {cpu::sum_parts(grad_parts), grad_ref};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(xbm_kernels, CPU, m) {
+  m.impl("contrastive_fwd", &contrastive_fwd_cpu);
+  m.impl("contrastive_bwd", &contrastive_bwd_cpu);
+}
+
+}  // namespace xbm_kernels

@@ -1,0 +1,84 @@
+// Shared machinery of the fused CPU loss kernels: the reference rows are streamed in
+// column tiles; per tile a small fp32 GEMM writes S_tile = X R_tile^T into a buffer that
+// fits in cache, a loss-specific epilogue runs over it, and (optionally) the same tile of
+// R is reused for the gradient. Tiles are split into P contiguous partitions, one
+// accumulator set per partition, combined in partition order: the result is the same on
+// every run with the same thread count. Nothing here is proportional to B x N.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace xbm_kernels {
+namespace cpu {
+
+struct TilePlan {
+  int64_t cols;    // columns per tile
+  int64_t tiles;   // number of tiles covering [0, n)
+  int64_t parts;   // partitions (each owns a contiguous range of tiles)
+};
+
+inline TilePlan plan_tiles(int64_t B, int64_t n) {
+  // Keep the B x cols fp32 score tile near 256 KiB (L2), at least 64 and at most 1024 cols.
+  int64_t cols = std::max<int64_t>(64, std::min<int64_t>(1024, (int64_t{1} << 16) / std::max<int64_t>(B, 1)));
+  cols = (cols + 15) / 16 * 16;
+  const int64_t tiles = n > 0 ? (n + cols - 1) / cols : 0;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tiles));
+  return {cols, tiles, parts};
+}
+
+// One worker's scratch: the score tile and, for non-fp32 references, an fp32 copy of R_tile.
+struct TileScratch {
+  at::Tensor scores;  // (B * cols,) f32
+  at::Tensor ref32;   // (cols, D) f32, or undefined when ref is already fp32
+  TileScratch(int64_t B, int64_t D, int64_t cols, const at::Tensor& ref) {
+    auto opts = ref.options().dtype(at::kFloat);
+    scores = at::empty({B * cols}, opts);
+    if (ref.scalar_type() != at::kFloat) ref32 = at::empty({cols, D}, opts);
+  }
+  // fp32 view of ref rows [c0, c0 + w)
+  at::Tensor ref_tile(const at::Tensor& ref, int64_t c0, int64_t w) {
+    at::Tensor rt = ref.narrow(0, c0, w);
+    if (!ref32.defined()) return rt;
+    at::Tensor buf = ref32.narrow(0, 0, w);
+    buf.copy_(rt);
+    return buf;
+  }
+  // S_tile = X R_tile^T, (B, w) fp32, living in `scores`
+  at::Tensor similarity(const at::Tensor& x32, const at::Tensor& rt) {
+    const int64_t B = x32.size(0), w = rt.size(0);
+    at::Tensor st = scores.narrow(0, 0, B * w).view({B, w});
+    at::mm_out(st, x32, rt.t());
+    return st;
+  }
+};
+
+// Runs fn(part, tile_begin_col, width) over every tile, partitions in parallel.
+template <typename Fn>
+void for_each_tile(const TilePlan& plan, int64_t n, const Fn& fn) {
+  at::parallel_for(0, plan.parts, 1, [&](int64_t p0, int64_t p1) {
+    // Dispatch state is thread-local: worker threads must also stay below autograd.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t t0 = p * plan.tiles / plan.parts, t1 = (p + 1) * plan.tiles / plan.parts;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t c0 = t * plan.cols;
+        fn(p, c0, std::min(plan.cols, n - c0));
+      }
+    }
+  });
+}
+
+// Sum of a (P, ...) tensor over its first dim, in partition order (deterministic).
+inline at::Tensor sum_parts(const at::Tensor& parts) {
+  at::Tensor out = parts.select(0, 0).clone();
+  for (int64_t p = 1; p < parts.size(0); ++p) out.add_(parts.select(0, p));
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace xbm_kernels

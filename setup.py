@@ -1,0 +1,80 @@
+"""Build xbm_kernels._C: the C++ CPU kernels always, the CUDA kernels when nvcc and a CUDA
+build of torch are both present.
+
+Knobs (environment):
+  FORCE_CUDA=1          build the CUDA sources even if torch reports no CUDA build
+  FORCE_ONLY_CPU=1      never build the CUDA sources
+  TORCH_CUDA_ARCH_LIST  CUDA architectures (default "8.0;9.0a")
+  MAX_JOBS              parallel compile jobs (read by torch's ninja builder)
+
+Install with `pip install --no-build-isolation .`: an isolated build would pull a
+different (multi-GB) torch than the one installed.
+"""
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+import torch
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _decide_cuda():
+    if _flag("FORCE_ONLY_CPU"):
+        return False, "FORCE_ONLY_CPU is set"
+    if _flag("FORCE_CUDA"):
+        return True, "FORCE_CUDA is set"
+    if torch.version.cuda is None:
+        return False, "torch %s is not a CUDA build" % torch.__version__
+    if CUDA_HOME is None:
+        return False, "nvcc / CUDA_HOME not found"
+    return True, "torch %s (CUDA %s) and CUDA_HOME=%s" % (torch.__version__, torch.version.cuda, CUDA_HOME)
+
+
+def _extension():
+    with_cuda, why = _decide_cuda()
+    sources = [os.path.relpath(p, ROOT) for p in
+               sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
+               + sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
+    cxx = ["-O3", "-std=c++17", "-fopenmp"] if sys.platform != "win32" else ["/O2"]
+    extra = {"cxx": cxx}
+    define_macros = [("Py_LIMITED_API", "0x03090000")]
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+        sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))]
+        extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        ext_cls = CUDAExtension
+    else:
+        ext_cls = CppExtension
+    print("xbm_kernels build: CUDA %s (%s); arch list %s; MAX_JOBS=%s; %d sources" % (
+        "ON" if with_cuda else "OFF", why, os.environ.get("TORCH_CUDA_ARCH_LIST", "-") if with_cuda else "-",
+        os.environ.get("MAX_JOBS", "default"), len(sources)))
+    return ext_cls("xbm_kernels._C", sources, extra_compile_args=extra, define_macros=define_macros,
+                   include_dirs=[os.path.join(ROOT, "csrc")],
+                   extra_link_args=["-fopenmp"] if sys.platform != "win32" else [],
+                   py_limited_api=True)
+
+
+setup(
+    name="xbm-kernels",
+    version="0.1.0",
+    description="Fused Cross-Batch Memory (XBM) losses for PyTorch: reference, C++ CPU, Triton and CUDA backends",
+    packages=find_packages(include=["xbm_kernels", "xbm_kernels.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "triton": ["triton>=3.6"],
+        "test": ["pytest", "hypothesis"],
+        "app": ["tqdm", "scikit-learn", "matplotlib", "pillow"],
+    },
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    zip_safe=False,
+)

@@ -1,0 +1,76 @@
+"""Backend registry: which implementations exist on this machine and which one `auto`
+picks for a device. `reference` is plain PyTorch (any device); `cpu` and `cuda` are the
+C++ ops (torch.ops.xbm_kernels.*); `triton` is the Triton kernels (CUDA tensors, or CPU
+tensors under TRITON_INTERPRET=1)."""
+import importlib.util
+import os
+
+import torch
+
+from . import _ops
+
+NAMES = ("reference", "cpu", "triton", "cuda")
+
+
+def _triton_importable():
+    return importlib.util.find_spec("triton") is not None and \
+        importlib.util.find_spec("xbm_kernels.triton.ops") is not None
+
+
+def triton_interpret():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _usable(name):
+    if name == "reference":
+        return True
+    if name == "cpu":
+        return _ops.has_kernel("contrastive_fwd", "CPU")
+    if name == "cuda":
+        return _ops.has_kernel("contrastive_fwd", "CUDA") and torch.cuda.is_available()
+    if name == "triton":
+        return _triton_importable() and (torch.cuda.is_available() or triton_interpret())
+    return False
+
+
+def available_backends():
+    """Backends usable on this machine, e.g. ["reference", "cpu", "triton", "cuda"]."""
+    return [n for n in NAMES if _usable(n)]
+
+
+def _devices(name):
+    if name == "reference":
+        return None  # any
+    if name == "cpu":
+        return ("cpu",)
+    if name == "cuda":
+        return ("cuda",)
+    return ("cuda", "cpu") if triton_interpret() else ("cuda",)
+
+
+def resolve(backend, device: torch.device) -> str:
+    """The backend to run for tensors on `device`; raises naming `backend` when unusable."""
+    if not isinstance(backend, str) or backend not in NAMES + ("auto",):
+        raise ValueError(f"backend: expected 'auto' or one of {list(NAMES)}, got {backend!r}")
+    if backend == "auto":
+        order = ("cpu",) if device.type == "cpu" else ("triton", "cuda")
+        for name in order:
+            if _usable(name) and device.type in _devices(name):
+                return name
+        return "reference"
+    if not _usable(backend):
+        why = f" (extension failed to load: {_ops.LOAD_ERROR})" if backend in ("cpu", "cuda") and _ops.LOAD_ERROR \
+            else ""
+        raise ValueError(f"backend: {backend!r} is not available here{why}; available: {available_backends()}")
+    devices = _devices(backend)
+    if devices is not None and device.type not in devices:
+        raise ValueError(f"backend: {backend!r} runs on {'/'.join(devices)} tensors, got tensors on {device}")
+    return backend
+
+
+def kernel_ops(backend: str):
+    """The op namespace of a kernel backend: torch.ops.xbm_kernels or the Triton ops."""
+    if backend == "triton":
+        from .triton import ops as triton_ops
+        return triton_ops.OPS
+    return torch.ops.xbm_kernels
