@@ -1,0 +1,71 @@
+"""Float64 loop oracle written from DESIGN.md section 1, one anchor and one column at a
+time, for clarity rather than speed. Never edit it to agree with a kernel."""
+import math
+
+import torch
+
+
+def _sets(x, y, r, z, pos_eps, ref_valid, self_index):
+    """Yields, per anchor i: (S_i as a list of floats, P_i, N_i) with column index sets."""
+    x = x.detach().double().cpu()
+    r = r.detach().double().cpu()
+    y = [int(v) for v in y.cpu()]
+    z = [int(v) for v in z.cpu()]
+    n = r.shape[0] if ref_valid is None else ref_valid
+    si = [-1] * x.shape[0] if self_index is None else [int(v) for v in self_index.cpu()]
+    for i in range(x.shape[0]):
+        s = [float(torch.dot(x[i], r[j])) for j in range(n)]
+        P, N = [], []
+        for j in range(n):
+            if j == si[i]:
+                continue
+            if z[j] == y[i]:
+                if s[j] < 1.0 - pos_eps:
+                    P.append(j)
+            else:
+                N.append(j)
+        yield i, s, P, N
+
+
+def contrastive_oracle(x, y, r, z, margin=0.5, pos_eps=1e-5, ref_valid=None, self_index=None, weights=None):
+    """Returns (loss rows (B,) float64, grad (B, D) float64 = d(sum_i w_i l_i)/dx,
+    grad_ref (N, D) float64 = d(sum_i w_i l_i)/dr, counts (B, 2) int64); w = 1 by default."""
+    B, D = x.shape
+    xd, rd = x.detach().double().cpu(), r.detach().double().cpu()
+    rows = torch.zeros(B, dtype=torch.float64)
+    grad = torch.zeros(B, D, dtype=torch.float64)
+    grad_ref = torch.zeros(r.shape[0], D, dtype=torch.float64)
+    counts = torch.zeros(B, 2, dtype=torch.int64)
+    w = [1.0] * B if weights is None else [float(v) for v in weights]
+    for i, s, P, N in _sets(x, y, r, z, pos_eps, ref_valid, self_index):
+        for j in P:
+            rows[i] += 1.0 - s[j]
+            grad[i] -= w[i] * rd[j]
+            grad_ref[j] -= w[i] * xd[i]
+        active = [j for j in N if s[j] > margin]
+        for j in active:
+            rows[i] += s[j]
+            grad[i] += w[i] * rd[j]
+            grad_ref[j] += w[i] * xd[i]
+        counts[i, 0], counts[i, 1] = len(P), len(active)
+    return rows, grad, grad_ref, counts
+
+
+def reduce_rows(rows, reduction, denominator=None):
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    return total if reduction == "sum" else total / (denominator or max(rows.shape[0], 1))
+
+
+def min_threshold_distance(x, r, thresholds, ref_valid=None, self_index=None):
+    """Smallest |S_ij - t| over the valid, non-self columns: tests keep it above 1e-3."""
+    n = r.shape[0] if ref_valid is None else ref_valid
+    S = x.detach().double() @ r[:n].detach().double().T
+    if self_index is not None:
+        for i, j in enumerate(self_index.tolist()):
+            if 0 <= j < n:
+                S[i, j] = math.inf
+    if S.numel() == 0:
+        return math.inf
+    return min(float((S - t).abs().min()) for t in thresholds)
