@@ -21,15 +21,23 @@ def triton_interpret():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Decided once at import (TRITON_INTERPRET must be set before importing triton anyway),
+# so that resolving a backend is plain Python that torch.compile traces without breaks.
+_HAS_CPU_KERNELS = _ops.has_kernel("contrastive_fwd", "CPU")
+_HAS_CUDA_KERNELS = _ops.has_kernel("contrastive_fwd", "CUDA")
+_HAS_TRITON = _triton_importable()
+_INTERPRET = triton_interpret()
+
+
 def _usable(name):
     if name == "reference":
         return True
     if name == "cpu":
-        return _ops.has_kernel("contrastive_fwd", "CPU")
+        return _HAS_CPU_KERNELS
     if name == "cuda":
-        return _ops.has_kernel("contrastive_fwd", "CUDA") and torch.cuda.is_available()
+        return _HAS_CUDA_KERNELS and torch.cuda.is_available()
     if name == "triton":
-        return _triton_importable() and (torch.cuda.is_available() or triton_interpret())
+        return _HAS_TRITON and (torch.cuda.is_available() or _INTERPRET)
     return False
 
 
@@ -45,7 +53,7 @@ def _devices(name):
         return ("cpu",)
     if name == "cuda":
         return ("cuda",)
-    return ("cuda", "cpu") if triton_interpret() else ("cuda",)
+    return ("cuda", "cpu") if _INTERPRET else ("cuda",)
 
 
 def resolve(backend, device: torch.device) -> str:

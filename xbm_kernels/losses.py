@@ -37,6 +37,7 @@ LOSSES: Dict[str, LossSpec] = {
 }
 
 
+@torch.compiler.assume_constant_result  # a global setting: a constant for tracing
 def _allow_tf32():
     return torch.get_float32_matmul_precision() != "highest"
 
