@@ -1,0 +1,301 @@
+"""Fused contrastive loss over a reference set (DESIGN.md section 1), Triton kernels.
+
+    S_ij = <x_i, r_j>                       (tl.dot, fp32 accumulation)
+    valid_ij = j < ref_valid and j != self_index[i]
+    pos_ij = valid_ij and z_j == y_i and S_ij < 1 - pos_eps
+    neg_ij = valid_ij and z_j != y_i and S_ij > margin
+    l_i = sum_j pos_ij (1 - S_ij) + neg_ij S_ij
+    c_ij = neg_ij - pos_ij  (-1, 0 or +1: it depends only on its own pair)
+    dl_i/dx_i = sum_j c_ij r_j              (the row-i gradient of sum_i l_i)
+
+Forward: one pass over the reference rows. Per tile of R: S = X R^T, the masks, the loss
+and active-pair counts, then dX += C R with the tile of R already loaded. The grid is
+(B tiles) x (K splits), B fastest so programs running together share tiles of R in L2.
+Each split writes partial loss / counts / dX to a workspace; a second kernel adds the
+splits in split order (deterministic, no atomics). With one split the first kernel writes
+the outputs directly.
+
+Backward to both sides (the in-batch loss), with g_i = dL/dl_i:
+    grad_x   = g * (C R)     the forward kernel's dX, each row scaled by g_i afterwards
+                            (C stays exact in 16-bit for the tensor cores)
+    grad_ref = (g C)^T X     a second kernel: each program owns a tile of reference rows
+                            and streams the anchors, so no two programs write one row.
+Rows of grad_ref at and beyond ref_valid are zero.
+
+dtypes: x is cast to ref's dtype, so 16-bit memories feed the tensor cores (fp32 anchors
+with a bf16 memory compute in bf16) and fp32 references compute in fp32, as IEEE fp32 or
+TF32 as allow_tf32 says. Accumulators are fp32; pointer offsets are int64.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+
+# (BLOCK_B, BLOCK_K, num_warps, num_stages), chosen for Hopper (H100: 228 KB shared memory
+# per SM, 64K registers). Small BLOCK_B serves small batches against a big memory.
+_FWD_CONFIGS = [(16, 128, 4, 4), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (64, 128, 8, 3),
+                (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 8, 4), (16, 64, 4, 2)]
+# (BLOCK_K reference rows per program, BLOCK_B anchors per step, num_warps, num_stages).
+_REF_CONFIGS = [(16, 64, 4, 3), (32, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 64, 8, 3),
+                (64, 128, 8, 2)]
+# The interpreter runs one config (no benchmarking); tiles small enough for test shapes.
+_INTERP_FWD = (16, 32, 1, 1)
+_INTERP_REF = (32, 16, 1, 1)
+
+SMEM_BUDGET = 200 * 1024
+
+
+def _configs(table, first, second):
+    table = [_INTERP_FWD if first == "BLOCK_B" else _INTERP_REF] if _common.interpreting() else table
+    return [triton.Config({first: a, second: b}, num_warps=w, num_stages=s) for a, b, w, s in table]
+
+
+def _prune(rows_name, cols_name, count_name):
+    """Drops configs whose fp32 accumulator would not fit in registers, whose pipelined
+    tiles would not fit in shared memory, or whose row tile far exceeds the rows there are.
+    Keeps the smallest config when nothing fits (very large D)."""
+    def prune(configs, nargs, **kwargs):
+        bd = kwargs["BLOCK_D"]
+        esize = nargs["r_ptr"].element_size()
+        count = nargs[count_name]
+        out = []
+        for c in configs:
+            rows, cols = c.kwargs[rows_name], c.kwargs[cols_name]
+            if rows * bd > c.num_warps * 32 * 128:
+                continue
+            if c.num_stages * cols * bd * esize + rows * bd * esize > SMEM_BUDGET:
+                continue
+            if rows > max(16, triton.next_power_of_2(count)):
+                continue
+            out.append(c)
+        return out or [min(configs, key=lambda c: c.kwargs[rows_name] * c.kwargs[cols_name])]
+    return prune
+
+
+def _bucket(v: int) -> int:
+    # Autotune keys: re-tune per power of two, not per size (a filling memory grows every step).
+    return triton.next_power_of_2(max(int(v), 1))
+
+
+@triton.jit
+def _pair_masks(s, yi, zj, rows, cols, row_ok, col_ok, self_col, margin, pos_thr,
+                HAS_SELF_INDEX: tl.constexpr):
+    valid = row_ok[:, None] & col_ok[None, :]
+    if HAS_SELF_INDEX:
+        valid = valid & (cols[None, :] != self_col[:, None])
+    same = yi[:, None] == zj[None, :]
+    pos = valid & same & (s < pos_thr)
+    neg = valid & (yi[:, None] != zj[None, :]) & (s > margin)
+    return pos, neg
+
+
+@triton.autotune(configs=_configs(_FWD_CONFIGS, "BLOCK_B", "BLOCK_K"),
+                 key=["D", "B_BUCKET", "COLS_BUCKET", "NEED_GRAD"],
+                 prune_configs_by={"early_config_prune": _prune("BLOCK_B", "BLOCK_K", "B")})
+@triton.jit
+def contrastive_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, loss_ptr, counts_ptr, grad_ptr,
+                           B, D, n, cols_per_split, margin, pos_thr, B_BUCKET, COLS_BUCKET,
+                           HAS_SELF_INDEX: tl.constexpr, NEED_GRAD: tl.constexpr, PRECISION: tl.constexpr,
+                           BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_b = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < D
+
+    x = tl.load(x_ptr + rows64[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    x = x.to(r_ptr.dtype.element_ty)
+    yi = tl.load(y_ptr + rows, mask=row_ok, other=0)
+    self_col = rows  # placeholder, unused without HAS_SELF_INDEX
+    if HAS_SELF_INDEX:
+        self_col = tl.load(si_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
+
+    loss = tl.zeros([BLOCK_B], dtype=tl.float32)
+    npos = tl.zeros([BLOCK_B], dtype=tl.int32)
+    nneg = tl.zeros([BLOCK_B], dtype=tl.int32)
+    acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+
+    col_start = pid_s * cols_per_split
+    col_end = tl.minimum(col_start + cols_per_split, n)
+    for k0 in range(col_start, col_end, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < col_end
+        r = tl.load(r_ptr + cols.to(tl.int64)[:, None] * D + dims[None, :],
+                    mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        zj = tl.load(z_ptr + cols, mask=col_ok, other=0)
+        s = tl.dot(x, tl.trans(r), input_precision=PRECISION)
+        pos, neg = _pair_masks(s, yi, zj, rows, cols, row_ok, col_ok, self_col, margin, pos_thr, HAS_SELF_INDEX)
+        loss += tl.sum(tl.where(pos, 1.0 - s, tl.where(neg, s, 0.0)), axis=1)
+        npos += tl.sum(pos.to(tl.int32), axis=1)
+        nneg += tl.sum(neg.to(tl.int32), axis=1)
+        if NEED_GRAD:
+            c = neg.to(tl.float32) - pos.to(tl.float32)
+            acc = tl.dot(c.to(r.dtype), r, acc, input_precision=PRECISION)
+
+    out = pid_s.to(tl.int64) * B + rows64  # row of this split's slice of the workspace
+    tl.store(loss_ptr + out, loss, mask=row_ok)
+    tl.store(counts_ptr + 2 * out, npos, mask=row_ok)
+    tl.store(counts_ptr + 2 * out + 1, nneg, mask=row_ok)
+    if NEED_GRAD:
+        tl.store(grad_ptr + out[:, None] * D + dims[None, :], acc, mask=row_ok[:, None] & dim_ok[None, :])
+
+
+@triton.jit
+def reduce_splits_kernel(loss_ws, counts_ws, grad_ws, loss_ptr, counts_ptr, grad_ptr, B, D, splits,
+                         NEED_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)
+    dims = tl.arange(0, BLOCK_D)
+    gmask = row_ok[:, None] & (dims < D)[None, :]
+    pair = tl.arange(0, 2)
+    cmask = row_ok[:, None] & (pair < 2)[None, :]
+    loss = tl.zeros([ROWS], dtype=tl.float32)
+    counts = tl.zeros([ROWS, 2], dtype=tl.int32)
+    grad = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    for p in range(0, splits):  # split order, always: the result does not depend on timing
+        base = p * B + rows64
+        loss += tl.load(loss_ws + base, mask=row_ok, other=0.0)
+        counts += tl.load(counts_ws + 2 * base[:, None] + pair[None, :], mask=cmask, other=0)
+        if NEED_GRAD:
+            grad += tl.load(grad_ws + base[:, None] * D + dims[None, :], mask=gmask, other=0.0)
+    tl.store(loss_ptr + rows64, loss, mask=row_ok)
+    tl.store(counts_ptr + 2 * rows64[:, None] + pair[None, :], counts, mask=cmask)
+    if NEED_GRAD:
+        tl.store(grad_ptr + rows64[:, None] * D + dims[None, :], grad, mask=gmask)
+
+
+@triton.autotune(configs=_configs(_REF_CONFIGS, "BLOCK_K", "BLOCK_B"),
+                 key=["D", "B_BUCKET", "N_BUCKET"],
+                 prune_configs_by={"early_config_prune": _prune("BLOCK_K", "BLOCK_B", "n")})
+@triton.jit
+def contrastive_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, g_ptr, gref_ptr,
+                                B, D, n, margin, pos_thr, B_BUCKET, N_BUCKET,
+                                HAS_SELF_INDEX: tl.constexpr, PRECISION: tl.constexpr, SPLIT_HI_LO: tl.constexpr,
+                                BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    col_ok = cols < n
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < D
+    col_off = cols.to(tl.int64)[:, None] * D + dims[None, :]
+    r = tl.load(r_ptr + col_off, mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+    zj = tl.load(z_ptr + cols, mask=col_ok, other=0)
+    acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+    for b0 in range(0, B, BLOCK_B):
+        rows = b0 + tl.arange(0, BLOCK_B)
+        row_ok = rows < B
+        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * D + dims[None, :],
+                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        x = x.to(r_ptr.dtype.element_ty)
+        yi = tl.load(y_ptr + rows, mask=row_ok, other=0)
+        self_col = rows
+        if HAS_SELF_INDEX:
+            self_col = tl.load(si_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
+        g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
+        s = tl.dot(x, tl.trans(r), input_precision=PRECISION)
+        pos, neg = _pair_masks(s, yi, zj, rows, cols, row_ok, col_ok, self_col, margin, pos_thr, HAS_SELF_INDEX)
+        cg = tl.trans((neg.to(tl.float32) - pos.to(tl.float32)) * g[:, None])
+        if SPLIT_HI_LO:
+            # g C is not exact in 16 bits: feed it as hi + lo, two tensor-core products.
+            hi = cg.to(x.dtype)
+            lo = (cg - hi.to(tl.float32)).to(x.dtype)
+            acc = tl.dot(hi, x, acc)
+            acc = tl.dot(lo, x, acc)
+        else:
+            acc = tl.dot(cg, x, acc, input_precision=PRECISION)
+    tl.store(gref_ptr + col_off, acc, mask=col_ok[:, None] & dim_ok[None, :])
+
+
+def split_plan(B: int, n: int, device: torch.device):
+    """(splits, cols_per_split): enough (B tiles x splits) programs to fill the device, each
+    split a whole number of the largest column tile. Does not depend on the autotuned
+    config, so the workspace can be allocated before the launch."""
+    table = [_INTERP_FWD] if _common.interpreting() else _FWD_CONFIGS
+    kmax = max(c[1] for c in table)
+    nominal_b = 16 if _common.interpreting() else 64
+    tiles = triton.cdiv(n, kmax)
+    if tiles <= 1:
+        return 1, max(kmax, n)
+    want = triton.cdiv(_common.target_programs(device), triton.cdiv(B, nominal_b))
+    splits = max(1, min(want, tiles))
+    cols = triton.cdiv(tiles, splits) * kmax
+    return triton.cdiv(n, cols), cols
+
+
+def _precision(allow_tf32: bool) -> str:
+    return "tf32" if allow_tf32 else "ieee"
+
+
+def _prepare(x, labels, ref, ref_labels, self_index, ref_valid):
+    _common.check_loss_args(x, labels, ref, ref_labels, self_index, ref_valid)
+    si = self_index.contiguous() if self_index is not None else None
+    return x.detach().contiguous(), labels.contiguous(), ref.detach().contiguous(), ref_labels.contiguous(), si
+
+
+def contrastive_fwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, margin, pos_eps, need_grad,
+                           allow_tf32, splits=None):
+    """(loss_rows (B,) f32, grad (B, D) f32 or (0,) when not need_grad, counts (B, 2) int32).
+    `splits` overrides the split plan (tests)."""
+    x, labels, ref, ref_labels, si = _prepare(x, labels, ref, ref_labels, self_index, ref_valid)
+    B, D = x.shape
+    dev = x.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    loss = torch.empty(B, **f32)
+    counts = torch.empty(B, 2, dtype=torch.int32, device=dev)
+    grad = torch.empty(B, D, **f32) if need_grad else torch.empty(0, **f32)
+    if B == 0:
+        return loss, grad, counts
+    if splits is None:
+        splits, cols = split_plan(B, ref_valid, dev)
+    else:
+        cols = triton.cdiv(max(ref_valid, 1), splits)
+        splits = triton.cdiv(max(ref_valid, 1), cols)
+    if splits == 1:
+        loss_ws, counts_ws, grad_ws = loss, counts, grad
+    else:
+        loss_ws = torch.empty(splits, B, **f32)
+        counts_ws = torch.empty(splits, B, 2, dtype=torch.int32, device=dev)
+        grad_ws = torch.empty(splits, B, D, **f32) if need_grad else grad
+    BLOCK_D = _common.block_d(D)
+    grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), splits)  # noqa: E731
+    with _common.device_guard(x):
+        contrastive_fwd_kernel[grid](
+            x, labels, ref, ref_labels, si if si is not None else labels, loss_ws, counts_ws, grad_ws,
+            B, D, ref_valid, cols, float(margin), 1.0 - float(pos_eps), _bucket(B), _bucket(cols),
+            HAS_SELF_INDEX=si is not None, NEED_GRAD=bool(need_grad), PRECISION=_precision(allow_tf32),
+            BLOCK_D=BLOCK_D)
+        if splits > 1:
+            rows = max(1, min(64, 4096 // BLOCK_D))
+            reduce_splits_kernel[(triton.cdiv(B, rows),)](
+                loss_ws, counts_ws, grad_ws, loss, counts, grad, B, D, splits,
+                NEED_GRAD=bool(need_grad), ROWS=rows, BLOCK_D=BLOCK_D, num_warps=4)
+    return loss, grad, counts
+
+
+def contrastive_bwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, margin, pos_eps, grad_rows,
+                           allow_tf32):
+    """(grad_x (B, D) f32, grad_ref (N, D) f32) for the loss sum_i grad_rows[i] l_i."""
+    x, labels, ref, ref_labels, si = _prepare(x, labels, ref, ref_labels, self_index, ref_valid)
+    B, D = x.shape
+    N = ref.shape[0]
+    if grad_rows.dim() != 1 or grad_rows.shape[0] != B or grad_rows.device != x.device:
+        raise ValueError(f"grad_rows: expected shape ({B},) on {x.device}, got {tuple(grad_rows.shape)} on "
+                         f"{grad_rows.device}")
+    g = grad_rows.detach().to(torch.float32).contiguous()
+    _, grad, _ = contrastive_fwd_triton(x, labels, ref, ref_labels, si, ref_valid, margin, pos_eps, True,
+                                        allow_tf32)
+    grad_x = grad.mul_(g[:, None])
+    grad_ref = torch.zeros(N, D, dtype=torch.float32, device=x.device)
+    if B == 0 or ref_valid == 0:
+        return grad_x, grad_ref
+    grid = lambda meta: (triton.cdiv(ref_valid, meta["BLOCK_K"]),)  # noqa: E731
+    with _common.device_guard(x):
+        contrastive_ref_grad_kernel[grid](
+            x, labels, ref, ref_labels, si if si is not None else labels, g, grad_ref,
+            B, D, ref_valid, float(margin), 1.0 - float(pos_eps), _bucket(B), _bucket(ref_valid),
+            HAS_SELF_INDEX=si is not None, PRECISION=_precision(allow_tf32),
+            SPLIT_HI_LO=ref.dtype != torch.float32, BLOCK_D=_common.block_d(D))
+    return grad_x, grad_ref
