@@ -69,3 +69,85 @@ def min_threshold_distance(x, r, thresholds, ref_valid=None, self_index=None):
     if S.numel() == 0:
         return math.inf
     return min(float((S - t).abs().min()) for t in thresholds)
+
+
+def multi_similarity_oracle(x, y, r, z, alpha=2.0, beta=40.0, base=0.5, mining_margin=0.1, pos_eps=1e-5,
+                            ref_valid=None, self_index=None, weights=None):
+    B, D = x.shape
+    xd, rd = x.detach().double().cpu(), r.detach().double().cpu()
+    rows = torch.zeros(B, dtype=torch.float64)
+    grad = torch.zeros(B, D, dtype=torch.float64)
+    grad_ref = torch.zeros(r.shape[0], D, dtype=torch.float64)
+    counts = torch.zeros(B, 2, dtype=torch.int64)
+    w = [1.0] * B if weights is None else [float(v) for v in weights]
+    for i, s, P, N in _sets(x, y, r, z, pos_eps, ref_valid, self_index):
+        if not P or not N:
+            continue
+        max_neg = max(s[j] for j in N)
+        min_pos = min(s[j] for j in P)
+        Pm = [j for j in P if s[j] - mining_margin < max_neg]
+        Nm = [j for j in N if s[j] + mining_margin > min_pos]
+        if not Pm or not Nm:
+            continue
+        ep = {j: math.exp(-alpha * (s[j] - base)) for j in Pm}
+        en = {j: math.exp(beta * (s[j] - base)) for j in Nm}
+        sp, sn = sum(ep.values()), sum(en.values())
+        rows[i] = math.log1p(sp) / alpha + math.log1p(sn) / beta
+        for j in Pm:  # d/dS_ij of (1/alpha) log(1 + sp) = -ep_j / (1 + sp)
+            c = -ep[j] / (1 + sp)
+            grad[i] += w[i] * c * rd[j]
+            grad_ref[j] += w[i] * c * xd[i]
+        for j in Nm:
+            c = en[j] / (1 + sn)
+            grad[i] += w[i] * c * rd[j]
+            grad_ref[j] += w[i] * c * xd[i]
+        counts[i, 0], counts[i, 1] = len(Pm), len(Nm)
+    return rows, grad, grad_ref, counts
+
+
+def triplet_oracle(x, y, r, z, margin=0.1, pos_eps=1e-5, ref_valid=None, self_index=None, weights=None):
+    B, D = x.shape
+    xd, rd = x.detach().double().cpu(), r.detach().double().cpu()
+    rows = torch.zeros(B, dtype=torch.float64)
+    grad = torch.zeros(B, D, dtype=torch.float64)
+    grad_ref = torch.zeros(r.shape[0], D, dtype=torch.float64)
+    counts = torch.zeros(B, 2, dtype=torch.int64)
+    w = [1.0] * B if weights is None else [float(v) for v in weights]
+    for i, s, P, N in _sets(x, y, r, z, pos_eps, ref_valid, self_index):
+        if not P or not N:
+            continue
+        ap = min(P, key=lambda j: (s[j], j))    # hardest positive, lowest index on ties
+        an = min(N, key=lambda j: (-s[j], j))   # hardest negative, lowest index on ties
+        v = s[an] - s[ap] + margin
+        if v > 0:
+            rows[i] = v
+            grad[i] += w[i] * (rd[an] - rd[ap])
+            grad_ref[an] += w[i] * xd[i]
+            grad_ref[ap] -= w[i] * xd[i]
+            counts[i] = 1
+    return rows, grad, grad_ref, counts
+
+
+def supcon_oracle(x, y, r, z, temperature=0.1, pos_eps=1e-5, ref_valid=None, self_index=None, weights=None):
+    B, D = x.shape
+    xd, rd = x.detach().double().cpu(), r.detach().double().cpu()
+    rows = torch.zeros(B, dtype=torch.float64)
+    grad = torch.zeros(B, D, dtype=torch.float64)
+    grad_ref = torch.zeros(r.shape[0], D, dtype=torch.float64)
+    counts = torch.zeros(B, 2, dtype=torch.int64)
+    w = [1.0] * B if weights is None else [float(v) for v in weights]
+    n = r.shape[0] if ref_valid is None else ref_valid
+    si = [-1] * B if self_index is None else [int(v) for v in self_index.cpu()]
+    for i, s, P, N in _sets(x, y, r, z, pos_eps, ref_valid, self_index):
+        if not P:
+            continue
+        V = [j for j in range(n) if j != si[i]]
+        top = max(s[j] / temperature for j in V)
+        lse = top + math.log(sum(math.exp(s[j] / temperature - top) for j in V))
+        rows[i] = -sum(s[p] / temperature - lse for p in P) / len(P)
+        for j in V:
+            c = math.exp(s[j] / temperature - lse) / temperature - ((1.0 / len(P) / temperature) if j in P else 0.0)
+            grad[i] += w[i] * c * rd[j]
+            grad_ref[j] += w[i] * c * xd[i]
+        counts[i, 0], counts[i, 1] = len(P), len(N)
+    return rows, grad, grad_ref, counts

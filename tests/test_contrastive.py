@@ -43,15 +43,17 @@ def _case(name, dtype=torch.float32, device="cpu"):
     return dict(x=to(x), y=to(y), r=to(r), z=to(z), ref_valid=ref_valid, self_index=to(self_index), margin=margin)
 
 
-def _max_rel_err(actual, expected):
+def _max_rel_err(actual, expected, floor=1e-12):
+    """Max abs error over max(|expected|, floor): errors are relative to the largest entry
+    (floor: the size of one pair's contribution, for results that nearly cancel)."""
     expected = expected.double().cpu()
     err = (actual.detach().double().cpu() - expected).abs()
-    scale = expected.abs().max().clamp_min(1e-12)
+    scale = expected.abs().max().clamp_min(floor) if expected.numel() else 1.0
     return float(err.max() / scale) if err.numel() else 0.0
 
 
-def assert_rel(actual, expected, tol, what):
-    rel = _max_rel_err(actual, expected)
+def assert_rel(actual, expected, tol, what, floor=1e-12):
+    rel = _max_rel_err(actual, expected, floor)
     if rel > tol:
         diff = (actual.detach().double().cpu() - expected.double().cpu()).abs().flatten()
         idx = diff.argsort(descending=True)[:5]

@@ -26,14 +26,16 @@ if HAS_C:
     def _enqueue_fake(memory, memory_labels, embeddings, labels, ptr):
         return embeddings.new_empty((embeddings.shape[0],), dtype=torch.int64)
 
-    @torch.library.register_fake("xbm_kernels::contrastive_fwd")
-    def _contrastive_fwd_fake(x, labels, ref, ref_labels, self_index, ref_valid, margin, pos_eps, need_grad,
-                              allow_tf32):
+    def _fwd_fake(x, labels, ref, ref_labels, self_index, ref_valid, *params_need_grad_tf32):
+        need_grad = params_need_grad_tf32[-2]
         B = x.shape[0]
         return (x.new_empty((B,), dtype=torch.float32), _grad_like(x, need_grad),
                 x.new_empty((B, 2), dtype=torch.int32))
 
-    @torch.library.register_fake("xbm_kernels::contrastive_bwd")
-    def _contrastive_bwd_fake(x, labels, ref, ref_labels, self_index, ref_valid, margin, pos_eps, grad_rows,
-                              allow_tf32):
+    def _bwd_fake(x, labels, ref, ref_labels, self_index, ref_valid, *params_grad_rows_tf32):
         return (x.new_empty(x.shape, dtype=torch.float32), ref.new_empty(ref.shape, dtype=torch.float32))
+
+    # Every loss shares the fwd/bwd conventions of csrc/xbm_ops.cpp.
+    for _loss in ("contrastive", "multi_similarity", "triplet", "supcon"):
+        torch.library.register_fake(f"xbm_kernels::{_loss}_fwd")(_fwd_fake)
+        torch.library.register_fake(f"xbm_kernels::{_loss}_bwd")(_bwd_fake)

@@ -34,6 +34,11 @@ class LossSpec:
 
 LOSSES: Dict[str, LossSpec] = {
     "contrastive": LossSpec("contrastive", {"margin": 0.5, "pos_eps": 1e-5}, reference.contrastive),
+    "multi_similarity": LossSpec("multi_similarity", {"alpha": 2.0, "beta": 40.0, "base": 0.5, "mining_margin": 0.1,
+                                                      "pos_eps": 1e-5}, reference.multi_similarity),
+    "triplet": LossSpec("triplet", {"margin": 0.1, "pos_eps": 1e-5}, reference.triplet),
+    "supcon": LossSpec("supcon", {"temperature": 0.1, "pos_eps": 1e-5}, reference.supcon,
+                       mean_over_anchors_with_pos=True),
 }
 
 
@@ -137,3 +142,34 @@ def contrastive_loss(embeddings, labels, ref_embeddings, ref_labels, *, margin=0
     """
     return compute("contrastive", embeddings, labels, ref_embeddings, ref_labels, margin=margin, pos_eps=pos_eps,
                    ref_valid=ref_valid, self_index=self_index, reduction=reduction, backend=backend)[0]
+
+
+def multi_similarity_loss(embeddings, labels, ref_embeddings, ref_labels, *, alpha=2.0, beta=40.0, base=0.5,
+                          mining_margin=0.1, pos_eps=1e-5, ref_valid=None, self_index=None, reduction="mean",
+                          backend="auto"):
+    """Multi-similarity loss (Wang et al. 2019) with the paper code's mining, per anchor:
+    P~ = positives with S - mining_margin < hardest negative, N~ = negatives with
+    S + mining_margin > hardest positive; l_i = 1/alpha log(1 + sum_P~ exp(-alpha (S - base)))
+    + 1/beta log(1 + sum_N~ exp(beta (S - base))), 0 when any of the sets is empty.
+    Mined-set membership is a constant for the gradient. reduction "mean" divides by B."""
+    return compute("multi_similarity", embeddings, labels, ref_embeddings, ref_labels, alpha=alpha, beta=beta,
+                   base=base, mining_margin=mining_margin, pos_eps=pos_eps, ref_valid=ref_valid,
+                   self_index=self_index, reduction=reduction, backend=backend)[0]
+
+
+def triplet_loss(embeddings, labels, ref_embeddings, ref_labels, *, margin=0.1, pos_eps=1e-5, ref_valid=None,
+                 self_index=None, reduction="mean", backend="auto"):
+    """Batch-hard triplet loss: l_i = max(0, max_N S - min_P S + margin), 0 when P_i or N_i
+    is empty; ties pick the lowest column, so the gradient is deterministic."""
+    return compute("triplet", embeddings, labels, ref_embeddings, ref_labels, margin=margin, pos_eps=pos_eps,
+                   ref_valid=ref_valid, self_index=self_index, reduction=reduction, backend=backend)[0]
+
+
+def supcon_loss(embeddings, labels, ref_embeddings, ref_labels, *, temperature=0.1, pos_eps=1e-5, ref_valid=None,
+                self_index=None, reduction="mean", backend="auto"):
+    """Supervised contrastive (InfoNCE) loss over the reference set:
+    l_i = -1/|P_i| sum_P [S_ip / tau - log sum_{V_i} exp(S_ia / tau)], 0 when P_i is empty;
+    reduction "mean" divides by the number of anchors with positives (at least 1)."""
+    return compute("supcon", embeddings, labels, ref_embeddings, ref_labels, temperature=temperature,
+                   pos_eps=pos_eps, ref_valid=ref_valid, self_index=self_index, reduction=reduction,
+                   backend=backend)[0]

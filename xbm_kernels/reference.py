@@ -37,3 +37,69 @@ def contrastive(x, labels, ref, ref_labels, *, margin, pos_eps, ref_valid, self_
     rows = torch.where(pos, 1.0 - S, zero).sum(1) + torch.where(hard_neg, S, zero).sum(1)
     counts = torch.stack([pos.sum(1), hard_neg.sum(1)], dim=1).to(torch.int32)
     return rows, counts
+
+
+def _valid_mask(B, N, device, ref_valid, self_index):
+    cols = torch.arange(N, device=device)
+    valid = (cols < ref_valid).expand(B, N)
+    if self_index is not None:
+        valid = valid & (cols[None, :] != self_index[:, None])
+    return valid
+
+
+def _log1p_sum_exp(a, mask):
+    """log(1 + sum_{mask} exp(a)) per row, stable for large a."""
+    masked = torch.where(mask, a, a.new_tensor(float("-inf")))
+    return torch.logsumexp(torch.cat([a.new_zeros(a.shape[0], 1), masked], dim=1), dim=1)
+
+
+def multi_similarity(x, labels, ref, ref_labels, *, alpha, beta, base, mining_margin, pos_eps, ref_valid,
+                     self_index):
+    S = similarity(x, ref)
+    pos, neg = pair_sets(S, labels, ref_labels, ref_valid, self_index, pos_eps)
+    inf = S.new_tensor(float("inf"))
+    min_pos = torch.where(pos, S, inf).min(1).values.detach()   # mined-set membership is
+    max_neg = torch.where(neg, S, -inf).max(1).values.detach()  # a constant for the gradient
+    pos_m = pos & (S - mining_margin < max_neg[:, None])
+    neg_m = neg & (S + mining_margin > min_pos[:, None])
+    active = pos.any(1) & neg.any(1) & pos_m.any(1) & neg_m.any(1)
+    pos_term = _log1p_sum_exp(-alpha * (S - base), pos_m) / alpha
+    neg_term = _log1p_sum_exp(beta * (S - base), neg_m) / beta
+    rows = torch.where(active, pos_term + neg_term, S.new_zeros(()))
+    counts = torch.stack([pos_m.sum(1), neg_m.sum(1)], dim=1) * active[:, None]
+    return rows, counts.to(torch.int32)
+
+
+def _first_index(mask):
+    """Index of the first True per row (lowest column on ties)."""
+    return mask.to(torch.uint8).argmax(1)
+
+
+def triplet(x, labels, ref, ref_labels, *, margin, pos_eps, ref_valid, self_index):
+    S = similarity(x, ref)
+    pos, neg = pair_sets(S, labels, ref_labels, ref_valid, self_index, pos_eps)
+    inf = S.new_tensor(float("inf"))
+    hardest_pos = torch.where(pos, S, inf).min(1, keepdim=True).values
+    hardest_neg = torch.where(neg, S, -inf).max(1, keepdim=True).values
+    ap = _first_index(pos & (S == hardest_pos))
+    an = _first_index(neg & (S == hardest_neg))
+    rows_idx = torch.arange(S.shape[0], device=S.device)
+    hinge = torch.relu(S[rows_idx, an] - S[rows_idx, ap] + margin)
+    rows = torch.where(pos.any(1) & neg.any(1), hinge, S.new_zeros(()))
+    active = (rows > 0).to(torch.int32)
+    return rows, torch.stack([active, active], dim=1)
+
+
+def supcon(x, labels, ref, ref_labels, *, temperature, pos_eps, ref_valid, self_index):
+    S = similarity(x, ref)
+    pos, neg = pair_sets(S, labels, ref_labels, ref_valid, self_index, pos_eps)
+    valid = _valid_mask(S.shape[0], S.shape[1], S.device, ref_valid, self_index)
+    has_valid = valid.any(1, keepdim=True)
+    logits = torch.where(valid, S / temperature, S.new_tensor(float("-inf")))
+    lse = torch.logsumexp(torch.where(has_valid, logits, S.new_zeros(())), dim=1)  # no -inf rows
+    n_pos = pos.sum(1)
+    mean_pos = torch.where(pos, S, S.new_zeros(())).sum(1) / temperature / n_pos.clamp_min(1)
+    has_pos = n_pos > 0
+    rows = torch.where(has_pos, lse - mean_pos, S.new_zeros(()))
+    counts = torch.stack([n_pos, neg.sum(1)], dim=1) * has_pos[:, None]
+    return rows, counts.to(torch.int32)

@@ -7,7 +7,6 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
-#include "checks.h"
 #include "cpu/tiles.h"
 
 namespace xbm_kernels {
@@ -51,28 +50,6 @@ void contrastive_epilogue(float* s, int64_t B, int64_t w, int64_t c0, const int3
   }
 }
 
-struct Inputs {
-  Tensor x32, ref, y, z, self_idx;
-  int64_t B, D, n;
-  const int64_t* self_ptr() const { return self_idx.defined() ? self_idx.data_ptr<int64_t>() : nullptr; }
-};
-
-Inputs prepare(const Tensor& x, const Tensor& labels, const Tensor& ref, const Tensor& ref_labels,
-               const c10::optional<Tensor>& self_index, int64_t ref_valid) {
-  check_loss_args(x, labels, ref, ref_labels, self_index, ref_valid);
-  TORCH_CHECK(x.device().is_cpu(), "x: expected a CPU tensor, got ", x.device());
-  Inputs in;
-  in.x32 = x.detach().to(at::kFloat).contiguous();
-  in.ref = ref.detach().contiguous();
-  in.y = labels.contiguous();
-  in.z = ref_labels.contiguous();
-  if (self_index.has_value()) in.self_idx = self_index->contiguous();
-  in.B = x.size(0);
-  in.D = x.size(1);
-  in.n = ref_valid;
-  return in;
-}
-
 // The kernels call ATen ops on their own buffers: keep them below autograd.
 using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 
@@ -82,22 +59,21 @@ std::tuple<Tensor, Tensor, Tensor> contrastive_fwd_cpu(const Tensor& x, const Te
                                                        double margin, double pos_eps, bool need_grad,
                                                        bool /*allow_tf32: no TF32 on the CPU*/) {
   BelowAutograd guard;
-  const Inputs in = prepare(x, labels, ref, ref_labels, self_index, ref_valid);
+  const auto in = cpu::prepare_inputs(x, labels, ref, ref_labels, self_index, ref_valid);
   const int64_t B = in.B, D = in.D;
   const auto plan = cpu::plan_tiles(B, in.n);
   const auto f32 = x.options().dtype(at::kFloat);
   Tensor loss_parts = at::zeros({plan.parts, B}, f32.dtype(at::kDouble));
   Tensor count_parts = at::zeros({plan.parts, B, 2}, f32.dtype(at::kLong));
   Tensor grad_parts = need_grad ? at::zeros({plan.parts, B, D}, f32) : Tensor();
-  const int32_t* y = in.y.data_ptr<int32_t>();
-  const int32_t* z = in.z.data_ptr<int32_t>();
+  const int32_t* y = in.y_ptr();
+  const int32_t* z = in.z_ptr();
   const float pos_thr = static_cast<float>(1.0 - pos_eps);
 
-  std::vector<std::unique_ptr<cpu::TileScratch>> scratch(plan.parts);
+  cpu::ScratchPool scratch(in, plan);
   cpu::for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
-    if (!scratch[p]) scratch[p] = std::make_unique<cpu::TileScratch>(B, D, plan.cols, in.ref);
-    Tensor rt = scratch[p]->ref_tile(in.ref, c0, w);
-    Tensor st = scratch[p]->similarity(in.x32, rt);
+    Tensor rt = scratch[p].ref_tile(in.ref, c0, w);
+    Tensor st = scratch[p].similarity(in.x32, rt);
     contrastive_epilogue(st.data_ptr<float>(), B, w, c0, y, z + c0, in.self_ptr(), static_cast<float>(margin),
                          pos_thr, loss_parts[p].data_ptr<double>(), count_parts[p].data_ptr<int64_t>());
     if (need_grad) grad_parts[p].addmm_(st, rt);
@@ -114,7 +90,7 @@ std::tuple<Tensor, Tensor> contrastive_bwd_cpu(const Tensor& x, const Tensor& la
                                                int64_t ref_valid, double margin, double pos_eps,
                                                const Tensor& grad_rows, bool /*allow_tf32*/) {
   BelowAutograd guard;
-  const Inputs in = prepare(x, labels, ref, ref_labels, self_index, ref_valid);
+  const auto in = cpu::prepare_inputs(x, labels, ref, ref_labels, self_index, ref_valid);
   const int64_t B = in.B, D = in.D;
   TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == B, "grad_rows: expected shape (", B, ",)");
   const Tensor g = grad_rows.to(at::kFloat).contiguous();
@@ -124,16 +100,15 @@ std::tuple<Tensor, Tensor> contrastive_bwd_cpu(const Tensor& x, const Tensor& la
   Tensor grad_ref = at::zeros({ref.size(0), D}, f32);  // rows >= ref_valid get no gradient
   Tensor loss_scratch = at::zeros({plan.parts, B}, f32.dtype(at::kDouble));
   Tensor count_scratch = at::zeros({plan.parts, B, 2}, f32.dtype(at::kLong));
-  const int32_t* y = in.y.data_ptr<int32_t>();
-  const int32_t* z = in.z.data_ptr<int32_t>();
+  const int32_t* y = in.y_ptr();
+  const int32_t* z = in.z_ptr();
   const float pos_thr = static_cast<float>(1.0 - pos_eps);
   const Tensor g_col = g.unsqueeze(1);
 
-  std::vector<std::unique_ptr<cpu::TileScratch>> scratch(plan.parts);
+  cpu::ScratchPool scratch(in, plan);
   cpu::for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
-    if (!scratch[p]) scratch[p] = std::make_unique<cpu::TileScratch>(B, D, plan.cols, in.ref);
-    Tensor rt = scratch[p]->ref_tile(in.ref, c0, w);
-    Tensor st = scratch[p]->similarity(in.x32, rt);
+    Tensor rt = scratch[p].ref_tile(in.ref, c0, w);
+    Tensor st = scratch[p].similarity(in.x32, rt);
     contrastive_epilogue(st.data_ptr<float>(), B, w, c0, y, z + c0, in.self_ptr(), static_cast<float>(margin),
                          pos_thr, loss_scratch[p].data_ptr<double>(), count_scratch[p].data_ptr<int64_t>());
     st.mul_(g_col);  // row i of C scaled by dL/dl_i

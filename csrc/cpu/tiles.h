@@ -12,6 +12,10 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "checks.h"
 
 namespace xbm_kernels {
 namespace cpu {
@@ -31,15 +35,19 @@ inline TilePlan plan_tiles(int64_t B, int64_t n) {
   return {cols, tiles, parts};
 }
 
-// One worker's scratch: the score tile and, for non-fp32 references, an fp32 copy of R_tile.
+// One worker's scratch: the score tile, an optional second tile of the same size (losses
+// with two coefficient sets), and, for non-fp32 references, an fp32 copy of R_tile.
 struct TileScratch {
   at::Tensor scores;  // (B * cols,) f32
+  at::Tensor aux;     // (B * cols,) f32
   at::Tensor ref32;   // (cols, D) f32, or undefined when ref is already fp32
   TileScratch(int64_t B, int64_t D, int64_t cols, const at::Tensor& ref) {
     auto opts = ref.options().dtype(at::kFloat);
     scores = at::empty({B * cols}, opts);
+    aux = at::empty({B * cols}, opts);
     if (ref.scalar_type() != at::kFloat) ref32 = at::empty({cols, D}, opts);
   }
+  at::Tensor aux_tile(int64_t B, int64_t w) { return aux.narrow(0, 0, B * w).view({B, w}); }
   // fp32 view of ref rows [c0, c0 + w)
   at::Tensor ref_tile(const at::Tensor& ref, int64_t c0, int64_t w) {
     at::Tensor rt = ref.narrow(0, c0, w);
@@ -72,6 +80,46 @@ void for_each_tile(const TilePlan& plan, int64_t n, const Fn& fn) {
     }
   });
 }
+
+// The loss ops' inputs in the layout the kernels read: fp32 anchors, contiguous rows.
+struct LossInputs {
+  at::Tensor x32, ref, y, z, self_idx;
+  int64_t B, D, n;
+  const int64_t* self_ptr() const { return self_idx.defined() ? self_idx.data_ptr<int64_t>() : nullptr; }
+  const int32_t* y_ptr() const { return y.data_ptr<int32_t>(); }
+  const int32_t* z_ptr() const { return z.data_ptr<int32_t>(); }
+  // The column of anchor i's own copy, or -1.
+  int64_t self_col(int64_t i) const { return self_idx.defined() ? self_idx.data_ptr<int64_t>()[i] : -1; }
+};
+
+inline LossInputs prepare_inputs(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& ref,
+                                 const at::Tensor& ref_labels, const c10::optional<at::Tensor>& self_index,
+                                 int64_t ref_valid) {
+  check_loss_args(x, labels, ref, ref_labels, self_index, ref_valid);
+  TORCH_CHECK(x.device().is_cpu(), "x: expected a CPU tensor, got ", x.device());
+  LossInputs in;
+  in.x32 = x.detach().to(at::kFloat).contiguous();
+  in.ref = ref.detach().contiguous();
+  in.y = labels.contiguous();
+  in.z = ref_labels.contiguous();
+  if (self_index.has_value()) in.self_idx = self_index->contiguous();
+  in.B = x.size(0);
+  in.D = x.size(1);
+  in.n = ref_valid;
+  return in;
+}
+
+// Lazily built per-partition scratch.
+struct ScratchPool {
+  std::vector<std::unique_ptr<TileScratch>> parts;
+  const LossInputs& in;
+  int64_t cols;
+  ScratchPool(const LossInputs& in_, const TilePlan& plan) : parts(plan.parts), in(in_), cols(plan.cols) {}
+  TileScratch& operator[](int64_t p) {
+    if (!parts[p]) parts[p] = std::make_unique<TileScratch>(in.B, in.D, cols, in.ref);
+    return *parts[p];
+  }
+};
 
 // Sum of a (P, ...) tensor over its first dim, in partition order (deterministic).
 inline at::Tensor sum_parts(const at::Tensor& parts) {

@@ -1,0 +1,238 @@
+// Fused multi-similarity loss over a reference set on the CPU (DESIGN.md section 1):
+//   P~_i = { j in P_i : S_ij - mm < max_{N_i} S },  N~_i = { j in N_i : S_ij + mm > min_{P_i} S }
+//   l_i = 1/alpha log(1 + sum_{P~_i} exp(-alpha (S_ij - base)))
+//       + 1/beta  log(1 + sum_{N~_i} exp( beta (S_ij - base)))   (0 if any set is empty)
+// Pass 1 streams the reference for min positive / max negative per row. Those give the
+// largest exponent of each sum in advance (shift_p = -alpha (min_pos - base),
+// shift_n = beta (max_neg - base)), so pass 2 sums exp(a - shift) <= 1 with no running
+// maximum and accumulates the weighted rows sum w_j r_j for the gradient; it is scaled
+// once at the end by dl/dsum. Mined-set membership is a constant for the gradient.
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+#include "cpu/tiles.h"
+
+namespace xbm_kernels {
+namespace {
+
+using at::Tensor;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+struct MsParams {
+  float alpha, beta, base, mining_margin, pos_thr;
+};
+
+// Pass 1: per-row min positive and max negative over one tile.
+void ms_stats_tile(const float* s, int64_t B, int64_t w, int64_t c0, const cpu::LossInputs& in, float pos_thr,
+                   float* min_pos, float* max_neg) {
+  const int32_t* y = in.y_ptr();
+  const int32_t* z = in.z_ptr() + c0;
+  for (int64_t i = 0; i < B; ++i) {
+    const float* row = s + i * w;
+    const int64_t self_col = in.self_col(i) - c0;
+    float mp = min_pos[i], mn = max_neg[i];
+    for (int64_t j = 0; j < w; ++j) {
+      if (j == self_col) continue;
+      const float v = row[j];
+      if (z[j] == y[i]) {
+        if (v < pos_thr) mp = std::min(mp, v);
+      } else {
+        mn = std::max(mn, v);
+      }
+    }
+    min_pos[i] = mp;
+    max_neg[i] = mn;
+  }
+}
+
+// Pass 2: writes the shifted positive weights into s and the negative ones into aux;
+// adds their row sums and mined counts.
+void ms_weights_tile(float* s, float* aux, int64_t B, int64_t w, int64_t c0, const cpu::LossInputs& in,
+                     const MsParams& prm, const float* min_pos, const float* max_neg, double* sum_p, double* sum_n,
+                     int64_t* counts) {
+  const int32_t* y = in.y_ptr();
+  const int32_t* z = in.z_ptr() + c0;
+  for (int64_t i = 0; i < B; ++i) {
+    float* row = s + i * w;
+    float* nrow = aux + i * w;
+    const int64_t self_col = in.self_col(i) - c0;
+    const float shift_p = -prm.alpha * (min_pos[i] - prm.base), shift_n = prm.beta * (max_neg[i] - prm.base);
+    double sp = 0, sn = 0;
+    int64_t np = 0, nn = 0;
+    for (int64_t j = 0; j < w; ++j) {
+      const float v = row[j];
+      const bool valid = j != self_col, same = z[j] == y[i];
+      const bool mined_p = valid && same && v < prm.pos_thr && v - prm.mining_margin < max_neg[i];
+      const bool mined_n = valid && !same && v + prm.mining_margin > min_pos[i];
+      const float wp = mined_p ? std::exp(-prm.alpha * (v - prm.base) - shift_p) : 0.f;
+      const float wn = mined_n ? std::exp(prm.beta * (v - prm.base) - shift_n) : 0.f;
+      np += mined_p;
+      nn += mined_n;
+      sp += wp;
+      sn += wn;
+      row[j] = wp;
+      nrow[j] = wn;
+    }
+    sum_p[i] += sp;
+    sum_n[i] += sn;
+    counts[2 * i] += np;
+    counts[2 * i + 1] += nn;
+  }
+}
+
+struct MsState {
+  Tensor min_pos, max_neg;     // (B,) f32
+  Tensor sum_p, sum_n;         // (B,) f64: sums of shifted weights
+  Tensor counts;               // (B, 2) int64: mined positives / negatives
+  Tensor grad_p, grad_n;       // (B, D) f32: sums of shifted weights x rows, or undefined
+};
+
+// Both passes; when accumulate is true also the weighted row sums for the gradient.
+MsState ms_passes(const cpu::LossInputs& in, const MsParams& prm, bool accumulate) {
+  const int64_t B = in.B, D = in.D;
+  const auto plan = cpu::plan_tiles(B, in.n);
+  const auto f32 = in.x32.options();
+  cpu::ScratchPool scratch(in, plan);
+  Tensor min_parts = at::full({plan.parts, B}, kInf, f32), max_parts = at::full({plan.parts, B}, -kInf, f32);
+  cpu::for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
+    Tensor st = scratch[p].similarity(in.x32, scratch[p].ref_tile(in.ref, c0, w));
+    ms_stats_tile(st.data_ptr<float>(), B, w, c0, in, prm.pos_thr, min_parts[p].data_ptr<float>(),
+                  max_parts[p].data_ptr<float>());
+  });
+  MsState st;
+  st.min_pos = std::get<0>(min_parts.min(0)).contiguous();  // min/max are exact: any order
+  st.max_neg = std::get<0>(max_parts.max(0)).contiguous();
+  Tensor sp_parts = at::zeros({plan.parts, B}, f32.dtype(at::kDouble)), sn_parts = at::zeros_like(sp_parts);
+  Tensor count_parts = at::zeros({plan.parts, B, 2}, f32.dtype(at::kLong));
+  Tensor gp_parts, gn_parts;
+  if (accumulate) {
+    gp_parts = at::zeros({plan.parts, B, D}, f32);
+    gn_parts = at::zeros({plan.parts, B, D}, f32);
+  }
+  const float* min_pos = st.min_pos.data_ptr<float>();
+  const float* max_neg = st.max_neg.data_ptr<float>();
+  cpu::for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
+    Tensor rt = scratch[p].ref_tile(in.ref, c0, w);
+    Tensor s_tile = scratch[p].similarity(in.x32, rt);
+    Tensor n_tile = scratch[p].aux_tile(B, w);
+    ms_weights_tile(s_tile.data_ptr<float>(), n_tile.data_ptr<float>(), B, w, c0, in, prm, min_pos, max_neg,
+                    sp_parts[p].data_ptr<double>(), sn_parts[p].data_ptr<double>(), count_parts[p].data_ptr<int64_t>());
+    if (accumulate) {
+      gp_parts[p].addmm_(s_tile, rt);
+      gn_parts[p].addmm_(n_tile, rt);
+    }
+  });
+  st.sum_p = cpu::sum_parts(sp_parts);
+  st.sum_n = cpu::sum_parts(sn_parts);
+  st.counts = cpu::sum_parts(count_parts);
+  if (accumulate) {
+    st.grad_p = cpu::sum_parts(gp_parts);
+    st.grad_n = cpu::sum_parts(gn_parts);
+  }
+  return st;
+}
+
+// Per row: loss, dl/d(sum of shifted positive weights) and likewise for negatives
+// (factor_p <= 0, factor_n >= 0), zero for inactive rows; zeroes their counts.
+void ms_finish(MsState& st, const MsParams& prm, Tensor& loss, Tensor& factor_p, Tensor& factor_n) {
+  const int64_t B = st.sum_p.size(0);
+  loss = at::zeros({B}, st.sum_p.options().dtype(at::kFloat));
+  factor_p = at::zeros({B}, loss.options());
+  factor_n = at::zeros({B}, loss.options());
+  auto* l = loss.data_ptr<float>();
+  auto* fp = factor_p.data_ptr<float>();
+  auto* fn = factor_n.data_ptr<float>();
+  const double* sp = st.sum_p.data_ptr<double>();
+  const double* sn = st.sum_n.data_ptr<double>();
+  const float* min_pos = st.min_pos.data_ptr<float>();
+  const float* max_neg = st.max_neg.data_ptr<float>();
+  int64_t* counts = st.counts.data_ptr<int64_t>();
+  for (int64_t i = 0; i < B; ++i) {
+    const bool active = std::isfinite(min_pos[i]) && std::isfinite(max_neg[i]) && counts[2 * i] > 0 &&
+                        counts[2 * i + 1] > 0;
+    if (!active) {
+      counts[2 * i] = counts[2 * i + 1] = 0;
+      continue;
+    }
+    const double shift_p = -double(prm.alpha) * (double(min_pos[i]) - prm.base);
+    const double shift_n = double(prm.beta) * (double(max_neg[i]) - prm.base);
+    // log(1 + sum) with sum = s * e^shift, evaluated without overflow
+    auto log1p_shifted = [](double s, double shift) {
+      return shift > 0 ? shift + std::log(std::exp(-shift) + s) : std::log1p(s * std::exp(shift));
+    };
+    l[i] = static_cast<float>(log1p_shifted(sp[i], shift_p) / prm.alpha + log1p_shifted(sn[i], shift_n) / prm.beta);
+    fp[i] = static_cast<float>(-1.0 / (std::exp(-shift_p) + sp[i]));
+    fn[i] = static_cast<float>(1.0 / (std::exp(-shift_n) + sn[i]));
+  }
+}
+
+MsParams params(double alpha, double beta, double base, double mining_margin, double pos_eps) {
+  TORCH_CHECK(alpha > 0 && beta > 0, "alpha, beta: expected > 0");
+  return {float(alpha), float(beta), float(base), float(mining_margin), float(1.0 - pos_eps)};
+}
+
+std::tuple<Tensor, Tensor, Tensor> multi_similarity_fwd_cpu(
+    const Tensor& x, const Tensor& labels, const Tensor& ref, const Tensor& ref_labels,
+    const c10::optional<Tensor>& self_index, int64_t ref_valid, double alpha, double beta, double base,
+    double mining_margin, double pos_eps, bool need_grad, bool /*allow_tf32*/) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const auto in = cpu::prepare_inputs(x, labels, ref, ref_labels, self_index, ref_valid);
+  const MsParams prm = params(alpha, beta, base, mining_margin, pos_eps);
+  MsState st = ms_passes(in, prm, need_grad);
+  Tensor loss, fp, fn;
+  ms_finish(st, prm, loss, fp, fn);
+  Tensor grad = need_grad ? st.grad_p.mul_(fp.unsqueeze(1)).add_(st.grad_n.mul_(fn.unsqueeze(1)))
+                          : at::empty({0}, loss.options());
+  return {loss, grad, st.counts.to(at::kInt)};
+}
+
+std::tuple<Tensor, Tensor> multi_similarity_bwd_cpu(const Tensor& x, const Tensor& labels, const Tensor& ref,
+                                                    const Tensor& ref_labels, const c10::optional<Tensor>& self_index,
+                                                    int64_t ref_valid, double alpha, double beta, double base,
+                                                    double mining_margin, double pos_eps, const Tensor& grad_rows,
+                                                    bool /*allow_tf32*/) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const auto in = cpu::prepare_inputs(x, labels, ref, ref_labels, self_index, ref_valid);
+  TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == in.B, "grad_rows: expected shape (", in.B, ",)");
+  const MsParams prm = params(alpha, beta, base, mining_margin, pos_eps);
+  MsState st = ms_passes(in, prm, /*accumulate=*/false);
+  Tensor loss, fp, fn;
+  ms_finish(st, prm, loss, fp, fn);
+  const Tensor g = grad_rows.to(at::kFloat);
+  const Tensor gp = (fp * g).unsqueeze(1), gn = (fn * g).unsqueeze(1);
+  // Pass 3: C = g (factor_p W_p + factor_n W_n); dX = C R, dR_tile = C^T X.
+  const int64_t B = in.B, D = in.D;
+  const auto plan = cpu::plan_tiles(B, in.n);
+  cpu::ScratchPool scratch(in, plan);
+  Tensor grad_parts = at::zeros({plan.parts, B, D}, loss.options());
+  Tensor grad_ref = at::zeros({ref.size(0), D}, loss.options());
+  Tensor sp_scratch = at::zeros({plan.parts, B}, loss.options().dtype(at::kDouble)), sn_scratch = at::zeros_like(sp_scratch);
+  Tensor count_scratch = at::zeros({plan.parts, B, 2}, loss.options().dtype(at::kLong));
+  const float* min_pos = st.min_pos.data_ptr<float>();
+  const float* max_neg = st.max_neg.data_ptr<float>();
+  cpu::for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
+    Tensor rt = scratch[p].ref_tile(in.ref, c0, w);
+    Tensor c = scratch[p].similarity(in.x32, rt);
+    Tensor n_tile = scratch[p].aux_tile(B, w);
+    ms_weights_tile(c.data_ptr<float>(), n_tile.data_ptr<float>(), B, w, c0, in, prm, min_pos, max_neg,
+                    sp_scratch[p].data_ptr<double>(), sn_scratch[p].data_ptr<double>(),
+                    count_scratch[p].data_ptr<int64_t>());
+    c.mul_(gp).add_(n_tile.mul_(gn));
+    grad_parts[p].addmm_(c, rt);
+    Tensor gr = grad_ref.narrow(0, c0, w);
+    at::mm_out(gr, c.t(), in.x32);
+  });
+  return {cpu::sum_parts(grad_parts), grad_ref};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(xbm_kernels, CPU, m) {
+  m.impl("multi_similarity_fwd", &multi_similarity_fwd_cpu);
+  m.impl("multi_similarity_bwd", &multi_similarity_bwd_cpu);
+}
+
+}  // namespace xbm_kernels

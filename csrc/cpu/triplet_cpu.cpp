@@ -1,0 +1,133 @@
+// Fused batch-hard triplet loss over a reference set on the CPU (DESIGN.md section 1):
+//   l_i = max(0, max_{N_i} S_ij - min_{P_i} S_ij + margin), 0 if P_i or N_i is empty.
+// One pass streams the reference for the hardest positive and negative per row (value and
+// column; the lowest column wins ties, within a tile by scanning in order and across
+// partitions by merging in column order). The gradient is then two gathered rows:
+// dl_i/dx_i = r_an - r_ap for active rows.
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <torch/library.h>
+
+#include <limits>
+
+#include "cpu/tiles.h"
+
+namespace xbm_kernels {
+namespace {
+
+using at::Tensor;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+struct Hardest {
+  Tensor pos_val, neg_val;  // (B,) f32
+  Tensor pos_idx, neg_idx;  // (B,) int64, -1 when the set is empty
+};
+
+void hardest_tile(const float* s, int64_t B, int64_t w, int64_t c0, const cpu::LossInputs& in, float pos_thr,
+                  float* pv, int64_t* pi, float* nv, int64_t* ni) {
+  const int32_t* y = in.y_ptr();
+  const int32_t* z = in.z_ptr() + c0;
+  for (int64_t i = 0; i < B; ++i) {
+    const float* row = s + i * w;
+    const int64_t self_col = in.self_col(i) - c0;
+    for (int64_t j = 0; j < w; ++j) {
+      if (j == self_col) continue;
+      const float v = row[j];
+      if (z[j] == y[i]) {
+        if (v < pos_thr && v < pv[i]) pv[i] = v, pi[i] = c0 + j;  // strict: first column wins ties
+      } else if (v > nv[i]) {
+        nv[i] = v, ni[i] = c0 + j;
+      }
+    }
+  }
+}
+
+Hardest find_hardest(const cpu::LossInputs& in, float pos_thr) {
+  const int64_t B = in.B;
+  const auto plan = cpu::plan_tiles(B, in.n);
+  const auto f32 = in.x32.options();
+  cpu::ScratchPool scratch(in, plan);
+  Tensor pv = at::full({plan.parts, B}, kInf, f32), nv = at::full({plan.parts, B}, -kInf, f32);
+  Tensor pi = at::full({plan.parts, B}, -1, f32.dtype(at::kLong)), ni = at::full({plan.parts, B}, -1, pi.options());
+  cpu::for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
+    Tensor st = scratch[p].similarity(in.x32, scratch[p].ref_tile(in.ref, c0, w));
+    hardest_tile(st.data_ptr<float>(), B, w, c0, in, pos_thr, pv[p].data_ptr<float>(), pi[p].data_ptr<int64_t>(),
+                 nv[p].data_ptr<float>(), ni[p].data_ptr<int64_t>());
+  });
+  // Partitions hold increasing column ranges: merging in order with strict comparisons
+  // keeps the lowest column among equal values.
+  Hardest h{pv[0].clone(), nv[0].clone(), pi[0].clone(), ni[0].clone()};
+  float* hpv = h.pos_val.data_ptr<float>();
+  float* hnv = h.neg_val.data_ptr<float>();
+  int64_t* hpi = h.pos_idx.data_ptr<int64_t>();
+  int64_t* hni = h.neg_idx.data_ptr<int64_t>();
+  for (int64_t p = 1; p < plan.parts; ++p) {
+    const float* ppv = pv[p].data_ptr<float>();
+    const float* pnv = nv[p].data_ptr<float>();
+    const int64_t* ppi = pi[p].data_ptr<int64_t>();
+    const int64_t* pni = ni[p].data_ptr<int64_t>();
+    for (int64_t i = 0; i < B; ++i) {
+      if (ppv[i] < hpv[i]) hpv[i] = ppv[i], hpi[i] = ppi[i];
+      if (pnv[i] > hnv[i]) hnv[i] = pnv[i], hni[i] = pni[i];
+    }
+  }
+  return h;
+}
+
+// Per-row loss and activity (1.0 where the hinge is open).
+Tensor hinge(const Hardest& h, double margin, Tensor& active) {
+  Tensor has = h.pos_idx.ge(0).logical_and(h.neg_idx.ge(0));
+  Tensor l = (h.neg_val - h.pos_val + static_cast<float>(margin)).clamp_min(0);
+  l = at::where(has, l, at::zeros_like(l));
+  active = l.gt(0);
+  return l;
+}
+
+std::tuple<Tensor, Tensor, Tensor> triplet_fwd_cpu(const Tensor& x, const Tensor& labels, const Tensor& ref,
+                                                   const Tensor& ref_labels, const c10::optional<Tensor>& self_index,
+                                                   int64_t ref_valid, double margin, double pos_eps, bool need_grad,
+                                                   bool /*allow_tf32*/) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const auto in = cpu::prepare_inputs(x, labels, ref, ref_labels, self_index, ref_valid);
+  const Hardest h = find_hardest(in, static_cast<float>(1.0 - pos_eps));
+  Tensor active;
+  Tensor loss = hinge(h, margin, active);
+  Tensor grad = at::empty({0}, loss.options());
+  if (need_grad) {
+    // Inactive rows gather row 0 and are zeroed by the mask.
+    Tensor ap = h.pos_idx.clamp_min(0), an = h.neg_idx.clamp_min(0);
+    grad = (in.ref.index_select(0, an).to(at::kFloat) - in.ref.index_select(0, ap).to(at::kFloat))
+               .mul_(active.unsqueeze(1));
+  }
+  Tensor counts = active.to(at::kInt).unsqueeze(1).repeat({1, 2});
+  return {loss, grad, counts};
+}
+
+std::tuple<Tensor, Tensor> triplet_bwd_cpu(const Tensor& x, const Tensor& labels, const Tensor& ref,
+                                           const Tensor& ref_labels, const c10::optional<Tensor>& self_index,
+                                           int64_t ref_valid, double margin, double pos_eps, const Tensor& grad_rows,
+                                           bool /*allow_tf32*/) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const auto in = cpu::prepare_inputs(x, labels, ref, ref_labels, self_index, ref_valid);
+  TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == in.B, "grad_rows: expected shape (", in.B, ",)");
+  const Hardest h = find_hardest(in, static_cast<float>(1.0 - pos_eps));
+  Tensor active;
+  hinge(h, margin, active);
+  Tensor g = grad_rows.to(at::kFloat).mul(active);  // (B,)
+  Tensor ap = h.pos_idx.clamp_min(0), an = h.neg_idx.clamp_min(0);
+  Tensor grad_x = (in.ref.index_select(0, an).to(at::kFloat) - in.ref.index_select(0, ap).to(at::kFloat))
+                      .mul_(g.unsqueeze(1));
+  Tensor grad_ref = at::zeros({ref.size(0), in.D}, g.options());
+  Tensor gx = in.x32 * g.unsqueeze(1);
+  grad_ref.index_add_(0, an, gx);  // sequential on the CPU: deterministic
+  grad_ref.index_add_(0, ap, gx.neg());
+  return {grad_x, grad_ref};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(xbm_kernels, CPU, m) {
+  m.impl("triplet_fwd", &triplet_fwd_cpu);
+  m.impl("triplet_bwd", &triplet_bwd_cpu);
+}
+
+}  // namespace xbm_kernels
