@@ -15,9 +15,15 @@ class CrossBatchMemory(nn.Module):
     state_dict()/load_state_dict() resume exactly. The memory keeps its own dtype (a
     bf16 memory stays bf16 under autocast and under model.to(dtype)); labels are stored
     as int32.
+
+    Non-finite embeddings never reach the memory: with check_finite=True (the default)
+    enqueue raises a ValueError naming `embeddings` and writes nothing. The check is one
+    reduction; on a GPU it costs one host sync per enqueue, which check_finite=False
+    removes (then keeping NaN out is the caller's job).
     """
 
-    def __init__(self, size: int, dim: int, dtype: torch.dtype = torch.float32, device=None, backend="auto"):
+    def __init__(self, size: int, dim: int, dtype: torch.dtype = torch.float32, device=None, backend="auto",
+                 check_finite: bool = True):
         super().__init__()
         size = V.index("size", size, 1, 2 ** 62)
         dim = V.index("dim", dim, 1, 2 ** 31 - 1)
@@ -25,7 +31,7 @@ class CrossBatchMemory(nn.Module):
             raise TypeError(f"dtype: expected one of {[str(d) for d in V.FLOAT_DTYPES]}, got {dtype}")
         backends.resolve(backend, torch.device(device) if device is not None else torch.device("cpu")) \
             if backend != "auto" else None
-        self.size, self.dim, self.backend = size, dim, backend
+        self.size, self.dim, self.backend, self.check_finite = size, dim, backend, bool(check_finite)
         self.register_buffer("embeddings", torch.zeros(size, dim, dtype=dtype, device=device))
         self.register_buffer("labels", torch.full((size,), -1, dtype=torch.int32, device=device))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.int64, device=device))
@@ -44,8 +50,8 @@ class CrossBatchMemory(nn.Module):
         return f"size={self.size}, dim={self.dim}, dtype={self.dtype}, filled={self._num_filled}, ptr={self._ptr}"
 
     def check_batch(self, embeddings, labels, mask=None):
-        """Validates an enqueue batch without changing anything; returns the row count b
-        that would be written (None when it depends on `mask` on a GPU tensor)."""
+        """Validates an enqueue batch without changing anything; returns the number of rows
+        b that would be written (with a mask, counting it syncs on a GPU)."""
         dev = self.embeddings.device
         V.tensor("embeddings", embeddings, dim=2, floating=True, device=dev)
         V.tensor("labels", labels, dim=1, integer=True, device=dev)
@@ -62,13 +68,24 @@ class CrossBatchMemory(nn.Module):
             b = int(mask.sum())
         if b > self.size:
             raise ValueError(f"embeddings: batch of {b} rows is larger than the memory (size {self.size})")
+        if self.check_finite and embeddings.numel():
+            rows = embeddings if mask is None else embeddings[mask]
+            bad = ~torch.isfinite(rows).all(dim=1)
+            if bool(bad.any()):
+                first = int(bad.nonzero()[0, 0])
+                raise ValueError(f"embeddings: {int(bad.sum())} row(s) with NaN/Inf (first: row {first} of the "
+                                 f"{'masked ' if mask is not None else ''}batch); nothing was written")
         return b
 
     @torch.no_grad()
     def enqueue(self, embeddings, labels, mask=None):
         """Writes the batch (rows where `mask` is True) into the ring, cast to the memory
         dtype; returns the int64 slots written, in batch order."""
-        b = self.check_batch(embeddings, labels, mask)
+        return self.write_checked(embeddings, labels, mask, self.check_batch(embeddings, labels, mask))
+
+    @torch.no_grad()
+    def write_checked(self, embeddings, labels, mask, b):
+        """enqueue() after check_batch() returned b (for callers that validate first)."""
         if mask is not None:
             embeddings, labels = embeddings[mask], labels[mask]
         if b == 0:

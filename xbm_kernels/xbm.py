@@ -22,7 +22,7 @@ from .memory import CrossBatchMemory
 class XBMLoss(nn.Module):
     def __init__(self, memory_size, embedding_dim, loss="contrastive", weight=1.0, start_iteration=0,
                  memory_dtype=torch.float32, gather_distributed=False, backend="auto", reduction="mean",
-                 **loss_kwargs):
+                 check_finite=True, **loss_kwargs):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"loss: unknown loss {loss!r}; available: {sorted(LOSSES)}")
@@ -40,7 +40,8 @@ class XBMLoss(nn.Module):
         self.weight = V.finite_number("weight", weight)
         self.start_iteration = V.index("start_iteration", start_iteration, 0, 2 ** 62)
         self.gather_distributed = bool(gather_distributed)
-        self.memory = CrossBatchMemory(memory_size, embedding_dim, dtype=memory_dtype, backend=backend)
+        self.memory = CrossBatchMemory(memory_size, embedding_dim, dtype=memory_dtype, backend=backend,
+                                       check_finite=check_finite)
         self.register_buffer("iteration", torch.zeros((), dtype=torch.int64))
         self._iteration = 0
         self.last_stats = {}
@@ -86,10 +87,10 @@ class XBMLoss(nn.Module):
                 gx, gy, gmask, offset = self._gather(embeddings.detach(), labels, enqueue_mask)
             else:
                 gx, gy, gmask, offset = embeddings.detach(), labels, enqueue_mask, 0
-            self.memory.check_batch(gx, gy, gmask)
+            b = self.memory.check_batch(gx, gy, gmask)
         stats = {"in_batch_pos": counts[:, 0].sum(), "in_batch_neg": counts[:, 1].sum()}
         if use_memory:
-            slots = self.memory.enqueue(gx, gy, gmask)
+            slots = self.memory.write_checked(gx, gy, gmask, b)
             if gmask is None:
                 self_index = slots[offset:offset + B]
             else:  # masked-out rows have no copy in the memory
