@@ -56,14 +56,38 @@ def _devices(name):
     return ("cuda", "cpu") if _INTERPRET else ("cuda",)
 
 
-def resolve(backend, device: torch.device) -> str:
-    """The backend to run for tensors on `device`; raises naming `backend` when unusable."""
+_LOSS_NAMES = ("contrastive", "multi_similarity", "triplet", "supcon")
+# Which losses each C++ backend implements, read off the dispatcher once.
+_CXX_LOSSES = {
+    "cpu": frozenset(l for l in _LOSS_NAMES if _ops.has_kernel(f"{l}_fwd", "CPU")),
+    "cuda": frozenset(l for l in _LOSS_NAMES if _ops.has_kernel(f"{l}_fwd", "CUDA")),
+}
+_TRITON_LOSSES = {}
+
+
+def supports(backend: str, op: str) -> bool:
+    """Whether a kernel backend implements `op` (a loss name, or "enqueue")."""
+    if backend == "reference":
+        return True
+    if op == "enqueue":
+        return True
+    if backend == "triton":
+        if not _TRITON_LOSSES:
+            from .triton import ops as triton_ops
+            _TRITON_LOSSES.update({l: hasattr(triton_ops.OPS, f"{l}_fwd") for l in _LOSS_NAMES})
+        return _TRITON_LOSSES.get(op, False)
+    return op in _CXX_LOSSES[backend]
+
+
+def resolve(backend, device: torch.device, op: str = "enqueue") -> str:
+    """The backend to run `op` (a loss name or "enqueue") for tensors on `device`;
+    raises naming `backend` when it is unusable."""
     if not isinstance(backend, str) or backend not in NAMES + ("auto",):
         raise ValueError(f"backend: expected 'auto' or one of {list(NAMES)}, got {backend!r}")
     if backend == "auto":
         order = ("cpu",) if device.type == "cpu" else ("triton", "cuda")
         for name in order:
-            if _usable(name) and device.type in _devices(name):
+            if _usable(name) and device.type in _devices(name) and supports(name, op):
                 return name
         return "reference"
     if not _usable(backend):
@@ -73,6 +97,8 @@ def resolve(backend, device: torch.device) -> str:
     devices = _devices(backend)
     if devices is not None and device.type not in devices:
         raise ValueError(f"backend: {backend!r} runs on {'/'.join(devices)} tensors, got tensors on {device}")
+    if not supports(backend, op):
+        raise ValueError(f"backend: {backend!r} has no {op} kernel; use 'auto' or 'reference'")
     return backend
 
 

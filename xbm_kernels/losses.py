@@ -115,7 +115,7 @@ def compute(loss, embeddings, labels, ref_embeddings, ref_labels, *, ref_valid=N
         raise TypeError(f"{loss}_loss: unexpected keyword argument(s) {sorted(unknown)}; "
                         f"accepted: {sorted(spec.defaults)}")
     V.tensor("embeddings", embeddings)
-    name = backends.resolve(backend, embeddings.device)
+    name = backends.resolve(backend, embeddings.device, loss)
     n, self_index = V.loss_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_valid, self_index, reduction,
                                   allow_fp64=(name == "reference"))
     params = spec.params(kwargs)
