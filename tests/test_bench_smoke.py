@@ -1,0 +1,66 @@
+"""bench/bench.py --smoke runs end to end and writes a usable CSV (CI keeps the benchmark alive)."""
+import csv
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+
+import xbm_kernels as xk
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COLUMNS = ["device", "torch", "triton", "commit", "date", "op", "provider", "B", "K", "D", "dtype", "mode",
+           "ms_median", "ms_p20", "ms_p80", "peak_mem_mb", "tflops", "roofline_frac"]
+
+
+def _expected_providers():
+    provs = {"reference", "paper-loop"}
+    if "cpu" in xk.available_backends():
+        provs.add("cpu")
+    if importlib.util.find_spec("pytorch_metric_learning") is not None:
+        provs.add("pml")
+    return provs
+
+
+def _finite_positive(text):
+    try:
+        v = float(text)
+    except ValueError:
+        return False
+    return math.isfinite(v) and v > 0
+
+
+def test_bench_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join("bench", "bench.py"), "--smoke", "--device", "cpu",
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"bench --smoke exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+    csvs = list(tmp_path.glob("*/bench.csv"))
+    assert len(csvs) == 1, f"expected one <out>/<device>/bench.csv, found {csvs}"
+    with open(csvs[0], newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == COLUMNS
+        rows = list(reader)
+    assert rows, "the CSV has no rows"
+    for col in ("device", "torch", "commit", "date"):
+        assert all(r[col] for r in rows), f"empty {col!r} cells"
+    assert not [r for r in rows if r["ms_median"].startswith("ERROR")], "ERROR rows in the smoke run"
+
+    for loss in xk.LOSSES:
+        for mode in ("forward", "backward", "full"):
+            timed = {r["provider"] for r in rows if r["op"] == loss and r["mode"] == mode
+                     and _finite_positive(r["ms_median"]) and _finite_positive(r["ms_p20"])
+                     and _finite_positive(r["ms_p80"])}
+            if loss == "contrastive":  # the loss every provider implements
+                missing = _expected_providers() - timed
+                assert not missing, f"{loss}/{mode}: no finite timing for {sorted(missing)}"
+            else:
+                assert "reference" in timed, f"{loss}/{mode}: reference not timed"
+    full = [r for r in rows if r["op"] == "contrastive" and r["mode"] == "full" and _finite_positive(r["ms_median"])]
+    assert all(_finite_positive(r["tflops"]) and _finite_positive(r["peak_mem_mb"]) for r in full), \
+        "full-mode rows need TFLOP/s and a peak memory"
+    enqueued = {r["provider"] for r in rows if r["op"] == "enqueue" and _finite_positive(r["ms_median"])}
+    assert {"reference"} <= enqueued, f"enqueue rows: {sorted(enqueued)}"
+    assert any(r["op"] == "gemm" and _finite_positive(r["tflops"]) for r in rows), "no GEMM ceiling row"
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert list(csvs[0].parent.glob("contrastive_*.png")), "no plot written"
