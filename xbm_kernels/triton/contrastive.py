@@ -33,12 +33,15 @@ import triton.language as tl
 from . import _common
 
 # (BLOCK_B, BLOCK_K, num_warps, num_stages), chosen for Hopper (H100: 228 KB shared memory
-# per SM, 64K registers). Small BLOCK_B serves small batches against a big memory.
-_FWD_CONFIGS = [(16, 128, 4, 4), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (64, 128, 8, 3),
-                (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 8, 4), (16, 64, 4, 2)]
+# per SM, 64K registers). Small BLOCK_B serves small batches against a big memory. The
+# registers hold the fp32 dX tile plus loop-invariant broadcasts of labels and self
+# indices: compiled for sm_90, 64-row tiles spill with 4 warps at D = 128, hence 8.
+# The last entries are for large D (fp32 rows of 512+), where only small tiles fit.
+_FWD_CONFIGS = [(16, 64, 4, 3), (16, 128, 8, 3), (32, 64, 8, 3), (32, 128, 8, 3), (64, 64, 8, 3),
+                (64, 64, 8, 4), (64, 128, 8, 3), (128, 64, 8, 3), (16, 32, 4, 2), (16, 16, 4, 1)]
 # (BLOCK_K reference rows per program, BLOCK_B anchors per step, num_warps, num_stages).
 _REF_CONFIGS = [(16, 64, 4, 3), (32, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 64, 8, 3),
-                (64, 128, 8, 2)]
+                (64, 128, 8, 2), (16, 16, 4, 1)]
 # The interpreter runs one config (no benchmarking); tiles small enough for test shapes.
 _INTERP_FWD = (16, 32, 1, 1)
 _INTERP_REF = (32, 16, 1, 1)
@@ -51,25 +54,26 @@ def _configs(table, first, second):
     return [triton.Config({first: a, second: b}, num_warps=w, num_stages=s) for a, b, w, s in table]
 
 
-def _prune(rows_name, cols_name, count_name):
+def _prune(rows_name, cols_name, count_name, ieee_fp32_tile):
     """Drops configs whose fp32 accumulator would not fit in registers, whose pipelined
     tiles would not fit in shared memory, or whose row tile far exceeds the rows there are.
-    Keeps the smallest config when nothing fits (very large D)."""
+    IEEE fp32 dots run on FMA units and spill kilobytes beyond ieee_fp32_tile (rows x cols,
+    measured on sm_90), so those are dropped too. Keeps the config needing least shared
+    memory when nothing fits (very large D)."""
     def prune(configs, nargs, **kwargs):
         bd = kwargs["BLOCK_D"]
         esize = nargs["r_ptr"].element_size()
         count = nargs[count_name]
-        out = []
-        for c in configs:
-            rows, cols = c.kwargs[rows_name], c.kwargs[cols_name]
-            if rows * bd > c.num_warps * 32 * 128:
-                continue
-            if c.num_stages * cols * bd * esize + rows * bd * esize > SMEM_BUDGET:
-                continue
-            if rows > max(16, triton.next_power_of_2(count)):
-                continue
-            out.append(c)
-        return out or [min(configs, key=lambda c: c.kwargs[rows_name] * c.kwargs[cols_name])]
+        fma = esize == 4 and kwargs["PRECISION"] == "ieee"
+
+        def smem(c):  # the streamed tiles, pipelined, plus the resident one
+            return (max(c.num_stages, 1) * c.kwargs[cols_name] + c.kwargs[rows_name]) * bd * esize
+
+        out = [c for c in configs
+               if c.kwargs[rows_name] * bd <= c.num_warps * 32 * 128 and smem(c) <= SMEM_BUDGET
+               and c.kwargs[rows_name] <= max(16, triton.next_power_of_2(count))
+               and not (fma and c.kwargs[rows_name] * c.kwargs[cols_name] > ieee_fp32_tile)]
+        return out or [min(configs, key=smem)]
     return prune
 
 
@@ -92,7 +96,7 @@ def _pair_masks(s, yi, zj, rows, cols, row_ok, col_ok, self_col, margin, pos_thr
 
 @triton.autotune(configs=_configs(_FWD_CONFIGS, "BLOCK_B", "BLOCK_K"),
                  key=["D", "B_BUCKET", "COLS_BUCKET", "NEED_GRAD"],
-                 prune_configs_by={"early_config_prune": _prune("BLOCK_B", "BLOCK_K", "B")})
+                 prune_configs_by={"early_config_prune": _prune("BLOCK_B", "BLOCK_K", "B", 2048)})
 @triton.jit
 def contrastive_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, loss_ptr, counts_ptr, grad_ptr,
                            B, D, n, cols_per_split, margin, pos_thr, B_BUCKET, COLS_BUCKET,
@@ -170,7 +174,7 @@ def reduce_splits_kernel(loss_ws, counts_ws, grad_ws, loss_ptr, counts_ptr, grad
 
 @triton.autotune(configs=_configs(_REF_CONFIGS, "BLOCK_K", "BLOCK_B"),
                  key=["D", "B_BUCKET", "N_BUCKET"],
-                 prune_configs_by={"early_config_prune": _prune("BLOCK_K", "BLOCK_B", "n")})
+                 prune_configs_by={"early_config_prune": _prune("BLOCK_K", "BLOCK_B", "n", 1024)})
 @triton.jit
 def contrastive_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, g_ptr, gref_ptr,
                                 B, D, n, margin, pos_thr, B_BUCKET, N_BUCKET,
