@@ -4,6 +4,7 @@ code runs under TRITON_INTERPRET=1 on CPU tensors."""
 import contextlib
 import functools
 import os
+import warnings
 
 import torch
 import triton
@@ -56,7 +57,9 @@ def interpreter_problem():
         return None
     out = torch.zeros(1, dtype=torch.int32)
     try:
-        _loop_probe_kernel[(1,)](out, 3)
+        with warnings.catch_warnings():  # numpy 1.25+ deprecation noise from the interpreter itself
+            warnings.simplefilter("ignore", DeprecationWarning)
+            _loop_probe_kernel[(1,)](out, 3)
     except Exception as exc:  # the interpreter wraps the numpy TypeError
         import numpy
         return (f"Triton {triton.__version__}'s interpreter cannot run runtime-bounded loops with numpy "
