@@ -467,6 +467,33 @@ def test_tf32_when_allowed():
     assert_rel(x.grad, grad, 2e-3, "grad (tf32)")
 
 
+def test_rows_far_into_the_memory():
+    """On a GPU, rows whose element offset exceeds int32 (a 4.3 GB bf16 memory): the
+    enqueue writes them (and wraps to row 0) and the loss reads them. Every other row is
+    zero with a label no anchor has (an inactive negative), so the loss is the oracle's
+    on the written rows alone. The interpreter runs the same check on a small memory."""
+    D = 128
+    K = 2 ** 31 // D + 64 if GPU else 1000
+    dtype = LOW_DTYPES[-1]
+    x, y, r, z = make_case(5, 40, D, 3, seed=7, thresholds=(0.1, 1 - 1e-5), dtype=dtype)
+    mem = torch.zeros(K, D, dtype=dtype, device=DEVICE)
+    mem_labels = torch.full((K,), -7, dtype=torch.int32, device=DEVICE)
+    slots = OPS.enqueue_(mem, mem_labels, r.to(DEVICE), z.to(DEVICE), K - 30)
+    assert slots.tolist() == list(range(K - 30, K)) + list(range(10))
+    si = torch.tensor([K - 1, -1, K - 27, 3, K // 2], device=DEVICE)
+    rows, grad, counts = OPS.contrastive_fwd(x.to(DEVICE), y.int().to(DEVICE), mem, mem_labels, si, K, 0.1, 1e-5,
+                                             True, False)
+    # The written rows in column order: 0..9 (r[30:]) then K-30..K-1 (r[:30]).
+    sub_r, sub_z = torch.cat([r[30:], r[:30]]), torch.cat([z[30:], z[:30]])
+    s = si.cpu()
+    sub_si = torch.where(s >= K - 30, s - (K - 30) + 10, torch.where((s >= 0) & (s < 10), s, -1))
+    e_rows, e_grad, _, e_counts = contrastive_oracle(x, y, sub_r, sub_z, 0.1, 1e-5, None, sub_si)
+    assert e_counts.sum() > 0
+    assert_rel(rows, e_rows, 1e-5, "rows")
+    assert_rel(grad, e_grad, 1e-5, "grad")
+    assert torch.equal(counts.cpu().long(), e_counts)
+
+
 # --------------------------------------------------------------------------- compile, XBM
 
 

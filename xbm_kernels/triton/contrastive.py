@@ -95,7 +95,7 @@ def _pair_masks(s, yi, zj, rows, cols, row_ok, col_ok, self_col, margin, pos_thr
 
 
 @triton.autotune(configs=_configs(_FWD_CONFIGS, "BLOCK_B", "BLOCK_K"),
-                 key=["D", "B_BUCKET", "COLS_BUCKET", "NEED_GRAD"],
+                 key=["D", "B_BUCKET", "COLS_BUCKET", "NEED_GRAD", "PRECISION"],
                  prune_configs_by={"early_config_prune": _prune("BLOCK_B", "BLOCK_K", "B", 2048)})
 @triton.jit
 def contrastive_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, loss_ptr, counts_ptr, grad_ptr,
@@ -173,7 +173,7 @@ def reduce_splits_kernel(loss_ws, counts_ws, grad_ws, loss_ptr, counts_ptr, grad
 
 
 @triton.autotune(configs=_configs(_REF_CONFIGS, "BLOCK_K", "BLOCK_B"),
-                 key=["D", "B_BUCKET", "N_BUCKET"],
+                 key=["D", "B_BUCKET", "N_BUCKET", "PRECISION"],
                  prune_configs_by={"early_config_prune": _prune("BLOCK_K", "BLOCK_B", "n", 1024)})
 @triton.jit
 def contrastive_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, g_ptr, gref_ptr,
