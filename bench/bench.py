@@ -9,6 +9,7 @@ Writes <out>/<device>/bench.csv and one PNG per shape group, and prints a table.
 bench/README.md for the columns and for how time, memory and the ceilings are measured.
 """
 import argparse
+import gc
 import itertools
 import os
 import sys
@@ -55,18 +56,27 @@ def parse_args(argv=None):
                         "B*K exceeds this; default: none on GPU (OOM is caught), RAM/64 bytes on CPU")
     p.add_argument("--max-call-s", type=float, default=None,
                    help="a provider whose single call takes longer is recorded SKIP(too slow) at this and "
-                        "larger K (predicted linearly in K; default 10 on GPU, 5 on CPU, 2 in --smoke)")
+                        "larger K (predicted linearly in K; default 5, 2 with --smoke)")
     p.add_argument("--min-run-time", type=float, default=None, help="CPU: seconds of timing per case at least")
     p.add_argument("--max-run-time", type=float, default=None, help="CPU: seconds of timing per case at most")
     p.add_argument("--time-budget-s", type=float, default=None,
                    help="stop starting new shapes after this many seconds (the CSV keeps what ran)")
     p.add_argument("--tag", default=None, help="write bench-<tag>.csv instead of bench.csv (split runs)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None,
                    help="results root; files go to <out>/<device>/ (default bench/results, "
                         "bench/results/smoke with --smoke)")
     p.add_argument("--no-plots", action="store_true")
     return p.parse_args(argv)
+
+
+def _load():
+    """The 1/5/15-minute load averages: how busy the machine was (other work adds noise)."""
+    try:
+        return "/".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "unknown"
 
 
 def _list(text, allowed, what):
@@ -110,35 +120,39 @@ class Runner:
 
     def _measure(self, key, K, call, mem_call):
         """The too-slow guard, peak memory, then the timing. Returns (ms, peak MB, value).
-
-        GPU: a warm-up call first (Triton compiles and autotunes there), then one timed
-        call for the guard. CPU: the profiled memory call is the first call and its wall
-        time is the guard's estimate (nothing compiles), which saves a call of the slow
-        dense providers. A provider found too slow at a smaller K is predicted (linearly
-        in K) and not run at all."""
-        if key in self.last:
-            k0, ms0 = self.last[key]
-            predicted = ms0 * 1e-3 * K / k0
-            if predicted > self.args.max_call_s:
-                raise measure.Skip(f"SKIP(too slow: ~{predicted:.0f} s predicted)")
+        GPU: a warm-up call (Triton compiles and autotunes there), one timed call for the
+        guard, then the memory call. CPU: nothing compiles, so the memory call comes first
+        and its wall time is the guard's estimate (the profiler was started once already;
+        its per-op cost only makes the estimate a little high); that saves one call of
+        each slow dense provider."""
         if self.device.type == "cuda":
             call()
             est = measure.time_once(call, self.device)
-            if est > self.args.max_call_s:
-                raise measure.Skip(f"SKIP(too slow: {est:.1f} s)")
+            self._guard(key, K, est)
             peak, out = measure.peak_extra_mb(mem_call, self.device)
         else:
             t0 = time.perf_counter()
             peak, out = measure.peak_extra_mb(mem_call, self.device)
             est = time.perf_counter() - t0
-            if est > self.args.max_call_s:
-                self.last[key] = (K, est * 1e3)
-                raise measure.Skip(f"SKIP(too slow: {est:.1f} s)")
+            self._guard(key, K, est)
         ms = measure.bench_ms(call, self.device, estimate_s=est, **self.timing)
         self.last[key] = (K, ms[0])
         return ms, peak, out
 
-    def _guarded(self, key, fields, body):
+    def _guard(self, key, K, est):
+        if est > self.args.max_call_s:
+            self.last[key] = (K, est * 1e3)
+            raise measure.Skip(f"SKIP(too slow: {est:.1f} s)")
+
+    def _predict(self, key, K):
+        """Skips a case whose time at a smaller K, scaled linearly to this K, is too slow."""
+        if key in self.last:
+            k0, ms0 = self.last[key]
+            predicted = ms0 * 1e-3 * K / k0
+            if predicted > self.args.max_call_s:
+                raise measure.Skip(f"SKIP(too slow: ~{predicted:.0f} s predicted)")
+
+    def _guarded(self, fields, body):
         """Runs body() -> row fields; records OOM / SKIP / ERROR rows instead of stopping."""
         try:
             return body()
@@ -147,6 +161,8 @@ class Runner:
         except Exception as exc:  # recorded, and the sweep goes on
             if measure.is_oom(exc):
                 status = "OOM"
+                exc = None
+                gc.collect()
             else:
                 self.errors += 1
                 status = f"ERROR({type(exc).__name__})"
@@ -184,7 +200,7 @@ class Runner:
                 frac = self._rates(B, K, D, dtype, "forward", ms[0], 2 * B * K * D, (K * D + B * D + B * K) * e)[1]
             return self._row("gemm", "torch.mm", B, K, D, dtype, "forward", ms=ms, tflops=rate, frac=frac)
 
-        self._guarded(("gemm", B, K, D, dtype), ("gemm", "torch.mm", B, K, D, dtype, "forward"), body)
+        self._guarded(("gemm", "torch.mm", B, K, D, dtype, "forward"), body)
 
     def loss_case(self, loss, prov, fn, sets, mode, values):
         B, D = sets[0].x.shape
@@ -195,7 +211,10 @@ class Runner:
         if prov in P.DENSE and B * K > self.args.max_dense_elems:
             return self._row(*fields, status="SKIP(too large)")
 
+        key = (loss, prov, B, D, dtype, mode)
+
         def body():
+            self._predict(key, K)
             turn = itertools.count()
             if mode == "forward":
                 xs = [s.x.detach() for s in sets]
@@ -216,21 +235,23 @@ class Runner:
                     i = next(turn) % len(sets)
                     return torch.autograd.grad(fn(sets[i], sets[i].x), sets[i].x)
                 mem_call = lambda: torch.autograd.grad(fn(sets[0], sets[0].x), sets[0].x)  # noqa: E731
-            ms, peak, out = self._measure((loss, prov, B, D, dtype, mode), K, call, mem_call)
+            ms, peak, out = self._measure(key, K, call, mem_call)
             if mode == "forward":
                 values[prov] = float(out)
             flops = P.nominal_flops(B, K, D, mode)
             tflops, frac = self._rates(B, K, D, dtype, mode, ms[0], flops, P.nominal_bytes(B, K, D, dtype, mode))
             return self._row(*fields, ms=ms, peak=peak, tflops=tflops, frac=frac)
 
-        return self._guarded((loss, prov, B, D, dtype, mode), fields, body)
+        return self._guarded(fields, body)
 
     def enqueue_case(self, prov, sets):
         B, D = sets[0].x.shape
         K, dtype = sets[0].mem.shape[0], sets[0].mem.dtype
         fields = ("enqueue", prov, B, K, D, dtype, "forward")
+        key = ("enqueue", prov, B, D, dtype)
 
         def body():
+            self._predict(key, K)
             fn = P.enqueue_provider(prov, K, D, dtype, self.device)
             if fn is None:
                 return None
@@ -240,8 +261,7 @@ class Runner:
             def call():
                 i = next(turn) % len(sets)
                 return fn(xs[i], sets[i].y)
-            ms, peak, _ = self._measure(("enqueue", prov, B, D, dtype), K, call,
-                                        lambda: fn(xs[0], sets[0].y))
+            ms, peak, _ = self._measure(key, K, call, lambda: fn(xs[0], sets[0].y))
             frac = None
             if self.device.type == "cuda":
                 e = torch.tensor([], dtype=dtype).element_size()
@@ -249,7 +269,7 @@ class Runner:
                 frac = moved / (self.ceilings["copy"]["gbps"] * 1e9) * 1e3 / ms[0]
             return self._row(*fields, ms=ms, peak=peak, frac=frac)
 
-        return self._guarded(("enqueue", prov, B, D, dtype), fields, body)
+        return self._guarded(fields, body)
 
     def shape(self, B, K, D, dtype, losses, modes, provs):
         """Every case of one (B, K, D, dtype): the GEMM ceiling, each loss x mode x
@@ -265,7 +285,12 @@ class Runner:
                     fn = P.loss_provider(prov, loss)
                     if fn is not None:
                         self.loss_case(loss, prov, fn, sets, mode, values)
-            self.check_values(loss, values, sets)
+            try:
+                self.check_values(loss, values, sets)
+            except Exception as exc:  # the check is dense: it may not fit where the kernels do
+                if not measure.is_oom(exc):
+                    raise
+                print(f"value check of {loss} skipped at B={B} K={K}: out of memory", flush=True)
         if not self.args.no_enqueue:
             for prov in provs:
                 self.enqueue_case(prov, sets)
@@ -297,6 +322,8 @@ def main(argv=None):
                           ("cpu" if args.device == "auto" else args.device))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     losses = _list(args.losses, xk.LOSSES, "losses") if args.losses else list(xk.LOSSES)
     modes = _list(args.modes, MODES, "modes")
     dtypes = _list(args.dtypes, DTYPES, "dtypes") if args.dtypes else list(DTYPES)
@@ -308,7 +335,7 @@ def main(argv=None):
     if args.providers:
         provs = [p for p in provs if p in _list(args.providers, P.DENSE + ("cpu", "triton", "cuda"), "providers")]
     if args.max_call_s is None:
-        args.max_call_s = 2.0 if args.smoke else (10.0 if device.type == "cuda" else 5.0)
+        args.max_call_s = 2.0 if args.smoke else 5.0
     if args.max_dense_elems is None:
         args.max_dense_elems = float("inf") if device.type == "cuda" else measure.total_memory_bytes(device) / 64
     if args.min_run_time is None:
@@ -321,7 +348,7 @@ def main(argv=None):
     out_dir = os.path.join(root, identity["device"])
     print(f"device {measure.device_name(device)} ({identity['device']}), torch {identity['torch']}, "
           f"triton {identity['triton']}, commit {identity['commit']}, threads {torch.get_num_threads()}, "
-          f"fp32 matmul precision {torch.get_float32_matmul_precision()}")
+          f"fp32 matmul precision {torch.get_float32_matmul_precision()}, load average {_load()}")
     print(f"providers {provs}; pml: {pml_info}; losses {losses}; modes {modes}; "
           f"{sum(len(k) for k in groups.values())} shapes; out {out_dir}", flush=True)
 
@@ -340,6 +367,8 @@ def main(argv=None):
           f"TFLOP/s, copy {c['gbps']:.4g} GB/s (read + write)", flush=True)
 
     run = Runner(args, device, log, ceilings)
+    if device.type == "cpu":
+        measure.peak_extra_mb(lambda: torch.ones(1), device)  # the profiler's one-time start-up, untimed
     started = time.monotonic()
     todo = [(B, D, dt, K) for (B, D, dt), ks in groups.items() for K in ks]
     for n_done, (B, D, dtype_name, K) in enumerate(todo):
@@ -350,6 +379,7 @@ def main(argv=None):
         run.shape(B, K, D, DTYPES[dtype_name], losses, modes, provs)
 
     log.close()
+    print(f"sweep took {time.monotonic() - started:.0f} s; load average now {_load()}")
     report.speedup_summary(log.rows, losses)
     if device.type == "cpu":
         report.foundation_summary(log.rows, losses)

@@ -74,14 +74,13 @@ NOT_IMPLEMENTED = "not implemented"
 
 
 def kernel_implements(backend, loss):
-    """Whether kernel backend `backend` has a forward kernel for `loss` (a loss may land in
-    one backend before the others). Asks the op registries; assumes yes if that fails."""
+    """Whether kernel backend `backend` has a kernel for `loss` (a loss may land in one
+    backend before the others): xbm_kernels.backends.supports; assumes yes if that is
+    missing, and the call itself will tell."""
     try:
-        from xbm_kernels import _ops, backends
-        if backend == "triton":
-            return hasattr(backends.kernel_ops("triton"), f"{loss}_fwd")
-        return _ops.has_kernel(f"{loss}_fwd", backend.upper())
-    except Exception:  # registry layout changed: let the call itself tell
+        from xbm_kernels import backends
+        return bool(backends.supports(backend, loss))
+    except Exception:  # older/newer registry layout
         return True
 
 
@@ -255,6 +254,9 @@ def ceil_div(a, b):
 
 def rotation_count(set_bytes, cache_bytes, cap=8):
     """Input sets to rotate through so consecutive calls do not find their inputs in the
-    last-level cache: enough to cover twice the cache, at most `cap`."""
+    last-level cache: enough to cover twice the cache, at most `cap`; one when a set is
+    larger than the cache already."""
+    if set_bytes >= cache_bytes:
+        return 1
     return max(1, min(cap, ceil_div(2 * cache_bytes, max(set_bytes, 1))))
 
