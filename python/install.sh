@@ -11,7 +11,12 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q torch==2.13.0
 fi
-"$PY" -m pip install -q numpy ninja pybind11 pytest hypothesis tqdm matplotlib scikit-learn pillow triton
+"$PY" -m pip install -q numpy ninja pybind11 pytest hypothesis tqdm matplotlib scikit-learn pillow
+# Triton: a CUDA torch pins its own triton (leave it); with a CPU torch take the newest,
+# whose CPU interpreter runs the Triton tests (triton 3.6's needs numpy<2 for them).
+if "$PY" -c "import sys, torch; sys.exit(0 if torch.version.cuda is None else 1)"; then
+  "$PY" -m pip install -q --upgrade triton
+fi
 "$PY" -m pip install -q --no-build-isolation -e .
 if [ -f python/install_data.sh ]; then
   bash python/install_data.sh   # Debian fonts (glyph data set) and Fashion-MNIST; skips without apt

@@ -6,11 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
-"$PY" -m pytest -q tests --ignore=tests/test_triton.py "$@"
-if [ -f tests/test_triton.py ]; then
-  if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    "$PY" -m pytest -q tests/test_triton.py "$@"
-  else
-    TRITON_INTERPRET=1 "$PY" -m pytest -q tests/test_triton.py "$@"
-  fi
+triton_tests=(tests/test_triton*.py)
+ignore=()
+for f in "${triton_tests[@]}"; do ignore+=(--ignore="$f"); done
+
+"$PY" -m pytest -q tests "${ignore[@]}" "$@"
+if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  "$PY" -m pytest -q "${triton_tests[@]}" "$@"
+else
+  TRITON_INTERPRET=1 "$PY" -m pytest -q "${triton_tests[@]}" "$@"
 fi

@@ -37,8 +37,23 @@ def _usable(name):
     if name == "cuda":
         return _HAS_CUDA_KERNELS and torch.cuda.is_available()
     if name == "triton":
-        return _HAS_TRITON and (torch.cuda.is_available() or _INTERPRET)
+        if not _HAS_TRITON:
+            return False
+        if torch.cuda.is_available():
+            return True
+        return _INTERPRET and _interpreter_works()
     return False
+
+
+_INTERPRETER_OK = []
+
+
+def _interpreter_works():
+    """Triton 3.6's interpreter cannot run runtime-bounded loops with numpy 2: probe once."""
+    if not _INTERPRETER_OK:
+        from .triton import _common
+        _INTERPRETER_OK.append(_common.interpreter_problem() is None)
+    return _INTERPRETER_OK[0]
 
 
 def available_backends():
