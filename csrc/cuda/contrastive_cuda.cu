@@ -9,8 +9,9 @@
 // The same kernel runs "transposed" for the reference-side gradient of contrastive_bwd:
 // rows are then the reference rows, the streamed columns the anchors,
 // grad_ref_j = sum_i g_i c_ij x_i (the g_i goes into C; self_index then names the row).
-#include <ATen/ATen.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -166,18 +167,23 @@ __device__ __forceinline__ void s_chunk(float (&acc)[4][4], const unsigned char*
   }
 }
 
-// A-fragments of this warp's 32 rows of the C tile (16-bit path: loaded once per tile).
+// A-fragments of this warp's 32 rows of the C tile. The 16-bit path with a 512-column
+// slice loads them once per tile (up to 8 dX-steps use them); the 128-column one reloads
+// them per step to stay within 128 registers.
 struct CFrags16 {
   uint32_t a[2][4][4];  // [m-tile][k-step of 16 columns][reg]
 };
+
+__device__ __forceinline__ uint32_t c_frag_addr(const unsigned char* c_tile, int cpitch, int wm, int m, int lane) {
+  return smem_addr(c_tile + (32 * wm + 16 * m + (lane & 7) + ((lane >> 3) & 1) * 8) * cpitch + (lane >> 4) * 16);
+}
 
 template <Math kM>
 __device__ __forceinline__ void load_c_frags(CFrags16& f, const unsigned char* c_tile, int wm, int lane) {
   if constexpr (Traits<kM>::k16) {
 #pragma unroll
     for (int m = 0; m < 2; ++m) {
-      const uint32_t base = smem_addr(c_tile + (32 * wm + 16 * m + (lane & 7) + ((lane >> 3) & 1) * 8) *
-                                                   Traits<kM>::kCPitch + (lane >> 4) * 16);
+      const uint32_t base = c_frag_addr(c_tile, Traits<kM>::kCPitch, wm, m, lane);
 #pragma unroll
       for (int ks = 0; ks < 4; ++ks) ldmatrix_x4(f.a[m][ks], base + ks * 32);
     }
@@ -186,7 +192,7 @@ __device__ __forceinline__ void load_c_frags(CFrags16& f, const unsigned char* c
 
 // acc (this warp's 32 rows x kNtc 8-column tiles of one D-chunk) += C (32 x 64) . R_chunk (64 x chunk).
 // Warp wd owns the 8-column tiles wd and wd + 4 of a 16-bit chunk, tile wd of an fp32 chunk.
-template <Math kM>
+template <Math kM, bool kHoisted>
 __device__ __forceinline__ void dx_chunk(float (&acc)[2][Traits<kM>::kNtc][4], const CFrags16& cf,
                                          const unsigned char* c_tile, const unsigned char* rs, int wm, int wd,
                                          int lane) {
@@ -201,8 +207,15 @@ __device__ __forceinline__ void dx_chunk(float (&acc)[2][Traits<kM>::kNtc][4], c
       ldmatrix_x4_trans(b, rb + ks * 16 * kPitch);
 #pragma unroll
       for (int m = 0; m < 2; ++m) {
-        mma_16816<kM == Math::kBf16>(acc[m][0], cf.a[m][ks], b[0], b[1]);
-        mma_16816<kM == Math::kBf16>(acc[m][1], cf.a[m][ks], b[2], b[3]);
+        uint32_t a[4];
+        if constexpr (kHoisted) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) a[i] = cf.a[m][ks][i];
+        } else {
+          ldmatrix_x4(a, c_frag_addr(c_tile, Tr::kCPitch, wm, m, lane) + ks * 32);
+        }
+        mma_16816<kM == Math::kBf16>(acc[m][0], a, b[0], b[1]);
+        mma_16816<kM == Math::kBf16>(acc[m][1], a, b[2], b[3]);
       }
     }
   } else if constexpr (kM == Math::kTf32) {
@@ -214,8 +227,7 @@ __device__ __forceinline__ void dx_chunk(float (&acc)[2][Traits<kM>::kNtc][4], c
 #pragma unroll
       for (int m = 0; m < 2; ++m) {
         uint32_t a[4];  // C was stored already rounded to tf32
-        ldmatrix_x4(a, smem_addr(c_tile + (32 * wm + 16 * m + (lane & 7) + ((lane >> 3) & 1) * 8) * Tr::kCPitch +
-                                 ks * 32 + (lane >> 4) * 16));
+        ldmatrix_x4(a, c_frag_addr(c_tile, Tr::kCPitch, wm, m, lane) + ks * 32);
         mma_1688_tf32(acc[m][0], a, b0, b1);
       }
     }
@@ -338,6 +350,7 @@ __global__ void __launch_bounds__(kThreads, kND == Traits<kM>::kNdSmall ? 2 : 1)
       for (int n = 0; n < Tr::kNtc; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc_dx[d][m][n][e] = 0.f;
+  constexpr bool kHoistC = Tr::k16 && kND > Tr::kNdSmall;
   CFrags16 cf;
 
   issue_upto(p.lookahead - 1);
@@ -404,12 +417,12 @@ __global__ void __launch_bounds__(kThreads, kND == Traits<kM>::kNdSmall ? 2 : 1)
       if (p.r_resident) {  // the tile's chunks are all staged: no barrier between dX steps
         __syncthreads();   // C tile complete
         issue_upto(tr * L + p.nk - 1 + p.lookahead);  // start the next tile's loads
-        load_c_frags<kM>(cf, c_tile, wm_d, lane);
+        if constexpr (kHoistC) load_c_frags<kM>(cf, c_tile, wm_d, lane);
         const unsigned char* tile_slots = r_ring;
 #pragma unroll
         for (int d = 0; d < kND; ++d) {
           if (d < nd) {
-            dx_chunk<kM>(acc_dx[d], cf, c_tile, tile_slots + ((tr * L + d) % p.nbuf) * (kBN * kPitch), wm_d, wd,
+            dx_chunk<kM, kHoistC>(acc_dx[d], cf, c_tile, tile_slots + ((tr * L + d) % p.nbuf) * (kBN * kPitch), wm_d, wd,
                          lane);
           }
         }
@@ -420,8 +433,10 @@ __global__ void __launch_bounds__(kThreads, kND == Traits<kM>::kNdSmall ? 2 : 1)
             const int64_t q = tr * L + p.nk + d;
             wait_for(q);  // the first one also publishes the C tile
             issue_upto(q + p.lookahead);
-            if (d == 0) load_c_frags<kM>(cf, c_tile, wm_d, lane);
-            dx_chunk<kM>(acc_dx[d], cf, c_tile, r_ring + (q % p.nbuf) * (kBN * kPitch), wm_d, wd, lane);
+            if constexpr (kHoistC) {
+              if (d == 0) load_c_frags<kM>(cf, c_tile, wm_d, lane);
+            }
+            dx_chunk<kM, kHoistC>(acc_dx[d], cf, c_tile, r_ring + (q % p.nbuf) * (kBN * kPitch), wm_d, wd, lane);
           }
         }
       }

@@ -1,9 +1,10 @@
 // Ring-buffer write of a batch into the memory on the GPU (DESIGN.md section 2): row i goes
 // to slot (ptr + i) % size, cast to the memory dtype; labels to int32; the slots written
 // come back as int64. One launch, no host sync.
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
