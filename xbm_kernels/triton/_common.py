@@ -107,3 +107,120 @@ def check_loss_args(x, labels, ref, ref_labels, self_index, ref_valid):
         if t.device != x.device:
             raise ValueError(f"all tensors must be on {x.device}, got one on {t.device}")
     check_device("x", x)
+
+
+def prepare_loss_inputs(x, labels, ref, ref_labels, self_index, ref_valid):
+    """Checked, detached, contiguous (x, labels, ref, ref_labels, self_index or None)."""
+    check_loss_args(x, labels, ref, ref_labels, self_index, ref_valid)
+    si = self_index.contiguous() if self_index is not None else None
+    return x.detach().contiguous(), labels.contiguous(), ref.detach().contiguous(), ref_labels.contiguous(), si
+
+
+def check_grad_rows(grad_rows, B, device):
+    """grad_rows as a contiguous fp32 (B,) tensor, or a ValueError."""
+    if grad_rows.dim() != 1 or grad_rows.shape[0] != B or grad_rows.device != device:
+        raise ValueError(f"grad_rows: expected shape ({B},) on {device}, got {tuple(grad_rows.shape)} on "
+                         f"{grad_rows.device}")
+    return grad_rows.detach().to(torch.float32).contiguous()
+
+
+def precision(allow_tf32: bool) -> str:
+    return "tf32" if allow_tf32 else "ieee"
+
+
+def bucket(v: int) -> int:
+    # Autotune keys: re-tune per power of two, not per size (a filling memory grows every step).
+    return triton.next_power_of_2(max(int(v), 1))
+
+
+# --------------------------------------------------------------------------- autotuning
+
+SMEM_BUDGET = 200 * 1024
+
+
+def autotune_configs(table, interp_config, first, second):
+    """triton.Configs from rows (first, second, num_warps, num_stages). The interpreter runs
+    one config (no benchmarking): `interp_config`, tiles small enough for test shapes."""
+    rows = [interp_config] if interpreting() else table
+    return [triton.Config({first: a, second: b}, num_warps=w, num_stages=s) for a, b, w, s in rows]
+
+
+def prune_configs(rows_name, cols_name, count_name, ieee_fp32_tile, acc_tiles=1):
+    """Drops configs whose fp32 accumulators (acc_tiles of rows x BLOCK_D) would not fit in
+    registers, whose pipelined tiles would not fit in shared memory, or whose row tile far
+    exceeds the rows there are. IEEE fp32 dots run on FMA units and spill kilobytes beyond
+    ieee_fp32_tile (rows x cols, measured on sm_90), so those are dropped too. Keeps the
+    config needing least shared memory when nothing fits (very large D)."""
+    def prune(configs, nargs, **kwargs):
+        bd = kwargs["BLOCK_D"]
+        esize = nargs["r_ptr"].element_size()
+        count = nargs[count_name]
+        fma = esize == 4 and kwargs["PRECISION"] == "ieee"
+
+        def smem(c):  # the streamed tiles, pipelined, plus the resident one
+            return (max(c.num_stages, 1) * c.kwargs[cols_name] + c.kwargs[rows_name]) * bd * esize
+
+        out = [c for c in configs
+               if acc_tiles * c.kwargs[rows_name] * bd <= c.num_warps * 32 * 128 and smem(c) <= SMEM_BUDGET
+               and c.kwargs[rows_name] <= max(16, triton.next_power_of_2(count))
+               and not (fma and c.kwargs[rows_name] * c.kwargs[cols_name] > ieee_fp32_tile)]
+        return out or [min(configs, key=smem)]
+    return prune
+
+
+# --------------------------------------------------------------------------- split-K
+
+
+def split_plan(B: int, n: int, device: torch.device, table, interp_config, splits=None):
+    """(splits, cols_per_split) for a grid of (B tiles) x (splits) over n reference columns:
+    enough programs to fill the device, each split a whole number of the largest column
+    tile of `table` (rows: BLOCK_B, BLOCK_K, ...). Does not depend on the autotuned config,
+    so workspaces can be allocated before the launch. `splits` overrides the plan (tests)."""
+    if splits is not None:
+        cols = triton.cdiv(max(n, 1), splits)
+        return triton.cdiv(max(n, 1), cols), cols
+    table = [interp_config] if interpreting() else table
+    kmax = max(c[1] for c in table)
+    nominal_b = 16 if interpreting() else 64
+    tiles = triton.cdiv(n, kmax)
+    if tiles <= 1:
+        return 1, max(kmax, n)
+    want = triton.cdiv(target_programs(device), triton.cdiv(B, nominal_b))
+    splits = max(1, min(want, tiles))
+    cols = triton.cdiv(tiles, splits) * kmax
+    return triton.cdiv(n, cols), cols
+
+
+def finish_rows(D: int) -> int:
+    """Rows per program of the second-stage kernels, which hold (rows, BLOCK_D) fp32 tiles."""
+    return max(1, min(64, 4096 // block_d(D)))
+
+
+# --------------------------------------------------------------------------- tile helpers
+
+
+@triton.jit
+def pair_sets(s, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX: tl.constexpr):
+    """Masks of a (rows x cols) tile of S: valid V (j < ref_valid, not self), positives P
+    (same label, S < 1 - pos_eps) and negatives N (other label); DESIGN.md section 1."""
+    valid = row_ok[:, None] & col_ok[None, :]
+    if HAS_SELF_INDEX:
+        valid = valid & (cols[None, :] != self_col[:, None])
+    pos = valid & (yi[:, None] == zj[None, :]) & (s < pos_thr)
+    neg = valid & (yi[:, None] != zj[None, :])
+    return valid, pos, neg
+
+
+@triton.jit
+def dot_acc(c, m, acc, HI_LO: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + c @ m for fp32 coefficients c and a tile m (16-bit or fp32). With HI_LO (m is
+    16-bit and c is not exact in 16 bits) c goes in as hi + lo: two tensor-core products
+    keep ~fp32 accuracy. Without it c is cast to m's dtype (exact for 0/1 masks)."""
+    if HI_LO:
+        hi = c.to(m.dtype)
+        lo = (c - hi.to(tl.float32)).to(m.dtype)
+        acc = tl.dot(hi, m, acc)
+        acc = tl.dot(lo, m, acc)
+    else:
+        acc = tl.dot(c.to(m.dtype), m, acc, input_precision=PRECISION)
+    return acc

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from . import _common
+from ._common import pair_sets
 
 # (BLOCK_B, BLOCK_K, num_warps, num_stages), chosen for Hopper (H100: 228 KB shared memory
 # per SM, 64K registers). Small BLOCK_B serves small batches against a big memory. The
@@ -46,52 +47,22 @@ _REF_CONFIGS = [(16, 64, 4, 3), (32, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4), 
 _INTERP_FWD = (16, 32, 1, 1)
 _INTERP_REF = (32, 16, 1, 1)
 
-SMEM_BUDGET = 200 * 1024
+SMEM_BUDGET = _common.SMEM_BUDGET
+_prune = _common.prune_configs
 
 
 def _configs(table, first, second):
-    table = [_INTERP_FWD if first == "BLOCK_B" else _INTERP_REF] if _common.interpreting() else table
-    return [triton.Config({first: a, second: b}, num_warps=w, num_stages=s) for a, b, w, s in table]
+    return _common.autotune_configs(table, _INTERP_FWD if first == "BLOCK_B" else _INTERP_REF, first, second)
 
 
-def _prune(rows_name, cols_name, count_name, ieee_fp32_tile):
-    """Drops configs whose fp32 accumulator would not fit in registers, whose pipelined
-    tiles would not fit in shared memory, or whose row tile far exceeds the rows there are.
-    IEEE fp32 dots run on FMA units and spill kilobytes beyond ieee_fp32_tile (rows x cols,
-    measured on sm_90), so those are dropped too. Keeps the config needing least shared
-    memory when nothing fits (very large D)."""
-    def prune(configs, nargs, **kwargs):
-        bd = kwargs["BLOCK_D"]
-        esize = nargs["r_ptr"].element_size()
-        count = nargs[count_name]
-        fma = esize == 4 and kwargs["PRECISION"] == "ieee"
-
-        def smem(c):  # the streamed tiles, pipelined, plus the resident one
-            return (max(c.num_stages, 1) * c.kwargs[cols_name] + c.kwargs[rows_name]) * bd * esize
-
-        out = [c for c in configs
-               if c.kwargs[rows_name] * bd <= c.num_warps * 32 * 128 and smem(c) <= SMEM_BUDGET
-               and c.kwargs[rows_name] <= max(16, triton.next_power_of_2(count))
-               and not (fma and c.kwargs[rows_name] * c.kwargs[cols_name] > ieee_fp32_tile)]
-        return out or [min(configs, key=smem)]
-    return prune
-
-
-def _bucket(v: int) -> int:
-    # Autotune keys: re-tune per power of two, not per size (a filling memory grows every step).
-    return triton.next_power_of_2(max(int(v), 1))
+_bucket = _common.bucket
 
 
 @triton.jit
 def _pair_masks(s, yi, zj, rows, cols, row_ok, col_ok, self_col, margin, pos_thr,
                 HAS_SELF_INDEX: tl.constexpr):
-    valid = row_ok[:, None] & col_ok[None, :]
-    if HAS_SELF_INDEX:
-        valid = valid & (cols[None, :] != self_col[:, None])
-    same = yi[:, None] == zj[None, :]
-    pos = valid & same & (s < pos_thr)
-    neg = valid & (yi[:, None] != zj[None, :]) & (s > margin)
-    return pos, neg
+    _, pos, neg = pair_sets(s, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX)
+    return pos, neg & (s > margin)
 
 
 @triton.autotune(configs=_configs(_FWD_CONFIGS, "BLOCK_B", "BLOCK_K"),
@@ -213,30 +184,13 @@ def contrastive_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, g_ptr, gref_
     tl.store(gref_ptr + col_off, acc, mask=col_ok[:, None] & dim_ok[None, :])
 
 
-def split_plan(B: int, n: int, device: torch.device):
-    """(splits, cols_per_split): enough (B tiles x splits) programs to fill the device, each
-    split a whole number of the largest column tile. Does not depend on the autotuned
-    config, so the workspace can be allocated before the launch."""
-    table = [_INTERP_FWD] if _common.interpreting() else _FWD_CONFIGS
-    kmax = max(c[1] for c in table)
-    nominal_b = 16 if _common.interpreting() else 64
-    tiles = triton.cdiv(n, kmax)
-    if tiles <= 1:
-        return 1, max(kmax, n)
-    want = triton.cdiv(_common.target_programs(device), triton.cdiv(B, nominal_b))
-    splits = max(1, min(want, tiles))
-    cols = triton.cdiv(tiles, splits) * kmax
-    return triton.cdiv(n, cols), cols
+def split_plan(B: int, n: int, device: torch.device, splits=None):
+    """(splits, cols_per_split) of the forward grid; see _common.split_plan."""
+    return _common.split_plan(B, n, device, _FWD_CONFIGS, _INTERP_FWD, splits)
 
 
-def _precision(allow_tf32: bool) -> str:
-    return "tf32" if allow_tf32 else "ieee"
-
-
-def _prepare(x, labels, ref, ref_labels, self_index, ref_valid):
-    _common.check_loss_args(x, labels, ref, ref_labels, self_index, ref_valid)
-    si = self_index.contiguous() if self_index is not None else None
-    return x.detach().contiguous(), labels.contiguous(), ref.detach().contiguous(), ref_labels.contiguous(), si
+_precision = _common.precision
+_prepare = _common.prepare_loss_inputs
 
 
 def contrastive_fwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, margin, pos_eps, need_grad,
@@ -252,11 +206,7 @@ def contrastive_fwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, ma
     grad = torch.empty(B, D, **f32) if need_grad else torch.empty(0, **f32)
     if B == 0:
         return loss, grad, counts
-    if splits is None:
-        splits, cols = split_plan(B, ref_valid, dev)
-    else:
-        cols = triton.cdiv(max(ref_valid, 1), splits)
-        splits = triton.cdiv(max(ref_valid, 1), cols)
+    splits, cols = split_plan(B, ref_valid, dev, splits)
     if splits == 1:
         loss_ws, counts_ws, grad_ws = loss, counts, grad
     else:
@@ -272,7 +222,7 @@ def contrastive_fwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, ma
             HAS_SELF_INDEX=si is not None, NEED_GRAD=bool(need_grad), PRECISION=_precision(allow_tf32),
             BLOCK_D=BLOCK_D)
         if splits > 1:
-            rows = max(1, min(64, 4096 // BLOCK_D))
+            rows = _common.finish_rows(D)
             reduce_splits_kernel[(triton.cdiv(B, rows),)](
                 loss_ws, counts_ws, grad_ws, loss, counts, grad, B, D, splits,
                 NEED_GRAD=bool(need_grad), ROWS=rows, BLOCK_D=BLOCK_D, num_warps=4)
@@ -285,10 +235,7 @@ def contrastive_bwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, ma
     x, labels, ref, ref_labels, si = _prepare(x, labels, ref, ref_labels, self_index, ref_valid)
     B, D = x.shape
     N = ref.shape[0]
-    if grad_rows.dim() != 1 or grad_rows.shape[0] != B or grad_rows.device != x.device:
-        raise ValueError(f"grad_rows: expected shape ({B},) on {x.device}, got {tuple(grad_rows.shape)} on "
-                         f"{grad_rows.device}")
-    g = grad_rows.detach().to(torch.float32).contiguous()
+    g = _common.check_grad_rows(grad_rows, B, x.device)
     _, grad, _ = contrastive_fwd_triton(x, labels, ref, ref_labels, si, ref_valid, margin, pos_eps, True,
                                         allow_tf32)
     grad_x = grad.mul_(g[:, None])
