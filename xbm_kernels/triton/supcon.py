@@ -1,0 +1,254 @@
+"""Fused supervised-contrastive (InfoNCE) loss over a reference set (DESIGN.md section 1),
+Triton kernels.
+
+    t_ij = S_ij / tau                                   over valid columns V_i
+    LSE_i = log sum_{V_i} exp(t_ij),   l_i = LSE_i - 1/|P_i| sum_{P_i} t_ip   (0 if P_i empty)
+    dl_i/dx_i = 1/tau ( sum_{V_i} softmax_ij r_j - 1/|P_i| sum_{P_i} r_p )
+
+Forward: ONE pass over the reference rows with an online log-sum-exp, as in
+FlashAttention: per row a running max m, the sum s = sum exp(t - m) and the softmax
+numerator G = sum exp(t - m) r (rescaled by exp(m_old - m_new) when m grows), plus the
+positives' sum of S, their row sum Gpos and the counts. The memory is read once and the
+gradient comes out of the forward (as the CPU kernel does). The grid is (B tiles) x
+(K splits); each split writes its (m, s, sum_P S, counts, G, Gpos) to a workspace and a
+second kernel merges them in split order (deterministic) and finishes each row:
+    m = max_p m_p,  s = sum_p s_p exp(m_p - m),  G = sum_p G_p exp(m_p - m).
+
+Backward to both sides (the in-batch loss), with g_i = dL/dl_i:
+    grad_x   = g * (forward gradient)
+    grad_ref = C^T X with C_ij = g_i / tau (exp(t_ij - LSE_i) [j in V_i] - [j in P_i] / |P_i|):
+               a kernel where each program owns a tile of reference rows and streams the
+               anchors, using the forward's per-row LSE (no two programs write one row).
+
+dtypes as in contrastive.py: x is cast to ref's dtype; softmax weights are not exact in 16
+bits, so with a 16-bit reference they enter the tensor cores as hi + lo (_common.dot_acc).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+from ._common import dot_acc, pair_sets
+from .contrastive import _FWD_CONFIGS, _INTERP_FWD, _INTERP_REF, _REF_CONFIGS
+
+_FWD_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 2048, acc_tiles=2)  # G and Gpos
+_REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 1024)
+
+
+@triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS, _INTERP_FWD, "BLOCK_B", "BLOCK_K"),
+                 key=["D", "B_BUCKET", "COLS_BUCKET", "NEED_GRAD", "PRECISION"],
+                 prune_configs_by={"early_config_prune": _FWD_PRUNE})
+@triton.jit
+def supcon_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ws, counts_ws, g_ws, gpos_ws,
+                      B, D, n, cols_per_split, inv_tau, pos_thr, B_BUCKET, COLS_BUCKET,
+                      HAS_SELF_INDEX: tl.constexpr, NEED_GRAD: tl.constexpr, PRECISION: tl.constexpr,
+                      HI_LO: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_b = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < D
+
+    x = tl.load(x_ptr + rows64[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    x = x.to(r_ptr.dtype.element_ty)
+    yi = tl.load(y_ptr + rows, mask=row_ok, other=0)
+    self_col = rows  # placeholder, unused without HAS_SELF_INDEX
+    if HAS_SELF_INDEX:
+        self_col = tl.load(si_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
+
+    m = tl.full([BLOCK_B], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_B], dtype=tl.float32)
+    pos_sum = tl.zeros([BLOCK_B], dtype=tl.float32)
+    npos = tl.zeros([BLOCK_B], dtype=tl.int32)
+    nneg = tl.zeros([BLOCK_B], dtype=tl.int32)
+    g = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+    gpos = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+
+    col_start = pid_s * cols_per_split
+    col_end = tl.minimum(col_start + cols_per_split, n)
+    for k0 in range(col_start, col_end, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < col_end
+        r = tl.load(r_ptr + cols.to(tl.int64)[:, None] * D + dims[None, :],
+                    mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        zj = tl.load(z_ptr + cols, mask=col_ok, other=0)
+        sim = tl.dot(x, tl.trans(r), input_precision=PRECISION)
+        valid, pos, neg = pair_sets(sim, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX)
+        t = tl.where(valid, sim * inv_tau, float("-inf"))
+        m_new = tl.maximum(m, tl.max(t, axis=1))
+        # Rows with no valid column yet (m_new = -inf) shift by 0: their exponentials are
+        # exp(-inf) = 0 and so is the rescale of their (zero) sums; no inf - inf anywhere.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        scale = tl.exp(m - shift)
+        e = tl.exp(t - shift[:, None])
+        s = s * scale + tl.sum(e, axis=1)
+        m = m_new
+        pos_sum += tl.sum(tl.where(pos, sim, 0.0), axis=1)
+        npos += tl.sum(pos.to(tl.int32), axis=1)
+        nneg += tl.sum(neg.to(tl.int32), axis=1)
+        if NEED_GRAD:
+            g = dot_acc(e, r, g * scale[:, None], HI_LO, PRECISION)
+            gpos = dot_acc(pos.to(tl.float32), r, gpos, False, PRECISION)
+
+    out = pid_s.to(tl.int64) * B + rows64  # row of this split's slice of the workspaces
+    stat = pid_s.to(tl.int64) * 3 * B + rows64  # stats_ws is (splits, 3, B): m, s, sum_P S
+    tl.store(stats_ws + stat, m, mask=row_ok)
+    tl.store(stats_ws + stat + B, s, mask=row_ok)
+    tl.store(stats_ws + stat + 2 * B, pos_sum, mask=row_ok)
+    tl.store(counts_ws + 2 * out, npos, mask=row_ok)
+    tl.store(counts_ws + 2 * out + 1, nneg, mask=row_ok)
+    if NEED_GRAD:
+        gmask = row_ok[:, None] & dim_ok[None, :]
+        tl.store(g_ws + out[:, None] * D + dims[None, :], g, mask=gmask)
+        tl.store(gpos_ws + out[:, None] * D + dims[None, :], gpos, mask=gmask)
+
+
+@triton.jit
+def supcon_finish_kernel(stats_ws, counts_ws, g_ws, gpos_ws, loss_ptr, counts_ptr, grad_ptr, lse_ptr,
+                         B, D, splits, inv_tau,
+                         NEED_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)
+    dims = tl.arange(0, BLOCK_D)
+    gmask = row_ok[:, None] & (dims < D)[None, :]
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    for p in range(0, splits):  # the max is exact: any order
+        m = tl.maximum(m, tl.load(stats_ws + p * 3 * B + rows64, mask=row_ok, other=float("-inf")))
+    s = tl.zeros([ROWS], dtype=tl.float32)
+    pos_sum = tl.zeros([ROWS], dtype=tl.float32)
+    npos = tl.zeros([ROWS], dtype=tl.int32)
+    nneg = tl.zeros([ROWS], dtype=tl.int32)
+    g = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    gpos = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    shift = tl.where(m == float("-inf"), 0.0, m)  # as in the forward kernel
+    for p in range(0, splits):  # split order, always: the result does not depend on timing
+        stat = p * 3 * B + rows64
+        scale = tl.exp(tl.load(stats_ws + stat, mask=row_ok, other=float("-inf")) - shift)
+        s += scale * tl.load(stats_ws + stat + B, mask=row_ok, other=0.0)
+        pos_sum += tl.load(stats_ws + stat + 2 * B, mask=row_ok, other=0.0)
+        base = p * B + rows64
+        npos += tl.load(counts_ws + 2 * base, mask=row_ok, other=0)
+        nneg += tl.load(counts_ws + 2 * base + 1, mask=row_ok, other=0)
+        if NEED_GRAD:
+            g += scale[:, None] * tl.load(g_ws + base[:, None] * D + dims[None, :], mask=gmask, other=0.0)
+            gpos += tl.load(gpos_ws + base[:, None] * D + dims[None, :], mask=gmask, other=0.0)
+    has_pos = npos > 0  # implies a valid column, so s >= 1
+    s = tl.where(has_pos, s, 1.0)
+    inv_np = 1.0 / tl.maximum(npos, 1).to(tl.float32)
+    lse = shift + tl.log(s)
+    tl.store(loss_ptr + rows64, tl.where(has_pos, lse - pos_sum * inv_tau * inv_np, 0.0), mask=row_ok)
+    tl.store(lse_ptr + rows64, tl.where(has_pos, lse, float("inf")), mask=row_ok)  # +inf: weights exp(t - LSE) = 0
+    tl.store(counts_ptr + 2 * rows64, tl.where(has_pos, npos, 0), mask=row_ok)
+    tl.store(counts_ptr + 2 * rows64 + 1, tl.where(has_pos, nneg, 0), mask=row_ok)
+    if NEED_GRAD:
+        grad = (g / s[:, None] - gpos * inv_np[:, None]) * inv_tau
+        tl.store(grad_ptr + rows64[:, None] * D + dims[None, :], tl.where(has_pos[:, None], grad, 0.0), mask=gmask)
+
+
+@triton.autotune(configs=_common.autotune_configs(_REF_CONFIGS, _INTERP_REF, "BLOCK_K", "BLOCK_B"),
+                 key=["D", "B_BUCKET", "N_BUCKET", "PRECISION"],
+                 prune_configs_by={"early_config_prune": _REF_PRUNE})
+@triton.jit
+def supcon_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, lse_ptr, ga_ptr, gp_ptr, gref_ptr,
+                           B, D, n, inv_tau, pos_thr, B_BUCKET, N_BUCKET,
+                           HAS_SELF_INDEX: tl.constexpr, PRECISION: tl.constexpr, HI_LO: tl.constexpr,
+                           BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    col_ok = cols < n
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < D
+    col_off = cols.to(tl.int64)[:, None] * D + dims[None, :]
+    r = tl.load(r_ptr + col_off, mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+    zj = tl.load(z_ptr + cols, mask=col_ok, other=0)
+    acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+    for b0 in range(0, B, BLOCK_B):
+        rows = b0 + tl.arange(0, BLOCK_B)
+        row_ok = rows < B
+        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * D + dims[None, :],
+                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        x = x.to(r_ptr.dtype.element_ty)
+        yi = tl.load(y_ptr + rows, mask=row_ok, other=0)
+        self_col = rows
+        if HAS_SELF_INDEX:
+            self_col = tl.load(si_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf"))
+        ga = tl.load(ga_ptr + rows, mask=row_ok, other=0.0)  # g / tau, 0 for rows without positives
+        gp = tl.load(gp_ptr + rows, mask=row_ok, other=0.0)  # g / (tau |P|)
+        sim = tl.dot(x, tl.trans(r), input_precision=PRECISION)
+        valid, pos, _ = pair_sets(sim, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX)
+        e = tl.where(valid, tl.exp(sim * inv_tau - lse[:, None]), 0.0)
+        c = e * ga[:, None] - tl.where(pos, gp[:, None], 0.0)
+        acc = dot_acc(tl.trans(c), x, acc, HI_LO, PRECISION)
+    tl.store(gref_ptr + col_off, acc, mask=col_ok[:, None] & dim_ok[None, :])
+
+
+def _forward(x, labels, ref, ref_labels, si, ref_valid, temperature, pos_eps, need_grad, allow_tf32, splits):
+    """The op's outputs plus the per-row LSE (+inf for rows without positives)."""
+    if not temperature > 0:
+        raise ValueError(f"temperature: expected > 0, got {temperature}")
+    B, D = x.shape
+    dev = x.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    loss = torch.empty(B, **f32)
+    lse = torch.empty(B, **f32)
+    counts = torch.empty(B, 2, dtype=torch.int32, device=dev)
+    grad = torch.empty(B, D, **f32) if need_grad else torch.empty(0, **f32)
+    if B == 0:
+        return loss, grad, counts, lse
+    splits, cols = _common.split_plan(B, ref_valid, dev, _FWD_CONFIGS, _INTERP_FWD, splits)
+    stats_ws = torch.empty(splits, 3, B, **f32)
+    counts_ws = torch.empty(splits, B, 2, dtype=torch.int32, device=dev)
+    g_ws = torch.empty(splits, B, D, **f32) if need_grad else grad
+    gpos_ws = torch.empty(splits, B, D, **f32) if need_grad else grad
+    inv_tau = 1.0 / float(temperature)
+    BLOCK_D = _common.block_d(D)
+    grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), splits)  # noqa: E731
+    with _common.device_guard(x):
+        supcon_fwd_kernel[grid](
+            x, labels, ref, ref_labels, si if si is not None else labels, stats_ws, counts_ws, g_ws, gpos_ws,
+            B, D, ref_valid, cols, inv_tau, 1.0 - float(pos_eps), _common.bucket(B), _common.bucket(cols),
+            HAS_SELF_INDEX=si is not None, NEED_GRAD=bool(need_grad), PRECISION=_common.precision(allow_tf32),
+            HI_LO=ref.dtype != torch.float32, BLOCK_D=BLOCK_D)
+        rows = _common.finish_rows(D)
+        supcon_finish_kernel[(triton.cdiv(B, rows),)](
+            stats_ws, counts_ws, g_ws, gpos_ws, loss, counts, grad, lse, B, D, splits, inv_tau,
+            NEED_GRAD=bool(need_grad), ROWS=rows, BLOCK_D=BLOCK_D, num_warps=4)
+    return loss, grad, counts, lse
+
+
+def supcon_fwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, temperature, pos_eps, need_grad,
+                      allow_tf32, splits=None):
+    """(loss_rows (B,) f32, grad (B, D) f32 or (0,) when not need_grad, counts (B, 2) int32).
+    `splits` overrides the split plan (tests)."""
+    x, labels, ref, ref_labels, si = _common.prepare_loss_inputs(x, labels, ref, ref_labels, self_index, ref_valid)
+    return _forward(x, labels, ref, ref_labels, si, ref_valid, temperature, pos_eps, need_grad, allow_tf32,
+                    splits)[:3]
+
+
+def supcon_bwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, temperature, pos_eps, grad_rows,
+                      allow_tf32):
+    """(grad_x (B, D) f32, grad_ref (N, D) f32) for the loss sum_i grad_rows[i] l_i."""
+    x, labels, ref, ref_labels, si = _common.prepare_loss_inputs(x, labels, ref, ref_labels, self_index, ref_valid)
+    B, D = x.shape
+    g = _common.check_grad_rows(grad_rows, B, x.device)
+    _, grad, counts, lse = _forward(x, labels, ref, ref_labels, si, ref_valid, temperature, pos_eps, True,
+                                    allow_tf32, None)
+    grad_x = grad.mul_(g[:, None])
+    grad_ref = torch.zeros(ref.shape[0], D, dtype=torch.float32, device=x.device)
+    if B == 0 or ref_valid == 0:
+        return grad_x, grad_ref
+    inv_tau = 1.0 / float(temperature)
+    npos = counts[:, 0]
+    ga = torch.where(npos > 0, g * inv_tau, 0.0)
+    gp = ga / npos.clamp_min(1).to(torch.float32)
+    grid = lambda meta: (triton.cdiv(ref_valid, meta["BLOCK_K"]),)  # noqa: E731
+    with _common.device_guard(x):
+        supcon_ref_grad_kernel[grid](
+            x, labels, ref, ref_labels, si if si is not None else labels, lse, ga, gp, grad_ref,
+            B, D, ref_valid, inv_tau, 1.0 - float(pos_eps), _common.bucket(B), _common.bucket(ref_valid),
+            HAS_SELF_INDEX=si is not None, PRECISION=_common.precision(allow_tf32),
+            HI_LO=ref.dtype != torch.float32, BLOCK_D=_common.block_d(D))
+    return grad_x, grad_ref

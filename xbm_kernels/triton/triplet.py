@@ -1,0 +1,201 @@
+"""Fused batch-hard triplet loss over a reference set (DESIGN.md section 1), Triton kernels.
+
+    ap_i = argmin_{P_i} S_ij,  an_i = argmax_{N_i} S_ij     (lowest column on ties)
+    l_i = max(0, S_i,an - S_i,ap + margin),  0 if P_i or N_i is empty
+    dl_i/dx_i = r_an - r_ap for active rows (l_i > 0)
+
+One pass streams the reference for the hardest positive and negative per row, value and
+column. Ties keep the lowest column everywhere: within a tile by taking the smallest
+column among those equal to the tile's extreme, across tiles of a split (increasing
+columns) and across splits (merged in split order) by replacing only on a strictly better
+value. A finish kernel merges the splits, applies the hinge and gathers the two rows of
+the gradient.
+
+Backward to both sides, with g_i = dL/dl_i: grad_x = g * (r_an - r_ap); grad_ref gets
++g_i x_i at row an_i and -g_i x_i at row ap_i. No float atomics: each program owns a tile
+of reference rows, scans the anchors' chosen columns and adds the matching anchors (in
+anchor order) with a one-hot product; tiles no anchor chose only write zeros.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+from ._common import pair_sets
+from .contrastive import _FWD_CONFIGS, _INTERP_FWD
+
+_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 2048)
+
+
+@triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS, _INTERP_FWD, "BLOCK_B", "BLOCK_K"),
+                 key=["D", "B_BUCKET", "COLS_BUCKET", "PRECISION"],
+                 prune_configs_by={"early_config_prune": _PRUNE})
+@triton.jit
+def triplet_hardest_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, val_ws, idx_ws, B, D, n, cols_per_split, pos_thr,
+                           B_BUCKET, COLS_BUCKET, HAS_SELF_INDEX: tl.constexpr, PRECISION: tl.constexpr,
+                           BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_s = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < D
+    x = tl.load(x_ptr + rows64[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    x = x.to(r_ptr.dtype.element_ty)
+    yi = tl.load(y_ptr + rows, mask=row_ok, other=0)
+    self_col = rows  # placeholder, unused without HAS_SELF_INDEX
+    if HAS_SELF_INDEX:
+        self_col = tl.load(si_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
+
+    pos_val = tl.full([BLOCK_B], float("inf"), tl.float32)
+    neg_val = tl.full([BLOCK_B], float("-inf"), tl.float32)
+    pos_idx = tl.full([BLOCK_B], -1, tl.int32)
+    neg_idx = tl.full([BLOCK_B], -1, tl.int32)
+    col_start = pid_s * cols_per_split
+    col_end = tl.minimum(col_start + cols_per_split, n)
+    for k0 in range(col_start, col_end, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < col_end
+        r = tl.load(r_ptr + cols.to(tl.int64)[:, None] * D + dims[None, :],
+                    mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        zj = tl.load(z_ptr + cols, mask=col_ok, other=0)
+        sim = tl.dot(x, tl.trans(r), input_precision=PRECISION)
+        _, pos, neg = pair_sets(sim, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX)
+        sp = tl.where(pos, sim, float("inf"))
+        tile_pos = tl.min(sp, axis=1)
+        tile_pos_idx = tl.min(tl.where(pos & (sp == tile_pos[:, None]), cols[None, :], 2147483647), axis=1)
+        better = tile_pos < pos_val  # strict: the earlier (lower) column wins ties
+        pos_val = tl.where(better, tile_pos, pos_val)
+        pos_idx = tl.where(better, tile_pos_idx, pos_idx)
+        sn = tl.where(neg, sim, float("-inf"))
+        tile_neg = tl.max(sn, axis=1)
+        tile_neg_idx = tl.min(tl.where(neg & (sn == tile_neg[:, None]), cols[None, :], 2147483647), axis=1)
+        better = tile_neg > neg_val
+        neg_val = tl.where(better, tile_neg, neg_val)
+        neg_idx = tl.where(better, tile_neg_idx, neg_idx)
+    out = pid_s.to(tl.int64) * 2 * B + rows64  # val_ws, idx_ws are (splits, 2, B): positive, negative
+    tl.store(val_ws + out, pos_val, mask=row_ok)
+    tl.store(val_ws + out + B, neg_val, mask=row_ok)
+    tl.store(idx_ws + out, pos_idx, mask=row_ok)
+    tl.store(idx_ws + out + B, neg_idx, mask=row_ok)
+
+
+@triton.jit
+def triplet_finish_kernel(val_ws, idx_ws, r_ptr, loss_ptr, counts_ptr, grad_ptr, chosen_ptr, B, D, splits, margin,
+                          NEED_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)
+    pos_val = tl.full([ROWS], float("inf"), tl.float32)
+    neg_val = tl.full([ROWS], float("-inf"), tl.float32)
+    pos_idx = tl.full([ROWS], -1, tl.int32)
+    neg_idx = tl.full([ROWS], -1, tl.int32)
+    for p in range(0, splits):  # split order: splits hold increasing columns, strict keeps the lowest
+        out = p * 2 * B + rows64
+        v = tl.load(val_ws + out, mask=row_ok, other=float("inf"))
+        better = v < pos_val
+        pos_val = tl.where(better, v, pos_val)
+        pos_idx = tl.where(better, tl.load(idx_ws + out, mask=row_ok, other=-1), pos_idx)
+        v = tl.load(val_ws + out + B, mask=row_ok, other=float("-inf"))
+        better = v > neg_val
+        neg_val = tl.where(better, v, neg_val)
+        neg_idx = tl.where(better, tl.load(idx_ws + out + B, mask=row_ok, other=-1), neg_idx)
+    has = (pos_idx >= 0) & (neg_idx >= 0)
+    hinge = tl.maximum(tl.where(has, neg_val - pos_val, 0.0) + margin, 0.0)
+    active = has & (hinge > 0)
+    tl.store(loss_ptr + rows64, tl.where(has, hinge, 0.0), mask=row_ok)
+    tl.store(counts_ptr + 2 * rows64, active.to(tl.int32), mask=row_ok)
+    tl.store(counts_ptr + 2 * rows64 + 1, active.to(tl.int32), mask=row_ok)
+    # The chosen columns of active rows (-1 otherwise), for the reference-side gradient.
+    tl.store(chosen_ptr + 2 * rows64, tl.where(active, pos_idx, -1), mask=row_ok)
+    tl.store(chosen_ptr + 2 * rows64 + 1, tl.where(active, neg_idx, -1), mask=row_ok)
+    if NEED_GRAD:
+        dims = tl.arange(0, BLOCK_D)
+        gmask = active[:, None] & (dims < D)[None, :]
+        r_an = tl.load(r_ptr + neg_idx.to(tl.int64)[:, None] * D + dims[None, :], mask=gmask, other=0.0)
+        r_ap = tl.load(r_ptr + pos_idx.to(tl.int64)[:, None] * D + dims[None, :], mask=gmask, other=0.0)
+        tl.store(grad_ptr + rows64[:, None] * D + dims[None, :], r_an.to(tl.float32) - r_ap.to(tl.float32),
+                 mask=row_ok[:, None] & (dims < D)[None, :])
+
+
+@triton.jit
+def triplet_ref_grad_kernel(x_ptr, chosen_ptr, g_ptr, gref_ptr, B, D, N,
+                            BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    col_ok = cols < N
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < D
+    acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+    for b0 in range(0, B, BLOCK_B):
+        rows = b0 + tl.arange(0, BLOCK_B)
+        row_ok = rows < B
+        rows64 = rows.to(tl.int64)
+        ap = tl.load(chosen_ptr + 2 * rows64, mask=row_ok, other=-1)
+        an = tl.load(chosen_ptr + 2 * rows64 + 1, mask=row_ok, other=-1)
+        hit_p = cols[:, None] == ap[None, :]  # (BLOCK_K, BLOCK_B); -1 matches no column
+        hit_n = cols[:, None] == an[None, :]
+        if tl.max(tl.max((hit_p | hit_n).to(tl.int32), axis=1), axis=0) > 0:
+            g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
+            coef = tl.where(hit_n, g[None, :], 0.0) - tl.where(hit_p, g[None, :], 0.0)
+            x = tl.load(x_ptr + rows64[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :],
+                        other=0.0).to(tl.float32)
+            acc = tl.dot(coef, x, acc, input_precision="ieee")  # a sum of a few g_i x_i: exact fp32 products
+    tl.store(gref_ptr + cols.to(tl.int64)[:, None] * D + dims[None, :], acc, mask=col_ok[:, None] & dim_ok[None, :])
+
+
+def _forward(x, labels, ref, ref_labels, si, ref_valid, margin, pos_eps, need_grad, allow_tf32, splits):
+    """The op's outputs plus the chosen columns (B, 2) int32 (ap, an; -1 for inactive rows)."""
+    B, D = x.shape
+    dev = x.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    loss = torch.empty(B, **f32)
+    counts = torch.empty(B, 2, dtype=torch.int32, device=dev)
+    chosen = torch.empty(B, 2, dtype=torch.int32, device=dev)
+    grad = torch.empty(B, D, **f32) if need_grad else torch.empty(0, **f32)
+    if B == 0:
+        return loss, grad, counts, chosen
+    splits, cols = _common.split_plan(B, ref_valid, dev, _FWD_CONFIGS, _INTERP_FWD, splits)
+    val_ws = torch.empty(splits, 2, B, **f32)
+    idx_ws = torch.empty(splits, 2, B, dtype=torch.int32, device=dev)
+    BLOCK_D = _common.block_d(D)
+    grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), splits)  # noqa: E731
+    with _common.device_guard(x):
+        triplet_hardest_kernel[grid](
+            x, labels, ref, ref_labels, si if si is not None else labels, val_ws, idx_ws, B, D, ref_valid, cols,
+            1.0 - float(pos_eps), _common.bucket(B), _common.bucket(cols), HAS_SELF_INDEX=si is not None,
+            PRECISION=_common.precision(allow_tf32), BLOCK_D=BLOCK_D)
+        rows = _common.finish_rows(D)
+        triplet_finish_kernel[(triton.cdiv(B, rows),)](
+            val_ws, idx_ws, ref, loss, counts, grad, chosen, B, D, splits, float(margin),
+            NEED_GRAD=bool(need_grad), ROWS=rows, BLOCK_D=BLOCK_D, num_warps=4)
+    return loss, grad, counts, chosen
+
+
+def triplet_fwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, margin, pos_eps, need_grad, allow_tf32,
+                       splits=None):
+    """(loss_rows (B,) f32, grad (B, D) f32 or (0,) when not need_grad, counts (B, 2) int32).
+    `splits` overrides the split plan (tests)."""
+    x, labels, ref, ref_labels, si = _common.prepare_loss_inputs(x, labels, ref, ref_labels, self_index, ref_valid)
+    return _forward(x, labels, ref, ref_labels, si, ref_valid, margin, pos_eps, need_grad, allow_tf32, splits)[:3]
+
+
+def triplet_bwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, margin, pos_eps, grad_rows, allow_tf32):
+    """(grad_x (B, D) f32, grad_ref (N, D) f32) for the loss sum_i grad_rows[i] l_i."""
+    x, labels, ref, ref_labels, si = _common.prepare_loss_inputs(x, labels, ref, ref_labels, self_index, ref_valid)
+    B, D = x.shape
+    N = ref.shape[0]
+    g = _common.check_grad_rows(grad_rows, B, x.device)
+    _, grad, _, chosen = _forward(x, labels, ref, ref_labels, si, ref_valid, margin, pos_eps, True, allow_tf32,
+                                  None)
+    grad_x = grad.mul_(g[:, None])
+    grad_ref = torch.empty(N, D, dtype=torch.float32, device=x.device)
+    if N == 0:
+        return grad_x, grad_ref
+    BLOCK_D = _common.block_d(D)
+    BLOCK_K = max(16, min(64, 4096 // BLOCK_D))
+    BLOCK_B = 16 if _common.interpreting() or BLOCK_D > 256 else 32
+    with _common.device_guard(x):
+        triplet_ref_grad_kernel[(triton.cdiv(N, BLOCK_K),)](
+            x, chosen, g, grad_ref, B, D, N, BLOCK_D=BLOCK_D, BLOCK_K=BLOCK_K, BLOCK_B=BLOCK_B,
+            num_warps=4 if BLOCK_D <= 256 else 8)
+    return grad_x, grad_ref
