@@ -91,32 +91,20 @@ std::tuple<Tensor, Tensor> contrastive_bwd_cpu(const Tensor& x, const Tensor& la
                                                const Tensor& grad_rows, bool /*allow_tf32*/) {
   BelowAutograd guard;
   const auto in = cpu::prepare_inputs(x, labels, ref, ref_labels, self_index, ref_valid);
-  const int64_t B = in.B, D = in.D;
+  const int64_t B = in.B;
   TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == B, "grad_rows: expected shape (", B, ",)");
-  const Tensor g = grad_rows.to(at::kFloat).contiguous();
+  const Tensor g_col = grad_rows.to(at::kFloat).contiguous().unsqueeze(1);
   const auto plan = cpu::plan_tiles(B, in.n);
-  const auto f32 = x.options().dtype(at::kFloat);
-  Tensor grad_parts = at::zeros({plan.parts, B, D}, f32);
-  Tensor grad_ref = at::zeros({ref.size(0), D}, f32);  // rows >= ref_valid get no gradient
-  Tensor loss_scratch = at::zeros({plan.parts, B}, f32.dtype(at::kDouble));
-  Tensor count_scratch = at::zeros({plan.parts, B, 2}, f32.dtype(at::kLong));
-  const int32_t* y = in.y_ptr();
-  const int32_t* z = in.z_ptr();
+  Tensor loss_scratch = at::zeros({plan.parts, B}, in.x32.options().dtype(at::kDouble));
+  Tensor count_scratch = at::zeros({plan.parts, B, 2}, in.x32.options().dtype(at::kLong));
   const float pos_thr = static_cast<float>(1.0 - pos_eps);
-  const Tensor g_col = g.unsqueeze(1);
-
-  cpu::ScratchPool scratch(in, plan);
-  cpu::for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
-    Tensor rt = scratch[p].ref_tile(in.ref, c0, w);
-    Tensor st = scratch[p].similarity(in.x32, rt);
-    contrastive_epilogue(st.data_ptr<float>(), B, w, c0, y, z + c0, in.self_ptr(), static_cast<float>(margin),
-                         pos_thr, loss_scratch[p].data_ptr<double>(), count_scratch[p].data_ptr<int64_t>());
-    st.mul_(g_col);  // row i of C scaled by dL/dl_i
-    grad_parts[p].addmm_(st, rt);
-    Tensor gr = grad_ref.narrow(0, c0, w);
-    at::mm_out(gr, st.t(), in.x32);  // tiles own disjoint rows of grad_ref: no reduction
+  return cpu::coefficient_backward(in, ref.size(0), [&](int64_t p, int64_t c0, int64_t w, Tensor& c,
+                                                        cpu::TileScratch&) {
+    contrastive_epilogue(c.data_ptr<float>(), B, w, c0, in.y_ptr(), in.z_ptr() + c0, in.self_ptr(),
+                         static_cast<float>(margin), pos_thr, loss_scratch[p].data_ptr<double>(),
+                         count_scratch[p].data_ptr<int64_t>());
+    c.mul_(g_col);  // row i of C scaled by dL/dl_i
   });
-  return {cpu::sum_parts(grad_parts), grad_ref};
 }
 
 }  // namespace

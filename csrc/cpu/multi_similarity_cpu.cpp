@@ -204,28 +204,20 @@ std::tuple<Tensor, Tensor> multi_similarity_bwd_cpu(const Tensor& x, const Tenso
   const Tensor g = grad_rows.to(at::kFloat);
   const Tensor gp = (fp * g).unsqueeze(1), gn = (fn * g).unsqueeze(1);
   // Pass 3: C = g (factor_p W_p + factor_n W_n); dX = C R, dR_tile = C^T X.
-  const int64_t B = in.B, D = in.D;
-  const auto plan = cpu::plan_tiles(B, in.n);
-  cpu::ScratchPool scratch(in, plan);
-  Tensor grad_parts = at::zeros({plan.parts, B, D}, loss.options());
-  Tensor grad_ref = at::zeros({ref.size(0), D}, loss.options());
-  Tensor sp_scratch = at::zeros({plan.parts, B}, loss.options().dtype(at::kDouble)), sn_scratch = at::zeros_like(sp_scratch);
-  Tensor count_scratch = at::zeros({plan.parts, B, 2}, loss.options().dtype(at::kLong));
+  const auto plan = cpu::plan_tiles(in.B, in.n);
+  const auto f64 = loss.options().dtype(at::kDouble);
+  Tensor sp_scratch = at::zeros({plan.parts, in.B}, f64), sn_scratch = at::zeros({plan.parts, in.B}, f64);
+  Tensor count_scratch = at::zeros({plan.parts, in.B, 2}, f64.dtype(at::kLong));
   const float* min_pos = st.min_pos.data_ptr<float>();
   const float* max_neg = st.max_neg.data_ptr<float>();
-  cpu::for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
-    Tensor rt = scratch[p].ref_tile(in.ref, c0, w);
-    Tensor c = scratch[p].similarity(in.x32, rt);
-    Tensor n_tile = scratch[p].aux_tile(B, w);
-    ms_weights_tile(c.data_ptr<float>(), n_tile.data_ptr<float>(), B, w, c0, in, prm, min_pos, max_neg,
+  return cpu::coefficient_backward(in, ref.size(0), [&](int64_t p, int64_t c0, int64_t w, Tensor& c,
+                                                        cpu::TileScratch& scratch) {
+    Tensor n_tile = scratch.aux_tile(in.B, w);
+    ms_weights_tile(c.data_ptr<float>(), n_tile.data_ptr<float>(), in.B, w, c0, in, prm, min_pos, max_neg,
                     sp_scratch[p].data_ptr<double>(), sn_scratch[p].data_ptr<double>(),
                     count_scratch[p].data_ptr<int64_t>());
     c.mul_(gp).add_(n_tile.mul_(gn));
-    grad_parts[p].addmm_(c, rt);
-    Tensor gr = grad_ref.narrow(0, c0, w);
-    at::mm_out(gr, c.t(), in.x32);
   });
-  return {cpu::sum_parts(grad_parts), grad_ref};
 }
 
 }  // namespace

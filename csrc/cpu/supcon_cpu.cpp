@@ -155,7 +155,7 @@ std::tuple<Tensor, Tensor> supcon_bwd_cpu(const Tensor& x, const Tensor& labels,
   TORCH_CHECK(temperature > 0, "temperature: expected > 0, got ", temperature);
   const auto in = cpu::prepare_inputs(x, labels, ref, ref_labels, self_index, ref_valid);
   TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == in.B, "grad_rows: expected shape (", in.B, ",)");
-  const int64_t B = in.B, D = in.D;
+  const int64_t B = in.B;
   const float inv_tau = static_cast<float>(1.0 / temperature), pos_thr = static_cast<float>(1.0 - pos_eps);
   const auto plan = cpu::plan_tiles(B, in.n);
   const SupconRows rows = supcon_merge(supcon_pass(in, plan, inv_tau, pos_thr, false), inv_tau);
@@ -164,15 +164,11 @@ std::tuple<Tensor, Tensor> supcon_bwd_cpu(const Tensor& x, const Tensor& labels,
   Tensor g = grad_rows.to(at::kFloat).mul(n_pos.gt(0)).mul_(inv_tau);
   Tensor g_pos = (g / n_pos.clamp_min(1).to(at::kFloat)).unsqueeze(1);
   Tensor lse = rows.lse.contiguous();
-  Tensor grad_parts = at::zeros({plan.parts, B, D}, g.options());
-  Tensor grad_ref = at::zeros({ref.size(0), D}, g.options());
   const float* lse_p = lse.data_ptr<float>();
   const int32_t* y = in.y_ptr();
-  cpu::ScratchPool scratch(in, plan);
-  cpu::for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
-    Tensor rt = scratch[p].ref_tile(in.ref, c0, w);
-    Tensor c = scratch[p].similarity(in.x32, rt);
-    Tensor pos = scratch[p].aux_tile(B, w);
+  return cpu::coefficient_backward(in, ref.size(0), [&](int64_t, int64_t c0, int64_t w, Tensor& c,
+                                                        cpu::TileScratch& scratch) {
+    Tensor pos = scratch.aux_tile(B, w);
     float* cp = c.data_ptr<float>();
     float* pp = pos.data_ptr<float>();
     const int32_t* z = in.z_ptr() + c0;
@@ -186,11 +182,7 @@ std::tuple<Tensor, Tensor> supcon_bwd_cpu(const Tensor& x, const Tensor& labels,
       }
     }
     c.mul_(g.unsqueeze(1)).sub_(pos.mul_(g_pos));
-    grad_parts[p].addmm_(c, rt);
-    Tensor gr = grad_ref.narrow(0, c0, w);
-    at::mm_out(gr, c.t(), in.x32);
   });
-  return {cpu::sum_parts(grad_parts), grad_ref};
 }
 
 }  // namespace

@@ -128,5 +128,28 @@ inline at::Tensor sum_parts(const at::Tensor& parts) {
   return out;
 }
 
+// The reference-side backward shared by the losses whose gradient is a coefficient matrix:
+// per tile, to_coefficients(p, c0, w, tile, scratch) turns the score tile S (B x w) into
+// G = diag(dL/dl) dl/dS in place; then dX += G R_tile and dR[c0:c0+w] = G^T X (tiles own
+// disjoint rows of dR, so only dX needs a partition reduction). Returns (dX, dR) in fp32.
+template <typename Fn>
+std::tuple<at::Tensor, at::Tensor> coefficient_backward(const LossInputs& in, int64_t ref_rows,
+                                                        const Fn& to_coefficients) {
+  const auto plan = plan_tiles(in.B, in.n);
+  const auto f32 = in.x32.options();
+  at::Tensor grad_parts = at::zeros({plan.parts, in.B, in.D}, f32);
+  at::Tensor grad_ref = at::zeros({ref_rows, in.D}, f32);  // rows >= ref_valid get no gradient
+  ScratchPool scratch(in, plan);
+  for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
+    at::Tensor rt = scratch[p].ref_tile(in.ref, c0, w);
+    at::Tensor c = scratch[p].similarity(in.x32, rt);
+    to_coefficients(p, c0, w, c, scratch[p]);
+    grad_parts[p].addmm_(c, rt);
+    at::Tensor gr = grad_ref.narrow(0, c0, w);
+    at::mm_out(gr, c.t(), in.x32);
+  });
+  return {sum_parts(grad_parts), grad_ref};
+}
+
 }  // namespace cpu
 }  // namespace xbm_kernels
