@@ -8,6 +8,7 @@ its own process (TRITON_INTERPRET must be set before triton is imported):
     TRITON_INTERPRET=1 python -m pytest tests/test_triton_losses.py
 
 Interpreter shapes are small; a GPU adds large memories, bf16 and TF32."""
+import functools
 import importlib.util
 import os
 
@@ -415,8 +416,10 @@ GPU_CASES = {
 }
 
 
-def _robust_dense(loss, x, y, r, z, n, si, gap=1e-3, tie_gap=2e-5):
-    """tests/test_losses.py's _robust, vectorised for large memories."""
+def _robust_dense(loss, x, y, r, z, n, si, gap=1e-4, tie_gap=2e-6):
+    """tests/test_losses.py's _robust, vectorised for large memories. Smaller gaps: with
+    thousands of pairs per row, 2e-5 near-ties are certain; fp32 errors of S are ~1e-7
+    here (IEEE fp32 dots; the reference rounds a float64 S to fp32)."""
     S = x.double() @ r[:n].double().T
     valid = torch.ones_like(S, dtype=torch.bool)
     if si is not None:
@@ -438,6 +441,7 @@ def _robust_dense(loss, x, y, r, z, n, si, gap=1e-3, tie_gap=2e-5):
     return True
 
 
+@functools.lru_cache(maxsize=None)
 def _gpu_case(name):
     loss, B, N, D, classes, ref_valid, rand_self = GPU_CASES[name]
     n = N if ref_valid is None else ref_valid
@@ -488,8 +492,10 @@ def test_gpu_sizes_match_float64(name):
 @pytest.mark.skipif(not GPU, reason="the interpreter ignores input_precision (numpy fp32 matmul)")
 @pytest.mark.parametrize("loss", NAMES)
 def test_tf32_when_allowed(loss):
-    loss_name, c = _gpu_case({"multi_similarity": "ms-B256-D256-partial", "triplet": "triplet-B512-D128",
-                              "supcon": "supcon-B200-D512-partial"}[loss])
+    """TF32 moves S by ~3e-5 at D >= 128: losses stay within 2e-3. Gradients too, except
+    triplet's, where a hardest pair within that distance of the next may switch rows."""
+    _, c = _gpu_case({"multi_similarity": "ms-B256-D256-partial", "triplet": "triplet-B512-D128",
+                      "supcon": "supcon-B200-D512-partial"}[loss])
     prev = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("high")
@@ -498,8 +504,7 @@ def test_tf32_when_allowed(loss):
         out.backward()
     finally:
         torch.set_float32_matmul_precision(prev)
-    w = torch.ones(c["x"].shape[0], dtype=torch.float64)
-    rows, grad, _, _ = _expected_dense(loss, c, w)
-    # TF32 rounds S by ~1e-3 relative: hard-pair choices may flip (triplet), weights move
-    assert_rel(out, rows.sum(), 2e-2, "loss (tf32)")
-    assert float((x.grad.cpu().double() - grad).norm() / grad.norm()) < 5e-2
+    rows, grad, _, _ = _expected_dense(loss, c, torch.ones(c["x"].shape[0], dtype=torch.float64, device=DEVICE))
+    assert_rel(out, rows.sum(), 2e-3, "loss (tf32)")
+    if loss != "triplet":
+        assert_rel(x.grad, grad, 2e-3, "grad (tf32)", floor=1.0)
