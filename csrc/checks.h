@@ -2,7 +2,7 @@
 // input with friendlier messages first; these guard direct torch.ops calls.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
 namespace xbm_kernels {

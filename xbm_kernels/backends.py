@@ -35,7 +35,7 @@ def _usable(name):
     if name == "cpu":
         return _HAS_CPU_KERNELS
     if name == "cuda":
-        return _HAS_CUDA_KERNELS and torch.cuda.is_available()
+        return _HAS_CUDA_KERNELS and torch.cuda.is_available() and _cuda_arch_ok()
     if name == "triton":
         if not _HAS_TRITON:
             return False
@@ -43,6 +43,17 @@ def _usable(name):
             return True
         return _INTERPRET and _interpreter_works()
     return False
+
+
+_CUDA_ARCH_OK = []
+
+
+def _cuda_arch_ok():
+    """The CUDA kernels use sm_80+ tensor-core instructions (asked once, lazily, so that
+    importing the package does not initialise CUDA)."""
+    if not _CUDA_ARCH_OK:
+        _CUDA_ARCH_OK.append(torch.cuda.get_device_capability() >= (8, 0))
+    return _CUDA_ARCH_OK[0]
 
 
 _INTERPRETER_OK = []
