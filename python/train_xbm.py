@@ -181,7 +181,8 @@ def parse_args(argv=None):
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--compile", action="store_true", help="torch.compile the model (XBMLoss stays eager)")
     r = p.add_argument_group("checkpoints and output")
-    r.add_argument("--checkpoint", default=None, help="write a checkpoint here (every --save-every steps and at the end)")
+    r.add_argument("--checkpoint", default=None,
+                   help="write a checkpoint here (every --save-every steps, and at the end)")
     r.add_argument("--save-every", type=int, default=0)
     r.add_argument("--resume", default=None, help="continue from this checkpoint")
     r.add_argument("--stop-after", type=int, default=None,

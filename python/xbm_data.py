@@ -138,7 +138,9 @@ def _fashion(root=None):
 def find_faces(font_dirs=FONT_DIRS):
     """[(path, index, name, set of ideograph code points)] of the installed CJK faces,
     one entry per face (a .ttc collection holds several)."""
+    import logging
     from fontTools.ttLib import TTCollection, TTFont
+    logging.getLogger("fontTools").setLevel(logging.ERROR)  # some fonts' tables make it chatty
     paths = set()
     for d in font_dirs:
         for ext in ("ttf", "otf", "ttc", "otc", "TTF", "OTF", "TTC"):

@@ -41,7 +41,8 @@ def test_recall_at_k_excludes_self_and_counts_singletons():
 
 
 ARGS = ["--dataset", "digits", "--steps", "24", "--batch", "32", "--classes-per-batch", "4", "--memory-size", "128",
-        "--start-iteration", "3", "--width", "8", "--embedding-dim", "32", "--seed", "3", "--no-progress", "--quiet"]
+        "--start-iteration", "3", "--width", "8", "--embedding-dim", "32", "--seed", "3", "--threads", "1",
+        "--no-progress", "--quiet"]
 
 
 def test_resume_gives_the_uninterrupted_losses(tmp_path):
@@ -72,6 +73,6 @@ def test_resume_refuses_other_settings(tmp_path):
 def test_command_line_prints_recall_before_and_after():
     out = subprocess.run([sys.executable, os.path.join(APP_DIR, "train_xbm.py"), "--dataset", "digits", "--steps", "6",
                           "--batch", "16", "--classes-per-batch", "4", "--memory-size", "64", "--width", "8",
-                          "--no-progress"], capture_output=True, text=True, timeout=120)
+                          "--threads", "1", "--no-progress"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "Recall@1 before training" in out.stdout and "Recall@1 after training" in out.stdout, out.stdout

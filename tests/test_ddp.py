@@ -54,9 +54,10 @@ def _worker(rank, init_file, out_dir):
             loss.backward()
             losses.append(loss.detach())
             grads.append(e.grad)
+        mem = crit.memory
         results[f"{backend}-{masked}"] = {"losses": torch.stack(losses), "grads": torch.stack(grads),
-                                          "memory": crit.memory.embeddings.clone(), "labels": crit.memory.labels.clone(),
-                                          "ptr": int(crit.memory.ptr), "filled": len(crit.memory)}
+                                          "memory": mem.embeddings.clone(), "labels": mem.labels.clone(),
+                                          "ptr": int(mem.ptr), "filled": len(mem)}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
