@@ -339,9 +339,9 @@ def main(argv=None):
     if args.max_dense_elems is None:
         args.max_dense_elems = float("inf") if device.type == "cuda" else measure.total_memory_bytes(device) / 64
     if args.min_run_time is None:
-        args.min_run_time = 0.01 if args.smoke else 0.3
+        args.min_run_time = 0.01 if args.smoke else 0.2
     if args.max_run_time is None:
-        args.max_run_time = 0.05 if args.smoke else 1.5
+        args.max_run_time = 0.05 if args.smoke else 0.6
 
     identity = measure.run_identity(device, REPO)
     root = args.out or os.path.join(REPO, "bench", "results", *(["smoke"] if args.smoke else []))

@@ -27,6 +27,14 @@ def _cell(v, digits=4):
     return str(v)
 
 
+def _short(cell):
+    """A CSV cell for a summary line: the number to 4 digits, or the status word."""
+    v = number(cell)
+    if v is not None:
+        return f"{v:.4g}"
+    return (cell or "-").split("(")[0] or "-"
+
+
 class CsvLog:
     def __init__(self, path, identity):
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -106,13 +114,14 @@ def foundation_summary(rows, losses):
                 ref, cpu = by["reference"], by["cpu"]
                 tr, tc = number(ref["ms_median"]), number(cpu["ms_median"])
                 speed = f"{tr / tc:.2f}x" if tr and tc else "-"
-                out.append(f"  {op:16} {B:>4} {K:>6} {D:>4} {mode:8} {ref['ms_median']:>10} {cpu['ms_median']:>10} "
-                           f"{speed:>8} {cpu['tflops'] or '-':>8} {gemm['tflops'] if gemm else '-':>8} "
-                           f"{cpu['roofline_frac'] or '-':>8} {ref['peak_mem_mb']:>9} {cpu['peak_mem_mb']:>9}")
+                out.append(f"  {op:16} {B:>4} {K:>6} {D:>4} {mode:8} {_short(ref['ms_median']):>10} "
+                           f"{_short(cpu['ms_median']):>10} {speed:>8} {_short(cpu['tflops']):>9} "
+                           f"{_short(gemm['tflops'] if gemm else ''):>9} {_short(cpu['roofline_frac']):>6} "
+                           f"{_short(ref['peak_mem_mb']):>9} {_short(cpu['peak_mem_mb']):>9}")
     if out:
         print("\nFoundation targets, fp32 (cpu vs reference; frac = cpu TFLOP/s / measured GEMM TFLOP/s of the shape):")
         print(f"  {'op':16} {'B':>4} {'K':>6} {'D':>4} {'mode':8} {'ref ms':>10} {'cpu ms':>10} {'speedup':>8} "
-              f"{'cpu TF/s':>8} {'GEMM TF/s':>8} {'frac':>8} {'ref MB':>9} {'cpu MB':>9}")
+              f"{'cpu TF/s':>9} {'GEMM TF/s':>9} {'frac':>6} {'ref MB':>9} {'cpu MB':>9}")
         print("\n".join(out))
 
 
