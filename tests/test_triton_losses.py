@@ -177,6 +177,27 @@ def test_cases_exercise_the_splits():
         assert _common.split_plan(B, ref_valid or N, DEVICE, tms._FWD_CONFIGS, tms._INTERP_FWD)[0] > 1
 
 
+def test_config_pruning_for_hopper():
+    """The GPU autotune tables (not run by the interpreter) prune to configs without large
+    spills on sm_90: three fp32 (rows x D) register tiles per program, small IEEE fp32 tiles."""
+    import triton
+    table = [triton.Config({"BLOCK_B": a, "BLOCK_K": b}, num_warps=w, num_stages=s)
+             for a, b, w, s in _common.TWO_ACC_FWD_CONFIGS]
+
+    def kept(prune, B, D, dtype, precision="ieee"):
+        nargs = dict(r_ptr=torch.empty(0, dtype=dtype), B=B)
+        return [(c.kwargs["BLOCK_B"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+                for c in prune(table, nargs, BLOCK_D=D, PRECISION=precision)]
+
+    for prune in (tms._FWD_PRUNE, tsc._FWD_PRUNE):
+        bf16 = kept(prune, 256, 128, torch.bfloat16)
+        assert len(bf16) >= 5 and all(3 * b * 128 <= w * 32 * 128 for b, _, w, _ in bf16)
+        assert all(b * k <= 512 for b, k, *_ in kept(prune, 256, 128, torch.float32))
+        assert len(kept(prune, 256, 128, torch.float32, "tf32")) > len(kept(prune, 256, 128, torch.float32))
+        assert all(b == 16 for b, *_ in kept(prune, 3, 128, torch.bfloat16))  # 3 anchors: 16-row tiles
+        assert kept(prune, 256, 512, torch.bfloat16) == [(16, 16, 4, 1)]  # nothing fits: the smallest
+
+
 # --------------------------------------------------------------------------- both sides
 
 

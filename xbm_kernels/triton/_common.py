@@ -137,6 +137,12 @@ def bucket(v: int) -> int:
 
 SMEM_BUDGET = 200 * 1024
 
+# (BLOCK_B, BLOCK_K, num_warps, num_stages) for forward kernels holding two fp32 (B x D)
+# accumulators (multi-similarity, supcon): without contrastive's 64 x 128 and 128 x 64
+# tiles, which spill kilobytes there (ptxas for sm_90 at D = 128, bf16).
+TWO_ACC_FWD_CONFIGS = [(16, 64, 4, 3), (16, 128, 8, 3), (32, 64, 8, 3), (32, 128, 8, 3), (64, 32, 8, 3),
+                       (64, 64, 8, 3), (64, 64, 8, 4), (16, 32, 4, 2), (16, 16, 4, 1)]
+
 
 def autotune_configs(table, interp_config, first, second):
     """triton.Configs from rows (first, second, num_warps, num_stages). The interpreter runs
@@ -146,8 +152,8 @@ def autotune_configs(table, interp_config, first, second):
 
 
 def prune_configs(rows_name, cols_name, count_name, ieee_fp32_tile, acc_tiles=1):
-    """Drops configs whose fp32 accumulators (acc_tiles of rows x BLOCK_D) would not fit in
-    registers, whose pipelined tiles would not fit in shared memory, or whose row tile far
+    """Drops configs whose fp32 register tiles (acc_tiles of rows x BLOCK_D: accumulators,
+    and for kernels building a weight matrix per tile one more) would not fit in registers, whose pipelined tiles would not fit in shared memory, or whose row tile far
     exceeds the rows there are. IEEE fp32 dots run on FMA units and spill kilobytes beyond
     ieee_fp32_tile (rows x cols, measured on sm_90), so those are dropped too. Keeps the
     config needing least shared memory when nothing fits (very large D)."""

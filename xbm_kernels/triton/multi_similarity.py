@@ -27,11 +27,14 @@ import triton.language as tl
 
 from . import _common
 from ._common import dot_acc, pair_sets
-from .contrastive import _FWD_CONFIGS, _INTERP_FWD, _INTERP_REF, _REF_CONFIGS
+from ._common import TWO_ACC_FWD_CONFIGS as _FWD_CONFIGS
+from .contrastive import _INTERP_FWD, _INTERP_REF, _REF_CONFIGS
 
 _STATS_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 2048)
-_FWD_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 2048, acc_tiles=2)  # Gp and Gn
-_REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 1024)
+# Register tiles: Gp and Gn plus the tile's weights; IEEE fp32 (FMA) dots spill beyond 16 x 32
+# (ptxas for sm_90). The reference-side kernels hold one accumulator and the weights (hi, lo).
+_FWD_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 512, acc_tiles=3)
+_REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 256, acc_tiles=3)
 
 
 @triton.jit

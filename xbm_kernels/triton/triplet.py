@@ -25,6 +25,9 @@ from ._common import pair_sets
 from .contrastive import _FWD_CONFIGS, _INTERP_FWD
 
 _PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 2048)
+# Reference-side scatter: 64 rows x 64 anchors x 64-column chunks of D, 4 warps: no spills
+# for sm_90 (128-column chunks of the fp32 product spill).
+_REF_BLOCK_K, _REF_BLOCK_B, _REF_CHUNK_D = 64, 64, 64
 
 
 @triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS, _INTERP_FWD, "BLOCK_B", "BLOCK_K"),
@@ -120,12 +123,13 @@ def triplet_finish_kernel(val_ws, idx_ws, r_ptr, loss_ptr, counts_ptr, grad_ptr,
 
 @triton.jit
 def triplet_ref_grad_kernel(x_ptr, chosen_ptr, g_ptr, gref_ptr, B, D, N,
-                            BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
+                            BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_DC: tl.constexpr):
+    # Grid: (reference-row tiles, column chunks of D); the scan of the anchors repeats per chunk.
     cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     col_ok = cols < N
-    dims = tl.arange(0, BLOCK_D)
+    dims = tl.program_id(1) * BLOCK_DC + tl.arange(0, BLOCK_DC)
     dim_ok = dims < D
-    acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_K, BLOCK_DC], dtype=tl.float32)
     for b0 in range(0, B, BLOCK_B):
         rows = b0 + tl.arange(0, BLOCK_B)
         row_ok = rows < B
@@ -191,11 +195,9 @@ def triplet_bwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, margin
     grad_ref = torch.empty(N, D, dtype=torch.float32, device=x.device)
     if N == 0:
         return grad_x, grad_ref
-    BLOCK_D = _common.block_d(D)
-    BLOCK_K = max(16, min(64, 4096 // BLOCK_D))
-    BLOCK_B = 16 if _common.interpreting() or BLOCK_D > 256 else 32
+    BLOCK_DC = min(_common.block_d(D), _REF_CHUNK_D)
     with _common.device_guard(x):
-        triplet_ref_grad_kernel[(triton.cdiv(N, BLOCK_K),)](
-            x, chosen, g, grad_ref, B, D, N, BLOCK_D=BLOCK_D, BLOCK_K=BLOCK_K, BLOCK_B=BLOCK_B,
-            num_warps=4 if BLOCK_D <= 256 else 8)
+        triplet_ref_grad_kernel[(triton.cdiv(N, _REF_BLOCK_K), triton.cdiv(D, BLOCK_DC))](
+            x, chosen, g, grad_ref, B, D, N, BLOCK_K=_REF_BLOCK_K, BLOCK_B=_REF_BLOCK_B, BLOCK_DC=BLOCK_DC,
+            num_warps=4)
     return grad_x, grad_ref
