@@ -153,8 +153,9 @@ def autotune_configs(table, interp_config, first, second):
 
 def prune_configs(rows_name, cols_name, count_name, ieee_fp32_tile, acc_tiles=1):
     """Drops configs whose fp32 register tiles (acc_tiles of rows x BLOCK_D: accumulators,
-    and for kernels building a weight matrix per tile one more) would not fit in registers, whose pipelined tiles would not fit in shared memory, or whose row tile far
-    exceeds the rows there are. IEEE fp32 dots run on FMA units and spill kilobytes beyond
+    plus one for kernels that build a weight matrix per tile) would not fit in registers,
+    whose pipelined tiles would not fit in shared memory, or whose row tile far exceeds the
+    rows there are. IEEE fp32 dots run on FMA units and spill kilobytes beyond
     ieee_fp32_tile (rows x cols, measured on sm_90), so those are dropped too. Keeps the
     config needing least shared memory when nothing fits (very large D)."""
     def prune(configs, nargs, **kwargs):
@@ -203,6 +204,20 @@ def finish_rows(D: int) -> int:
 
 
 # --------------------------------------------------------------------------- tile helpers
+
+
+@triton.jit
+def anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D, dtype: tl.constexpr,
+                HAS_SELF_INDEX: tl.constexpr):
+    """A tile of anchors cast to `dtype` (the reference's: 16-bit memories feed the tensor
+    cores), their labels and self columns (rows as a placeholder without self_index)."""
+    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :],
+                other=0.0)
+    yi = tl.load(y_ptr + rows, mask=row_ok, other=0)
+    self_col = rows
+    if HAS_SELF_INDEX:
+        self_col = tl.load(si_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
+    return x.to(dtype), yi, self_col
 
 
 @triton.jit

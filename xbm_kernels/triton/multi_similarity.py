@@ -5,12 +5,12 @@
         + 1/beta  log(1 + sum_{N~_i} exp( beta (S_ij - base)))      (0 if any set is empty)
 
 Pass 1 (stats kernel) streams the reference for min positive / max negative per row; each
-split writes its own, and the exact min / max merge in any order (one torch reduction). Those give each sum's
-largest exponent in advance, shift_p = -alpha (min_pos - base), shift_n = beta (max_neg -
-base), so pass 2 (forward kernel) recomputes S per tile and sums weights
-w = exp(a - shift) <= 1 (no running maximum; the largest mined weight is 1, so the sums are
->= 1 for active rows), accumulating the weighted rows Gp = sum w_p r, Gn = sum w_n r for the
-gradient. A finish kernel adds the splits in split order (deterministic) and scales once:
+split writes its own and the exact min / max merge in any order (one torch reduction).
+They give each sum's largest exponent in advance, shift_p = -alpha (min_pos - base),
+shift_n = beta (max_neg - base), so pass 2 (forward kernel) recomputes S per tile and sums
+weights w = exp(a - shift) <= 1 (no running maximum; the largest mined weight is 1, so the
+sums are >= 1 for active rows), accumulating the weighted rows Gp = sum w_p r and
+Gn = sum w_n r for the gradient. A finish kernel adds the splits in split order (deterministic) and scales once:
     dl_i/dx_i = fp_i Gp + fn_i Gn,  fp = -1 / (exp(-shift_p) + sum_p),  fn = 1 / (exp(-shift_n) + sum_n)
 Mined-set membership is a constant for the gradient.
 
@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import dot_acc, pair_sets
+from ._common import anchor_tile, dot_acc, pair_sets
 from ._common import TWO_ACC_FWD_CONFIGS as _FWD_CONFIGS
 from .contrastive import _INTERP_FWD, _INTERP_REF, _REF_CONFIGS
 
@@ -38,22 +38,10 @@ _REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 256, acc_tiles=3)
 
 
 @triton.jit
-def _anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D, dtype: tl.constexpr,
-                 HAS_SELF_INDEX: tl.constexpr):
-    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :],
-                other=0.0)
-    yi = tl.load(y_ptr + rows, mask=row_ok, other=0)
-    self_col = rows  # placeholder, unused without HAS_SELF_INDEX
-    if HAS_SELF_INDEX:
-        self_col = tl.load(si_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
-    return x.to(dtype), yi, self_col
-
-
-@triton.jit
 def _mined_weights(sim, pos, neg, min_pos, max_neg, alpha, beta, base, mining_margin):
     """Shifted weights of the mined pairs (0 elsewhere), each <= 1."""
-    shift_p = -alpha * (min_pos - base)  # -inf / +inf for rows without positives / negatives:
-    shift_n = beta * (max_neg - base)    # then nothing is mined and the weights are 0
+    shift_p = -alpha * (min_pos - base)  # -inf for rows without positives (shift_p) or negatives
+    shift_n = beta * (max_neg - base)    # (shift_n): then nothing is mined and the weights are 0
     mined_p = pos & (sim - mining_margin < max_neg[:, None])
     mined_n = neg & (sim + mining_margin > min_pos[:, None])
     wp = tl.where(mined_p, tl.exp(-alpha * (sim - base) - shift_p[:, None]), 0.0)
@@ -73,7 +61,7 @@ def ms_stats_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ws, B, D, n, cols_
     row_ok = rows < B
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < D
-    x, yi, self_col = _anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D, r_ptr.dtype.element_ty,
+    x, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D, r_ptr.dtype.element_ty,
                                    HAS_SELF_INDEX)
     min_pos = tl.full([BLOCK_B], float("inf"), tl.float32)
     max_neg = tl.full([BLOCK_B], float("-inf"), tl.float32)
@@ -108,7 +96,7 @@ def ms_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ptr, sums_ws, counts
     rows64 = rows.to(tl.int64)
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < D
-    x, yi, self_col = _anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D, r_ptr.dtype.element_ty,
+    x, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D, r_ptr.dtype.element_ty,
                                    HAS_SELF_INDEX)
     min_pos = tl.load(stats_ptr + rows64, mask=row_ok, other=float("inf"))
     max_neg = tl.load(stats_ptr + B + rows64, mask=row_ok, other=float("-inf"))
@@ -229,7 +217,7 @@ def ms_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, rowstats_ptr, g_ptr, 
     for b0 in range(0, B, BLOCK_B):
         rows = b0 + tl.arange(0, BLOCK_B)
         row_ok = rows < B
-        x, yi, self_col = _anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D, r_ptr.dtype.element_ty,
+        x, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D, r_ptr.dtype.element_ty,
                                        HAS_SELF_INDEX)
         st = rowstats_ptr + 4 * rows.to(tl.int64)
         min_pos = tl.load(st, mask=row_ok, other=float("inf"))

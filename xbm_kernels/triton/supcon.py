@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import dot_acc, pair_sets
+from ._common import anchor_tile, dot_acc, pair_sets
 from ._common import TWO_ACC_FWD_CONFIGS as _FWD_CONFIGS
 from .contrastive import _INTERP_FWD, _INTERP_REF, _REF_CONFIGS
 
@@ -54,12 +54,8 @@ def supcon_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ws, counts_ws, g
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < D
 
-    x = tl.load(x_ptr + rows64[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-    x = x.to(r_ptr.dtype.element_ty)
-    yi = tl.load(y_ptr + rows, mask=row_ok, other=0)
-    self_col = rows  # placeholder, unused without HAS_SELF_INDEX
-    if HAS_SELF_INDEX:
-        self_col = tl.load(si_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
+    x, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D, r_ptr.dtype.element_ty,
+                                  HAS_SELF_INDEX)
 
     m = tl.full([BLOCK_B], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_B], dtype=tl.float32)
@@ -170,13 +166,8 @@ def supcon_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, lse_ptr, ga_ptr, 
     for b0 in range(0, B, BLOCK_B):
         rows = b0 + tl.arange(0, BLOCK_B)
         row_ok = rows < B
-        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * D + dims[None, :],
-                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-        x = x.to(r_ptr.dtype.element_ty)
-        yi = tl.load(y_ptr + rows, mask=row_ok, other=0)
-        self_col = rows
-        if HAS_SELF_INDEX:
-            self_col = tl.load(si_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
+        x, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D, r_ptr.dtype.element_ty,
+                                      HAS_SELF_INDEX)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf"))
         ga = tl.load(ga_ptr + rows, mask=row_ok, other=0.0)  # g / tau, 0 for rows without positives
         gp = tl.load(gp_ptr + rows, mask=row_ok, other=0.0)  # g / (tau |P|)

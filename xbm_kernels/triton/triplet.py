@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import pair_sets
+from ._common import anchor_tile, pair_sets
 from .contrastive import _FWD_CONFIGS, _INTERP_FWD
 
 _PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 2048)
@@ -43,12 +43,8 @@ def triplet_hardest_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, val_ws, idx_ws, B
     rows64 = rows.to(tl.int64)
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < D
-    x = tl.load(x_ptr + rows64[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-    x = x.to(r_ptr.dtype.element_ty)
-    yi = tl.load(y_ptr + rows, mask=row_ok, other=0)
-    self_col = rows  # placeholder, unused without HAS_SELF_INDEX
-    if HAS_SELF_INDEX:
-        self_col = tl.load(si_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
+    x, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D, r_ptr.dtype.element_ty,
+                                  HAS_SELF_INDEX)
 
     pos_val = tl.full([BLOCK_B], float("inf"), tl.float32)
     neg_val = tl.full([BLOCK_B], float("-inf"), tl.float32)
