@@ -48,7 +48,7 @@ NAMES = list(LOSSES)
 FWD = {"multi_similarity": tms.multi_similarity_fwd_triton, "triplet": ttr.triplet_fwd_triton,
        "supcon": tsc.supcon_fwd_triton}
 SMALL = "B7-D96-small-K"      # N = 50: two interpreter tiles
-PARTIAL = "B33-D130-partial"  # 3 B tiles x 3 splits under the interpreter, random self_index
+PARTIAL = "B33-D130-partial"  # 3 B tiles x 2 splits under the interpreter, random self_index
 
 
 def _params(loss):
