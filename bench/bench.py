@@ -68,6 +68,8 @@ def parse_args(argv=None):
                    help="results root; files go to <out>/<device>/ (default bench/results, "
                         "bench/results/smoke with --smoke)")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--replot", metavar="CSV", default=None,
+                   help="only redraw the plots (and summaries) of an existing bench CSV, next to it")
     return p.parse_args(argv)
 
 
@@ -316,8 +318,20 @@ class Runner:
                       file=sys.stderr, flush=True)
 
 
+def replot(path):
+    rows = report.read_rows(path)
+    losses = sorted({r["op"] for r in rows} - {"enqueue", "gemm", "ceiling"})
+    report.speedup_summary(rows, losses)
+    report.foundation_summary(rows, losses)
+    for out in report.plot_groups(rows, os.path.dirname(os.path.abspath(path)), losses):
+        print("plot:", os.path.relpath(out, os.getcwd()))
+    return 0
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.replot:
+        return replot(args.replot)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -376,7 +390,15 @@ def main(argv=None):
             print(f"time budget of {args.time_budget_s:g} s reached: {len(todo) - n_done} of {len(todo)} shapes "
                   f"not run", flush=True)
             break
-        run.shape(B, K, D, DTYPES[dtype_name], losses, modes, provs)
+        try:
+            run.shape(B, K, D, DTYPES[dtype_name], losses, modes, provs)
+        except Exception as exc:  # the inputs themselves did not fit: note it, go on
+            if not measure.is_oom(exc):
+                raise
+            print(f"B={B} K={K} D={D} {dtype_name}: out of memory making the inputs; shape skipped", flush=True)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
     log.close()
     print(f"sweep took {time.monotonic() - started:.0f} s; load average now {_load()}")

@@ -7,6 +7,8 @@ import os
 COLUMNS = ["device", "torch", "triton", "commit", "date", "op", "provider", "B", "K", "D", "dtype", "mode",
            "ms_median", "ms_p20", "ms_p80", "peak_mem_mb", "tflops", "roofline_frac"]
 KERNELS = ("cpu", "triton", "cuda")
+COLORS = {"reference": "tab:red", "paper-loop": "tab:orange", "pml": "tab:green", "cpu": "tab:blue",
+          "triton": "tab:purple", "cuda": "tab:brown"}  # one colour per provider in every panel
 FOUNDATION_TARGETS = ((256, 65536, 128), (128, 32768, 128))  # (B, K, D), fp32, on the CPU
 
 
@@ -125,6 +127,11 @@ def foundation_summary(rows, losses):
         print("\n".join(out))
 
 
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def plot_groups(rows, out_dir, losses):
     """One PNG per (loss, B, D, dtype): time vs K (forward+backward, forward), peak extra
     memory vs K (forward+backward), enqueue time vs K. OOM/SKIP points are left out."""
@@ -150,7 +157,7 @@ def plot_groups(rows, out_dir, losses):
                 pts = sorted((int(r["K"]), number(r[col])) for r in sel if r["provider"] == prov)
                 pts = [(k, v) for k, v in pts if v is not None and v > 0]
                 if pts:
-                    ax.plot([k for k, _ in pts], [v for _, v in pts], marker="o", label=prov)
+                    ax.plot([k for k, _ in pts], [v for _, v in pts], marker="o", label=prov, color=COLORS.get(prov))
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("memory size K")
