@@ -12,6 +12,9 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q torch==2.13.0
 fi
 "$PY" -m pip install -q numpy ninja pybind11 pytest hypothesis tqdm matplotlib scikit-learn pillow
+# pytorch-metric-learning: only a benchmark baseline (bench/, provider "pml"); it needs
+# nothing beyond torch, numpy, scikit-learn and tqdm, so it leaves torch as it is.
+"$PY" -m pip install -q pytorch-metric-learning
 # Triton: a CUDA torch pins its own triton (leave it); with a CPU torch take the newest,
 # whose CPU interpreter runs the Triton tests (triton 3.6's needs numpy<2 for them).
 if "$PY" -c "import sys, torch; sys.exit(0 if torch.version.cuda is None else 1)"; then
