@@ -3,7 +3,7 @@ several times the batch) over several seeds, plus the fused `cpu` backend vs the
 `reference` backend on one seed. Writes results/recall.csv (one row per run) and
 results/recall.md (mean +- std per method).
 
-    nice python python/study.py                       # the study in results/ (~35 min on 2 shared cores)
+    nice python python/study.py                       # the study in results/ (~15-30 min on 2 shared cores)
     python python/study.py --smoke --out-dir /tmp/s   # seconds: digits, a few steps
 """
 import argparse
@@ -27,7 +27,7 @@ COLUMNS = ["dataset", "method", "backend", "seed", "steps", "batch", "memory", "
 
 def runs(a):
     """(method, backend, seed, memory, extra flags) in the order they run: per seed the
-    batch-only baseline and XBM at each weight; then XBM at the first weight with the
+    batch-only baseline and XBM at each weight; then XBM at each weight with the
     reference backend on the first seed."""
     def xbm(w, backend, seed):
         flags = ["--weight", str(w), "--start-iteration", str(a.start_iteration)]
@@ -36,7 +36,7 @@ def runs(a):
     for seed in a.seeds:
         out.append(("batch-only", "cpu", seed, 0, []))
         out += [xbm(w, "cpu", seed) for w in a.xbm_weights]
-    out.append(xbm(a.xbm_weights[0], "reference", a.seeds[0]))
+    out += [xbm(w, "reference", a.seeds[0]) for w in a.xbm_weights]
     return out
 
 
