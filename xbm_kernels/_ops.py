@@ -13,7 +13,8 @@ HAS_C = LOAD_ERROR is None
 
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """True when torch.ops.xbm_kernels.<op> has a kernel for `dispatch_key` (CPU/CUDA)."""
-    return HAS_C and torch._C._dispatch_has_kernel_for_dispatch_key(f"xbm_kernels::{op}", dispatch_key)
+    return (HAS_C and hasattr(torch.ops.xbm_kernels, op)
+            and torch._C._dispatch_has_kernel_for_dispatch_key(f"xbm_kernels::{op}", dispatch_key))
 
 
 def _grad_like(x, need_grad):
@@ -36,6 +37,9 @@ if HAS_C:
         return (x.new_empty(x.shape, dtype=torch.float32), ref.new_empty(ref.shape, dtype=torch.float32))
 
     # Every loss shares the fwd/bwd conventions of csrc/xbm_ops.cpp.
+    # An op missing from _C (a stale build of an older checkout) gets no fake rather than
+    # failing the import; backends.py then does not list it.
     for _loss in ("contrastive", "multi_similarity", "triplet", "supcon"):
-        torch.library.register_fake(f"xbm_kernels::{_loss}_fwd")(_fwd_fake)
-        torch.library.register_fake(f"xbm_kernels::{_loss}_bwd")(_bwd_fake)
+        if hasattr(torch.ops.xbm_kernels, f"{_loss}_fwd"):
+            torch.library.register_fake(f"xbm_kernels::{_loss}_fwd")(_fwd_fake)
+            torch.library.register_fake(f"xbm_kernels::{_loss}_bwd")(_bwd_fake)

@@ -80,7 +80,11 @@ class XBMLoss(nn.Module):
                              f"move the XBMLoss module with .to(device)")
         B = embeddings.shape[0]
         self_idx = torch.arange(B, device=dev)
-        loss, counts = self._loss(embeddings, labels, embeddings, labels, self_index=self_idx)
+        # The batch is both sides of the in-batch loss; a view as the reference side keeps the
+        # two inputs distinct tensors for torch.compile (autograd.Function rejects duplicates)
+        # while the gradients of both sides still reach `embeddings`.
+        loss, counts = self._loss(embeddings, labels, embeddings.view_as(embeddings), labels.view_as(labels),
+                                  self_index=self_idx)
         use_memory = self._iteration >= self.start_iteration
         if use_memory:  # validate the enqueue before the step counter or the memory change
             if self.gather_distributed and dist.is_available() and dist.is_initialized():
