@@ -7,6 +7,7 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
+#include "cpu/simd.h"
 #include "cpu/tiles.h"
 
 namespace xbm_kernels {
@@ -16,6 +17,7 @@ using at::Tensor;
 
 // Overwrites s (B x w, row-major) with c_ij; adds per-row loss and active-pair counts.
 // Columns are c0 .. c0 + w - 1 of the reference; all of them are < ref_valid.
+// With p = [positive], n = [active negative] and c = n - p, the pair's loss is p + c S.
 void contrastive_epilogue(float* s, int64_t B, int64_t w, int64_t c0, const int32_t* y, const int32_t* z,
                           const int64_t* self_idx, float margin, float pos_thr, double* loss, int64_t* counts) {
   for (int64_t i = 0; i < B; ++i) {
@@ -24,17 +26,35 @@ void contrastive_epilogue(float* s, int64_t B, int64_t w, int64_t c0, const int3
     const int64_t self_col = self_idx ? self_idx[i] - c0 : -1;
     const bool has_self = self_col >= 0 && self_col < w;
     const float self_s = has_self ? row[self_col] : 0.f;
-    float acc = 0.f;
-    int32_t npos = 0, nneg = 0;
-    for (int64_t j = 0; j < w; ++j) {  // branch-free so the compiler vectorises it
+    float acc = 0.f, npos = 0.f, nneg = 0.f;  // counts in float: exact, w <= 2^24
+    int64_t j = 0;
+#if XBM_CPU_VECTOR
+    cpu::f32x4 acc4 = {0.f, 0.f, 0.f, 0.f}, pos4 = acc4, neg4 = acc4;
+    for (; j + 4 <= w; j += 4) {
+      const cpu::f32x4 v = cpu::load4(row + j);
+      const cpu::i32x4 same = cpu::load4(z + j) == yi;
+      const cpu::f32x4 p = cpu::mask_to_one(same & (v < pos_thr));
+      const cpu::f32x4 n = cpu::mask_to_one(~same & (v > margin));
+      const cpu::f32x4 c = n - p;
+      acc4 += p + c * v;
+      pos4 += p;
+      neg4 += n;
+      cpu::store4(row + j, c);
+    }
+    acc = cpu::sum4(acc4);
+    npos = cpu::sum4(pos4);
+    nneg = cpu::sum4(neg4);
+#endif
+    for (; j < w; ++j) {
       const float v = row[j];
       const bool same = z[j] == yi;
-      const bool pos = same & (v < pos_thr);
-      const bool neg = (!same) & (v > margin);
-      acc += pos ? 1.f - v : (neg ? v : 0.f);
-      npos += pos;
-      nneg += neg;
-      row[j] = static_cast<float>(neg) - static_cast<float>(pos);
+      const float p = (same && v < pos_thr) ? 1.f : 0.f;
+      const float n = (!same && v > margin) ? 1.f : 0.f;
+      const float c = n - p;
+      acc += p + c * v;
+      npos += p;
+      nneg += n;
+      row[j] = c;
     }
     if (has_self) {  // take the anchor's own column back out
       const bool same = z[self_col] == yi;
@@ -45,8 +65,8 @@ void contrastive_epilogue(float* s, int64_t B, int64_t w, int64_t c0, const int3
       row[self_col] = 0.f;
     }
     loss[i] += acc;
-    counts[2 * i] += npos;
-    counts[2 * i + 1] += nneg;
+    counts[2 * i] += static_cast<int64_t>(npos);
+    counts[2 * i + 1] += static_cast<int64_t>(nneg);
   }
 }
 
