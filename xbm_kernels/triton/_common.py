@@ -221,6 +221,35 @@ def anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D, dtype: tl.c
 
 
 @triton.jit
+def memory_tile(x, r_ptr, z_ptr, k0, col_end, dims, dim_ok, D, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Columns k0 .. k0 + BLOCK_K of a split ending at col_end: their column indices and
+    mask, their rows of R (BLOCK_K x BLOCK_D, kept for the gradient product), labels, and
+    the score tile S = X R^T accumulated in fp32 (BLOCK_B x BLOCK_K)."""
+    cols = k0 + tl.arange(0, BLOCK_K)
+    col_ok = cols < col_end
+    r = tl.load(r_ptr + cols.to(tl.int64)[:, None] * D + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :],
+                other=0.0)
+    zj = tl.load(z_ptr + cols, mask=col_ok, other=0)
+    s = tl.dot(x, tl.trans(r), input_precision=PRECISION)
+    return cols, col_ok, r, zj, s
+
+
+@triton.jit
+def reference_block(r_ptr, z_ptr, n, D, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's block of reference rows for the reference-side gradient kernels: its
+    columns and mask, the dims and their mask, the int64 row offsets (for the gradient
+    store), the rows of R and their labels."""
+    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    col_ok = cols < n
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < D
+    col_off = cols.to(tl.int64)[:, None] * D + dims[None, :]
+    r = tl.load(r_ptr + col_off, mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+    zj = tl.load(z_ptr + cols, mask=col_ok, other=0)
+    return cols, col_ok, dims, dim_ok, col_off, r, zj
+
+
+@triton.jit
 def pair_sets(s, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX: tl.constexpr):
     """Masks of a (rows x cols) tile of S: valid V (j < ref_valid, not self), positives P
     (same label, S < 1 - pos_eps) and negatives N (other label); DESIGN.md section 1."""

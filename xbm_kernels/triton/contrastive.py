@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import pair_sets
+from ._common import anchor_tile, dot_acc, memory_tile, pair_sets, reference_block
 
 # (BLOCK_B, BLOCK_K, num_warps, num_stages), chosen for Hopper (H100: 228 KB shared memory
 # per SM, 64K registers). Small BLOCK_B serves small batches against a big memory. The
@@ -81,12 +81,8 @@ def contrastive_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, loss_ptr, counts_
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < D
 
-    x = tl.load(x_ptr + rows64[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-    x = x.to(r_ptr.dtype.element_ty)
-    yi = tl.load(y_ptr + rows, mask=row_ok, other=0)
-    self_col = rows  # placeholder, unused without HAS_SELF_INDEX
-    if HAS_SELF_INDEX:
-        self_col = tl.load(si_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
+    x, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D, r_ptr.dtype.element_ty,
+                                  HAS_SELF_INDEX)
 
     loss = tl.zeros([BLOCK_B], dtype=tl.float32)
     npos = tl.zeros([BLOCK_B], dtype=tl.int32)
@@ -96,19 +92,15 @@ def contrastive_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, loss_ptr, counts_
     col_start = pid_s * cols_per_split
     col_end = tl.minimum(col_start + cols_per_split, n)
     for k0 in range(col_start, col_end, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_ok = cols < col_end
-        r = tl.load(r_ptr + cols.to(tl.int64)[:, None] * D + dims[None, :],
-                    mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-        zj = tl.load(z_ptr + cols, mask=col_ok, other=0)
-        s = tl.dot(x, tl.trans(r), input_precision=PRECISION)
+        cols, col_ok, r, zj, s = memory_tile(x, r_ptr, z_ptr, k0, col_end, dims, dim_ok, D, PRECISION,
+                                             BLOCK_K)
         pos, neg = _pair_masks(s, yi, zj, rows, cols, row_ok, col_ok, self_col, margin, pos_thr, HAS_SELF_INDEX)
         loss += tl.sum(tl.where(pos, 1.0 - s, tl.where(neg, s, 0.0)), axis=1)
         npos += tl.sum(pos.to(tl.int32), axis=1)
         nneg += tl.sum(neg.to(tl.int32), axis=1)
         if NEED_GRAD:
             c = neg.to(tl.float32) - pos.to(tl.float32)
-            acc = tl.dot(c.to(r.dtype), r, acc, input_precision=PRECISION)
+            acc = dot_acc(c, r, acc, False, PRECISION)  # -1/0/+1: exact in any dtype
 
     out = pid_s.to(tl.int64) * B + rows64  # row of this split's slice of the workspace
     tl.store(loss_ptr + out, loss, mask=row_ok)
@@ -151,36 +143,18 @@ def contrastive_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, g_ptr, gref_
                                 B, D, n, margin, pos_thr, B_BUCKET, N_BUCKET,
                                 HAS_SELF_INDEX: tl.constexpr, PRECISION: tl.constexpr, SPLIT_HI_LO: tl.constexpr,
                                 BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
-    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    col_ok = cols < n
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < D
-    col_off = cols.to(tl.int64)[:, None] * D + dims[None, :]
-    r = tl.load(r_ptr + col_off, mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-    zj = tl.load(z_ptr + cols, mask=col_ok, other=0)
+    cols, col_ok, dims, dim_ok, col_off, r, zj = reference_block(r_ptr, z_ptr, n, D, BLOCK_D, BLOCK_K)
     acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
     for b0 in range(0, B, BLOCK_B):
         rows = b0 + tl.arange(0, BLOCK_B)
         row_ok = rows < B
-        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * D + dims[None, :],
-                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-        x = x.to(r_ptr.dtype.element_ty)
-        yi = tl.load(y_ptr + rows, mask=row_ok, other=0)
-        self_col = rows
-        if HAS_SELF_INDEX:
-            self_col = tl.load(si_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
+        x, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D, r_ptr.dtype.element_ty,
+                                      HAS_SELF_INDEX)
         g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
         s = tl.dot(x, tl.trans(r), input_precision=PRECISION)
         pos, neg = _pair_masks(s, yi, zj, rows, cols, row_ok, col_ok, self_col, margin, pos_thr, HAS_SELF_INDEX)
         cg = tl.trans((neg.to(tl.float32) - pos.to(tl.float32)) * g[:, None])
-        if SPLIT_HI_LO:
-            # g C is not exact in 16 bits: feed it as hi + lo, two tensor-core products.
-            hi = cg.to(x.dtype)
-            lo = (cg - hi.to(tl.float32)).to(x.dtype)
-            acc = tl.dot(hi, x, acc)
-            acc = tl.dot(lo, x, acc)
-        else:
-            acc = tl.dot(cg, x, acc, input_precision=PRECISION)
+        acc = dot_acc(cg, x, acc, SPLIT_HI_LO, PRECISION)  # g C is not exact in 16 bits: hi + lo there
     tl.store(gref_ptr + col_off, acc, mask=col_ok[:, None] & dim_ok[None, :])
 
 

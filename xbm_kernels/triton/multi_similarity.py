@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import anchor_tile, dot_acc, pair_sets
+from ._common import anchor_tile, dot_acc, memory_tile, pair_sets, reference_block
 from ._common import TWO_ACC_FWD_CONFIGS as _FWD_CONFIGS
 from .contrastive import _INTERP_FWD, _INTERP_REF, _REF_CONFIGS
 
@@ -68,12 +68,8 @@ def ms_stats_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ws, B, D, n, cols_
     col_start = pid_s * cols_per_split
     col_end = tl.minimum(col_start + cols_per_split, n)
     for k0 in range(col_start, col_end, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_ok = cols < col_end
-        r = tl.load(r_ptr + cols.to(tl.int64)[:, None] * D + dims[None, :],
-                    mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-        zj = tl.load(z_ptr + cols, mask=col_ok, other=0)
-        sim = tl.dot(x, tl.trans(r), input_precision=PRECISION)
+        cols, col_ok, r, zj, sim = memory_tile(x, r_ptr, z_ptr, k0, col_end, dims, dim_ok, D, PRECISION,
+                                               BLOCK_K)
         _, pos, neg = pair_sets(sim, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX)
         min_pos = tl.minimum(min_pos, tl.min(tl.where(pos, sim, float("inf")), axis=1))
         max_neg = tl.maximum(max_neg, tl.max(tl.where(neg, sim, float("-inf")), axis=1))
@@ -109,12 +105,8 @@ def ms_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ptr, sums_ws, counts
     col_start = pid_s * cols_per_split
     col_end = tl.minimum(col_start + cols_per_split, n)
     for k0 in range(col_start, col_end, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_ok = cols < col_end
-        r = tl.load(r_ptr + cols.to(tl.int64)[:, None] * D + dims[None, :],
-                    mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-        zj = tl.load(z_ptr + cols, mask=col_ok, other=0)
-        sim = tl.dot(x, tl.trans(r), input_precision=PRECISION)
+        cols, col_ok, r, zj, sim = memory_tile(x, r_ptr, z_ptr, k0, col_end, dims, dim_ok, D, PRECISION,
+                                               BLOCK_K)
         _, pos, neg = pair_sets(sim, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX)
         mined_p, mined_n, wp, wn = _mined_weights(sim, pos, neg, min_pos, max_neg, alpha, beta, base,
                                                   mining_margin)
@@ -206,13 +198,7 @@ def ms_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, rowstats_ptr, g_ptr, 
                        B, D, n, alpha, beta, base, mining_margin, pos_thr, B_BUCKET, N_BUCKET,
                        HAS_SELF_INDEX: tl.constexpr, PRECISION: tl.constexpr, HI_LO: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
-    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    col_ok = cols < n
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < D
-    col_off = cols.to(tl.int64)[:, None] * D + dims[None, :]
-    r = tl.load(r_ptr + col_off, mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-    zj = tl.load(z_ptr + cols, mask=col_ok, other=0)
+    cols, col_ok, dims, dim_ok, col_off, r, zj = reference_block(r_ptr, z_ptr, n, D, BLOCK_D, BLOCK_K)
     acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
     for b0 in range(0, B, BLOCK_B):
         rows = b0 + tl.arange(0, BLOCK_B)

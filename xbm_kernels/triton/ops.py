@@ -8,8 +8,6 @@ check fails under the interpreter.
     OPS.contrastive_bwd(...) -> (grad_x, grad_ref)
     OPS.{multi_similarity,triplet,supcon}_{fwd,bwd}: the same conventions, other loss parameters
 """
-from typing import Optional, Tuple
-
 import torch
 from torch import Tensor
 
@@ -62,126 +60,29 @@ def _enqueue_fake(memory, memory_labels, embeddings, labels, ptr):
     return embeddings.new_empty((embeddings.shape[0],), dtype=torch.int64)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::contrastive_fwd", mutates_args=(), schema=_SCHEMAS["contrastive_fwd"])
-def contrastive_fwd(x: Tensor, labels: Tensor, ref: Tensor, ref_labels: Tensor, self_index: Optional[Tensor],
-                    ref_valid: int, margin: float, pos_eps: float, need_grad: bool,
-                    allow_tf32: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    return contrastive_fwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, margin, pos_eps, need_grad,
-                                  allow_tf32)
-
-
-@contrastive_fwd.register_fake
-def _contrastive_fwd_fake(x, labels, ref, ref_labels, self_index, ref_valid, margin, pos_eps, need_grad, allow_tf32):
-    B = x.shape[0]
+# The losses share one convention (csrc/xbm_ops.cpp); only their parameters differ, and
+# every parameter list ends with (..., need_grad | grad_rows, allow_tf32).
+def _fwd_fake(x, labels, ref, ref_labels, self_index, ref_valid, *params):
+    B, need_grad = x.shape[0], params[-2]
     grad = x.new_empty((B, x.shape[1]) if need_grad else (0,), dtype=torch.float32)
     return x.new_empty((B,), dtype=torch.float32), grad, x.new_empty((B, 2), dtype=torch.int32)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::contrastive_bwd", mutates_args=(), schema=_SCHEMAS["contrastive_bwd"])
-def contrastive_bwd(x: Tensor, labels: Tensor, ref: Tensor, ref_labels: Tensor, self_index: Optional[Tensor],
-                    ref_valid: int, margin: float, pos_eps: float, grad_rows: Tensor,
-                    allow_tf32: bool) -> Tuple[Tensor, Tensor]:
-    return contrastive_bwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, margin, pos_eps, grad_rows,
-                                  allow_tf32)
-
-
-@contrastive_bwd.register_fake
-def _contrastive_bwd_fake(x, labels, ref, ref_labels, self_index, ref_valid, margin, pos_eps, grad_rows, allow_tf32):
+def _bwd_fake(x, labels, ref, ref_labels, self_index, ref_valid, *params):
     return x.new_empty(x.shape, dtype=torch.float32), ref.new_empty(ref.shape, dtype=torch.float32)
 
 
-
-# The other losses share contrastive's conventions; only their parameters differ. Fakes:
-def _fwd_outputs(x, need_grad):
-    B = x.shape[0]
-    grad = x.new_empty((B, x.shape[1]) if need_grad else (0,), dtype=torch.float32)
-    return x.new_empty((B,), dtype=torch.float32), grad, x.new_empty((B, 2), dtype=torch.int32)
-
-
-def _bwd_outputs(x, ref):
-    return x.new_empty(x.shape, dtype=torch.float32), ref.new_empty(ref.shape, dtype=torch.float32)
-
-
-@torch.library.custom_op(f"{NAMESPACE}::multi_similarity_fwd", mutates_args=(),
-                         schema=_SCHEMAS["multi_similarity_fwd"])
-def multi_similarity_fwd(x: Tensor, labels: Tensor, ref: Tensor, ref_labels: Tensor, self_index: Optional[Tensor],
-                         ref_valid: int, alpha: float, beta: float, base: float, mining_margin: float, pos_eps: float,
-                         need_grad: bool, allow_tf32: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    return multi_similarity_fwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, alpha, beta, base,
-                                       mining_margin, pos_eps, need_grad, allow_tf32)
-
-
-@multi_similarity_fwd.register_fake
-def _multi_similarity_fwd_fake(x, labels, ref, ref_labels, self_index, ref_valid, alpha, beta, base, mining_margin,
-                               pos_eps, need_grad, allow_tf32):
-    return _fwd_outputs(x, need_grad)
-
-
-@torch.library.custom_op(f"{NAMESPACE}::multi_similarity_bwd", mutates_args=(),
-                         schema=_SCHEMAS["multi_similarity_bwd"])
-def multi_similarity_bwd(x: Tensor, labels: Tensor, ref: Tensor, ref_labels: Tensor, self_index: Optional[Tensor],
-                         ref_valid: int, alpha: float, beta: float, base: float, mining_margin: float, pos_eps: float,
-                         grad_rows: Tensor, allow_tf32: bool) -> Tuple[Tensor, Tensor]:
-    return multi_similarity_bwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, alpha, beta, base,
-                                       mining_margin, pos_eps, grad_rows, allow_tf32)
-
-
-@multi_similarity_bwd.register_fake
-def _multi_similarity_bwd_fake(x, labels, ref, ref_labels, self_index, ref_valid, alpha, beta, base, mining_margin,
-                               pos_eps, grad_rows, allow_tf32):
-    return _bwd_outputs(x, ref)
-
-
-@torch.library.custom_op(f"{NAMESPACE}::triplet_fwd", mutates_args=(), schema=_SCHEMAS["triplet_fwd"])
-def triplet_fwd(x: Tensor, labels: Tensor, ref: Tensor, ref_labels: Tensor, self_index: Optional[Tensor],
-                ref_valid: int, margin: float, pos_eps: float, need_grad: bool,
-                allow_tf32: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    return triplet_fwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, margin, pos_eps, need_grad,
-                              allow_tf32)
-
-
-@triplet_fwd.register_fake
-def _triplet_fwd_fake(x, labels, ref, ref_labels, self_index, ref_valid, margin, pos_eps, need_grad, allow_tf32):
-    return _fwd_outputs(x, need_grad)
-
-
-@torch.library.custom_op(f"{NAMESPACE}::triplet_bwd", mutates_args=(), schema=_SCHEMAS["triplet_bwd"])
-def triplet_bwd(x: Tensor, labels: Tensor, ref: Tensor, ref_labels: Tensor, self_index: Optional[Tensor],
-                ref_valid: int, margin: float, pos_eps: float, grad_rows: Tensor,
-                allow_tf32: bool) -> Tuple[Tensor, Tensor]:
-    return triplet_bwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, margin, pos_eps, grad_rows,
-                              allow_tf32)
-
-
-@triplet_bwd.register_fake
-def _triplet_bwd_fake(x, labels, ref, ref_labels, self_index, ref_valid, margin, pos_eps, grad_rows, allow_tf32):
-    return _bwd_outputs(x, ref)
-
-
-@torch.library.custom_op(f"{NAMESPACE}::supcon_fwd", mutates_args=(), schema=_SCHEMAS["supcon_fwd"])
-def supcon_fwd(x: Tensor, labels: Tensor, ref: Tensor, ref_labels: Tensor, self_index: Optional[Tensor],
-               ref_valid: int, temperature: float, pos_eps: float, need_grad: bool,
-               allow_tf32: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    return supcon_fwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, temperature, pos_eps, need_grad,
-                             allow_tf32)
-
-
-@supcon_fwd.register_fake
-def _supcon_fwd_fake(x, labels, ref, ref_labels, self_index, ref_valid, temperature, pos_eps, need_grad, allow_tf32):
-    return _fwd_outputs(x, need_grad)
-
-
-@torch.library.custom_op(f"{NAMESPACE}::supcon_bwd", mutates_args=(), schema=_SCHEMAS["supcon_bwd"])
-def supcon_bwd(x: Tensor, labels: Tensor, ref: Tensor, ref_labels: Tensor, self_index: Optional[Tensor],
-               ref_valid: int, temperature: float, pos_eps: float, grad_rows: Tensor,
-               allow_tf32: bool) -> Tuple[Tensor, Tensor]:
-    return supcon_bwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, temperature, pos_eps, grad_rows,
-                             allow_tf32)
-
-
-@supcon_bwd.register_fake
-def _supcon_bwd_fake(x, labels, ref, ref_labels, self_index, ref_valid, temperature, pos_eps, grad_rows, allow_tf32):
-    return _bwd_outputs(x, ref)
+_LOSS_KERNELS = {
+    "contrastive": (contrastive_fwd_triton, contrastive_bwd_triton),
+    "multi_similarity": (multi_similarity_fwd_triton, multi_similarity_bwd_triton),
+    "triplet": (triplet_fwd_triton, triplet_bwd_triton),
+    "supcon": (supcon_fwd_triton, supcon_bwd_triton),
+}
+for _loss, _impls in _LOSS_KERNELS.items():
+    for _kind, _impl, _fake in zip(("fwd", "bwd"), _impls, (_fwd_fake, _bwd_fake)):
+        _name = f"{_loss}_{_kind}"
+        torch.library.custom_op(f"{NAMESPACE}::{_name}", _impl, mutates_args=(),
+                                schema=_SCHEMAS[_name]).register_fake(_fake)
 
 
 OPS = getattr(torch.ops, NAMESPACE)

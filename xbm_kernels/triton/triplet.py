@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import anchor_tile, pair_sets
+from ._common import anchor_tile, memory_tile, pair_sets
 from .contrastive import _FWD_CONFIGS, _INTERP_FWD
 
 _PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 2048)
@@ -53,12 +53,8 @@ def triplet_hardest_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, val_ws, idx_ws, B
     col_start = pid_s * cols_per_split
     col_end = tl.minimum(col_start + cols_per_split, n)
     for k0 in range(col_start, col_end, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_ok = cols < col_end
-        r = tl.load(r_ptr + cols.to(tl.int64)[:, None] * D + dims[None, :],
-                    mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-        zj = tl.load(z_ptr + cols, mask=col_ok, other=0)
-        sim = tl.dot(x, tl.trans(r), input_precision=PRECISION)
+        cols, col_ok, r, zj, sim = memory_tile(x, r_ptr, z_ptr, k0, col_end, dims, dim_ok, D, PRECISION,
+                                               BLOCK_K)
         _, pos, neg = pair_sets(sim, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX)
         sp = tl.where(pos, sim, float("inf"))
         tile_pos = tl.min(sp, axis=1)
