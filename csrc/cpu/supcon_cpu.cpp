@@ -31,11 +31,13 @@ struct SupconParts {
 
 // Pass over one tile: updates the running state; with weights != nullptr writes
 // exp(S/tau - m_new) into s (0 outside V_i) and the positive indicator into pos_tile.
-void supcon_tile(float* s, float* pos_tile, int64_t B, int64_t w, int64_t c0, const cpu::LossInputs& in,
-                 float inv_tau, float pos_thr, float* m, double* sum, double* pos_sum, int64_t* counts,
-                 float* rescale) {
+// Returns the number of positives in the tile.
+int64_t supcon_tile(float* s, float* pos_tile, int64_t B, int64_t w, int64_t c0, const cpu::LossInputs& in,
+                    float inv_tau, float pos_thr, float* m, double* sum, double* pos_sum, int64_t* counts,
+                    float* rescale) {
   const int32_t* y = in.y_ptr();
   const int32_t* z = in.z_ptr() + c0;
+  int64_t tile_pos = 0;
   for (int64_t i = 0; i < B; ++i) {
     float* row = s + i * w;
     const int64_t self_col = in.self_col(i) - c0;
@@ -64,6 +66,31 @@ void supcon_tile(float* s, float* pos_tile, int64_t B, int64_t w, int64_t c0, co
     pos_sum[i] += psum;
     counts[2 * i] += np;
     counts[2 * i + 1] += nn;
+    tile_pos += np;
+  }
+  return tile_pos;
+}
+
+// gpos += Pos_tile R_tile for the 0/1 positive indicator tile (B x w). Positives are
+// usually few (same-class rows in a memory of many classes): then one row add per
+// positive costs npos * D flops instead of the 2 B w D of a GEMM; dense tiles (few
+// classes) take the GEMM. Both add in a fixed order.
+void add_positive_rows(const Tensor& pos, const Tensor& rt, Tensor gpos, int64_t npos) {
+  const int64_t B = pos.size(0), w = pos.size(1), D = rt.size(1);
+  if (npos * 8 > B * w) {
+    gpos.addmm_(pos, rt);
+    return;
+  }
+  const float* pt = pos.data_ptr<float>();
+  const float* r = rt.data_ptr<float>();
+  float* g = gpos.data_ptr<float>();
+  for (int64_t i = 0; i < B; ++i) {
+    for (int64_t j = 0; j < w; ++j) {
+      if (pt[i * w + j] == 0.f) continue;
+      const float* rj = r + j * D;
+      float* gi = g + i * D;
+      for (int64_t d = 0; d < D; ++d) gi[d] += rj[d];
+    }
   }
 }
 
@@ -86,12 +113,13 @@ SupconParts supcon_pass(const cpu::LossInputs& in, const cpu::TilePlan& plan, fl
     Tensor rt = scratch[p].ref_tile(in.ref, c0, w);
     Tensor e = scratch[p].similarity(in.x32, rt);
     Tensor pos = scratch[p].aux_tile(B, w);
-    supcon_tile(e.data_ptr<float>(), accumulate ? pos.data_ptr<float>() : nullptr, B, w, c0, in, inv_tau, pos_thr,
-                st.m[p].data_ptr<float>(), st.s[p].data_ptr<double>(), st.pos_sum[p].data_ptr<double>(),
-                st.counts[p].data_ptr<int64_t>(), rescale[p].data_ptr<float>());
+    const int64_t npos = supcon_tile(e.data_ptr<float>(), accumulate ? pos.data_ptr<float>() : nullptr, B, w, c0,
+                                     in, inv_tau, pos_thr, st.m[p].data_ptr<float>(), st.s[p].data_ptr<double>(),
+                                     st.pos_sum[p].data_ptr<double>(), st.counts[p].data_ptr<int64_t>(),
+                                     rescale[p].data_ptr<float>());
     if (accumulate) {
       st.g[p].mul_(rescale[p].unsqueeze(1)).addmm_(e, rt);
-      st.gpos[p].addmm_(pos, rt);
+      add_positive_rows(pos, rt, st.gpos[p], npos);
     }
   });
   return st;
