@@ -10,9 +10,11 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
+#include "cpu/simd.h"
 #include "cpu/tiles.h"
 
 namespace xbm_kernels {
@@ -29,6 +31,65 @@ struct SupconParts {
   Tensor g, gpos;     // (P, B, D) f32 softmax numerator x rows, positive rows; or undefined
 };
 
+#if XBM_CPU_VECTOR
+// One row of supcon_tile whose columns are all valid (its own column is elsewhere), four
+// lanes at a time; the exponentials by cpu::exp4. Returns the row's positive count.
+int64_t supcon_row_vec(float* row, float* pos_row, int64_t w, const int32_t* z, int32_t yi, float inv_tau,
+                       float pos_thr, float& m, double& sum, double& pos_sum, int64_t* counts, float& rescale) {
+  int64_t j = 0;
+  cpu::f32x4 mx = {-kInf, -kInf, -kInf, -kInf};
+  for (; j + 4 <= w; j += 4) {
+    const cpu::f32x4 v = cpu::load4(row + j);
+    mx = cpu::select4(v > mx, v, mx);
+  }
+  float vmax = cpu::max4(mx);
+  for (; j < w; ++j) vmax = std::max(vmax, row[j]);
+  const float m_new = std::max(m, vmax * inv_tau);  // max(v) / tau = max(v / tau): rounding is monotone
+  rescale = std::exp(m - m_new);                    // 0 when m was -inf
+  double acc = 0, psum = 0;
+  float np = 0.f, nn = 0.f;
+  for (j = 0; j < w;) {
+    // float lanes over blocks of up to 256 columns, each block's sum added in double
+    const int64_t end = std::min(w, j + 256);
+    cpu::f32x4 acc4 = {0.f, 0.f, 0.f, 0.f}, ps4 = acc4, np4 = acc4, nn4 = acc4;
+    for (; j + 4 <= end; j += 4) {
+      const cpu::f32x4 v = cpu::load4(row + j);
+      const cpu::f32x4 e = cpu::exp4(v * inv_tau - m_new);
+      const cpu::i32x4 same = cpu::load4(z + j) == yi;
+      const cpu::f32x4 pos = cpu::mask_to_one(same & (v < pos_thr));
+      acc4 += e;
+      ps4 += pos * v;
+      np4 += pos;
+      nn4 += cpu::mask_to_one(~same);
+      cpu::store4(row + j, e);
+      if (pos_row) cpu::store4(pos_row + j, pos);
+    }
+    float a = cpu::sum4(acc4), ps = cpu::sum4(ps4);
+    np += cpu::sum4(np4);
+    nn += cpu::sum4(nn4);
+    for (; j < end; ++j) {  // the last 0-3 columns of the row
+      const float v = row[j];
+      const bool same = z[j] == yi, pos = same && v < pos_thr;
+      const float e = std::exp(v * inv_tau - m_new);
+      a += e;
+      ps += pos ? v : 0.f;
+      np += pos;
+      nn += !same;
+      row[j] = e;
+      if (pos_row) pos_row[j] = pos ? 1.f : 0.f;
+    }
+    acc += a;
+    psum += ps;
+  }
+  sum = sum * rescale + acc;
+  m = m_new;
+  pos_sum += psum;
+  counts[0] += static_cast<int64_t>(np);
+  counts[1] += static_cast<int64_t>(nn);
+  return static_cast<int64_t>(np);
+}
+#endif
+
 // Pass over one tile: updates the running state; with weights != nullptr writes
 // exp(S/tau - m_new) into s (0 outside V_i) and the positive indicator into pos_tile.
 // Returns the number of positives in the tile.
@@ -41,6 +102,15 @@ int64_t supcon_tile(float* s, float* pos_tile, int64_t B, int64_t w, int64_t c0,
   for (int64_t i = 0; i < B; ++i) {
     float* row = s + i * w;
     const int64_t self_col = in.self_col(i) - c0;
+#if XBM_CPU_VECTOR
+    if (self_col < 0 || self_col >= w) {  // every column valid: the vector path
+      tile_pos += supcon_row_vec(row, pos_tile ? pos_tile + i * w : nullptr, w, z, y[i], inv_tau, pos_thr, m[i],
+                                 sum[i], pos_sum[i], counts + 2 * i, rescale[i]);
+      continue;
+    }
+#endif
+    // The row whose own column is in this tile (once per row and pass), and the scalar
+    // definition of the vector path.
     float tile_max = -kInf;
     for (int64_t j = 0; j < w; ++j)
       if (j != self_col) tile_max = std::max(tile_max, row[j] * inv_tau);
@@ -193,6 +263,8 @@ std::tuple<Tensor, Tensor> supcon_bwd_cpu(const Tensor& x, const Tensor& labels,
   Tensor g_pos = (g / n_pos.clamp_min(1).to(at::kFloat)).unsqueeze(1);
   Tensor lse = rows.lse.contiguous();
   const float* lse_p = lse.data_ptr<float>();
+  const Tensor g_rows = g.contiguous();
+  const float* g_p = g_rows.data_ptr<float>();
   const int32_t* y = in.y_ptr();
   return cpu::coefficient_backward(in, ref.size(0), [&](int64_t, int64_t c0, int64_t w, Tensor& c,
                                                         cpu::TileScratch& scratch) {
@@ -201,13 +273,28 @@ std::tuple<Tensor, Tensor> supcon_bwd_cpu(const Tensor& x, const Tensor& labels,
     float* pp = pos.data_ptr<float>();
     const int32_t* z = in.z_ptr() + c0;
     for (int64_t i = 0; i < B; ++i) {
-      const int64_t self_col = in.self_col(i) - c0;
-      for (int64_t j = 0; j < w; ++j) {
-        const float v = cp[i * w + j];
-        const bool valid = j != self_col;
-        pp[i * w + j] = (valid && z[j] == y[i] && v < pos_thr) ? 1.f : 0.f;
-        cp[i * w + j] = valid ? std::exp(v * inv_tau - lse_p[i]) : 0.f;
+      float* crow = cp + i * w;
+      float* prow = pp + i * w;
+      if (g_p[i] == 0.f) {  // no gradient (or no positives: LSE is 0 there, exp could overflow)
+        std::fill(crow, crow + w, 0.f);
+        std::fill(prow, prow + w, 0.f);
+        continue;
       }
+      int64_t j = 0;
+#if XBM_CPU_VECTOR
+      for (; j + 4 <= w; j += 4) {
+        const cpu::f32x4 v = cpu::load4(crow + j);
+        cpu::store4(prow + j, cpu::mask_to_one((cpu::load4(z + j) == y[i]) & (v < pos_thr)));
+        cpu::store4(crow + j, cpu::exp4(v * inv_tau - lse_p[i]));
+      }
+#endif
+      for (; j < w; ++j) {
+        const float v = crow[j];
+        prow[j] = (z[j] == y[i] && v < pos_thr) ? 1.f : 0.f;
+        crow[j] = std::exp(v * inv_tau - lse_p[i]);
+      }
+      const int64_t self_col = in.self_col(i) - c0;
+      if (self_col >= 0 && self_col < w) crow[self_col] = prow[self_col] = 0.f;  // not in V_i
     }
     c.mul_(g.unsqueeze(1)).sub_(pos.mul_(g_pos));
   });
