@@ -10,9 +10,12 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 
+#include "cpu/simd.h"
 #include "cpu/tiles.h"
 
 namespace xbm_kernels {
@@ -34,7 +37,21 @@ void ms_stats_tile(const float* s, int64_t B, int64_t w, int64_t c0, const cpu::
     const float* row = s + i * w;
     const int64_t self_col = in.self_col(i) - c0;
     float mp = min_pos[i], mn = max_neg[i];
-    for (int64_t j = 0; j < w; ++j) {
+    int64_t j = 0;
+#if XBM_CPU_VECTOR
+    if (self_col < 0 || self_col >= w) {  // every column valid: four lanes at a time, then the tail
+      cpu::f32x4 mp4 = {mp, mp, mp, mp}, mn4 = {mn, mn, mn, mn};
+      for (; j + 4 <= w; j += 4) {
+        const cpu::f32x4 v = cpu::load4(row + j);
+        const cpu::i32x4 same = cpu::load4(z + j) == y[i];
+        mp4 = cpu::select4(same & (v < pos_thr) & (v < mp4), v, mp4);
+        mn4 = cpu::select4(~same & (v > mn4), v, mn4);
+      }
+      mp = std::min(std::min(mp4[0], mp4[1]), std::min(mp4[2], mp4[3]));
+      mn = cpu::max4(mn4);
+    }
+#endif
+    for (; j < w; ++j) {
       if (j == self_col) continue;
       const float v = row[j];
       if (z[j] == y[i]) {
@@ -49,12 +66,13 @@ void ms_stats_tile(const float* s, int64_t B, int64_t w, int64_t c0, const cpu::
 }
 
 // Pass 2: writes the shifted positive weights into s and the negative ones into aux;
-// adds their row sums and mined counts.
-void ms_weights_tile(float* s, float* aux, int64_t B, int64_t w, int64_t c0, const cpu::LossInputs& in,
+// adds their row sums and mined counts. Returns the tile's mined (positive, negative) counts.
+std::array<int64_t, 2> ms_weights_tile(float* s, float* aux, int64_t B, int64_t w, int64_t c0, const cpu::LossInputs& in,
                      const MsParams& prm, const float* min_pos, const float* max_neg, double* sum_p, double* sum_n,
                      int64_t* counts) {
   const int32_t* y = in.y_ptr();
   const int32_t* z = in.z_ptr() + c0;
+  std::array<int64_t, 2> tile = {0, 0};
   for (int64_t i = 0; i < B; ++i) {
     float* row = s + i * w;
     float* nrow = aux + i * w;
@@ -62,7 +80,37 @@ void ms_weights_tile(float* s, float* aux, int64_t B, int64_t w, int64_t c0, con
     const float shift_p = -prm.alpha * (min_pos[i] - prm.base), shift_n = prm.beta * (max_neg[i] - prm.base);
     double sp = 0, sn = 0;
     int64_t np = 0, nn = 0;
-    for (int64_t j = 0; j < w; ++j) {
+    int64_t j = 0;
+#if XBM_CPU_VECTOR
+    if (self_col < 0 || self_col >= w) {  // every column valid: four lanes at a time, then the tail
+      const float mp = min_pos[i], mn = max_neg[i];
+      const cpu::f32x4 zero = {0.f, 0.f, 0.f, 0.f};
+      while (j + 4 <= w) {  // float lanes over blocks of up to 256 columns, each block's sum added in double
+        const int64_t end = std::min(w, j + 256);
+        cpu::f32x4 sp4 = zero, sn4 = zero, np4 = zero, nn4 = zero;
+        for (; j + 4 <= end; j += 4) {
+          const cpu::f32x4 v = cpu::load4(row + j);
+          const cpu::i32x4 same = cpu::load4(z + j) == y[i];
+          const cpu::i32x4 mined_p = same & (v < prm.pos_thr) & (v - prm.mining_margin < mn);
+          const cpu::i32x4 mined_n = ~same & (v + prm.mining_margin > mp);
+          // Unmined lanes may overflow exp4's range; they are clamped there, then zeroed.
+          const cpu::f32x4 wp = cpu::select4(mined_p, cpu::exp4(-prm.alpha * (v - prm.base) - shift_p), zero);
+          const cpu::f32x4 wn = cpu::select4(mined_n, cpu::exp4(prm.beta * (v - prm.base) - shift_n), zero);
+          sp4 += wp;
+          sn4 += wn;
+          np4 += cpu::mask_to_one(mined_p);
+          nn4 += cpu::mask_to_one(mined_n);
+          cpu::store4(row + j, wp);
+          cpu::store4(nrow + j, wn);
+        }
+        sp += cpu::sum4(sp4);
+        sn += cpu::sum4(sn4);
+        np += static_cast<int64_t>(cpu::sum4(np4));
+        nn += static_cast<int64_t>(cpu::sum4(nn4));
+      }
+    }
+#endif
+    for (; j < w; ++j) {
       const float v = row[j];
       const bool valid = j != self_col, same = z[j] == y[i];
       const bool mined_p = valid && same && v < prm.pos_thr && v - prm.mining_margin < max_neg[i];
@@ -80,7 +128,10 @@ void ms_weights_tile(float* s, float* aux, int64_t B, int64_t w, int64_t c0, con
     sum_n[i] += sn;
     counts[2 * i] += np;
     counts[2 * i + 1] += nn;
+    tile[0] += np;
+    tile[1] += nn;
   }
+  return tile;
 }
 
 struct MsState {
@@ -118,11 +169,12 @@ MsState ms_passes(const cpu::LossInputs& in, const MsParams& prm, bool accumulat
     Tensor rt = scratch[p].ref_tile(in.ref, c0, w);
     Tensor s_tile = scratch[p].similarity(in.x32, rt);
     Tensor n_tile = scratch[p].aux_tile(B, w);
-    ms_weights_tile(s_tile.data_ptr<float>(), n_tile.data_ptr<float>(), B, w, c0, in, prm, min_pos, max_neg,
-                    sp_parts[p].data_ptr<double>(), sn_parts[p].data_ptr<double>(), count_parts[p].data_ptr<int64_t>());
+    const auto tile_counts = ms_weights_tile(s_tile.data_ptr<float>(), n_tile.data_ptr<float>(), B, w, c0, in, prm,
+                                             min_pos, max_neg, sp_parts[p].data_ptr<double>(),
+                                             sn_parts[p].data_ptr<double>(), count_parts[p].data_ptr<int64_t>());
     if (accumulate) {
-      gp_parts[p].addmm_(s_tile, rt);
-      gn_parts[p].addmm_(n_tile, rt);
+      cpu::add_sparse_rows(s_tile, rt, gp_parts[p], tile_counts[0]);  // mined positives: usually few
+      cpu::add_sparse_rows(n_tile, rt, gn_parts[p], tile_counts[1]);
     }
   });
   st.sum_p = cpu::sum_parts(sp_parts);

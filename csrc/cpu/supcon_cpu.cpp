@@ -141,29 +141,6 @@ int64_t supcon_tile(float* s, float* pos_tile, int64_t B, int64_t w, int64_t c0,
   return tile_pos;
 }
 
-// gpos += Pos_tile R_tile for the 0/1 positive indicator tile (B x w). Positives are
-// usually few (same-class rows in a memory of many classes): then one row add per
-// positive costs npos * D flops instead of the 2 B w D of a GEMM; dense tiles (few
-// classes) take the GEMM. Both add in a fixed order.
-void add_positive_rows(const Tensor& pos, const Tensor& rt, Tensor gpos, int64_t npos) {
-  const int64_t B = pos.size(0), w = pos.size(1), D = rt.size(1);
-  if (npos * 8 > B * w) {
-    gpos.addmm_(pos, rt);
-    return;
-  }
-  const float* pt = pos.data_ptr<float>();
-  const float* r = rt.data_ptr<float>();
-  float* g = gpos.data_ptr<float>();
-  for (int64_t i = 0; i < B; ++i) {
-    for (int64_t j = 0; j < w; ++j) {
-      if (pt[i * w + j] == 0.f) continue;
-      const float* rj = r + j * D;
-      float* gi = g + i * D;
-      for (int64_t d = 0; d < D; ++d) gi[d] += rj[d];
-    }
-  }
-}
-
 SupconParts supcon_pass(const cpu::LossInputs& in, const cpu::TilePlan& plan, float inv_tau, float pos_thr,
                         bool accumulate) {
   const int64_t B = in.B, D = in.D;
@@ -189,7 +166,7 @@ SupconParts supcon_pass(const cpu::LossInputs& in, const cpu::TilePlan& plan, fl
                                      rescale[p].data_ptr<float>());
     if (accumulate) {
       st.g[p].mul_(rescale[p].unsqueeze(1)).addmm_(e, rt);
-      add_positive_rows(pos, rt, st.gpos[p], npos);
+      cpu::add_sparse_rows(pos, rt, st.gpos[p], npos);  // positives: usually few
     }
   });
   return st;

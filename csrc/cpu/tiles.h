@@ -128,6 +128,31 @@ inline at::Tensor sum_parts(const at::Tensor& parts) {
   return out;
 }
 
+// out += C R_tile for a (B x w) coefficient tile C with about `nonzeros` nonzero entries.
+// Sparse tiles (the positives of a memory of many classes) take one row add per nonzero,
+// 2 D flops per nonzero instead of the 2 B w D of a GEMM; tiles denser than 1/32 take the
+// GEMM (the row adds run several times below the GEMM's flop rate, so the cut-off is kept
+// low). Both add in a fixed order.
+inline void add_sparse_rows(const at::Tensor& c, const at::Tensor& rt, at::Tensor out, int64_t nonzeros) {
+  const int64_t B = c.size(0), w = c.size(1), D = rt.size(1);
+  if (nonzeros * 32 > B * w) {
+    out.addmm_(c, rt);
+    return;
+  }
+  const float* cp = c.data_ptr<float>();
+  const float* r = rt.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  for (int64_t i = 0; i < B; ++i) {
+    for (int64_t j = 0; j < w; ++j) {
+      const float cij = cp[i * w + j];
+      if (cij == 0.f) continue;
+      const float* rj = r + j * D;
+      float* oi = o + i * D;
+      for (int64_t d = 0; d < D; ++d) oi[d] += cij * rj[d];
+    }
+  }
+}
+
 // The reference-side backward shared by the losses whose gradient is a coefficient matrix:
 // per tile, to_coefficients(p, c0, w, tile, scratch) turns the score tile S (B x w) into
 // G = diag(dL/dl) dl/dS in place; then dX += G R_tile and dR[c0:c0+w] = G^T X (tiles own
