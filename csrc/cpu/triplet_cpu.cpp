@@ -9,6 +9,7 @@
 
 #include <limits>
 
+#include "cpu/simd.h"
 #include "cpu/tiles.h"
 
 namespace xbm_kernels {
@@ -22,6 +23,45 @@ struct Hardest {
   Tensor pos_idx, neg_idx;  // (B,) int64, -1 when the set is empty
 };
 
+#if XBM_CPU_VECTOR
+// One row of hardest_tile with every column valid, four lanes at a time. Each lane keeps
+// its first extreme (strict comparisons, columns visited in order); the lanes then merge
+// by value and, among equal values, by the lowest column; the tile's result replaces the
+// running one only when strictly better, so the lowest column wins ties overall.
+void hardest_row_vec(const float* row, int64_t w, int64_t c0, const int32_t* z, int32_t yi, float pos_thr,
+                     float& pv, int64_t& pi, float& nv, int64_t& ni) {
+  cpu::f32x4 p4 = {kInf, kInf, kInf, kInf}, n4 = {-kInf, -kInf, -kInf, -kInf};
+  cpu::i32x4 pj = {-1, -1, -1, -1}, nj = pj, col = {0, 1, 2, 3};
+  int64_t j = 0;
+  for (; j + 4 <= w; j += 4, col += 4) {
+    const cpu::f32x4 v = cpu::load4(row + j);
+    const cpu::i32x4 same = cpu::load4(z + j) == yi;
+    const cpu::i32x4 better_p = same & (v < pos_thr) & (v < p4);
+    const cpu::i32x4 better_n = ~same & (v > n4);
+    p4 = cpu::select4(better_p, v, p4);
+    pj = (better_p & col) | (~better_p & pj);
+    n4 = cpu::select4(better_n, v, n4);
+    nj = (better_n & col) | (~better_n & nj);
+  }
+  float bp = kInf, bn = -kInf;
+  int64_t bpj = -1, bnj = -1;
+  for (int k = 0; k < 4; ++k) {
+    if (pj[k] >= 0 && (p4[k] < bp || (p4[k] == bp && pj[k] < bpj))) bp = p4[k], bpj = pj[k];
+    if (nj[k] >= 0 && (n4[k] > bn || (n4[k] == bn && nj[k] < bnj))) bn = n4[k], bnj = nj[k];
+  }
+  for (; j < w; ++j) {  // the last 0-3 columns come after every lane's columns
+    const float v = row[j];
+    if (z[j] == yi) {
+      if (v < pos_thr && v < bp) bp = v, bpj = j;
+    } else if (v > bn) {
+      bn = v, bnj = j;
+    }
+  }
+  if (bpj >= 0 && bp < pv) pv = bp, pi = c0 + bpj;
+  if (bnj >= 0 && bn > nv) nv = bn, ni = c0 + bnj;
+}
+#endif
+
 void hardest_tile(const float* s, int64_t B, int64_t w, int64_t c0, const cpu::LossInputs& in, float pos_thr,
                   float* pv, int64_t* pi, float* nv, int64_t* ni) {
   const int32_t* y = in.y_ptr();
@@ -29,6 +69,12 @@ void hardest_tile(const float* s, int64_t B, int64_t w, int64_t c0, const cpu::L
   for (int64_t i = 0; i < B; ++i) {
     const float* row = s + i * w;
     const int64_t self_col = in.self_col(i) - c0;
+#if XBM_CPU_VECTOR
+    if (self_col < 0 || self_col >= w) {  // every column valid
+      hardest_row_vec(row, w, c0, z, y[i], pos_thr, pv[i], pi[i], nv[i], ni[i]);
+      continue;
+    }
+#endif
     for (int64_t j = 0; j < w; ++j) {
       if (j == self_col) continue;
       const float v = row[j];
