@@ -271,7 +271,9 @@ def glyphs(cache_dir, max_classes=3000, min_faces=16, font_dirs=FONT_DIRS, quiet
     chars = [chars[i] for i in keep_cls]
     names = [f"{n} ({os.path.basename(p)}:{i})" for p, i, n, _ in faces]
     os.makedirs(cache_dir, exist_ok=True)
-    tmp = path + ".tmp.npz"
+    # One temporary file per process: concurrent first runs (study.py --jobs N, torchrun)
+    # each render and atomically replace; the cache ends up whole either way.
+    tmp = f"{path}.{os.getpid()}.tmp.npz"
     np.savez_compressed(tmp, images=images, labels=labels, chars=np.asarray(chars, dtype=np.int32),
                         faces=np.asarray(names))
     os.replace(tmp, path)

@@ -76,3 +76,38 @@ def test_command_line_prints_recall_before_and_after():
                           "--threads", "1", "--no-progress"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "Recall@1 before training" in out.stdout and "Recall@1 after training" in out.stdout, out.stdout
+
+
+def _render_glyphs_in_step(cache_dir, barrier):
+    """Child process: renders a small glyph set, all processes writing their cache file at
+    the same moment (the barrier holds each one between writing and renaming it)."""
+    import numpy as np
+    import xbm_data
+    save = np.savez_compressed
+
+    def save_then_wait(*args, **kwargs):
+        save(*args, **kwargs)
+        barrier.wait(timeout=120)
+    np.savez_compressed = save_then_wait
+    images, labels, _, _ = xbm_data.glyphs(cache_dir, max_classes=12, min_faces=2, quiet=True)
+    return int(images.shape[0]), int(labels.sum())
+
+
+def test_concurrent_first_renders_share_the_glyph_cache(tmp_path):
+    """study.py --jobs N and torchrun start several processes on an empty cache: each
+    renders and replaces the cache file; none may fail on another's temporary file."""
+    import multiprocessing
+    import concurrent.futures
+    import xbm_data
+    if len(xbm_data.find_faces()) < 2:
+        pytest.skip("fewer than 2 CJK font faces installed (python/install_data.sh installs them)")
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Manager().Barrier(2)
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=ctx) as ex:
+        futures = [ex.submit(_render_glyphs_in_step, str(tmp_path), barrier) for _ in range(2)]
+        results = [f.result(timeout=300) for f in futures]
+    assert results[0] == results[1] and results[0][0] > 0
+    names = [p.name for p in tmp_path.iterdir()]  # one cache file, no temporary left behind
+    assert len(names) == 1 and names[0].startswith("glyphs-") and ".tmp" not in names[0], names
+    images, labels, _, _ = xbm_data.glyphs(str(tmp_path), max_classes=12, min_faces=2, quiet=True)
+    assert (int(images.shape[0]), int(labels.sum())) == results[0]
