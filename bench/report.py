@@ -106,11 +106,11 @@ def foundation_summary(rows, losses):
     """The targets of the CPU kernel: cpu against reference, and against the GEMM rate."""
     table = _index(rows)
     out = []
+    peak = max((number(r["tflops"]) or 0 for r in rows if r["op"] == "ceiling" and r["provider"] == "mm-fp32"),
+               default=0)
     for op in losses:
         for B, K, D in FOUNDATION_TARGETS:
             gemm = table.get(("gemm", B, K, D, "float32", "forward"), {}).get("torch.mm")
-            peak = max((number(r["tflops"]) or 0 for r in rows if r["op"] == "ceiling"
-                        and r["provider"] == "mm-fp32"), default=0)
             for mode in ("forward", "full"):
                 by = table.get((op, B, K, D, "float32", mode))
                 if not by or "cpu" not in by or "reference" not in by:

@@ -73,13 +73,12 @@ class CrossBatchMemory(nn.Module):
             # One fp32 sum decides the common case (it is finite unless an entry is not, or
             # it overflows); only then the row-wise check, which tells the two apart. On
             # the CPU this is ~15x cheaper than isfinite().all() over the batch.
-            bad = None
             if not bool(torch.isfinite(rows.sum(dtype=torch.float32))):
                 bad = ~torch.isfinite(rows).all(dim=1)
-            if bad is not None and bool(bad.any()):
-                first = int(bad.nonzero()[0, 0])
-                raise ValueError(f"embeddings: {int(bad.sum())} row(s) with NaN/Inf (first: row {first} of the "
-                                 f"{'masked ' if mask is not None else ''}batch); nothing was written")
+                if bool(bad.any()):
+                    first = int(bad.nonzero()[0, 0])
+                    raise ValueError(f"embeddings: {int(bad.sum())} row(s) with NaN/Inf (first: row {first} of "
+                                     f"the {'masked ' if mask is not None else ''}batch); nothing was written")
         return b
 
     @torch.no_grad()

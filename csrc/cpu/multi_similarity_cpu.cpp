@@ -47,7 +47,7 @@ void ms_stats_tile(const float* s, int64_t B, int64_t w, int64_t c0, const cpu::
         mp4 = cpu::select4(same & (v < pos_thr) & (v < mp4), v, mp4);
         mn4 = cpu::select4(~same & (v > mn4), v, mn4);
       }
-      mp = std::min(std::min(mp4[0], mp4[1]), std::min(mp4[2], mp4[3]));
+      mp = cpu::min4(mp4);
       mn = cpu::max4(mn4);
     }
 #endif

@@ -37,6 +37,7 @@ inline f32x4 mask_to_one(i32x4 m) {
   return reinterpret_cast<f32x4>(m & reinterpret_cast<i32x4>(one));
 }
 inline float sum4(f32x4 v) { return (v[0] + v[1]) + (v[2] + v[3]); }
+inline float min4(f32x4 v) { return std::min(std::min(v[0], v[1]), std::min(v[2], v[3])); }
 inline float max4(f32x4 v) { return std::max(std::max(v[0], v[1]), std::max(v[2], v[3])); }
 inline f32x4 select4(i32x4 m, f32x4 a, f32x4 b) {
   return reinterpret_cast<f32x4>((m & reinterpret_cast<i32x4>(a)) | (~m & reinterpret_cast<i32x4>(b)));
