@@ -72,7 +72,7 @@ def min_threshold_distance(x, r, thresholds, ref_valid=None, self_index=None):
 
 
 def multi_similarity_oracle(x, y, r, z, alpha=2.0, beta=40.0, base=0.5, mining_margin=0.1, pos_eps=1e-5,
-                            ref_valid=None, self_index=None, weights=None):
+                            ref_valid=None, self_index=None, weights=None, mine=True, skip_incomplete=True):
     B, D = x.shape
     xd, rd = x.detach().double().cpu(), r.detach().double().cpu()
     rows = torch.zeros(B, dtype=torch.float64)
@@ -81,18 +81,19 @@ def multi_similarity_oracle(x, y, r, z, alpha=2.0, beta=40.0, base=0.5, mining_m
     counts = torch.zeros(B, 2, dtype=torch.int64)
     w = [1.0] * B if weights is None else [float(v) for v in weights]
     for i, s, P, N in _sets(x, y, r, z, pos_eps, ref_valid, self_index):
-        if not P or not N:
-            continue
-        max_neg = max(s[j] for j in N)
-        min_pos = min(s[j] for j in P)
-        Pm = [j for j in P if s[j] - mining_margin < max_neg]
-        Nm = [j for j in N if s[j] + mining_margin > min_pos]
-        if not Pm or not Nm:
+        if mine:
+            max_neg = max((s[j] for j in N), default=-math.inf)
+            min_pos = min((s[j] for j in P), default=math.inf)
+            Pm = [j for j in P if s[j] - mining_margin < max_neg]
+            Nm = [j for j in N if s[j] + mining_margin > min_pos]
+        else:
+            Pm, Nm = list(P), list(N)
+        if skip_incomplete and not (P and N and Pm and Nm):
             continue
         ep = {j: math.exp(-alpha * (s[j] - base)) for j in Pm}
         en = {j: math.exp(beta * (s[j] - base)) for j in Nm}
         sp, sn = sum(ep.values()), sum(en.values())
-        rows[i] = math.log1p(sp) / alpha + math.log1p(sn) / beta
+        rows[i] = math.log1p(sp) / alpha + math.log1p(sn) / beta  # an empty set's term is log1p(0) = 0
         for j in Pm:  # d/dS_ij of (1/alpha) log(1 + sp) = -ep_j / (1 + sp)
             c = -ep[j] / (1 + sp)
             grad[i] += w[i] * c * rd[j]
@@ -150,4 +151,35 @@ def supcon_oracle(x, y, r, z, temperature=0.1, pos_eps=1e-5, ref_valid=None, sel
             grad[i] += w[i] * c * rd[j]
             grad_ref[j] += w[i] * c * xd[i]
         counts[i, 0], counts[i, 1] = len(P), len(N)
+    return rows, grad, grad_ref, counts
+
+
+def ntxent_oracle(x, y, r, z, temperature=0.1, pos_eps=1e-5, ref_valid=None, self_index=None, weights=None):
+    """l_i = sum_{p in P_i} -log(exp(s_ip) / (exp(s_ip) + sum_{n in N_i} exp(s_in))), s = S / tau;
+    a pair's term is 0 when N_i is empty."""
+    B, D = x.shape
+    xd, rd = x.detach().double().cpu(), r.detach().double().cpu()
+    rows = torch.zeros(B, dtype=torch.float64)
+    grad = torch.zeros(B, D, dtype=torch.float64)
+    grad_ref = torch.zeros(r.shape[0], D, dtype=torch.float64)
+    counts = torch.zeros(B, 2, dtype=torch.int64)
+    w = [1.0] * B if weights is None else [float(v) for v in weights]
+    for i, s, P, N in _sets(x, y, r, z, pos_eps, ref_valid, self_index):
+        counts[i, 0], counts[i, 1] = len(P), len(N)
+        if not P or not N:
+            continue
+        top = max(s[j] / temperature for j in N)
+        denom_neg = sum(math.exp(s[j] / temperature - top) for j in N)  # sum_N exp(s_in) / e^top
+        coef = {j: 0.0 for j in P + N}  # dl_i/dS_ij, summed over the pairs
+        for p in P:
+            sp = s[p] / temperature
+            total = math.exp(sp - top) + denom_neg
+            rows[i] += math.log(total) - (sp - top)
+            # pair p's softmax over {p} + N_i: d/dS_ip = (softmax_p - 1) / tau, d/dS_in = softmax_n / tau
+            coef[p] += (math.exp(sp - top) / total - 1.0) / temperature
+            for n in N:
+                coef[n] += math.exp(s[n] / temperature - top) / total / temperature
+        for j, c in coef.items():
+            grad[i] += w[i] * c * rd[j]
+            grad_ref[j] += w[i] * c * xd[i]
     return rows, grad, grad_ref, counts

@@ -53,20 +53,40 @@ def _log1p_sum_exp(a, mask):
     return torch.logsumexp(torch.cat([a.new_zeros(a.shape[0], 1), masked], dim=1), dim=1)
 
 
+def _pad_empty(S, pos, neg):
+    """An empty reference set (N = 0) gets one column that is in no set, so that the row
+    minima / maxima below are defined; every row's loss is then 0."""
+    if S.shape[1] > 0:
+        return S, pos, neg
+    pad = lambda t, v: torch.cat([t, t.new_full((t.shape[0], 1), v)], dim=1)
+    return pad(S, 0.0), pad(pos, False), pad(neg, False)
+
+
 def multi_similarity(x, labels, ref, ref_labels, *, alpha, beta, base, mining_margin, pos_eps, ref_valid,
-                     self_index):
+                     self_index, mine=True, skip_incomplete=True):
+    """mine: keep only the pairs that pass the mining rule (else P~ = P, N~ = N).
+    skip_incomplete: the paper code's rule, l_i = 0 unless P, N, P~ and N~ are all
+    non-empty; else (pytorch-metric-learning's rule) each term is 0 only when its own
+    mined set is empty."""
     S = similarity(x, ref)
     pos, neg = pair_sets(S, labels, ref_labels, ref_valid, self_index, pos_eps)
-    inf = S.new_tensor(float("inf"))
-    min_pos = torch.where(pos, S, inf).min(1).values.detach()   # mined-set membership is
-    max_neg = torch.where(neg, S, -inf).max(1).values.detach()  # a constant for the gradient
-    pos_m = pos & (S - mining_margin < max_neg[:, None])
-    neg_m = neg & (S + mining_margin > min_pos[:, None])
-    active = pos.any(1) & neg.any(1) & pos_m.any(1) & neg_m.any(1)
-    pos_term = _log1p_sum_exp(-alpha * (S - base), pos_m) / alpha
+    S, pos, neg = _pad_empty(S, pos, neg)
+    if mine:
+        inf = S.new_tensor(float("inf"))
+        min_pos = torch.where(pos, S, inf).min(1).values.detach()   # mined-set membership is
+        max_neg = torch.where(neg, S, -inf).max(1).values.detach()  # a constant for the gradient
+        pos_m = pos & (S - mining_margin < max_neg[:, None])
+        neg_m = neg & (S + mining_margin > min_pos[:, None])
+    else:
+        pos_m, neg_m = pos, neg
+    pos_term = _log1p_sum_exp(-alpha * (S - base), pos_m) / alpha   # 0 when the set is empty
     neg_term = _log1p_sum_exp(beta * (S - base), neg_m) / beta
-    rows = torch.where(active, pos_term + neg_term, S.new_zeros(()))
-    counts = torch.stack([pos_m.sum(1), neg_m.sum(1)], dim=1) * active[:, None]
+    rows = pos_term + neg_term
+    counts = torch.stack([pos_m.sum(1), neg_m.sum(1)], dim=1)
+    if skip_incomplete:
+        active = pos.any(1) & neg.any(1) & pos_m.any(1) & neg_m.any(1)
+        rows = torch.where(active, rows, S.new_zeros(()))
+        counts = counts * active[:, None]
     return rows, counts.to(torch.int32)
 
 
@@ -78,6 +98,7 @@ def _first_index(mask):
 def triplet(x, labels, ref, ref_labels, *, margin, pos_eps, ref_valid, self_index):
     S = similarity(x, ref)
     pos, neg = pair_sets(S, labels, ref_labels, ref_valid, self_index, pos_eps)
+    S, pos, neg = _pad_empty(S, pos, neg)
     inf = S.new_tensor(float("inf"))
     hardest_pos = torch.where(pos, S, inf).min(1, keepdim=True).values
     hardest_neg = torch.where(neg, S, -inf).max(1, keepdim=True).values
@@ -102,4 +123,19 @@ def supcon(x, labels, ref, ref_labels, *, temperature, pos_eps, ref_valid, self_
     has_pos = n_pos > 0
     rows = torch.where(has_pos, lse - mean_pos, S.new_zeros(()))
     counts = torch.stack([n_pos, neg.sum(1)], dim=1) * has_pos[:, None]
+    return rows, counts.to(torch.int32)
+
+
+def ntxent(x, labels, ref, ref_labels, *, temperature, pos_eps, ref_valid, self_index):
+    """NT-Xent per positive pair: l_i = sum_{p in P_i} softplus(LZ_i - S_ip / tau) with
+    LZ_i = log sum_{n in N_i} exp(S_in / tau); 0 for a pair when N_i is empty."""
+    S = similarity(x, ref)
+    pos, neg = pair_sets(S, labels, ref_labels, ref_valid, self_index, pos_eps)
+    logits = S / temperature
+    has_neg = neg.any(1, keepdim=True)
+    masked = torch.where(neg, logits, logits.new_tensor(float("-inf")))
+    lz = torch.logsumexp(torch.where(has_neg, masked, logits.new_zeros(())), dim=1, keepdim=True)  # no -inf rows
+    lz = torch.where(has_neg, lz, logits.new_tensor(float("-inf")))  # softplus(-inf) = 0, gradient 0
+    rows = torch.where(pos, torch.nn.functional.softplus(lz - logits), logits.new_zeros(())).sum(1)
+    counts = torch.stack([pos.sum(1), neg.sum(1)], dim=1)
     return rows, counts.to(torch.int32)
