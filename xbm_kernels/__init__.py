@@ -7,10 +7,14 @@
 from . import _ops  # noqa: F401  (loads the C++ ops and their fakes)
 from ._validate import set_value_checks
 from .backends import available_backends
-from .losses import LOSSES, contrastive_loss, multi_similarity_loss, supcon_loss, triplet_loss
+from .losses import PUBLIC as _PUBLIC_LOSSES
+from .registry import LOSSES
 from .memory import CrossBatchMemory
 from .xbm import XBMLoss
 
 __version__ = "0.1.0"
 
-__all__ = ["contrastive_loss", "multi_similarity_loss", "triplet_loss", "supcon_loss", "CrossBatchMemory", "XBMLoss", "available_backends", "set_value_checks", "LOSSES"]
+# xk.contrastive_loss, xk.multi_similarity_loss, ...: one per registry entry (registry.py)
+globals().update({fn.__name__: fn for fn in _PUBLIC_LOSSES.values()})
+
+__all__ = [fn.__name__ for fn in _PUBLIC_LOSSES.values()] + ["CrossBatchMemory", "XBMLoss", "available_backends", "set_value_checks", "LOSSES"]

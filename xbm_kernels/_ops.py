@@ -2,6 +2,8 @@
 a fake implementation so torch.compile and FakeTensor tracing work."""
 import torch
 
+from .registry import LOSSES
+
 try:
     from . import _C  # noqa: F401  (registers the ops)
     LOAD_ERROR = None
@@ -17,29 +19,28 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
             and torch._C._dispatch_has_kernel_for_dispatch_key(f"xbm_kernels::{op}", dispatch_key))
 
 
-def _grad_like(x, need_grad):
-    return x.new_empty((x.shape[0], x.shape[1]) if need_grad else (0,), dtype=torch.float32)
+def fwd_fake(x, labels, ref, ref_labels, self_index, ref_valid, *params_need_grad_tf32):
+    """Fake of every <loss>_fwd (the shared convention of registry.py)."""
+    B, need_grad = x.shape[0], params_need_grad_tf32[-2]
+    grad = x.new_empty((B, x.shape[1]) if need_grad else (0,), dtype=torch.float32)
+    return x.new_empty((B,), dtype=torch.float32), grad, x.new_empty((B, 2), dtype=torch.int32)
+
+
+def bwd_fake(x, labels, ref, ref_labels, self_index, ref_valid, *params_grad_rows_tf32):
+    """Fake of every <loss>_bwd."""
+    return x.new_empty(x.shape, dtype=torch.float32), ref.new_empty(ref.shape, dtype=torch.float32)
+
+
+def enqueue_fake(memory, memory_labels, embeddings, labels, ptr):
+    return embeddings.new_empty((embeddings.shape[0],), dtype=torch.int64)
 
 
 if HAS_C:
-
-    @torch.library.register_fake("xbm_kernels::enqueue_")
-    def _enqueue_fake(memory, memory_labels, embeddings, labels, ptr):
-        return embeddings.new_empty((embeddings.shape[0],), dtype=torch.int64)
-
-    def _fwd_fake(x, labels, ref, ref_labels, self_index, ref_valid, *params_need_grad_tf32):
-        need_grad = params_need_grad_tf32[-2]
-        B = x.shape[0]
-        return (x.new_empty((B,), dtype=torch.float32), _grad_like(x, need_grad),
-                x.new_empty((B, 2), dtype=torch.int32))
-
-    def _bwd_fake(x, labels, ref, ref_labels, self_index, ref_valid, *params_grad_rows_tf32):
-        return (x.new_empty(x.shape, dtype=torch.float32), ref.new_empty(ref.shape, dtype=torch.float32))
-
-    # Every loss shares the fwd/bwd conventions of csrc/xbm_ops.cpp.
+    torch.library.register_fake("xbm_kernels::enqueue_")(enqueue_fake)
     # An op missing from _C (a stale build of an older checkout) gets no fake rather than
     # failing the import; backends.py then does not list it.
-    for _loss in ("contrastive", "multi_similarity", "triplet", "supcon"):
-        if hasattr(torch.ops.xbm_kernels, f"{_loss}_fwd"):
-            torch.library.register_fake(f"xbm_kernels::{_loss}_fwd")(_fwd_fake)
-            torch.library.register_fake(f"xbm_kernels::{_loss}_bwd")(_bwd_fake)
+    for _loss in LOSSES.values():
+        _fwd, _bwd = _loss.op_names()
+        if hasattr(torch.ops.xbm_kernels, _fwd) and hasattr(torch.ops.xbm_kernels, _bwd):
+            torch.library.register_fake(f"xbm_kernels::{_fwd}")(fwd_fake)
+            torch.library.register_fake(f"xbm_kernels::{_bwd}")(bwd_fake)

@@ -8,8 +8,9 @@ import os
 import torch
 
 from . import _ops
+from .registry import BACKEND_NAMES, LOSSES
 
-NAMES = ("reference", "cpu", "triton", "cuda")
+NAMES = BACKEND_NAMES
 
 
 def _triton_importable():
@@ -82,26 +83,22 @@ def _devices(name):
     return ("cuda", "cpu") if _INTERPRET else ("cuda",)
 
 
-_LOSS_NAMES = ("contrastive", "multi_similarity", "triplet", "supcon")
-# Which losses each C++ backend implements, read off the dispatcher once.
+# Which losses each kernel backend implements: declared in the registry, and (for the C++
+# backends, whose build may predate a declaration) present in the dispatcher.
 _CXX_LOSSES = {
-    "cpu": frozenset(l for l in _LOSS_NAMES if _ops.has_kernel(f"{l}_fwd", "CPU")),
-    "cuda": frozenset(l for l in _LOSS_NAMES if _ops.has_kernel(f"{l}_fwd", "CUDA")),
+    "cpu": frozenset(l.name for l in LOSSES.values() if "cpu" in l.kernels and _ops.has_kernel(f"{l.name}_fwd", "CPU")),
+    "cuda": frozenset(l.name for l in LOSSES.values()
+                      if "cuda" in l.kernels and _ops.has_kernel(f"{l.name}_fwd", "CUDA")),
 }
-_TRITON_LOSSES = {}
+_TRITON_LOSSES = frozenset(l.name for l in LOSSES.values() if "triton" in l.kernels)
 
 
 def supports(backend: str, op: str) -> bool:
     """Whether a kernel backend implements `op` (a loss name, or "enqueue")."""
-    if backend == "reference":
-        return True
-    if op == "enqueue":
+    if backend == "reference" or op == "enqueue":
         return True
     if backend == "triton":
-        if not _TRITON_LOSSES:
-            from .triton import ops as triton_ops
-            _TRITON_LOSSES.update({l: hasattr(triton_ops.OPS, f"{l}_fwd") for l in _LOSS_NAMES})
-        return _TRITON_LOSSES.get(op, False)
+        return op in _TRITON_LOSSES
     return op in _CXX_LOSSES[backend]
 
 

@@ -1,55 +1,28 @@
-"""Public loss functions. Each validates its arguments, picks a backend, then runs either
-the dense reference (autograd through the formula) or a fused kernel through the thin
-autograd Function below. DESIGN.md section 1 is the math."""
-from dataclasses import dataclass
-from typing import Callable, Dict, Tuple
+"""Public loss functions, one per entry of the loss registry (registry.py). Each validates
+its arguments, picks a backend, then runs either the dense reference (autograd through the
+formula) or a fused kernel through the thin autograd Function below. CONTRACT.md section 1
+is the math."""
+import inspect
+from typing import Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import _validate as V
-from . import backends, reference
-
-
-@dataclass(frozen=True)
-class LossSpec:
-    name: str
-    defaults: Dict[str, float]          # loss parameters in schema order, with defaults
-    reference: Callable                 # reference.<loss>
-    mean_over_anchors_with_pos: bool = False  # supcon's "mean" divides by #anchors with |P_i| > 0
-
-    def params(self, kwargs):
-        out = []
-        for key, default in self.defaults.items():
-            v = kwargs.get(key, default)
-            minimum = 0.0 if key in ("pos_eps",) else None
-            if key in ("temperature", "alpha", "beta"):
-                v = V.finite_number(key, v)
-                if v <= 0:
-                    raise ValueError(f"{key}: expected > 0, got {v}")
-            else:
-                v = V.finite_number(key, v, minimum=minimum)
-            out.append(v)
-        return tuple(out)
-
-
-LOSSES: Dict[str, LossSpec] = {
-    "contrastive": LossSpec("contrastive", {"margin": 0.5, "pos_eps": 1e-5}, reference.contrastive),
-    "multi_similarity": LossSpec("multi_similarity", {"alpha": 2.0, "beta": 40.0, "base": 0.5, "mining_margin": 0.1,
-                                                      "pos_eps": 1e-5}, reference.multi_similarity),
-    "triplet": LossSpec("triplet", {"margin": 0.1, "pos_eps": 1e-5}, reference.triplet),
-    "supcon": LossSpec("supcon", {"temperature": 0.1, "pos_eps": 1e-5}, reference.supcon,
-                       mean_over_anchors_with_pos=True),
-}
-
+from . import backends
+from .registry import LOSSES, MEAN_OVER, Loss, docstring
 
 @torch.compiler.assume_constant_result  # a global setting: a constant for tracing
 def _allow_tf32():
     return torch.get_float32_matmul_precision() != "highest"
 
 
-def _mean_denominator(spec, rows, counts):
-    if spec.mean_over_anchors_with_pos:
+def _mean_denominator(spec: Loss, rows, counts):
+    if spec.mean_over == "anchors_with_positives":
         return (counts[:, 0] > 0).sum().clamp_min(1).to(rows.dtype)
+    if spec.mean_over == "positive_pairs":
+        return counts[:, 0].sum().clamp_min(1).to(rows.dtype)
+    assert spec.mean_over == "anchors", spec.mean_over
     return rows.new_tensor(float(max(rows.shape[0], 1)))
 
 
@@ -84,6 +57,7 @@ class _FusedLoss(torch.autograd.Function):
         return out, counts
 
     @staticmethod
+    @once_differentiable  # first derivatives only: double backward raises instead of returning 0
     def backward(ctx, grad_out, _grad_counts):
         if ctx.fused_grad:
             grad, rows, counts = ctx.saved_tensors
@@ -109,17 +83,28 @@ def compute(loss, embeddings, labels, ref_embeddings, ref_labels, *, ref_valid=N
             reduction="mean", backend="auto", **kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
     """Validated entry point shared by the public losses and XBMLoss.
     Returns (loss, counts (B, 2) int32: active positive / negative pairs per anchor)."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss: unknown loss {loss!r}; available: {sorted(LOSSES)}")
     spec = LOSSES[loss]
-    unknown = set(kwargs) - set(spec.defaults)
-    if unknown:
-        raise TypeError(f"{loss}_loss: unexpected keyword argument(s) {sorted(unknown)}; "
-                        f"accepted: {sorted(spec.defaults)}")
+    params = spec.values(kwargs)
+    name, n, self_index = check_inputs(spec, embeddings, labels, ref_embeddings, ref_labels, ref_valid, self_index,
+                                       reduction, backend)
+    return run(spec, params, name, embeddings, labels, ref_embeddings, ref_labels, n, self_index, reduction)
+
+
+def check_inputs(spec, embeddings, labels, ref_embeddings, ref_labels, ref_valid, self_index, reduction, backend):
+    """Validates the tensors and picks the backend; returns (backend, ref_valid as int, self_index)."""
     V.tensor("embeddings", embeddings)
-    name = backends.resolve(backend, embeddings.device, loss)
+    name = backends.resolve(backend, embeddings.device, spec.name)
     n, self_index = V.loss_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_valid, self_index, reduction,
                                   allow_fp64=(name == "reference"))
-    params = spec.params(kwargs)
-    if name == "reference":
+    return name, n, self_index
+
+
+def run(spec, params, backend, embeddings, labels, ref_embeddings, ref_labels, n, self_index, reduction):
+    """The loss after check_inputs(); `params` in schema order (already validated, or chosen by
+    the caller: the PML drop-in uses values outside the public ranges to switch a term off)."""
+    if backend == "reference":
         si = None if self_index is None else self_index.long()
         rows, counts = spec.reference(embeddings, labels, ref_embeddings, ref_labels, ref_valid=n, self_index=si,
                                       **dict(zip(spec.defaults, params)))
@@ -127,49 +112,35 @@ def compute(loss, embeddings, labels, ref_embeddings, ref_labels, *, ref_valid=N
     y = labels.to(torch.int32)
     z = ref_labels.to(torch.int32)
     si = None if self_index is None else self_index.to(torch.int64).contiguous()
-    return _FusedLoss.apply(embeddings, ref_embeddings, y, z, si, n, reduction, spec, backends.kernel_ops(name),
-                            params)
+    return _FusedLoss.apply(embeddings, ref_embeddings, y, z, si, n, reduction, spec, backends.kernel_ops(backend),
+                            tuple(params))
 
 
-def contrastive_loss(embeddings, labels, ref_embeddings, ref_labels, *, margin=0.5, pos_eps=1e-5, ref_valid=None,
-                     self_index=None, reduction="mean", backend="auto"):
-    """Contrastive loss of each anchor against a reference set (the memory, or the batch).
-
-    l_i = sum_{j in P_i} (1 - S_ij) + sum_{j in N_i, S_ij > margin} S_ij with S = X R^T,
-    positives P_i = same label, valid, not self, S < 1 - pos_eps; negatives N_i = other
-    label, valid, not self. Columns j >= ref_valid and j == self_index[i] are ignored.
-    reduction: "mean" (sum / B), "sum" or "none" (per-anchor vector, float32).
-    """
-    return compute("contrastive", embeddings, labels, ref_embeddings, ref_labels, margin=margin, pos_eps=pos_eps,
-                   ref_valid=ref_valid, self_index=self_index, reduction=reduction, backend=backend)[0]
+_COMMON = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+           for n in ("embeddings", "labels", "ref_embeddings", "ref_labels")]
+_TAIL = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d)
+         for n, d in (("ref_valid", None), ("self_index", None), ("reduction", "mean"), ("backend", "auto"))]
 
 
-def multi_similarity_loss(embeddings, labels, ref_embeddings, ref_labels, *, alpha=2.0, beta=40.0, base=0.5,
-                          mining_margin=0.1, pos_eps=1e-5, ref_valid=None, self_index=None, reduction="mean",
-                          backend="auto"):
-    """Multi-similarity loss (Wang et al. 2019) with the paper code's mining, per anchor:
-    P~ = positives with S - mining_margin < hardest negative, N~ = negatives with
-    S + mining_margin > hardest positive; l_i = 1/alpha log(1 + sum_P~ exp(-alpha (S - base)))
-    + 1/beta log(1 + sum_N~ exp(beta (S - base))), 0 when any of the sets is empty.
-    Mined-set membership is a constant for the gradient. reduction "mean" divides by B."""
-    return compute("multi_similarity", embeddings, labels, ref_embeddings, ref_labels, alpha=alpha, beta=beta,
-                   base=base, mining_margin=mining_margin, pos_eps=pos_eps, ref_valid=ref_valid,
-                   self_index=self_index, reduction=reduction, backend=backend)[0]
+def _public(spec: Loss):
+    """xk.<name>_loss: the registry entry as a function with a real signature and docstring."""
+    sig = inspect.Signature(_COMMON + [inspect.Parameter(p.name, inspect.Parameter.KEYWORD_ONLY, default=p.default)
+                                       for p in spec.parameters] + _TAIL)
+
+    def loss_fn(*args, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = dict(bound.arguments)
+        tensors = [a.pop(n) for n in ("embeddings", "labels", "ref_embeddings", "ref_labels")]
+        return compute(spec.name, *tensors, **a)[0]
+
+    loss_fn.__name__ = loss_fn.__qualname__ = f"{spec.name}_loss"
+    loss_fn.__signature__ = sig
+    loss_fn.__doc__ = docstring(spec)
+    loss_fn.__module__ = __name__
+    return loss_fn
 
 
-def triplet_loss(embeddings, labels, ref_embeddings, ref_labels, *, margin=0.1, pos_eps=1e-5, ref_valid=None,
-                 self_index=None, reduction="mean", backend="auto"):
-    """Batch-hard triplet loss: l_i = max(0, max_N S - min_P S + margin), 0 when P_i or N_i
-    is empty; ties pick the lowest column, so the gradient is deterministic."""
-    return compute("triplet", embeddings, labels, ref_embeddings, ref_labels, margin=margin, pos_eps=pos_eps,
-                   ref_valid=ref_valid, self_index=self_index, reduction=reduction, backend=backend)[0]
-
-
-def supcon_loss(embeddings, labels, ref_embeddings, ref_labels, *, temperature=0.1, pos_eps=1e-5, ref_valid=None,
-                self_index=None, reduction="mean", backend="auto"):
-    """Supervised contrastive (InfoNCE) loss over the reference set:
-    l_i = -1/|P_i| sum_P [S_ip / tau - log sum_{V_i} exp(S_ia / tau)], 0 when P_i is empty;
-    reduction "mean" divides by the number of anchors with positives (at least 1)."""
-    return compute("supcon", embeddings, labels, ref_embeddings, ref_labels, temperature=temperature,
-                   pos_eps=pos_eps, ref_valid=ref_valid, self_index=self_index, reduction=reduction,
-                   backend=backend)[0]
+PUBLIC = {name: _public(spec) for name, spec in LOSSES.items()}
+globals().update({fn.__name__: fn for fn in PUBLIC.values()})
+__all__ = ["compute", "LOSSES", "MEAN_OVER"] + [fn.__name__ for fn in PUBLIC.values()]

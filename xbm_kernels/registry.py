@@ -1,0 +1,177 @@
+"""The loss registry: every loss is declared once, here.
+
+A declaration gives the loss's name, its parameters (defaults and the range where they mean
+something), the rule its "mean" reduction divides by, which kernel backends implement it
+and a one-paragraph description of the math (CONTRACT.md has the full contract). From it
+come: the op schemas of the Triton ops (and the check that the C++ schemas in
+csrc/xbm_ops.cpp agree), the fakes of every op, the backend tables, the public wrappers
+(`xk.contrastive_loss`, ...) with their signatures and docstrings, and the test tables.
+
+Adding a loss: one `Loss(...)` entry below, its reference function in reference.py, its
+kernels (C++ schema + CPU/CUDA kernels, or a Triton module with `<name>_fwd_triton` and
+`<name>_bwd_triton`), its oracle in tests/oracle.py, one row in the tests' case table.
+
+Every loss op shares one convention (csrc/xbm_ops.cpp):
+  <name>_fwd(x, labels, ref, ref_labels, self_index, ref_valid, *params, need_grad, allow_tf32)
+      -> (loss_rows (B,) f32, grad (B, D) f32 = d(sum_i loss_i)/dx or (0,), counts (B, 2) i32)
+  <name>_bwd(x, labels, ref, ref_labels, self_index, ref_valid, *params, grad_rows, allow_tf32)
+      -> (grad_x (B, D) f32, grad_ref (N, D) f32)
+"""
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
+
+# What "mean" divides the summed rows by (the denominator is at least 1).
+MEAN_OVER = {
+    "anchors": "the number of anchors B",
+    "anchors_with_positives": "the number of anchors with at least one positive",
+    "positive_pairs": "the number of positive pairs",
+}
+
+
+@dataclass(frozen=True)
+class Param:
+    """A loss parameter. `low`/`high` bound the meaningful range (None: unbounded);
+    `open_low`/`open_high` exclude the bound itself."""
+    name: str
+    default: object
+    doc: str
+    kind: str = "float"  # "float" or "bool"
+    low: Optional[float] = None
+    high: Optional[float] = None
+    open_low: bool = False
+    open_high: bool = False
+
+    def check(self, value, where=""):
+        """The validated value (float or bool); raises naming the parameter."""
+        name = f"{where}{self.name}"
+        if self.kind == "bool":
+            if not isinstance(value, bool):
+                raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"{name}: expected a finite number, got {value}")
+        lo_bad = self.low is not None and (value <= self.low if self.open_low else value < self.low)
+        hi_bad = self.high is not None and (value >= self.high if self.open_high else value > self.high)
+        if lo_bad or hi_bad:
+            raise ValueError(f"{name}: expected a value in {self.range_text()}, got {value}")
+        return value
+
+    def range_text(self):
+        lo = "-inf" if self.low is None else f"{self.low:g}"
+        hi = "inf" if self.high is None else f"{self.high:g}"
+        return f"{'(' if self.open_low or self.low is None else '['}{lo}, {hi}{')' if self.open_high or self.high is None else ']'}"
+
+    def schema(self):
+        return f"{self.kind} {self.name}"
+
+
+POS_EPS = Param("pos_eps", 1e-5, "same-label columns with S >= 1 - pos_eps are not positives (drops exact "
+                "duplicates); a negative value keeps every same-label column", low=-1.0, high=1.0)
+
+
+@dataclass(frozen=True)
+class Loss:
+    name: str
+    parameters: Tuple[Param, ...]
+    summary: str                      # one line
+    math: str                         # the per-anchor formula, for docstrings
+    mean_over: str = "anchors"        # a key of MEAN_OVER
+    kernels: frozenset = field(default_factory=frozenset)  # kernel backends with this loss
+
+    @property
+    def defaults(self) -> Dict[str, object]:
+        return {p.name: p.default for p in self.parameters}
+
+    def values(self, kwargs, where=""):
+        """Validated parameter values in schema order; unknown names raise TypeError."""
+        unknown = set(kwargs) - set(self.defaults)
+        if unknown:
+            raise TypeError(f"{where or self.name + '_loss: '}unexpected keyword argument(s) {sorted(unknown)}; "
+                            f"accepted: {sorted(self.defaults)}")
+        return tuple(p.check(kwargs.get(p.name, p.default)) for p in self.parameters)
+
+    params = values  # the name the modules built before the registry use
+
+    @property
+    def reference(self):
+        """The dense PyTorch implementation: reference.<name>."""
+        from . import reference
+        return getattr(reference, self.name)
+
+    def schema(self, phase: str) -> str:
+        """The op schema (without the name) of <name>_fwd or <name>_bwd."""
+        head = ("Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor? self_index, int ref_valid, "
+                + ", ".join(p.schema() for p in self.parameters))
+        if phase == "fwd":
+            return f"({head}, bool need_grad, bool allow_tf32) -> (Tensor, Tensor, Tensor)"
+        return f"({head}, Tensor grad_rows, bool allow_tf32) -> (Tensor, Tensor)"
+
+    def op_names(self):
+        return (f"{self.name}_fwd", f"{self.name}_bwd")
+
+
+ENQUEUE_SCHEMA = "(Tensor(a!) memory, Tensor(b!) memory_labels, Tensor embeddings, Tensor labels, int ptr) -> Tensor"
+
+LOSSES: Dict[str, Loss] = {loss.name: loss for loss in (
+    Loss("contrastive",
+         (Param("margin", 0.5, "negatives with S > margin are hard", low=-1.0, high=1.0, open_low=True,
+                open_high=True),
+          POS_EPS),
+         "Contrastive loss (the XBM paper's).",
+         "l_i = sum_{j in P_i} (1 - S_ij) + sum_{j in N_i, S_ij > margin} S_ij",
+         kernels=frozenset({"cpu", "triton", "cuda"})),
+    Loss("multi_similarity",
+         (Param("alpha", 2.0, "scale of the positive term", low=0.0, open_low=True),
+          Param("beta", 40.0, "scale of the negative term", low=0.0, open_low=True),
+          Param("base", 0.5, "the similarity the terms are centred on", low=-1.0, high=1.0),
+          Param("mining_margin", 0.1, "pair-mining margin", low=-2.0, high=2.0),
+          POS_EPS,
+          Param("mine", True, "mine P~ and N~ with mining_margin (False: P~ = P, N~ = N)", kind="bool"),
+          Param("skip_incomplete", True, "an anchor with an empty P, N, P~ or N~ contributes 0 (the paper's "
+                "code); False: each term is 0 only when its own mined set is empty (pytorch-metric-learning)",
+                kind="bool")),
+         "Multi-similarity loss (Wang et al. 2019) with the paper code's pair mining.",
+         "P~_i = {j in P_i : S_ij - mining_margin < max_{N_i} S}, N~_i = {j in N_i : S_ij + mining_margin > "
+         "min_{P_i} S};\n    l_i = 1/alpha log(1 + sum_{P~_i} exp(-alpha (S_ij - base))) + 1/beta log(1 + "
+         "sum_{N~_i} exp(beta (S_ij - base)))\n    (mined-set membership is a constant for the gradient)",
+         kernels=frozenset({"cpu", "triton"})),
+    Loss("triplet",
+         (Param("margin", 0.1, "the hinge's margin", low=0.0, high=2.0), POS_EPS),
+         "Batch-hard triplet loss.",
+         "l_i = max(0, max_{N_i} S - min_{P_i} S + margin), 0 when P_i or N_i is empty; ties pick the lowest "
+         "column",
+         kernels=frozenset({"cpu", "triton"})),
+    Loss("supcon",
+         (Param("temperature", 0.1, "softmax temperature", low=0.0, open_low=True), POS_EPS),
+         "Supervised contrastive (InfoNCE) loss over the reference set.",
+         "l_i = -1/|P_i| sum_{p in P_i} [S_ip / tau - log sum_{a in V_i} exp(S_ia / tau)], 0 when P_i is empty",
+         mean_over="anchors_with_positives",
+         kernels=frozenset({"cpu", "triton"})),
+    Loss("ntxent",
+         (Param("temperature", 0.1, "softmax temperature", low=0.0, open_low=True), POS_EPS),
+         "NT-Xent loss: one InfoNCE term per positive pair against the anchor's negatives.",
+         "l_i = sum_{p in P_i} -log(exp(S_ip / tau) / (exp(S_ip / tau) + sum_{n in N_i} exp(S_in / tau)))",
+         mean_over="positive_pairs",
+         kernels=frozenset({"cpu"})),
+)}
+
+COMMON_ARGS_DOC = """S = X R^T accumulated in fp32 (inputs are expected L2-normalised; the functional losses do not
+normalise). Positives P_i: same label, valid, not self, S < 1 - pos_eps; negatives N_i: other label,
+valid, not self; V_i = all valid columns but self. Columns j >= ref_valid and j == self_index[i]
+are ignored. reduction: "mean", "sum" or "none" (the per-anchor vector, float32). Gradients reach
+`embeddings`, and `ref_embeddings` when it requires grad. backend: "auto" or one of
+xk.available_backends()."""
+
+
+def docstring(loss: Loss) -> str:
+    params = "\n".join(f"    {p.name} ({p.default!r}, in {p.range_text() if p.kind == 'float' else 'bool'}): {p.doc}"
+                       for p in loss.parameters)
+    return (f"{loss.summary}\n\n    {loss.math}\n\n{COMMON_ARGS_DOC}\n\"mean\" divides by "
+            f"{MEAN_OVER[loss.mean_over]}.\n\nParameters:\n{params}\n\nCONTRACT.md section 1 has the full "
+            f"definition.")
