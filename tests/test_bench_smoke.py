@@ -64,3 +64,25 @@ def test_bench_smoke(tmp_path):
     assert any(r["op"] == "gemm" and _finite_positive(r["tflops"]) for r in rows), "no GEMM ceiling row"
     if importlib.util.find_spec("matplotlib") is not None:
         assert list(csvs[0].parent.glob("contrastive_*.png")), "no plot written"
+
+
+def test_bench_pml_smoke(tmp_path):
+    """bench/bench_pml.py --smoke: both wrappers timed for every configuration, the fused plan
+    recorded."""
+    if importlib.util.find_spec("pytorch_metric_learning") is None:
+        import pytest
+        pytest.skip("pytorch-metric-learning is not installed (python/install.sh installs it)")
+    proc = subprocess.run([sys.executable, os.path.join("bench", "bench_pml.py"), "--smoke", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"bench_pml --smoke exited {proc.returncode}\n{proc.stderr[-3000:]}"
+    csvs = list(tmp_path.glob("*/bench-pml-smoke.csv"))
+    assert len(csvs) == 1, csvs
+    with open(csvs[0], newline="") as f:
+        rows = list(csv.DictReader(f))
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import bench_pml
+    assert [r["config"] for r in rows] == list(bench_pml.CONFIGS)
+    for r in rows:
+        assert _finite_positive(r["pml_ms"]) and _finite_positive(r["xbm_ms"]) and _finite_positive(r["speedup"])
+        assert r["commit"] and r["device"] and r["torch"]
+    assert sum(r["fused"] != "no" for r in rows) == len(rows) - 1  # all but the circle-loss row run fused

@@ -1,0 +1,115 @@
+"""The PML drop-in against pytorch-metric-learning's own CrossBatchMemory: one training step
+(enqueue + memory loss, forward and backward) per configuration, both wrappers on the same
+batches with a full memory, in one run.
+
+    python bench/bench_pml.py                          # (256, 16384, 128), every configuration
+    python bench/bench_pml.py --shape 64,4096,64 --min-run-time 0.2
+    python bench/bench_pml.py --smoke                  # seconds; what CI runs
+
+Writes <out>/<device>/bench-pml.csv (device, versions, commit, date, per-provider median ms,
+speedup) and prints a table. A configuration whose fused plan differs from the expected one
+(a fallback) is marked in the `fused` column.
+"""
+import argparse
+import csv
+import os
+import sys
+
+import torch
+import torch.utils.benchmark as tb
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import measure  # noqa: E402
+
+from pytorch_metric_learning import distances, losses, miners  # noqa: E402
+
+from xbm_kernels import pml as xpml  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COS = distances.CosineSimilarity
+
+CONFIGS = {
+    "contrastive (cosine)": lambda: (losses.ContrastiveLoss(pos_margin=1, neg_margin=0.5, distance=COS()), None),
+    "multi_similarity": lambda: (losses.MultiSimilarityLoss(), None),
+    "multi_similarity + miner": lambda: (losses.MultiSimilarityLoss(), miners.MultiSimilarityMiner()),
+    "supcon": lambda: (losses.SupConLoss(), None),
+    "ntxent": lambda: (losses.NTXentLoss(), None),
+    "triplet + batch-hard": lambda: (losses.TripletMarginLoss(margin=0.1, distance=COS()),
+                                     miners.BatchHardMiner(distance=COS())),
+    "circle (PML's loss on our memory)": lambda: (losses.CircleLoss(), None),
+}
+
+
+def _data(B, K, D, n_classes, steps, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.nn.functional.normalize(torch.randn(n_classes, D, generator=gen), dim=1)
+    def batch():
+        y = torch.randint(0, n_classes, (B,), generator=gen)
+        return centres[y] + 0.5 * torch.randn(B, D, generator=gen) / D ** 0.5, y
+    fill = [batch() for _ in range(-(-K // B))]
+    return fill, [batch() for _ in range(steps)]
+
+
+def _step(module, batches):
+    state = {"i": 0}
+    def fn():
+        x0, y = batches[state["i"] % len(batches)]
+        state["i"] += 1
+        x = x0.clone().requires_grad_()
+        module(x, y).backward()
+    return fn
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="256,16384,128", help="B,K,D")
+    p.add_argument("--classes", type=int, default=1000)
+    p.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per provider and case")
+    p.add_argument("--configs", default=None, help="comma list of configuration names (default: all)")
+    p.add_argument("--smoke", action="store_true", help="tiny shape, short timings")
+    p.add_argument("--out", default=os.path.join(REPO, "bench", "results"))
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.shape, args.min_run_time, args.classes = "16,256,32", 0.01, 20
+    B, K, D = (int(v) for v in args.shape.split(","))
+    names = [n for n in CONFIGS if args.configs is None or n in args.configs.split(",")]
+    identity = measure.run_identity(torch.device("cpu"), REPO)
+    fill, batches = _data(B, K, D, args.classes, steps=8)
+    rows = []
+    print(f"{identity['device']}, torch {identity['torch']}, commit {identity['commit']}, threads "
+          f"{torch.get_num_threads()}; B={B} K={K} D={D}")
+    for name in names:
+        times, fused = {}, None
+        for provider in ("pml", "xbm_kernels.pml"):
+            loss, miner = CONFIGS[name]()
+            if provider == "pml":
+                module = losses.CrossBatchMemory(loss, D, memory_size=K, miner=miner)
+            else:
+                module = xpml.CrossBatchMemory(loss, D, memory_size=K, miner=miner)
+                fused = module.fused
+            with torch.no_grad():
+                for x, y in fill:
+                    module(x, y)  # a full memory
+            fn = _step(module, batches)
+            fn()  # warm-up
+            m = tb.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=args.min_run_time)
+            times[provider] = m.median * 1e3
+        speedup = times["pml"] / times["xbm_kernels.pml"]
+        rows.append(dict(identity, config=name, B=B, K=K, D=D, fused=(fused or "no: PML's loss").split(":")[0],
+                         pml_ms=f"{times['pml']:.3f}", xbm_ms=f"{times['xbm_kernels.pml']:.3f}",
+                         speedup=f"{speedup:.2f}", threads=torch.get_num_threads()))
+        print(f"  {name:36s} pml {times['pml']:9.2f} ms   xbm_kernels.pml {times['xbm_kernels.pml']:9.2f} ms   "
+              f"{speedup:5.2f}x   fused: {rows[-1]['fused']}")
+    out_dir = os.path.join(args.out, identity["device"])
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "bench-pml-smoke.csv" if args.smoke else "bench-pml.csv")
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
