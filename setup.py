@@ -7,25 +7,53 @@ Knobs (environment):
   TORCH_CUDA_ARCH_LIST  CUDA architectures (default "8.0;9.0a")
   MAX_JOBS              parallel compile jobs (read by torch's ninja builder)
 
-Install with `pip install --no-build-isolation .`: an isolated build would pull a
-different (multi-GB) torch than the one installed.
+Install with `pip install --no-build-isolation .`: the extension is compiled against the
+torch that is installed, and torch is deliberately not a build requirement (pip's isolated
+build environment would have none, or a different one). The wheel's metadata pins
+torch==<major.minor>.* of the torch it was built with, since the C++ ABI changes between
+torch minor versions.
 """
 import glob
 import os
+import re
 import sys
 
 from setuptools import find_packages, setup
-import torch
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+NO_TORCH = """xbm_kernels build: torch is not importable here. The C++ extension is compiled against
+the torch you run, so torch must be installed first and the build must see it:
+
+    pip install torch==<version>            # the torch you will run, e.g. torch==2.13.0
+    pip install --no-build-isolation .      # (or -e . ; pip wheel --no-build-isolation .)
+
+Without --no-build-isolation pip builds in a fresh environment that has no torch.
+"""
+
+
+def torch_requirement(version):
+    """The install requirement for the torch a build used: the same major.minor release
+    (torch's C++ ABI is not stable across minor versions; patch releases keep it)."""
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if not m:
+        raise ValueError(f"torch version {version!r}: expected major.minor[...]")
+    return f"torch=={m.group(1)}.{m.group(2)}.*"
+
+
+def _import_torch():
+    try:
+        import torch
+    except ImportError:
+        sys.exit(NO_TORCH)
+    return torch
 
 
 def _flag(name):
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
-def _decide_cuda():
+def _decide_cuda(torch, CUDA_HOME):
     if _flag("FORCE_ONLY_CPU"):
         return False, "FORCE_ONLY_CPU is set"
     if _flag("FORCE_CUDA"):
@@ -37,8 +65,9 @@ def _decide_cuda():
     return True, "torch %s (CUDA %s) and CUDA_HOME=%s" % (torch.__version__, torch.version.cuda, CUDA_HOME)
 
 
-def _extension():
-    with_cuda, why = _decide_cuda()
+def _extension(torch):
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension, CUDA_HOME
+    with_cuda, why = _decide_cuda(torch, CUDA_HOME)
     sources = [os.path.relpath(p, ROOT) for p in
                sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
                + sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
@@ -61,20 +90,31 @@ def _extension():
                    py_limited_api=True)
 
 
-setup(
-    name="xbm-kernels",
-    version="0.1.0",
-    description="Fused Cross-Batch Memory (XBM) losses for PyTorch: reference, C++ CPU, Triton and CUDA backends",
-    packages=find_packages(include=["xbm_kernels", "xbm_kernels.*"]),
-    python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy"],
-    extras_require={
-        "triton": ["triton>=3.6"],
-        "test": ["pytest", "hypothesis"],
-        "app": ["tqdm", "scikit-learn", "matplotlib", "pillow"],
-    },
-    ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
-    zip_safe=False,
-)
+
+def main():
+    torch = _import_torch()
+    from torch.utils.cpp_extension import BuildExtension
+    requirement = torch_requirement(torch.__version__)
+    print("xbm_kernels build: against torch %s; the package requires %s" % (torch.__version__, requirement))
+    setup(
+        name="xbm-kernels",
+        version="0.1.0",
+        description="Fused Cross-Batch Memory (XBM) losses for PyTorch: reference, C++ CPU, Triton and CUDA backends",
+        packages=find_packages(include=["xbm_kernels", "xbm_kernels.*"]),
+        package_data={"xbm_kernels": ["CONTRACT.md"]},
+        python_requires=">=3.10",
+        install_requires=[requirement, "numpy"],
+        extras_require={
+            "triton": ["triton>=3.6"],
+            "test": ["pytest", "hypothesis"],
+            "app": ["tqdm", "scikit-learn", "matplotlib", "pillow"],
+        },
+        ext_modules=[_extension(torch)],
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+        options={"bdist_wheel": {"py_limited_api": "cp39"}},
+        zip_safe=False,
+    )
+
+
+if __name__ == "__main__":  # also how setuptools' build backend runs this file
+    main()

@@ -1,6 +1,7 @@
 """XBMLoss composition: in-batch loss + weight x memory loss after the enqueue."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import xbm_kernels as xk
 from common import make_case
@@ -27,14 +28,19 @@ def _expected(x, y, mem_x, mem_y, slots, weight):
     return loss, grad
 
 
+@pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_steps_match_oracle_with_wraparound(backend):
-    crit = xk.XBMLoss(30, 16, weight=0.7, backend=backend)
+def test_steps_match_oracle_with_wraparound(backend, normalize):
+    """normalize=True: the oracle sees normalize(x) and the gradient goes back through it,
+    d/dx L(x / |x|) = (g - u (u . g)) / |x| with u = x / |x| and g the gradient at u."""
+    crit = xk.XBMLoss(30, 16, weight=0.7, backend=backend, normalize=normalize)
     model_x, model_y = [], []
-    for step, (x0, y) in enumerate(_batches(5)):  # 5 x 12 rows through a 30-row ring
-        x = x0.clone().requires_grad_()
+    for step, (raw, y) in enumerate(_batches(5)):  # 5 x 12 rows through a 30-row ring
+        raw = raw * (1 + 0.5 * torch.arange(12.0)[:, None]) if normalize else raw  # rows of other norms
+        x = raw.clone().requires_grad_()
         loss = crit(x, y)
         loss.backward()
+        x0 = F.normalize(raw, dim=1) if normalize else raw
         model_x += list(x0)
         model_y += y.tolist()
         ring_x, ring_y = [None] * 30, [None] * 30
@@ -44,6 +50,9 @@ def test_steps_match_oracle_with_wraparound(backend):
         mem_x, mem_y = torch.stack(ring_x[:n]), torch.tensor(ring_y[:n])
         slots = torch.tensor([(step * 12 + i) % 30 for i in range(12)])
         exp_loss, exp_grad = _expected(x0, y, mem_x, mem_y, slots, 0.7)
+        if normalize:
+            u, norm = x0.double(), raw.double().norm(dim=1, keepdim=True)
+            exp_grad = (exp_grad - u * (u * exp_grad).sum(1, keepdim=True)) / norm
         assert torch.equal(crit.memory.get()[0], mem_x)
         torch.testing.assert_close(loss.double(), exp_loss, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(x.grad.double(), exp_grad, rtol=1e-5, atol=1e-6)
@@ -61,8 +70,8 @@ def test_start_iteration_delays_the_memory(backend):
     for step, (x, y) in enumerate(batches):
         loss = crit(x, y)
         in_batch = xk.contrastive_loss(x, y, x, y, self_index=torch.arange(12), backend="reference")
-        if step < 2:
-            assert len(crit.memory) == 0 and "memory_pos" not in crit.last_stats
+        if step < 2:  # every key every step: the memory's counts are 0 before it joins
+            assert len(crit.memory) == 0 and int(crit.last_stats["memory_pos"]) == 0
             torch.testing.assert_close(loss, in_batch)
         else:
             assert len(crit.memory) == 12
@@ -72,7 +81,7 @@ def test_start_iteration_delays_the_memory(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_enqueue_mask_writes_selected_rows_and_excludes_their_self_slots(backend):
     (x0, y), (x1, y1) = _batches(2)
-    crit = xk.XBMLoss(64, 16, backend=backend)
+    crit = xk.XBMLoss(64, 16, backend=backend, normalize=False)
     crit(x0, y)
     mask = torch.tensor([True, False] * 6)
     loss = crit(x1, y1, enqueue_mask=mask)

@@ -44,12 +44,31 @@ def tensor(name, t, *, dim=None, dtypes=None, integer=False, floating=False, dev
     return t
 
 
-def labels_fit_int32(name, labels):
-    if labels.numel() and labels.dtype not in (torch.int32, torch.int16, torch.int8, torch.uint8) \
-            and value_checks_on(labels):
-        lo, hi = int(labels.min()), int(labels.max())
-        if lo < INT32_MIN or hi > INT32_MAX:
-            raise ValueError(f"{name}: labels must fit in int32, got values in [{lo}, {hi}]")
+# Integer dtypes whose every value fits in int32: no data check needed.
+_INT32_SAFE = (torch.int32, torch.int16, torch.int8, torch.uint8, torch.uint16)
+
+
+def labels_fit_int32(name, labels, *, always=False):
+    """Labels of any integer dtype (unsigned ones included) must hold values that fit in
+    int32; a data check (a host sync on a GPU, so it follows value_checks_on unless
+    `always`). Many reductions are not implemented for uint16/32/64, so unsigned labels
+    are read as int64 (uint64 by reinterpreting its bits: values >= 2**63 read negative)."""
+    if not labels.numel() or labels.dtype in _INT32_SAFE or not (always or value_checks_on(labels)):
+        return
+    if labels.dtype == torch.uint64:
+        v = labels.view(torch.int64)
+    elif labels.dtype == torch.uint32:
+        v = labels.to(torch.int64)
+    else:
+        v = labels
+    lo, hi = (int(t) for t in torch.aminmax(v))
+    if labels.dtype == torch.uint64 and lo < 0:  # some values are >= 2**63: report them as unsigned
+        big = v[v < 0]
+        hi = int(big.max()) + 2 ** 64
+        small = v[v >= 0]
+        lo = int(small.min()) if small.numel() else int(big.min()) + 2 ** 64
+    if lo < INT32_MIN or hi > INT32_MAX:
+        raise ValueError(f"{name}: labels must fit in int32, got values in [{lo}, {hi}]")
 
 
 def finite_number(name, v, *, minimum=None):

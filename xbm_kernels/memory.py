@@ -1,4 +1,4 @@
-"""CrossBatchMemory: the ring buffer of past embeddings and labels (DESIGN.md section 2)."""
+"""CrossBatchMemory: the ring buffer of past embeddings and labels (CONTRACT.md section 2)."""
 import torch
 from torch import nn
 
@@ -17,9 +17,17 @@ class CrossBatchMemory(nn.Module):
     as int32.
 
     Non-finite embeddings never reach the memory: with check_finite=True (the default)
-    enqueue raises a ValueError naming `embeddings` and writes nothing. The check is one
-    reduction; on a GPU it costs one host sync per enqueue, which check_finite=False
-    removes (then keeping NaN out is the caller's job).
+    enqueue raises a ValueError naming `embeddings` and writes nothing when a row holds
+    NaN/Inf or a value that overflows on the cast to the memory dtype (1e5 into float16,
+    3.4e38 into bfloat16). The check is one reduction; on a GPU it costs one host sync per
+    enqueue, which check_finite=False removes (then keeping NaN out is the caller's job).
+
+    Labels may be any integer dtype whose values fit in int32 (unsigned ones included).
+
+    load_state_dict() checks every entry first (shapes, dtypes that cast, the counters, the
+    finiteness of the filled rows in the memory dtype) and copies nothing when one is wrong;
+    the four entries load together or not at all (strict=False too). reset() empties the
+    memory only: XBMLoss.reset() also restarts XBMLoss's step counter.
     """
 
     def __init__(self, size: int, dim: int, dtype: torch.dtype = torch.float32, device=None, backend="auto",
@@ -68,18 +76,27 @@ class CrossBatchMemory(nn.Module):
             b = int(mask.sum())
         if b > self.size:
             raise ValueError(f"embeddings: batch of {b} rows is larger than the memory (size {self.size})")
-        if self.check_finite and embeddings.numel():
-            rows = embeddings if mask is None else embeddings[mask]
-            # One fp32 sum decides the common case (it is finite unless an entry is not, or
-            # it overflows); only then the row-wise check, which tells the two apart. On
-            # the CPU this is ~15x cheaper than isfinite().all() over the batch.
-            if not bool(torch.isfinite(rows.sum(dtype=torch.float32))):
-                bad = ~torch.isfinite(rows).all(dim=1)
-                if bool(bad.any()):
-                    first = int(bad.nonzero()[0, 0])
-                    raise ValueError(f"embeddings: {int(bad.sum())} row(s) with NaN/Inf (first: row {first} of "
-                                     f"the {'masked ' if mask is not None else ''}batch); nothing was written")
+        if self.check_finite and b:
+            self._check_finite("embeddings", embeddings if mask is None else embeddings[mask],
+                               "masked batch" if mask is not None else "batch", "nothing was written")
         return b
+
+    def _check_finite(self, name, rows, what, consequence):
+        """Raises unless every entry of `rows` is finite after the cast to the memory dtype."""
+        # One aminmax pass decides the common case: NaN reaches both ends, and the cast
+        # rounds monotonically, so every entry stays finite iff both ends do (as cheap as
+        # the fp32 sum it replaces, which missed values that overflow only on the cast).
+        ends = torch.stack(tuple(torch.aminmax(rows.detach()))).to(self.dtype)
+        if bool(torch.isfinite(ends).all()):
+            return
+        rows = rows.detach()
+        bad = ~torch.isfinite(rows.to(self.dtype)).all(dim=1)
+        first = int(bad.nonzero()[0, 0])
+        overflow = int((bad & torch.isfinite(rows).all(dim=1)).sum())
+        note = (f"; {overflow} of them finite in {rows.dtype} but beyond the largest {self.dtype}, "
+                f"{torch.finfo(self.dtype).max:.6g}" if overflow else "")
+        raise ValueError(f"{name}: {int(bad.sum())} row(s) with NaN/Inf in the memory dtype {self.dtype} (first: "
+                         f"row {first} of the {what}{note}); {consequence}")
 
     @torch.no_grad()
     def enqueue(self, embeddings, labels, mask=None):
@@ -120,15 +137,72 @@ class CrossBatchMemory(nn.Module):
         self.num_filled.zero_()
         self.labels.fill_(-1)
 
+    STATE_KEYS = ("embeddings", "labels", "ptr", "num_filled")
+
+    def check_state(self, state_dict, prefix=""):
+        """Validates this memory's entries of `state_dict` (under `prefix`) without changing
+        anything. Returns False when none is there, True when all four are there and valid;
+        raises (naming the key) when some are missing or one is wrong."""
+        keys = [prefix + k for k in self.STATE_KEYS]
+        present = [k for k in keys if k in state_dict]
+        if not present:
+            return False
+        if len(present) < len(keys):
+            missing = [k for k in keys if k not in state_dict]
+            raise ValueError(f"state_dict: has {present} but not {missing}; a memory's entries load all together or "
+                             f"not at all; nothing was loaded")
+        emb, lab, ptr, nf = (state_dict[k] for k in keys)
+        for key, t in zip(keys, (emb, lab, ptr, nf)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"state_dict: {key!r}: expected a torch.Tensor, got {type(t).__name__}; "
+                                f"nothing was loaded")
+        k_emb, k_lab, k_ptr, k_nf = keys
+        if tuple(emb.shape) != (self.size, self.dim):
+            raise ValueError(f"state_dict: {k_emb!r} has shape {tuple(emb.shape)}, expected {(self.size, self.dim)} "
+                             f"(a memory of size {self.size}, dim {self.dim}); nothing was loaded")
+        if not emb.is_floating_point():
+            raise TypeError(f"state_dict: {k_emb!r} has dtype {emb.dtype}, expected a floating-point dtype; "
+                            f"nothing was loaded")
+        if tuple(lab.shape) != (self.size,):
+            raise ValueError(f"state_dict: {k_lab!r} has shape {tuple(lab.shape)}, expected {(self.size,)}; "
+                             f"nothing was loaded")
+        if lab.is_floating_point() or lab.is_complex() or lab.dtype == torch.bool:
+            raise TypeError(f"state_dict: {k_lab!r} has dtype {lab.dtype}, expected an integer dtype; "
+                            f"nothing was loaded")
+        counters = []
+        for key, t in ((k_ptr, ptr), (k_nf, nf)):
+            if tuple(t.shape) not in ((), (1,)) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+                raise TypeError(f"state_dict: {key!r}: expected an integer scalar tensor, got dtype {t.dtype} and "
+                                f"shape {tuple(t.shape)}; nothing was loaded")
+            counters.append(int(t.reshape(())))
+        p, n = counters
+        if not (0 <= p < self.size and 0 <= n <= self.size and (n == self.size or p == n)):
+            raise ValueError(f"state_dict: ptr={p}, num_filled={n} are not a valid state of a memory of size "
+                             f"{self.size}; nothing was loaded")
+        try:
+            V.labels_fit_int32(k_lab, lab, always=True)
+        except ValueError as e:
+            raise ValueError(f"state_dict: {e}; nothing was loaded") from None
+        if self.check_finite and n:
+            self._check_finite(f"state_dict: {k_emb!r}", emb[:n], "checkpoint", "nothing was loaded")
+        return True
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Check the counters before anything is copied, then mirror them to the host.
-        ptr, nf = state_dict.get(prefix + "ptr"), state_dict.get(prefix + "num_filled")
-        if ptr is not None and nf is not None:
-            ptr, nf = int(ptr), int(nf)
-            if not (0 <= ptr < self.size and 0 <= nf <= self.size and (nf == self.size or ptr == nf)):
-                raise ValueError(f"state_dict: ptr={ptr}, num_filled={nf} are not a valid state of a memory "
-                                 f"of size {self.size}")
+        # Everything is checked before anything is copied: the default path would copy the
+        # entries that fit and report the others only afterwards.
+        self.check_state(state_dict, prefix)
+        dtype = self.embeddings.dtype
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # load_state_dict(assign=True) puts the checkpoint's tensors in place: keep the
+        # memory's own dtypes and layout.
+        if self.embeddings.dtype != dtype or not self.embeddings.is_contiguous():
+            self.embeddings = self.embeddings.to(dtype).contiguous()
+        if self.labels.dtype != torch.int32 or not self.labels.is_contiguous():
+            self.labels = self.labels.to(torch.int32).contiguous()
+        for name in ("ptr", "num_filled"):
+            t = getattr(self, name)
+            if t.dtype != torch.int64 or t.dim():
+                setattr(self, name, t.reshape(()).to(torch.int64))
         self._ptr, self._num_filled = int(self.ptr), int(self.num_filled)
 
     def _apply(self, fn, recurse=True):

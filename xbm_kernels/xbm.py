@@ -1,5 +1,6 @@
-"""XBMLoss: the paper's training scheme (DESIGN.md section 2).
+"""XBMLoss: the paper's training scheme (CONTRACT.md section 2).
 
+    x = normalize(embeddings)                                      # normalize=True (default)
     loss = L(x, y; x, y, self_index = arange(B))                   # in-batch
     if step >= start_iteration:
         slots = memory.enqueue(x.detach(), y)
@@ -11,6 +12,7 @@ slots are excluded exactly by index.
 """
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from . import _validate as V
@@ -18,11 +20,68 @@ from . import backends
 from .losses import LOSSES, compute
 from .memory import CrossBatchMemory
 
+STAT_KEYS = ("in_batch_pos", "in_batch_neg", "memory_pos", "memory_neg")
+
 
 class XBMLoss(nn.Module):
+    """Cross-Batch Memory loss (Wang et al., CVPR 2020): the batch's loss against itself
+    plus `weight` x its loss against a memory of the last `memory_size` embeddings.
+
+    Each call is one training step t = 0, 1, ... (counted by the module, saved in its
+    state_dict as `iteration`)::
+
+        x = normalize(embeddings)                 # when normalize=True
+        loss = L(x, y; x, y, self_index=arange(B))
+        if t >= start_iteration:                  # the memory joins after the warm-up
+            slots = memory.enqueue(x.detach(), y, enqueue_mask)
+            loss = loss + weight * L(x, y; memory, self_index=slots)
+
+    The batch is enqueued before the memory loss and each anchor's own slot is excluded by
+    index, not by a similarity threshold.
+
+    Args:
+        memory_size: rows K of the memory (a ring buffer; the oldest rows are overwritten).
+        embedding_dim: D, the embeddings' width.
+        loss: "contrastive" (default), "multi_similarity", "triplet" or "supcon".
+        weight: the memory loss's factor (the paper's code uses 1.0).
+        start_iteration: warm-up steps without the memory (0: it joins at the first step).
+        memory_dtype: float32 (default), bfloat16 or float16; the memory keeps it when the
+            module is cast, and rows that overflow it are rejected at the enqueue.
+        gather_distributed: under torch.distributed, every rank all-gathers the batch (in
+            rank order) and enqueues the global batch, so the memories stay identical; each
+            rank's memory loss covers its local anchors. The batch size must be equal on
+            every rank and world_size x B must fit in the memory.
+        backend: "auto" (default), "reference", "cpu", "triton" or "cuda".
+        reduction: "mean" (default), "sum" or "none" (then the in-batch and memory losses
+            are added per anchor).
+        check_finite: reject non-finite rows (NaN/Inf, or overflowing the memory dtype) at
+            the enqueue with a ValueError; False removes the check and its host sync.
+        normalize: L2-normalise the batch first (autograd through it), so that both losses
+            and the memory see unit rows; a scaled batch then gives the same loss. False
+            uses the embeddings as given (they should then be L2-normalised already).
+        **loss_kwargs: the loss's parameters (contrastive: margin, pos_eps;
+            multi_similarity: alpha, beta, base, mining_margin, pos_eps; triplet: margin,
+            pos_eps; supcon: temperature, pos_eps).
+
+    forward(embeddings (B, D) float, labels (B,) integer tensor, enqueue_mask=None): with
+    `enqueue_mask` (B,) bool only the rows where it is True are enqueued (the others are
+    still anchors, with no copy in the memory). Every argument, and whether the batch fits
+    in the memory, is checked at every step, also before the memory joins; a bad call
+    raises before the memory or the step counter change.
+
+    `last_stats` holds, after every step, the active pair counts as 0-dim int64 tensors
+    (no host sync): in_batch_pos, in_batch_neg, memory_pos, memory_neg (the memory ones 0
+    before the memory joins).
+
+    `memory` is the CrossBatchMemory. `reset()` empties it and restarts the step counter
+    (so the warm-up runs again); `reset(step=False)`, like `memory.reset()`, empties the
+    memory only. state_dict()/load_state_dict() resume exactly (memory, pointer, fill and
+    step); a load that fails changes nothing.
+    """
+
     def __init__(self, memory_size, embedding_dim, loss="contrastive", weight=1.0, start_iteration=0,
                  memory_dtype=torch.float32, gather_distributed=False, backend="auto", reduction="mean",
-                 check_finite=True, **loss_kwargs):
+                 check_finite=True, normalize=True, **loss_kwargs):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"loss: unknown loss {loss!r}; available: {sorted(LOSSES)}")
@@ -36,18 +95,58 @@ class XBMLoss(nn.Module):
             raise ValueError(f"reduction: expected one of {V.REDUCTIONS}, got {reduction!r}")
         if backend not in backends.NAMES + ("auto",):
             raise ValueError(f"backend: expected 'auto' or one of {list(backends.NAMES)}, got {backend!r}")
+        if not isinstance(normalize, bool):
+            raise TypeError(f"normalize: expected a bool, got {type(normalize).__name__}")
         self.loss_name, self.loss_kwargs, self.reduction, self.backend = loss, dict(loss_kwargs), reduction, backend
         self.weight = V.finite_number("weight", weight)
         self.start_iteration = V.index("start_iteration", start_iteration, 0, 2 ** 62)
         self.gather_distributed = bool(gather_distributed)
+        self.normalize = normalize
         self.memory = CrossBatchMemory(memory_size, embedding_dim, dtype=memory_dtype, backend=backend,
                                        check_finite=check_finite)
         self.register_buffer("iteration", torch.zeros((), dtype=torch.int64))
         self._iteration = 0
         self.last_stats = {}
 
+    def extra_repr(self):
+        spec = LOSSES[self.loss_name]
+        params = "".join(f", {k}={self.loss_kwargs.get(k, v)!r}" for k, v in spec.defaults.items())
+        return (f"loss={self.loss_name!r}{params}, weight={self.weight!r}, start_iteration={self.start_iteration}, "
+                f"reduction={self.reduction!r}, backend={self.backend!r}, normalize={self.normalize}, "
+                f"gather_distributed={self.gather_distributed}, step={self._iteration}")
+
+    @torch.no_grad()
+    def reset(self, step=True):
+        """Empties the memory; with step=True (the default) also sets the step counter to 0,
+        so the memory joins again after `start_iteration` steps. step=False empties the
+        memory only (the same as `self.memory.reset()`)."""
+        self.memory.reset()
+        if step:
+            self._iteration = 0
+            self.iteration.zero_()
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The step and the memory are one state: both are checked before anything is
+        # copied (the memory's entries load after this module's own), and a state that
+        # has one without the other is rejected.
+        key = prefix + "iteration"
+        has_memory = self.memory.check_state(state_dict, prefix + "memory.")
+        if (key in state_dict) != has_memory:
+            have, lack = (key, prefix + "memory.*") if key in state_dict else (prefix + "memory.*", key)
+            raise ValueError(f"state_dict: has {have!r} but not {lack!r}; the step and the memory load together; "
+                             f"nothing was loaded")
+        if key in state_dict:
+            t = state_dict[key]
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) not in ((), (1,)) or t.is_floating_point() \
+                    or t.is_complex() or t.dtype == torch.bool:
+                raise TypeError(f"state_dict: {key!r}: expected an integer scalar tensor, got "
+                                f"{getattr(t, 'dtype', type(t).__name__)}; nothing was loaded")
+            if not 0 <= int(t.reshape(())) <= 2 ** 62:
+                raise ValueError(f"state_dict: {key!r}: expected a step >= 0, got {int(t.reshape(()))}; "
+                                 f"nothing was loaded")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.iteration.dtype != torch.int64 or self.iteration.dim():  # load_state_dict(assign=True)
+            self.iteration = self.iteration.reshape(()).to(torch.int64)
         self._iteration = int(self.iteration)
 
     def _loss(self, x, y, ref, ref_labels, **kw):
@@ -69,8 +168,8 @@ class XBMLoss(nn.Module):
         gm = cat(mask) if mask is not None else None
         return cat(x), cat(y), gm, rank * x.shape[0]
 
-    def forward(self, embeddings, labels, enqueue_mask=None):
-        """Returns the XBM loss of the batch; `last_stats` gets the active pair counts."""
+    def _check_step(self, embeddings, labels, enqueue_mask, distributed):
+        """The checks that do not need the memory to have joined: run at every step."""
         V.tensor("embeddings", embeddings, dim=2, floating=True)
         dev = embeddings.device
         if embeddings.shape[1] != self.memory.dim:
@@ -78,21 +177,50 @@ class XBMLoss(nn.Module):
         if self.memory.embeddings.device != dev:
             raise ValueError(f"embeddings: on {dev} but the memory is on {self.memory.embeddings.device}; "
                              f"move the XBMLoss module with .to(device)")
+        V.tensor("labels", labels, dim=1, integer=True, device=dev)
         B = embeddings.shape[0]
+        if labels.shape[0] != B:
+            raise ValueError(f"labels: expected {B} labels (one per embedding), got {labels.shape[0]}")
+        if enqueue_mask is not None:
+            V.tensor("enqueue_mask", enqueue_mask, dim=1, dtypes=(torch.bool,), device=dev)
+            if enqueue_mask.shape[0] != B:
+                raise ValueError(f"enqueue_mask: expected {B} entries (one per embedding), got "
+                                 f"{enqueue_mask.shape[0]}")
+        size = self.memory.size
+        world = dist.get_world_size() if distributed else 1
+        if enqueue_mask is None and world * B > size:
+            what = f"the global batch of {world} ranks x {B} rows" if world > 1 else f"batch of {B} rows"
+            raise ValueError(f"embeddings: {what} is larger than the memory (size {size})")
+        if enqueue_mask is not None and world == 1 and B > size and V.value_checks_on(enqueue_mask):
+            b = int(enqueue_mask.sum())
+            if b > size:
+                raise ValueError(f"embeddings: batch of {b} rows (enqueue_mask) is larger than the memory "
+                                 f"(size {size})")
+
+    def forward(self, embeddings, labels, enqueue_mask=None):
+        """Returns the XBM loss of the batch; `last_stats` gets the active pair counts."""
+        distributed = self.gather_distributed and dist.is_available() and dist.is_initialized()
+        self._check_step(embeddings, labels, enqueue_mask, distributed)
+        dev = embeddings.device
+        B = embeddings.shape[0]
+        x = embeddings
+        if self.normalize:  # in fp32 for half inputs, so that a large row's norm cannot overflow
+            x = F.normalize(x.float(), dim=1).to(x.dtype) if x.dtype in (torch.float16, torch.bfloat16) \
+                else F.normalize(x, dim=1)
         self_idx = torch.arange(B, device=dev)
         # The batch is both sides of the in-batch loss; a view as the reference side keeps the
         # two inputs distinct tensors for torch.compile (autograd.Function rejects duplicates)
         # while the gradients of both sides still reach `embeddings`.
-        loss, counts = self._loss(embeddings, labels, embeddings.view_as(embeddings), labels.view_as(labels),
-                                  self_index=self_idx)
+        loss, counts = self._loss(x, labels, x.view_as(x), labels.view_as(labels), self_index=self_idx)
         use_memory = self._iteration >= self.start_iteration
         if use_memory:  # validate the enqueue before the step counter or the memory change
-            if self.gather_distributed and dist.is_available() and dist.is_initialized():
-                gx, gy, gmask, offset = self._gather(embeddings.detach(), labels, enqueue_mask)
+            if distributed:
+                gx, gy, gmask, offset = self._gather(x.detach(), labels, enqueue_mask)
             else:
-                gx, gy, gmask, offset = embeddings.detach(), labels, enqueue_mask, 0
+                gx, gy, gmask, offset = x.detach(), labels, enqueue_mask, 0
             b = self.memory.check_batch(gx, gy, gmask)
-        stats = {"in_batch_pos": counts[:, 0].sum(), "in_batch_neg": counts[:, 1].sum()}
+        pos, neg = counts[:, 0].sum(), counts[:, 1].sum()
+        stats = {"in_batch_pos": pos, "in_batch_neg": neg}
         if use_memory:
             slots = self.memory.write_checked(gx, gy, gmask, b)
             if gmask is None:
@@ -101,10 +229,13 @@ class XBMLoss(nn.Module):
                 full = torch.full((gx.shape[0],), -1, dtype=torch.int64, device=dev)
                 full[gmask] = slots
                 self_index = full[offset:offset + B]
-            mem_loss, mcounts = self._loss(embeddings, labels, self.memory.embeddings, self.memory.labels,
+            mem_loss, mcounts = self._loss(x, labels, self.memory.embeddings, self.memory.labels,
                                            ref_valid=len(self.memory), self_index=self_index)
             loss = loss + self.weight * mem_loss
             stats.update(memory_pos=mcounts[:, 0].sum(), memory_neg=mcounts[:, 1].sum())
+        else:
+            zero = torch.zeros((), dtype=pos.dtype, device=dev)
+            stats.update(memory_pos=zero, memory_neg=zero.clone())
         self._iteration += 1
         self.iteration.fill_(self._iteration)
         self.last_stats = stats
