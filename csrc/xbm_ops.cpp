@@ -29,11 +29,11 @@ TORCH_LIBRARY(xbm_kernels, m) {
   m.def("contrastive_bwd(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor? self_index, "
         "int ref_valid, float margin, float pos_eps, Tensor grad_rows, bool allow_tf32) -> (Tensor, Tensor)");
   m.def("multi_similarity_fwd(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor? self_index, "
-        "int ref_valid, float alpha, float beta, float base, float mining_margin, float pos_eps, bool need_grad, "
-        "bool allow_tf32) -> (Tensor, Tensor, Tensor)");
+        "int ref_valid, float alpha, float beta, float base, float mining_margin, float pos_eps, bool mine, "
+        "bool skip_incomplete, bool need_grad, bool allow_tf32) -> (Tensor, Tensor, Tensor)");
   m.def("multi_similarity_bwd(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor? self_index, "
-        "int ref_valid, float alpha, float beta, float base, float mining_margin, float pos_eps, Tensor grad_rows, "
-        "bool allow_tf32) -> (Tensor, Tensor)");
+        "int ref_valid, float alpha, float beta, float base, float mining_margin, float pos_eps, bool mine, "
+        "bool skip_incomplete, Tensor grad_rows, bool allow_tf32) -> (Tensor, Tensor)");
   m.def("triplet_fwd(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor? self_index, "
         "int ref_valid, float margin, float pos_eps, bool need_grad, bool allow_tf32) -> (Tensor, Tensor, Tensor)");
   m.def("triplet_bwd(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor? self_index, "
@@ -41,5 +41,9 @@ TORCH_LIBRARY(xbm_kernels, m) {
   m.def("supcon_fwd(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor? self_index, "
         "int ref_valid, float temperature, float pos_eps, bool need_grad, bool allow_tf32) -> (Tensor, Tensor, Tensor)");
   m.def("supcon_bwd(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor? self_index, "
+        "int ref_valid, float temperature, float pos_eps, Tensor grad_rows, bool allow_tf32) -> (Tensor, Tensor)");
+  m.def("ntxent_fwd(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor? self_index, "
+        "int ref_valid, float temperature, float pos_eps, bool need_grad, bool allow_tf32) -> (Tensor, Tensor, Tensor)");
+  m.def("ntxent_bwd(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor? self_index, "
         "int ref_valid, float temperature, float pos_eps, Tensor grad_rows, bool allow_tf32) -> (Tensor, Tensor)");
 }

@@ -48,13 +48,16 @@ struct TileScratch {
     if (ref.scalar_type() != at::kFloat) ref32 = at::empty({cols, D}, opts);
   }
   at::Tensor aux_tile(int64_t B, int64_t w) { return aux.narrow(0, 0, B * w).view({B, w}); }
+  at::Tensor current_ref;  // the tile ref_tile returned last (epilogues that read R rows)
   // fp32 view of ref rows [c0, c0 + w)
   at::Tensor ref_tile(const at::Tensor& ref, int64_t c0, int64_t w) {
     at::Tensor rt = ref.narrow(0, c0, w);
-    if (!ref32.defined()) return rt;
-    at::Tensor buf = ref32.narrow(0, 0, w);
-    buf.copy_(rt);
-    return buf;
+    if (ref32.defined()) {
+      rt = ref32.narrow(0, 0, w);
+      rt.copy_(ref.narrow(0, c0, w));
+    }
+    current_ref = rt;
+    return rt;
   }
   // S_tile = X R_tile^T, (B, w) fp32, living in `scores`
   at::Tensor similarity(const at::Tensor& x32, const at::Tensor& rt) {

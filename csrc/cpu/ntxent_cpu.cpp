@@ -1,0 +1,420 @@
+// Fused NT-Xent loss (InfoNCE per positive pair, as pytorch-metric-learning's NTXentLoss)
+// over a reference set on the CPU:
+//   s_ij = S_ij / tau,  LZ_i = log sum_{n in N_i} exp(s_in)   (-inf when N_i is empty)
+//   l_i = sum_{p in P_i} log(exp(s_ip) + exp(LZ_i)) - s_ip = sum_{p in P_i} softplus(LZ_i - s_ip)
+//   dl_i/dS_ip = -(1/tau) sigmoid(LZ_i - s_ip),  dl_i/dS_in = (1/tau) w_i exp(s_in - LZ_i),
+//   w_i = sum_{p in P_i} sigmoid(LZ_i - s_ip)
+// Pass 1 streams the memory for LZ with an online log-sum-exp over the negatives (running
+// max m, sum, and the softmax numerator G = sum exp(s - m) r rescaled when m grows, as in
+// supcon_cpu.cpp). Pass 2 visits the positives only: a tile's labels are compared first
+// and, when few pairs match (many classes: the usual memory), each matching pair's dot
+// product is computed alone, 2 D flops instead of the tile GEMM; tiles where more than
+// 1/32 of the pairs match take the GEMM. Then dl_i/dx_i = (1/tau) (w_i G_i / sum_i -
+// sum_p sigmoid(.) r_p). The reference-side gradient (in-batch loss) runs both passes for
+// LZ and w, then C = dl/dS per tile: dX = C R, dR = C^T X. Every pass decides a tile's
+// sparse or dense form from the labels alone, so all of them see the same S_ip and agree
+// on P_i.
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu/simd.h"
+#include "cpu/tiles.h"
+
+namespace xbm_kernels {
+namespace {
+
+using at::Tensor;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// <a, b> in fp32, four lanes then the tail, in a fixed order.
+inline float dot(const float* a, const float* b, int64_t D) {
+  int64_t d = 0;
+  float out = 0.f;
+#if XBM_CPU_VECTOR
+  cpu::f32x4 acc = {0.f, 0.f, 0.f, 0.f};
+  for (; d + 4 <= D; d += 4) acc += cpu::load4(a + d) * cpu::load4(b + d);
+  out = cpu::sum4(acc);
+#endif
+  for (; d < D; ++d) out += a[d] * b[d];
+  return out;
+}
+
+// The valid label-matching columns of one tile, row by row, or `dense` when there are
+// more than 1/32 of the tile's pairs (the cut-off of cpu::add_sparse_rows).
+struct TileMatches {
+  std::vector<int64_t> start;  // B + 1 offsets into cols
+  std::vector<int32_t> cols;   // tile columns
+  bool dense = false;
+};
+
+void find_matches(int64_t B, int64_t w, int64_t c0, const cpu::LossInputs& in, TileMatches& m) {
+  const int32_t* y = in.y_ptr();
+  const int32_t* z = in.z_ptr() + c0;
+  const size_t cap = static_cast<size_t>(B * w / 32);
+  m.start.assign(1, 0);
+  m.cols.clear();
+  m.dense = false;
+  for (int64_t i = 0; i < B; ++i) {
+    const int64_t self_col = in.self_col(i) - c0;
+    const int32_t yi = y[i];
+    int64_t j = 0;
+#if XBM_CPU_VECTOR
+    for (; j + 4 <= w; j += 4) {
+      const cpu::i32x4 same = cpu::load4(z + j) == yi;
+      if (!(same[0] | same[1] | same[2] | same[3])) continue;
+      for (int64_t k = 0; k < 4; ++k)
+        if (same[k] && j + k != self_col) m.cols.push_back(static_cast<int32_t>(j + k));
+    }
+#endif
+    for (; j < w; ++j)
+      if (z[j] == yi && j != self_col) m.cols.push_back(static_cast<int32_t>(j));
+    if (m.cols.size() > cap) {
+      m.dense = true;
+      return;
+    }
+    m.start.push_back(static_cast<int64_t>(m.cols.size()));
+  }
+}
+
+// Pass 1, per partition: running max m of s over the negatives, sum of exp(s - m) (f64),
+// |N_i|, and (accumulate) G = sum exp(s - m) r.
+struct NegParts {
+  Tensor m, sum, count;  // (P, B) f32, f64, int64
+  Tensor g;              // (P, B, D) f32 or undefined
+};
+
+// One row of a tile whose columns are all valid: the negatives' running state, their
+// weights exp(s - m_new) written over the row (0 elsewhere). Returns the rescale factor of
+// the previous state.
+float neg_row(float* row, int64_t w, const int32_t* z, int32_t yi, float inv_tau, float& m, double& sum,
+              int64_t& count) {
+  int64_t j = 0;
+  float vmax = -kInf;
+#if XBM_CPU_VECTOR
+  cpu::f32x4 mx = {-kInf, -kInf, -kInf, -kInf};
+  for (; j + 4 <= w; j += 4) {
+    const cpu::f32x4 v = cpu::load4(row + j);
+    mx = cpu::select4((cpu::load4(z + j) != yi) & (v > mx), v, mx);
+  }
+  vmax = cpu::max4(mx);
+#endif
+  for (; j < w; ++j)
+    if (z[j] != yi) vmax = std::max(vmax, row[j]);
+  const float m_new = std::max(m, vmax * inv_tau);  // max(v) / tau = max(v / tau): rounding is monotone
+  const float rescale = m_new == -kInf ? 1.f : std::exp(m - m_new);  // 0 when m was -inf
+  double acc = 0;
+  float nn = 0.f;
+  j = 0;
+#if XBM_CPU_VECTOR
+  const cpu::f32x4 zero = {0.f, 0.f, 0.f, 0.f};
+  while (j + 4 <= w) {  // float lanes over blocks of up to 256 columns, each block's sum added in double
+    const int64_t end = std::min(w, j + 256);
+    cpu::f32x4 acc4 = zero, nn4 = zero;
+    for (; j + 4 <= end; j += 4) {
+      const cpu::f32x4 v = cpu::load4(row + j);
+      const cpu::i32x4 neg = cpu::load4(z + j) != yi;
+      // other lanes may overflow exp4's range; they are clamped there, then zeroed
+      const cpu::f32x4 e = cpu::select4(neg, cpu::exp4(v * inv_tau - m_new), zero);
+      acc4 += e;
+      nn4 += cpu::mask_to_one(neg);
+      cpu::store4(row + j, e);
+    }
+    acc += cpu::sum4(acc4);
+    nn += cpu::sum4(nn4);
+  }
+#endif
+  for (; j < w; ++j) {
+    const bool neg = z[j] != yi;
+    const float e = neg ? std::exp(row[j] * inv_tau - m_new) : 0.f;
+    acc += e;
+    nn += neg;
+    row[j] = e;
+  }
+  sum = sum * rescale + acc;
+  m = m_new;
+  count += static_cast<int64_t>(nn);
+  return rescale;
+}
+
+// The same for the row whose own column is in the tile (once per row and pass), scalar.
+float neg_row_with_self(float* row, int64_t w, int64_t self_col, const int32_t* z, int32_t yi, float inv_tau,
+                        float& m, double& sum, int64_t& count) {
+  float vmax = -kInf;
+  for (int64_t j = 0; j < w; ++j)
+    if (j != self_col && z[j] != yi) vmax = std::max(vmax, row[j]);
+  const float m_new = std::max(m, vmax * inv_tau);
+  const float rescale = m_new == -kInf ? 1.f : std::exp(m - m_new);
+  double acc = 0;
+  int64_t nn = 0;
+  for (int64_t j = 0; j < w; ++j) {
+    const bool neg = j != self_col && z[j] != yi;
+    const float e = neg ? std::exp(row[j] * inv_tau - m_new) : 0.f;
+    acc += e;
+    nn += neg;
+    row[j] = e;
+  }
+  sum = sum * rescale + acc;
+  m = m_new;
+  count += nn;
+  return rescale;
+}
+
+NegParts negatives_pass(const cpu::LossInputs& in, const cpu::TilePlan& plan, float inv_tau, bool accumulate) {
+  const int64_t B = in.B, D = in.D;
+  const auto f32 = in.x32.options();
+  NegParts st;
+  st.m = at::full({plan.parts, B}, -kInf, f32);
+  st.sum = at::zeros({plan.parts, B}, f32.dtype(at::kDouble));
+  st.count = at::zeros({plan.parts, B}, f32.dtype(at::kLong));
+  if (accumulate) st.g = at::zeros({plan.parts, B, D}, f32);
+  Tensor rescale = at::empty({plan.parts, B}, f32);
+  cpu::ScratchPool scratch(in, plan);
+  const int32_t* y = in.y_ptr();
+  cpu::for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
+    Tensor rt = scratch[p].ref_tile(in.ref, c0, w);
+    Tensor e = scratch[p].similarity(in.x32, rt);
+    float* ep = e.data_ptr<float>();
+    float* m = st.m[p].data_ptr<float>();
+    double* sum = st.sum[p].data_ptr<double>();
+    int64_t* count = st.count[p].data_ptr<int64_t>();
+    float* rs = rescale[p].data_ptr<float>();
+    const int32_t* z = in.z_ptr() + c0;
+    for (int64_t i = 0; i < B; ++i) {
+      const int64_t self_col = in.self_col(i) - c0;
+      rs[i] = (self_col < 0 || self_col >= w)
+                  ? neg_row(ep + i * w, w, z, y[i], inv_tau, m[i], sum[i], count[i])
+                  : neg_row_with_self(ep + i * w, w, self_col, z, y[i], inv_tau, m[i], sum[i], count[i]);
+    }
+    if (accumulate) st.g[p].mul_(rescale[p].unsqueeze(1)).addmm_(e, rt);
+  });
+  return st;
+}
+
+struct NegRows {
+  Tensor lz;     // (B,) f64 log sum_N exp(s), -inf without negatives
+  Tensor count;  // (B,) int64 |N_i|
+  Tensor g;      // (B, D) f32 sum_N softmax_n r_n (0 without negatives), if accumulated
+};
+
+// Merges the partitions in order.
+NegRows merge_negatives(const NegParts& st) {
+  Tensor m = std::get<0>(st.m.max(0));  // exact in any order
+  Tensor scale = at::exp(st.m - m.unsqueeze(0)).nan_to_num_(0.f);  // -inf - -inf rows: 0
+  Tensor sum = cpu::sum_parts(st.sum * scale.to(at::kDouble));
+  NegRows out;
+  out.lz = (m.to(at::kDouble) + sum.log()).contiguous();  // log 0 = -inf without negatives
+  out.count = cpu::sum_parts(st.count);
+  if (st.g.defined()) {
+    Tensor g = st.g[0].mul(scale[0].unsqueeze(1));
+    for (int64_t p = 1; p < st.g.size(0); ++p) g.add_(st.g[p].mul(scale[p].unsqueeze(1)));
+    Tensor inv_sum = at::where(sum.gt(0), sum.reciprocal(), at::zeros({}, sum.options())).to(at::kFloat);
+    out.g = g.mul_(inv_sum.unsqueeze(1));
+  }
+  return out;
+}
+
+// One positive pair's loss term and sigmoid(LZ - s), both 0 without negatives.
+inline void positive_pair(double lz, float v, float inv_tau, double& loss, double& weight) {
+  if (lz == -std::numeric_limits<double>::infinity()) return;
+  const double d = lz - double(v * inv_tau);
+  const double e = std::exp(-std::abs(d));
+  loss += std::max(d, 0.0) + std::log1p(e);    // softplus(d)
+  weight += d >= 0 ? 1.0 / (1.0 + e) : e / (1.0 + e);  // sigmoid(d)
+}
+
+// Pass 2, per partition: the loss rows, w_i, |P_i| and (accumulate) sum_p sigmoid(.) r_p.
+struct PosParts {
+  Tensor loss, w, count;  // (P, B) f64, f64, int64
+  Tensor gpos;            // (P, B, D) f32 or undefined
+};
+
+PosParts positives_pass(const cpu::LossInputs& in, const cpu::TilePlan& plan, const double* lz, float inv_tau,
+                        float pos_thr, bool accumulate) {
+  const int64_t B = in.B, D = in.D;
+  const auto f32 = in.x32.options();
+  PosParts st;
+  st.loss = at::zeros({plan.parts, B}, f32.dtype(at::kDouble));
+  st.w = at::zeros_like(st.loss);
+  st.count = at::zeros({plan.parts, B}, f32.dtype(at::kLong));
+  if (accumulate) st.gpos = at::zeros({plan.parts, B, D}, f32);
+  cpu::ScratchPool scratch(in, plan);
+  std::vector<TileMatches> matches(plan.parts);
+  const float* x = in.x32.data_ptr<float>();
+  const int32_t* y = in.y_ptr();
+  cpu::for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
+    TileMatches& mt = matches[p];
+    find_matches(B, w, c0, in, mt);
+    if (!mt.dense && mt.cols.empty()) return;  // no positives here: no GEMM, no conversion
+    Tensor rt = scratch[p].ref_tile(in.ref, c0, w);
+    const float* r = rt.data_ptr<float>();
+    double* loss = st.loss[p].data_ptr<double>();
+    double* wt = st.w[p].data_ptr<double>();
+    int64_t* count = st.count[p].data_ptr<int64_t>();
+    float* gpos = accumulate ? st.gpos[p].data_ptr<float>() : nullptr;
+    if (!mt.dense) {
+      for (int64_t i = 0; i < B; ++i) {
+        for (int64_t k = mt.start[i]; k < mt.start[i + 1]; ++k) {
+          const float* rj = r + int64_t(mt.cols[k]) * D;
+          const float v = dot(x + i * D, rj, D);
+          if (!(v < pos_thr)) continue;
+          ++count[i];
+          double sig = 0;
+          positive_pair(lz[i], v, inv_tau, loss[i], sig);
+          wt[i] += sig;
+          if (gpos && sig != 0) {
+            const float c = static_cast<float>(sig);
+            float* gi = gpos + i * D;
+            for (int64_t d = 0; d < D; ++d) gi[d] += c * rj[d];
+          }
+        }
+      }
+      return;
+    }
+    Tensor s = scratch[p].similarity(in.x32, rt);
+    Tensor c = scratch[p].aux_tile(B, w);
+    const float* sp = s.data_ptr<float>();
+    float* cp = c.data_ptr<float>();
+    const int32_t* z = in.z_ptr() + c0;
+    int64_t npos = 0;
+    for (int64_t i = 0; i < B; ++i) {
+      const int64_t self_col = in.self_col(i) - c0;
+      for (int64_t j = 0; j < w; ++j) {
+        const float v = sp[i * w + j];
+        double sig = 0;
+        if (z[j] == y[i] && j != self_col && v < pos_thr) {
+          ++count[i];
+          ++npos;
+          positive_pair(lz[i], v, inv_tau, loss[i], sig);
+          wt[i] += sig;
+        }
+        cp[i * w + j] = static_cast<float>(sig);
+      }
+    }
+    if (gpos) cpu::add_sparse_rows(c, rt, st.gpos[p], npos);
+  });
+  return st;
+}
+
+struct NtxentRows {
+  Tensor loss;    // (B,) f32
+  Tensor lz, w;   // (B,) f64
+  Tensor counts;  // (B, 2) int64 |P_i|, |N_i|
+  Tensor grad;    // (B, D) f32 d(sum_i l_i)/dx, if accumulated
+};
+
+NtxentRows ntxent_rows(const cpu::LossInputs& in, float inv_tau, float pos_thr, bool need_grad) {
+  const auto plan = cpu::plan_tiles(in.B, in.n);
+  const NegRows neg = merge_negatives(negatives_pass(in, plan, inv_tau, need_grad));
+  const PosParts pos = positives_pass(in, plan, neg.lz.data_ptr<double>(), inv_tau, pos_thr, need_grad);
+  NtxentRows out;
+  out.loss = cpu::sum_parts(pos.loss).to(at::kFloat);
+  out.lz = neg.lz;
+  out.w = cpu::sum_parts(pos.w);
+  out.counts = at::stack({cpu::sum_parts(pos.count), neg.count}, 1);
+  if (need_grad) {
+    // (1/tau) (w_i G_i - sum_p sigmoid(.) r_p)
+    out.grad = neg.g.mul_(out.w.to(at::kFloat).unsqueeze(1)).sub_(cpu::sum_parts(pos.gpos)).mul_(inv_tau);
+  }
+  return out;
+}
+
+void check_temperature(double temperature) {
+  TORCH_CHECK(temperature > 0, "temperature: expected > 0, got ", temperature);
+}
+
+std::tuple<Tensor, Tensor, Tensor> ntxent_fwd_cpu(const Tensor& x, const Tensor& labels, const Tensor& ref,
+                                                  const Tensor& ref_labels, const c10::optional<Tensor>& self_index,
+                                                  int64_t ref_valid, double temperature, double pos_eps,
+                                                  bool need_grad, bool /*allow_tf32*/) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  check_temperature(temperature);
+  const auto in = cpu::prepare_inputs(x, labels, ref, ref_labels, self_index, ref_valid);
+  const float inv_tau = static_cast<float>(1.0 / temperature), pos_thr = static_cast<float>(1.0 - pos_eps);
+  NtxentRows rows = ntxent_rows(in, inv_tau, pos_thr, need_grad);
+  Tensor grad = need_grad ? rows.grad : at::empty({0}, rows.loss.options());
+  return {rows.loss, grad, rows.counts.to(at::kInt)};
+}
+
+std::tuple<Tensor, Tensor> ntxent_bwd_cpu(const Tensor& x, const Tensor& labels, const Tensor& ref,
+                                          const Tensor& ref_labels, const c10::optional<Tensor>& self_index,
+                                          int64_t ref_valid, double temperature, double pos_eps,
+                                          const Tensor& grad_rows, bool /*allow_tf32*/) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  check_temperature(temperature);
+  const auto in = cpu::prepare_inputs(x, labels, ref, ref_labels, self_index, ref_valid);
+  TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == in.B, "grad_rows: expected shape (", in.B, ",)");
+  const int64_t B = in.B, D = in.D;
+  const float inv_tau = static_cast<float>(1.0 / temperature), pos_thr = static_cast<float>(1.0 - pos_eps);
+  const NtxentRows rows = ntxent_rows(in, inv_tau, pos_thr, /*need_grad=*/false);
+  // Last pass: C_in = g_i/tau w_i exp(s_in - LZ_i), C_ip = -g_i/tau sigmoid(LZ_i - s_ip); rows
+  // without negatives 0 (their loss is 0).
+  const Tensor g = grad_rows.to(at::kFloat).mul(inv_tau).contiguous();
+  const float* gp = g.data_ptr<float>();
+  const double* lz = rows.lz.data_ptr<double>();
+  const double* wt = rows.w.data_ptr<double>();
+  const float* x32 = in.x32.data_ptr<float>();
+  const int32_t* y = in.y_ptr();
+  std::vector<TileMatches> matches(cpu::plan_tiles(B, in.n).parts);
+  return cpu::coefficient_backward(in, ref.size(0), [&](int64_t p, int64_t c0, int64_t w, Tensor& c,
+                                                        cpu::TileScratch& scratch) {
+    TileMatches& mt = matches[p];
+    find_matches(B, w, c0, in, mt);
+    const float* r = scratch.current_ref.data_ptr<float>();
+    float* cp = c.data_ptr<float>();
+    const int32_t* z = in.z_ptr() + c0;
+    for (int64_t i = 0; i < B; ++i) {
+      float* row = cp + i * w;
+      if (gp[i] == 0.f || lz[i] == -std::numeric_limits<double>::infinity()) {
+        std::fill(row, row + w, 0.f);
+        continue;
+      }
+      const float lzi = static_cast<float>(lz[i]), cn = static_cast<float>(gp[i] * wt[i]);
+      const int64_t self_col = in.self_col(i) - c0;
+      // negatives; label-matching columns keep S for the positives below
+      int64_t j = 0;
+#if XBM_CPU_VECTOR
+      if (self_col < 0 || self_col >= w) {
+        for (; j + 4 <= w; j += 4) {
+          const cpu::f32x4 v = cpu::load4(row + j);
+          const cpu::i32x4 neg = cpu::load4(z + j) != y[i];
+          cpu::store4(row + j, cpu::select4(neg, cpu::exp4(v * inv_tau - lzi) * cn, v));
+        }
+      }
+#endif
+      for (; j < w; ++j)
+        if (z[j] != y[i]) row[j] = j == self_col ? 0.f : std::exp(row[j] * inv_tau - lzi) * cn;
+      auto positive = [&](int64_t j, float v) {
+        double loss = 0, sig = 0;
+        if (v < pos_thr) positive_pair(lz[i], v, inv_tau, loss, sig);
+        row[j] = static_cast<float>(-gp[i] * sig);
+      };
+      if (mt.dense) {
+        for (j = 0; j < w; ++j)
+          if (z[j] == y[i]) {
+            if (j == self_col)
+              row[j] = 0.f;
+            else
+              positive(j, row[j]);
+          }
+      } else {
+        if (self_col >= 0 && self_col < w && z[self_col] == y[i]) row[self_col] = 0.f;
+        for (int64_t k = mt.start[i]; k < mt.start[i + 1]; ++k)
+          positive(mt.cols[k], dot(x32 + i * D, r + int64_t(mt.cols[k]) * D, D));
+      }
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(xbm_kernels, CPU, m) {
+  m.impl("ntxent_fwd", &ntxent_fwd_cpu);
+  m.impl("ntxent_bwd", &ntxent_bwd_cpu);
+}
+
+}  // namespace xbm_kernels
