@@ -83,14 +83,18 @@ class CrossBatchMemory(nn.Module):
 
     def _check_finite(self, name, rows, what, consequence):
         """Raises unless every entry of `rows` is finite after the cast to the memory dtype."""
-        # One aminmax pass decides the common case: NaN reaches both ends, and the cast
-        # rounds monotonically, so every entry stays finite iff both ends do (as cheap as
-        # the fp32 sum it replaces, which missed values that overflow only on the cast).
-        ends = torch.stack(tuple(torch.aminmax(rows.detach()))).to(self.dtype)
-        if bool(torch.isfinite(ends).all()):
+        # One aminmax pass decides the common case: when both ends lie within the memory
+        # dtype's finite range, so does every entry, on any rounding path (NaN fails both
+        # comparisons). As cheap as the fp32 sum it replaces, which missed values that
+        # overflow only on the cast. Otherwise the exact test: cast the rows, as the enqueue will.
+        lo, hi = torch.stack(tuple(torch.aminmax(rows.detach()))).tolist()
+        top = torch.finfo(self.dtype).max
+        if -top <= lo and hi <= top:
             return
         rows = rows.detach()
         bad = ~torch.isfinite(rows.to(self.dtype)).all(dim=1)
+        if not bool(bad.any()):  # beyond the largest value, but rounds down to it
+            return
         first = int(bad.nonzero()[0, 0])
         overflow = int((bad & torch.isfinite(rows).all(dim=1)).sum())
         note = (f"; {overflow} of them finite in {rows.dtype} but beyond the largest {self.dtype}, "
