@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import xbm_kernels as xk
-from common import make_case
+from common import CASES, CPU_CASES, assert_rel, make_case, max_rel_err as _max_rel_err
 from oracle import contrastive_oracle, reduce_rows
 
 # (backend, device) pairs to run here. Triton on CPU tensors runs in its own process
@@ -16,23 +16,13 @@ if torch.cuda.is_available():
     BACKENDS += [(b, "cuda") for b in ("reference", "triton", "cuda") if b in xk.available_backends()]
 BACKEND_IDS = [f"{b}-{d}" for b, d in BACKENDS]
 
-# name: (B, N, D, classes, ref_valid, self_index mode, margin)
-CASES = {
-    "B1-D3": (1, 5, 3, 2, None, None, 0.5),
-    "B7-D96-small-K": (7, 50, 96, 5, None, None, 0.1),
-    "B33-D130-partial": (33, 300, 130, 10, 200, None, 0.1),
-    "B33-D96-multi-tile": (33, 2100, 96, 40, None, "random", 0.1),
-    "B7-no-positives": (7, 64, 96, 1000, None, None, 0.1),
-    "B16-all-same-label": (16, 90, 32, 1, 77, "random", 0.1),
-    "B5-negative-margin": (5, 40, 16, 4, None, None, -0.2),
-}
 REDUCTIONS = ["mean", "sum", "none"]
 
 
 def _case(name, dtype=torch.float32, device="cpu"):
-    B, N, D, classes, ref_valid, self_mode, margin = CASES[name]
+    B, N, D, classes, ref_valid, self_mode, margin, noise = CASES[name]
     x, y, r, z = make_case(B, N, D, classes, seed=zlib.crc32(name.encode()), thresholds=(margin, 1 - 1e-5),
-                           dtype=dtype, ref_valid=ref_valid)
+                           dtype=dtype, ref_valid=ref_valid, noise=noise)
     self_index = None
     if self_mode == "random":
         gen = torch.Generator().manual_seed(1)
@@ -43,25 +33,6 @@ def _case(name, dtype=torch.float32, device="cpu"):
     return dict(x=to(x), y=to(y), r=to(r), z=to(z), ref_valid=ref_valid, self_index=to(self_index), margin=margin)
 
 
-def _max_rel_err(actual, expected, floor=1e-12):
-    """Max abs error over max(|expected|, floor): errors are relative to the largest entry
-    (floor: the size of one pair's contribution, for results that nearly cancel)."""
-    expected = expected.double().cpu()
-    err = (actual.detach().double().cpu() - expected).abs()
-    scale = expected.abs().max().clamp_min(floor) if expected.numel() else 1.0
-    return float(err.max() / scale) if err.numel() else 0.0
-
-
-def assert_rel(actual, expected, tol, what, floor=1e-12):
-    rel = _max_rel_err(actual, expected, floor)
-    if rel > tol:
-        diff = (actual.detach().double().cpu() - expected.double().cpu()).abs().flatten()
-        idx = diff.argsort(descending=True)[:5]
-        raise AssertionError(f"{what}: max relative error {rel:.3g} > {tol:g}; worst flat indices {idx.tolist()}: "
-                             f"got {actual.detach().double().cpu().flatten()[idx].tolist()}, "
-                             f"expected {expected.double().cpu().flatten()[idx].tolist()}")
-
-
 def _loss(c, backend, reduction, x=None, r=None):
     return xk.contrastive_loss(c["x"] if x is None else x, c["y"], c["r"] if r is None else r, c["z"],
                                margin=c["margin"], ref_valid=c["ref_valid"], self_index=c["self_index"],
@@ -69,7 +40,7 @@ def _loss(c, backend, reduction, x=None, r=None):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS, ids=BACKEND_IDS)
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", CPU_CASES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_loss_and_grad_match_oracle(backend, device, case, reduction):
     c = _case(case, device=device)
@@ -90,7 +61,7 @@ def test_loss_and_grad_match_oracle(backend, device, case, reduction):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS, ids=BACKEND_IDS)
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", CPU_CASES)
 def test_pair_counts_match_oracle(backend, device, case):
     c = _case(case, device=device)
     _, counts = xk.losses.compute("contrastive", c["x"], c["y"], c["r"], c["z"], margin=c["margin"],
@@ -104,7 +75,7 @@ def test_cases_exercise_every_set():
     """The table must contain positives, active negatives and rows without positives."""
     totals = torch.zeros(2, dtype=torch.int64)
     empty_rows = 0
-    for name in CASES:
+    for name in CPU_CASES:
         c = _case(name)
         counts = contrastive_oracle(c["x"], c["y"], c["r"], c["z"], c["margin"], 1e-5, c["ref_valid"],
                                     c["self_index"])[3]

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import xbm_kernels as xk
-from common import make_case
+from common import CASES as ALL_CASES, LOSS_CASES, assert_rel, make_case, max_rel_err as _max_rel_err
 from oracle import _sets, multi_similarity_oracle, reduce_rows, supcon_oracle, triplet_oracle
-from test_contrastive import BACKENDS, BACKEND_IDS, _max_rel_err, assert_rel
+from test_contrastive import BACKENDS, BACKEND_IDS
 
 LOSSES = {
     "multi_similarity": (xk.multi_similarity_loss, multi_similarity_oracle, {}),
@@ -18,15 +18,7 @@ LOSSES = {
     "supcon": (xk.supcon_loss, supcon_oracle, {}),
 }
 
-# name: (B, N, D, classes, ref_valid, random self_index)
-CASES = {
-    "B1-D3": (1, 6, 3, 2, None, False),
-    "B7-D96-small-K": (7, 50, 96, 5, None, False),
-    "B33-D130-partial": (33, 300, 130, 10, 200, True),
-    "B33-D96-multi-tile": (33, 2100, 96, 40, None, True),
-    "B7-no-positives": (7, 64, 96, 1000, None, False),
-    "B16-all-same-label": (16, 90, 32, 1, 77, False),
-}
+CASES = LOSS_CASES  # rows of common.CASES
 
 
 def _robust(loss, x, y, r, z, ref_valid, self_index, gap=1e-3, tie_gap=2e-5):
@@ -50,13 +42,14 @@ def _robust(loss, x, y, r, z, ref_valid, self_index, gap=1e-3, tie_gap=2e-5):
 
 @functools.lru_cache(maxsize=None)
 def _case(loss, name, dtype=torch.float32, device="cpu"):
-    B, N, D, classes, ref_valid, rand_self = CASES[name]
+    B, N, D, classes, ref_valid, self_mode, _, noise = ALL_CASES[name]
+    rand_self = self_mode == "random"
     seed = zlib.crc32(f"{loss}-{name}".encode())
     for attempt in range(60):
         # noise 1: positives spread over ~[0.2, 0.8] and overlap the negatives, so mining,
         # hardest pairs and the softmax all have work to do
         x, y, r, z = make_case(B, N, D, classes, seed=seed + attempt, thresholds=(1 - 1e-5,), dtype=dtype,
-                               ref_valid=ref_valid, noise=1.0)
+                               ref_valid=ref_valid, noise=max(noise, 1.0))
         n = N if ref_valid is None else ref_valid
         si = torch.randint(-1, n, (B,), generator=torch.Generator().manual_seed(attempt)) if rand_self else None
         if _robust(loss, x, y, r, z, ref_valid, si):
@@ -215,10 +208,48 @@ def test_xbm_loss_accepts_every_loss(loss):
     ("multi_similarity", dict(beta=float("inf")), "beta"),
     ("supcon", dict(temperature=-1.0), "temperature"),
     ("triplet", dict(margin=float("nan")), "margin"),
+    ("triplet", dict(margin=-0.5), "margin"),
+    ("contrastive", dict(margin=2.0), r"margin: expected a value in \(-1, 1\)"),
+    ("contrastive", dict(margin=-1.0), "margin"),
+    ("supcon", dict(pos_eps=1.5), "pos_eps"),
+    ("multi_similarity", dict(base=3.0), "base"),
 ])
 def test_bad_loss_parameters(loss, kwargs, msg):
-    c = _case(loss, "B7-D96-small-K")
+    """Values outside the range where a parameter means something (registry.py) are refused
+    by the functional loss and by XBMLoss, naming the parameter."""
+    c = _case("triplet", "B7-D96-small-K")
+    fn = getattr(xk, f"{loss}_loss")
     with pytest.raises(ValueError, match=msg):
-        LOSSES[loss][0](c["x"], c["y"], c["r"], c["z"], **kwargs)
+        fn(c["x"], c["y"], c["r"], c["z"], **kwargs)
     with pytest.raises(ValueError, match=msg):
         xk.XBMLoss(10, 96, loss=loss, **kwargs)
+
+
+def test_bool_parameter_must_be_bool():
+    c = _case("multi_similarity", "B7-D96-small-K")
+    with pytest.raises(TypeError, match="mine: expected a bool"):
+        xk.multi_similarity_loss(c["x"], c["y"], c["r"], c["z"], mine=1)
+
+
+@pytest.mark.parametrize("backend,device", [bd for bd in BACKENDS if bd[0] != "reference"],
+                         ids=[i for i in BACKEND_IDS if not i.startswith("reference")])
+@pytest.mark.parametrize("loss", ["contrastive"] + list(LOSSES))
+def test_double_backward_is_refused_by_kernels(backend, device, loss):
+    """The fused kernels give first derivatives only: a gradient penalty through them raises
+    (it used to add nothing, silently); the reference backend computes it."""
+    c = _case(loss if loss in LOSSES else "supcon", "B7-D96-small-K", device=device)
+    fn = getattr(xk, f"{loss}_loss")
+    penalties = {}
+    for b in ("reference", backend):
+        x = c["x"].clone().requires_grad_()
+        out = fn(x, c["y"], c["r"], c["z"], backend=b)
+        (g,) = torch.autograd.grad(out, x, create_graph=True)
+        total = out + g.pow(2).sum()
+        if b == "reference":
+            total.backward()
+            penalties[b] = x.grad
+        else:
+            with pytest.raises(RuntimeError, match="first derivatives only"):
+                total.backward()
+    if loss in ("supcon", "multi_similarity"):  # contrastive and triplet are linear in S: no curvature
+        assert float(penalties["reference"].abs().max()) > 0

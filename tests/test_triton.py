@@ -29,7 +29,8 @@ from xbm_kernels.triton import _common  # noqa: E402
 if _common.interpreter_problem():
     pytest.skip(_common.interpreter_problem(), allow_module_level=True)
 
-from common import make_case  # noqa: E402
+from common import CASES as ALL_CASES, GPU_EXTRA_CASES, INTERPRETER_CASES, assert_rel, make_case  # noqa: E402
+from common import max_rel_err as _rel_err  # noqa: E402
 from oracle import contrastive_oracle, min_threshold_distance, reduce_rows  # noqa: E402
 from xbm_kernels.triton import contrastive as tc  # noqa: E402
 from xbm_kernels.triton.ops import OPS  # noqa: E402
@@ -42,27 +43,12 @@ DEVICE = torch.device("cpu" if INTERPRET else "cuda")
 GPU = DEVICE.type == "cuda"
 LOW_DTYPES = [torch.float16] + ([torch.bfloat16] if GPU else [])
 
-# name: (B, N, D, classes, ref_valid, self_index mode, margin, noise). The interpreter cases
-# are small; with its one config (BLOCK_B=16, BLOCK_K=32) and 4 target programs,
-# "B7-D96-split" takes 4 memory splits and "B33-D130-partial" 3 B tiles x 2 splits.
+# Rows of common.CASES. Under the interpreter (one config, BLOCK_B=16, BLOCK_K=32, 4 target
+# programs) "B7-D96-split" takes 4 memory splits and "B33-D130-partial-small" 3 B tiles x 2 splits.
 # noise 0.25 puts same-class similarities near 0.9: with many positives at 0.995 the loss
 # sum_P (1 - S) cancels so much that fp32 itself (the reference backend too) misses 1e-5.
-CASES = {
-    "B1-D3-K-below-tile": (1, 5, 3, 2, None, None, 0.5, 0.07),
-    "B7-D96-split": (7, 300, 96, 5, 250, "random", 0.1, 0.25),
-    "B33-D130-partial": (33, 150, 130, 10, 100, None, 0.1, 0.07),
-    "B7-no-positives": (7, 64, 96, 1000, None, None, 0.1, 0.07),
-    "B16-all-same-label": (16, 90, 32, 1, 77, "random", 0.1, 0.07),
-    "B5-negative-margin": (5, 40, 16, 4, None, None, -0.2, 0.07),
-}
-if GPU:
-    CASES.update({
-        "gpu-B3-huge-K": (3, 100_000, 64, 50, None, "random", 0.1, 0.25),
-        "gpu-B64-K50k-partial": (64, 50_000, 128, 200, 45_000, "random", 0.5, 0.25),
-        "gpu-B512-D256": (512, 8192, 256, 100, None, "random", 0.1, 0.25),
-        "gpu-B200-D512": (200, 4000, 512, 60, 3999, None, 0.1, 0.25),
-    })
-SMALL = "B33-D130-partial"
+CASES = {name: ALL_CASES[name] for name in INTERPRETER_CASES + (GPU_EXTRA_CASES if GPU else [])}
+SMALL = "B33-D130-partial-small"
 
 
 def _case(name, dtype=torch.float32):
@@ -94,22 +80,6 @@ def _expected(c, weights=None, x=None, r=None):
     w = torch.ones_like(rows) if weights is None else weights.to(rows)
     (rows * w).sum().backward()
     return rows.detach().cpu(), xd.grad.cpu(), rd.grad.cpu(), counts.long().cpu()
-
-
-def _rel_err(actual, expected):
-    expected = expected.double().cpu()
-    err = (actual.detach().double().cpu() - expected).abs()
-    return float(err.max() / expected.abs().max().clamp_min(1e-12)) if err.numel() else 0.0
-
-
-def assert_rel(actual, expected, tol, what):
-    rel = _rel_err(actual, expected)
-    if rel > tol:
-        diff = (actual.detach().double().cpu() - expected.double().cpu()).abs().flatten()
-        idx = diff.argsort(descending=True)[:5].tolist()
-        raise AssertionError(f"{what}: max relative error {rel:.3g} > {tol:g}; worst flat indices {idx}: got "
-                             f"{actual.detach().double().cpu().flatten()[idx].tolist()}, expected "
-                             f"{expected.double().cpu().flatten()[idx].tolist()}")
 
 
 def _loss(c, reduction="sum", x=None, r=None, backend="triton"):

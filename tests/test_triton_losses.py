@@ -30,7 +30,7 @@ if _common.interpreter_problem():
 
 from common import make_case  # noqa: E402
 from oracle import min_threshold_distance, reduce_rows, triplet_oracle  # noqa: E402
-from test_contrastive import _max_rel_err, assert_rel  # noqa: E402
+from common import CASES as ALL_CASES, assert_rel, max_rel_err as _max_rel_err  # noqa: E402
 from test_losses import CASES, LOSSES, _case, _denominator, _oracle, _oracle_cached, _robust  # noqa: E402
 from xbm_kernels.triton import multi_similarity as tms  # noqa: E402
 from xbm_kernels.triton import supcon as tsc  # noqa: E402
@@ -48,7 +48,7 @@ NAMES = list(LOSSES)
 FWD = {"multi_similarity": tms.multi_similarity_fwd_triton, "triplet": ttr.triplet_fwd_triton,
        "supcon": tsc.supcon_fwd_triton}
 SMALL = "B7-D96-small-K"      # N = 50: two interpreter tiles
-PARTIAL = "B33-D130-partial"  # 3 B tiles x 2 splits under the interpreter, random self_index
+PARTIAL = "B33-D130-partial-self"  # 3 B tiles x 2 splits under the interpreter, random self_index
 
 
 def _params(loss):
@@ -173,7 +173,7 @@ def test_cases_exercise_the_splits():
     """The interpreter's plan splits the partial and multi-tile memories (test_losses'
     tables run with one split on the CPU backend's tiles)."""
     for name in (PARTIAL, "B33-D96-multi-tile"):
-        B, N, _, _, ref_valid, _ = CASES[name]
+        B, N, _, _, ref_valid, _, _, _ = ALL_CASES[name]
         assert _common.split_plan(B, ref_valid or N, DEVICE, tms._FWD_CONFIGS, tms._INTERP_FWD)[0] > 1
 
 

@@ -6,11 +6,32 @@ import inspect
 from typing import Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
+import functools
 
 from . import _validate as V
 from . import backends
 from .registry import LOSSES, MEAN_OVER, Loss, docstring
+
+def _first_order_only(backward):
+    """Like torch.autograd.function.once_differentiable, but also when the incoming gradient
+    does not require grad (the usual `autograd.grad(loss, x, create_graph=True)`): with
+    create_graph the returned gradients lead to a node that raises when differentiated,
+    instead of being constants that make a gradient penalty silently add nothing."""
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return outputs
+        live = [o for o in outputs if o is not None]
+        err = torch._C._functions.DelayedError(
+            b"xbm_kernels: the fused kernels compute first derivatives only, so they cannot differentiate twice "
+            b"(use backend='reference' for a gradient penalty)", len(live))
+        wrapped = err(*[o.detach().requires_grad_() for o in live])
+        wrapped = iter(wrapped if isinstance(wrapped, tuple) else (wrapped,))
+        return tuple(None if o is None else next(wrapped) for o in outputs)
+    return wrapper
+
 
 @torch.compiler.assume_constant_result  # a global setting: a constant for tracing
 def _allow_tf32():
@@ -57,7 +78,7 @@ class _FusedLoss(torch.autograd.Function):
         return out, counts
 
     @staticmethod
-    @once_differentiable  # first derivatives only: double backward raises instead of returning 0
+    @_first_order_only  # double backward raises instead of returning 0
     def backward(ctx, grad_out, _grad_counts):
         if ctx.fused_grad:
             grad, rows, counts = ctx.saved_tensors
