@@ -10,7 +10,7 @@ BACKENDS = ["reference", "cpu"]
 
 
 class RingModel:
-    """The ring written from DESIGN.md section 2 with Python lists."""
+    """The ring written from CONTRACT.md section 2 with Python lists."""
 
     def __init__(self, size):
         self.size, self.ptr, self.filled = size, 0, 0
