@@ -42,7 +42,7 @@ class XBMLoss(nn.Module):
     Args:
         memory_size: rows K of the memory (a ring buffer; the oldest rows are overwritten).
         embedding_dim: D, the embeddings' width.
-        loss: "contrastive" (default), "multi_similarity", "triplet" or "supcon".
+        loss: "contrastive" (default) or another name in xk.LOSSES: LOSS_NAMES.
         weight: the memory loss's factor (the paper's code uses 1.0).
         start_iteration: warm-up steps without the memory (0: it joins at the first step).
         memory_dtype: float32 (default), bfloat16 or float16; the memory keeps it when the
@@ -59,9 +59,8 @@ class XBMLoss(nn.Module):
         normalize: L2-normalise the batch first (autograd through it), so that both losses
             and the memory see unit rows; a scaled batch then gives the same loss. False
             uses the embeddings as given (they should then be L2-normalised already).
-        **loss_kwargs: the loss's parameters (contrastive: margin, pos_eps;
-            multi_similarity: alpha, beta, base, mining_margin, pos_eps; triplet: margin,
-            pos_eps; supcon: temperature, pos_eps).
+        **loss_kwargs: the loss's parameters, with the defaults of its function
+            (xk.<loss>_loss): LOSS_PARAMS.
 
     forward(embeddings (B, D) float, labels (B,) integer tensor, enqueue_mask=None): with
     `enqueue_mask` (B,) bool only the rows where it is True are enqueued (the others are
@@ -107,6 +106,8 @@ class XBMLoss(nn.Module):
         self.register_buffer("iteration", torch.zeros((), dtype=torch.int64))
         self._iteration = 0
         self.last_stats = {}
+
+    # (the docstring's lists of losses and parameters come from the registry, below the class)
 
     def extra_repr(self):
         spec = LOSSES[self.loss_name]
@@ -240,3 +241,7 @@ class XBMLoss(nn.Module):
         self.iteration.fill_(self._iteration)
         self.last_stats = stats
         return loss
+
+
+XBMLoss.__doc__ = XBMLoss.__doc__.replace("LOSS_NAMES", ", ".join(sorted(LOSSES))).replace(
+    "LOSS_PARAMS", "; ".join(f"{name}: {', '.join(spec.defaults)}" for name, spec in sorted(LOSSES.items())))
