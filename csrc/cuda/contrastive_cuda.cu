@@ -6,12 +6,19 @@
 // way), C goes to shared memory in the operand dtype (exact: -1/0/+1) and dX += C R_tile
 // reuses the staged tile. csrc/cuda/README.md describes the tiling.
 //
+// fp32 anchors against a 16-bit reference are split on the host into 16-bit parts,
+// x = hi + mid (+ lo) (2 parts for fp16, 3 for bf16: an fp32 mantissa), staged side by
+// side; each S-step runs one mma per part on the R chunk staged once, so S keeps fp32
+// accuracy (the reference backend's product is fp32) instead of the 1e-4 .. 1e-3 of x
+// rounded to 16 bits. C stays exact (-1/0/+1).
+//
 // The same kernel runs "transposed" for the reference-side gradient of contrastive_bwd:
 // rows are then the reference rows, the streamed columns the anchors,
 // grad_ref_j = sum_i g_i c_ij x_i (the g_i goes into C; self_index then names the row).
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/stack.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -22,6 +29,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "checks.h"
 #include "cuda/ptx.cuh"
@@ -54,9 +62,11 @@ struct Traits {
 };
 
 struct Params {
-  const char* q;  // (M, D) CTA rows: anchors, or reference rows when transposed
+  const char* q;  // (q_parts, M, D) CTA rows: anchors (in parts), or reference rows when transposed
   const char* k;  // (ncols, D) streamed columns: reference rows, or anchors when transposed
   int64_t M, ncols, D, row_bytes;
+  int q_parts;           // 16-bit parts of each CTA row, summed in S (1: the row itself)
+  int64_t q_part_bytes;  // M * row_bytes: from one part to the next
   const int32_t* q_lab;
   const int32_t* k_lab;
   const int64_t* self_index;  // null: none
@@ -71,7 +81,7 @@ struct Params {
   int64_t tiles;     // column tiles covering [0, ncols)
   int nk;            // D-chunks per row
   int lookahead;     // loads in flight ahead of the one being consumed (2 or 3)
-  int nbuf, xbuf;    // chunk slots for the streamed tile / for the CTA rows
+  int nbuf, xbuf;    // chunk slots for the streamed tile / chunk groups (q_parts slots each) for the CTA rows
   int r_resident;    // all nk chunks of a tile stay staged until its dX is done
   int x_resident;    // the CTA rows' chunks are loaded once and stay
   int vec_ok;        // 16-byte aligned rows: cp.async; otherwise element loads
@@ -284,11 +294,12 @@ template <Math kM, int kND>
 __global__ void __launch_bounds__(kThreads, kND == Traits<kM>::kNdSmall ? 2 : 1)
     contrastive_tiles_kernel(const Params p) {
   using Tr = Traits<kM>;
+  constexpr int kMaxParts = Tr::k16 ? 3 : 1;  // fp32 rows are never split
   extern __shared__ __align__(16) unsigned char smem[];
   const bool want_dx = p.dx != nullptr;
   unsigned char* r_ring = smem;
   unsigned char* x_ring = r_ring + p.nbuf * kBN * kPitch;
-  unsigned char* c_tile = x_ring + p.xbuf * kBM * kPitch;
+  unsigned char* c_tile = x_ring + p.xbuf * p.q_parts * kBM * kPitch;
   double* red_loss = reinterpret_cast<double*>(c_tile + (want_dx ? kBM * Tr::kCPitch : 0));  // [2][kBM]
   int* red_cnt = reinterpret_cast<int*>(red_loss + 2 * kBM);                                  // [2][kBM][2]
 
@@ -312,7 +323,12 @@ __global__ void __launch_bounds__(kThreads, kND == Traits<kM>::kNdSmall ? 2 : 1)
     load_chunk<kM>(r_ring + (q % p.nbuf) * (kBN * kPitch), p.k, (tile_begin + tr) * kBN, p.ncols, chunk, p);
     if (s_load && (!p.x_resident || tr == 0)) {
       const int64_t xs = p.x_resident ? idx : (tr * p.nk + idx) % p.xbuf;
-      load_chunk<kM>(x_ring + xs * (kBM * kPitch), p.q, row0, p.M, chunk, p);
+#pragma unroll
+      for (int pt = 0; pt < kMaxParts; ++pt) {
+        if (pt >= p.q_parts) break;
+        load_chunk<kM>(x_ring + (xs * p.q_parts + pt) * (kBM * kPitch), p.q + pt * p.q_part_bytes, row0, p.M,
+                       chunk, p);
+      }
     }
     cp_async_commit();
   };
@@ -375,8 +391,12 @@ __global__ void __launch_bounds__(kThreads, kND == Traits<kM>::kNdSmall ? 2 : 1)
       wait_for(q);
       issue_upto(q + p.lookahead);
       const int64_t xs = p.x_resident ? k : (tr * p.nk + k) % p.xbuf;
-      s_chunk<kM>(acc_s, x_ring + xs * (kBM * kPitch) + 16 * wm_s * kPitch,
-                  r_ring + (q % p.nbuf) * (kBN * kPitch) + 32 * wn_s * kPitch, lane);
+#pragma unroll
+      for (int pt = 0; pt < kMaxParts; ++pt) {  // the parts of x against the same R chunk
+        if (pt >= p.q_parts) break;
+        s_chunk<kM>(acc_s, x_ring + (xs * p.q_parts + pt) * (kBM * kPitch) + 16 * wm_s * kPitch,
+                    r_ring + (q % p.nbuf) * (kBN * kPitch) + 32 * wn_s * kPitch, lane);
+      }
     }
 
     // Epilogue: masks, loss, counts and C, all in registers.
@@ -535,7 +555,7 @@ struct Plan {
 };
 
 struct Job {  // one launch of the tile kernel: rows q against streamed columns k
-  Tensor q, k;  // same dtype, contiguous
+  Tensor q, k;  // same dtype, contiguous; q is (parts, M, D) when the rows are split into parts
   int64_t ncols;
   const int32_t* q_lab;
   const int32_t* k_lab;
@@ -591,7 +611,8 @@ void launch_tiles(Params p, const Plan& plan, const Job& job, cudaStream_t strea
 template <Math kM>
 void run_job(const Job& job, int device, cudaStream_t stream) {
   using Tr = Traits<kM>;
-  const int64_t M = job.q.size(0), D = job.q.size(1);
+  const int64_t M = job.q.size(-2), D = job.q.size(-1);
+  const int q_parts = job.q.dim() == 3 ? (int)job.q.size(0) : 1;
   const bool want_dx = job.dx != nullptr;
   int sms = 0, smem_optin = 0, smem_sm = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
@@ -605,6 +626,8 @@ void run_job(const Job& job, int device, cudaStream_t stream) {
   p.ncols = job.ncols;
   p.D = D;
   p.row_bytes = D * Tr::kEsz;
+  p.q_parts = q_parts;
+  p.q_part_bytes = M * p.row_bytes;
   p.q_lab = job.q_lab;
   p.k_lab = job.k_lab;
   p.self_index = job.self_index;
@@ -629,7 +652,9 @@ void run_job(const Job& job, int device, cudaStream_t stream) {
   // then keep the CTA rows staged when that fits too; otherwise stream (L2 re-reads).
   // The small variant stays within half an SM so two CTAs fit.
   const size_t c_bytes = want_dx ? (size_t)kBM * Tr::kCPitch : 0;
-  auto bytes = [&](int nbuf, int xbuf) { return (size_t)(nbuf * kBN + xbuf * kBM) * kPitch + c_bytes + kRedBytes; };
+  auto bytes = [&](int nbuf, int xbuf) {
+    return (size_t)(nbuf * kBN + xbuf * q_parts * kBM) * kPitch + c_bytes + kRedBytes;
+  };
   const size_t full = (size_t)std::max(smem_optin, 48 * 1024);
   const size_t half = std::min(full, (size_t)std::max(smem_sm / 2 - 1024, 0));
   auto place = [&](size_t budget) {
@@ -679,7 +704,9 @@ void run(const Job& job, bool allow_tf32, int device, cudaStream_t stream) {
 }
 
 struct Prepared {
-  Tensor xq, ref, y, z, self_idx;  // x in the operand dtype; all contiguous
+  Tensor xq, ref, y, z, self_idx;  // x in the operand dtype ((parts, B, D) when split); all contiguous
+  Tensor x;                        // x as given (contiguous), for the fp32 transposed pass of split anchors
+  bool split;                      // x is another dtype than a 16-bit ref: xq holds its 16-bit parts
   int64_t B, D, n;
   const int64_t* self_ptr() const { return self_idx.defined() ? self_idx.data_ptr<int64_t>() : nullptr; }
 };
@@ -699,8 +726,23 @@ Prepared prepare(const Tensor& x, const Tensor& labels, const Tensor& ref, const
   TORCH_CHECK(major >= 8, "contrastive (cuda): needs compute capability 8.0 or newer (mma.sync), got ", major, ".x");
   Prepared in;
   in.ref = ref.detach().contiguous();
-  // 16-bit memory: the anchors are cast to it so both operands feed the tensor cores.
-  in.xq = x.detach().to(rt).contiguous();
+  in.x = x.detach().contiguous();
+  // 16-bit memory: the anchors feed the tensor cores in its dtype: as they are when they
+  // have it, else as 16-bit parts hi + mid (+ lo), each the rounding of what the previous
+  // ones leave (exact in fp32), 2 parts for fp16 (22 bits), 3 for bf16 (24).
+  in.split = rt != at::kFloat && x.scalar_type() != rt;
+  if (in.split) {
+    const int parts = rt == at::kHalf ? 2 : 3;
+    Tensor rest = in.x.to(at::kFloat);
+    std::vector<Tensor> xs;
+    for (int k = 0; k < parts; ++k) {
+      xs.push_back(rest.to(rt));
+      if (k + 1 < parts) rest = rest.sub(xs.back().to(at::kFloat));
+    }
+    in.xq = at::stack(xs);
+  } else {
+    in.xq = in.x.to(rt).contiguous();
+  }
   in.y = labels.contiguous();
   in.z = ref_labels.contiguous();
   if (self_index.has_value()) in.self_idx = self_index->contiguous();
@@ -755,9 +797,12 @@ std::tuple<Tensor, Tensor> contrastive_bwd_cuda(const Tensor& x, const Tensor& l
     run(jx, allow_tf32, dev, stream);
   }
   if (in.n > 0) {  // grad_ref_j = sum_i g_i c_ij x_i: the transposed problem over the first n rows
-    Job jr{in.ref, in.xq, in.B, in.z.data_ptr<int32_t>(), in.y.data_ptr<int32_t>(), in.self_ptr(), true,
+    // Split anchors (fp32 x, a 16-bit ref that requires grad: rare) run it in fp32, so S
+    // and the product with x keep fp32 accuracy.
+    const Tensor ref_rows = in.split ? in.ref.narrow(0, 0, in.n).to(at::kFloat) : in.ref.narrow(0, 0, in.n);
+    const Tensor cols = in.split ? in.x.to(at::kFloat) : in.xq;
+    Job jr{ref_rows, cols, in.B, in.z.data_ptr<int32_t>(), in.y.data_ptr<int32_t>(), in.self_ptr(), true,
            nullptr, g.data_ptr<float>(), m, thr, nullptr, nullptr, grad_ref.data_ptr<float>()};
-    jr.q = in.ref.narrow(0, 0, in.n);
     run(jr, allow_tf32, dev, stream);
   }
   return {grad_x, grad_ref};

@@ -206,22 +206,95 @@ def finish_rows(D: int) -> int:
 # --------------------------------------------------------------------------- tile helpers
 
 
+def operand_split(x_dtype: torch.dtype, ref_dtype: torch.dtype) -> dict:
+    """The kernels' constexprs for how fp32 values enter products with a 16-bit reference.
+
+    X_PARTS: the anchors in S = X R^T. 1: x in ref's dtype (the same dtype, or an fp32
+    reference). Anchors of another dtype than a 16-bit reference (fp32 anchors, a bf16
+    memory) are split into 16-bit parts, x = hi + mid / LO_SCALE (+ lo / LO_SCALE^2), one
+    tensor-core product each with the tile of R read once: fp16 needs 2 (11 + 11 bits),
+    bf16 3 (8 + 8 + 8 bits) to hold an fp32 mantissa; rounding x instead costs 1e-4 (fp16)
+    to 1e-3 (bf16) in S, hundreds of times the fp32 product the reference backend computes.
+    W_PARTS: the same for fp32 weights (softmax, mining) times R in the gradient: 2 when
+    all inputs are 16-bit (the reference backend then computes in 16 bits), else X_PARTS.
+    LO_SCALE: 2^12 for fp16, whose low parts would otherwise be subnormal; 1 for bf16."""
+    if ref_dtype == torch.float32:
+        return dict(X_PARTS=1, W_PARTS=1, LO_SCALE=1.0)
+    scale = 4096.0 if ref_dtype == torch.float16 else 1.0
+    if x_dtype == ref_dtype:
+        return dict(X_PARTS=1, W_PARTS=2, LO_SCALE=scale)
+    parts = 2 if ref_dtype == torch.float16 else 3
+    return dict(X_PARTS=parts, W_PARTS=parts, LO_SCALE=scale)
+
+
+@triton.jit
+def split16(v, dtype: tl.constexpr, PARTS: tl.constexpr, LO_SCALE: tl.constexpr):
+    """fp32 v as (hi, mid, lo) in `dtype`: v ~ hi + mid / LO_SCALE + lo / LO_SCALE^2 (lo
+    only with PARTS == 3; unused parts are copies of the last one). Each residual is exact
+    in fp32 (a value minus its own rounding)."""
+    hi = v.to(dtype)
+    rest = v - hi.to(tl.float32)
+    if LO_SCALE != 1.0:
+        rest = rest * LO_SCALE
+    mid = rest.to(dtype)
+    lo = mid
+    if PARTS == 3:
+        rest = rest - mid.to(tl.float32)
+        if LO_SCALE != 1.0:
+            rest = rest * LO_SCALE
+        lo = rest.to(dtype)
+    return hi, mid, lo
+
+
+@triton.jit
+def dot_low(mid, lo, m, acc, PARTS: tl.constexpr, LO_SCALE: tl.constexpr):
+    """acc + (mid / LO_SCALE + lo / LO_SCALE^2) @ m: the low parts' products (PARTS >= 2)."""
+    if LO_SCALE == 1.0:
+        acc = tl.dot(mid, m, acc)
+        if PARTS == 3:
+            acc = tl.dot(lo, m, acc)
+    else:
+        low = tl.dot(mid, m)
+        if PARTS == 3:
+            low += tl.dot(lo, m) * (1.0 / LO_SCALE)
+        acc += low * (1.0 / LO_SCALE)
+    return acc
+
+
 @triton.jit
 def anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D, dtype: tl.constexpr,
-                HAS_SELF_INDEX: tl.constexpr):
-    """A tile of anchors cast to `dtype` (the reference's: 16-bit memories feed the tensor
-    cores), their labels and self columns (rows as a placeholder without self_index)."""
+                HAS_SELF_INDEX: tl.constexpr, X_PARTS: tl.constexpr, LO_SCALE: tl.constexpr):
+    """A tile of anchors as loaded and as the operand parts of S (operand_split: x in
+    `dtype`, the reference's, or split into 16-bit parts), their labels and self columns
+    (rows as a placeholder without self_index)."""
     x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :],
                 other=0.0)
     yi = tl.load(y_ptr + rows, mask=row_ok, other=0)
     self_col = rows
     if HAS_SELF_INDEX:
         self_col = tl.load(si_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
-    return x.to(dtype), yi, self_col
+    if X_PARTS == 1:
+        x_hi = x.to(dtype)
+        x_mid = x_hi
+        x_lo = x_hi
+    else:
+        x_hi, x_mid, x_lo = split16(x.to(tl.float32), dtype, X_PARTS, LO_SCALE)
+    return x, x_hi, x_mid, x_lo, yi, self_col
 
 
 @triton.jit
-def memory_tile(x, r_ptr, z_ptr, k0, col_end, dims, dim_ok, D, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+def scores(x_hi, x_mid, x_lo, r, PRECISION: tl.constexpr, X_PARTS: tl.constexpr, LO_SCALE: tl.constexpr):
+    """S = X R^T (rows x cols, fp32) from anchor_tile's parts and rows of R."""
+    rt = tl.trans(r)
+    s = tl.dot(x_hi, rt, input_precision=PRECISION)
+    if X_PARTS > 1:
+        s = dot_low(x_mid, x_lo, rt, s, X_PARTS, LO_SCALE)
+    return s
+
+
+@triton.jit
+def memory_tile(x_hi, x_mid, x_lo, r_ptr, z_ptr, k0, col_end, dims, dim_ok, D, PRECISION: tl.constexpr,
+                BLOCK_K: tl.constexpr, X_PARTS: tl.constexpr, LO_SCALE: tl.constexpr):
     """Columns k0 .. k0 + BLOCK_K of a split ending at col_end: their column indices and
     mask, their rows of R (BLOCK_K x BLOCK_D, kept for the gradient product), labels, and
     the score tile S = X R^T accumulated in fp32 (BLOCK_B x BLOCK_K)."""
@@ -230,7 +303,7 @@ def memory_tile(x, r_ptr, z_ptr, k0, col_end, dims, dim_ok, D, PRECISION: tl.con
     r = tl.load(r_ptr + cols.to(tl.int64)[:, None] * D + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :],
                 other=0.0)
     zj = tl.load(z_ptr + cols, mask=col_ok, other=0)
-    s = tl.dot(x, tl.trans(r), input_precision=PRECISION)
+    s = scores(x_hi, x_mid, x_lo, r, PRECISION, X_PARTS, LO_SCALE)
     return cols, col_ok, r, zj, s
 
 
@@ -262,15 +335,29 @@ def pair_sets(s, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX
 
 
 @triton.jit
-def dot_acc(c, m, acc, HI_LO: tl.constexpr, PRECISION: tl.constexpr):
-    """acc + c @ m for fp32 coefficients c and a tile m (16-bit or fp32). With HI_LO (m is
-    16-bit and c is not exact in 16 bits) c goes in as hi + lo: two tensor-core products
-    keep ~fp32 accuracy. Without it c is cast to m's dtype (exact for 0/1 masks)."""
-    if HI_LO:
-        hi = c.to(m.dtype)
-        lo = (c - hi.to(tl.float32)).to(m.dtype)
-        acc = tl.dot(hi, m, acc)
-        acc = tl.dot(lo, m, acc)
-    else:
+def dot_acc(c, m, acc, PARTS: tl.constexpr, LO_SCALE: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + c @ m for fp32 coefficients c and a tile m (16-bit or fp32). PARTS > 1 (m is
+    16-bit and c is not exact in 16 bits): c goes in as PARTS 16-bit parts (split16), one
+    tensor-core product each, keeping ~fp32 accuracy. PARTS == 1: c is cast to m's dtype
+    (exact for 0/1 masks, or m is fp32)."""
+    if PARTS == 1:
         acc = tl.dot(c.to(m.dtype), m, acc, input_precision=PRECISION)
+    else:
+        hi, mid, lo = split16(c, m.dtype, PARTS, LO_SCALE)
+        acc = tl.dot(hi, m, acc)
+        acc = dot_low(mid, lo, m, acc, PARTS, LO_SCALE)
+    return acc
+
+
+@triton.jit
+def ref_grad_acc(ct, x, x_hi, acc, X_PARTS: tl.constexpr, W_PARTS: tl.constexpr, LO_SCALE: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """acc + C^T X for the reference-side gradient (ct = C^T, fp32; x as loaded and in the
+    operand dtype). Anchors split for S (another dtype than a 16-bit reference: rare, the
+    reference then requires grad in another dtype than the anchors) take an fp32 product;
+    otherwise dot_acc on the operand tile."""
+    if X_PARTS > 1:
+        acc = tl.dot(ct, x.to(tl.float32), acc, input_precision=PRECISION)
+    else:
+        acc = dot_acc(ct, x_hi, acc, W_PARTS, LO_SCALE, PRECISION)
     return acc

@@ -22,16 +22,18 @@ Backward to both sides (the in-batch loss), with g_i = dL/dl_i:
                             and streams the anchors, so no two programs write one row.
 Rows of grad_ref at and beyond ref_valid are zero.
 
-dtypes: x is cast to ref's dtype, so 16-bit memories feed the tensor cores (fp32 anchors
-with a bf16 memory compute in bf16) and fp32 references compute in fp32, as IEEE fp32 or
-TF32 as allow_tf32 says. Accumulators are fp32; pointer offsets are int64.
+dtypes: 16-bit memories feed the tensor cores: x in the memory's dtype when it is that
+dtype, split into 16-bit parts when it is not (fp32 anchors against a bf16 memory: one
+product per part, so S keeps fp32 accuracy; _common.operand_split); fp32 references compute
+in fp32, as IEEE fp32 or TF32 as allow_tf32 says. Accumulators are fp32; pointer offsets
+are int64.
 """
 import torch
 import triton
 import triton.language as tl
 
 from . import _common
-from ._common import anchor_tile, dot_acc, memory_tile, pair_sets, reference_block
+from ._common import anchor_tile, dot_acc, memory_tile, pair_sets, ref_grad_acc, reference_block, scores
 
 # (BLOCK_B, BLOCK_K, num_warps, num_stages), chosen for Hopper (H100: 228 KB shared memory
 # per SM, 64K registers). Small BLOCK_B serves small batches against a big memory. The
@@ -66,12 +68,13 @@ def _pair_masks(s, yi, zj, rows, cols, row_ok, col_ok, self_col, margin, pos_thr
 
 
 @triton.autotune(configs=_configs(_FWD_CONFIGS, "BLOCK_B", "BLOCK_K"),
-                 key=["D", "B_BUCKET", "COLS_BUCKET", "NEED_GRAD", "PRECISION"],
+                 key=["D", "B_BUCKET", "COLS_BUCKET", "NEED_GRAD", "PRECISION", "X_PARTS"],
                  prune_configs_by={"early_config_prune": _prune("BLOCK_B", "BLOCK_K", "B", 2048)})
 @triton.jit
 def contrastive_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, loss_ptr, counts_ptr, grad_ptr,
                            B, D, n, cols_per_split, margin, pos_thr, B_BUCKET, COLS_BUCKET,
                            HAS_SELF_INDEX: tl.constexpr, NEED_GRAD: tl.constexpr, PRECISION: tl.constexpr,
+                           X_PARTS: tl.constexpr, W_PARTS: tl.constexpr, LO_SCALE: tl.constexpr,
                            BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -81,8 +84,8 @@ def contrastive_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, loss_ptr, counts_
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < D
 
-    x, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D, r_ptr.dtype.element_ty,
-                                  HAS_SELF_INDEX)
+    _, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
+                                                      r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_PARTS, LO_SCALE)
 
     loss = tl.zeros([BLOCK_B], dtype=tl.float32)
     npos = tl.zeros([BLOCK_B], dtype=tl.int32)
@@ -92,15 +95,15 @@ def contrastive_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, loss_ptr, counts_
     col_start = pid_s * cols_per_split
     col_end = tl.minimum(col_start + cols_per_split, n)
     for k0 in range(col_start, col_end, BLOCK_K):
-        cols, col_ok, r, zj, s = memory_tile(x, r_ptr, z_ptr, k0, col_end, dims, dim_ok, D, PRECISION,
-                                             BLOCK_K)
+        cols, col_ok, r, zj, s = memory_tile(x_hi, x_mid, x_lo, r_ptr, z_ptr, k0, col_end, dims, dim_ok, D,
+                                             PRECISION, BLOCK_K, X_PARTS, LO_SCALE)
         pos, neg = _pair_masks(s, yi, zj, rows, cols, row_ok, col_ok, self_col, margin, pos_thr, HAS_SELF_INDEX)
         loss += tl.sum(tl.where(pos, 1.0 - s, tl.where(neg, s, 0.0)), axis=1)
         npos += tl.sum(pos.to(tl.int32), axis=1)
         nneg += tl.sum(neg.to(tl.int32), axis=1)
         if NEED_GRAD:
             c = neg.to(tl.float32) - pos.to(tl.float32)
-            acc = dot_acc(c, r, acc, False, PRECISION)  # -1/0/+1: exact in any dtype
+            acc = dot_acc(c, r, acc, 1, LO_SCALE, PRECISION)  # -1/0/+1: exact in any dtype
 
     out = pid_s.to(tl.int64) * B + rows64  # row of this split's slice of the workspace
     tl.store(loss_ptr + out, loss, mask=row_ok)
@@ -136,25 +139,26 @@ def reduce_splits_kernel(loss_ws, counts_ws, grad_ws, loss_ptr, counts_ptr, grad
 
 
 @triton.autotune(configs=_configs(_REF_CONFIGS, "BLOCK_K", "BLOCK_B"),
-                 key=["D", "B_BUCKET", "N_BUCKET", "PRECISION"],
+                 key=["D", "B_BUCKET", "N_BUCKET", "PRECISION", "X_PARTS"],
                  prune_configs_by={"early_config_prune": _prune("BLOCK_K", "BLOCK_B", "n", 1024)})
 @triton.jit
 def contrastive_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, g_ptr, gref_ptr,
                                 B, D, n, margin, pos_thr, B_BUCKET, N_BUCKET,
-                                HAS_SELF_INDEX: tl.constexpr, PRECISION: tl.constexpr, SPLIT_HI_LO: tl.constexpr,
+                                HAS_SELF_INDEX: tl.constexpr, PRECISION: tl.constexpr, X_PARTS: tl.constexpr,
+                                W_PARTS: tl.constexpr, LO_SCALE: tl.constexpr,
                                 BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
     cols, col_ok, dims, dim_ok, col_off, r, zj = reference_block(r_ptr, z_ptr, n, D, BLOCK_D, BLOCK_K)
     acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
     for b0 in range(0, B, BLOCK_B):
         rows = b0 + tl.arange(0, BLOCK_B)
         row_ok = rows < B
-        x, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D, r_ptr.dtype.element_ty,
-                                      HAS_SELF_INDEX)
+        x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
+                                                         r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_PARTS, LO_SCALE)
         g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
-        s = tl.dot(x, tl.trans(r), input_precision=PRECISION)
+        s = scores(x_hi, x_mid, x_lo, r, PRECISION, X_PARTS, LO_SCALE)
         pos, neg = _pair_masks(s, yi, zj, rows, cols, row_ok, col_ok, self_col, margin, pos_thr, HAS_SELF_INDEX)
         cg = tl.trans((neg.to(tl.float32) - pos.to(tl.float32)) * g[:, None])
-        acc = dot_acc(cg, x, acc, SPLIT_HI_LO, PRECISION)  # g C is not exact in 16 bits: hi + lo there
+        acc = ref_grad_acc(cg, x, x_hi, acc, X_PARTS, W_PARTS, LO_SCALE, PRECISION)  # g C: not exact in 16 bits
     tl.store(gref_ptr + col_off, acc, mask=col_ok[:, None] & dim_ok[None, :])
 
 
@@ -194,7 +198,7 @@ def contrastive_fwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, ma
             x, labels, ref, ref_labels, si if si is not None else labels, loss_ws, counts_ws, grad_ws,
             B, D, ref_valid, cols, float(margin), 1.0 - float(pos_eps), _bucket(B), _bucket(cols),
             HAS_SELF_INDEX=si is not None, NEED_GRAD=bool(need_grad), PRECISION=_precision(allow_tf32),
-            BLOCK_D=BLOCK_D)
+            BLOCK_D=BLOCK_D, **_common.operand_split(x.dtype, ref.dtype))
         if splits > 1:
             rows = _common.finish_rows(D)
             reduce_splits_kernel[(triton.cdiv(B, rows),)](
@@ -221,6 +225,6 @@ def contrastive_bwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, ma
         contrastive_ref_grad_kernel[grid](
             x, labels, ref, ref_labels, si if si is not None else labels, g, grad_ref,
             B, D, ref_valid, float(margin), 1.0 - float(pos_eps), _bucket(B), _bucket(ref_valid),
-            HAS_SELF_INDEX=si is not None, PRECISION=_precision(allow_tf32),
-            SPLIT_HI_LO=ref.dtype != torch.float32, BLOCK_D=_common.block_d(D))
+            HAS_SELF_INDEX=si is not None, PRECISION=_precision(allow_tf32), BLOCK_D=_common.block_d(D),
+            **_common.operand_split(x.dtype, ref.dtype))
     return grad_x, grad_ref

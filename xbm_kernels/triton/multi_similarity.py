@@ -19,14 +19,14 @@ C^T X with C_ij = g_i (fp_i w_p,ij + fn_i w_n,ij), a kernel where each program o
 reference rows and streams the anchors with their forward statistics.
 
 dtypes as in contrastive.py; the weights are not exact in 16 bits, so with a 16-bit
-reference they enter the tensor cores as hi + lo (_common.dot_acc).
+reference they enter the tensor cores in 16-bit parts (_common.dot_acc).
 """
 import torch
 import triton
 import triton.language as tl
 
 from . import _common
-from ._common import anchor_tile, dot_acc, memory_tile, pair_sets, reference_block
+from ._common import anchor_tile, dot_acc, memory_tile, pair_sets, ref_grad_acc, reference_block, scores
 from ._common import TWO_ACC_FWD_CONFIGS as _FWD_CONFIGS
 from .contrastive import _INTERP_FWD, _INTERP_REF, _REF_CONFIGS
 
@@ -50,26 +50,27 @@ def _mined_weights(sim, pos, neg, min_pos, max_neg, alpha, beta, base, mining_ma
 
 
 @triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS, _INTERP_FWD, "BLOCK_B", "BLOCK_K"),
-                 key=["D", "B_BUCKET", "COLS_BUCKET", "PRECISION"],
+                 key=["D", "B_BUCKET", "COLS_BUCKET", "PRECISION", "X_PARTS"],
                  prune_configs_by={"early_config_prune": _STATS_PRUNE})
 @triton.jit
 def ms_stats_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ws, B, D, n, cols_per_split, pos_thr,
                     B_BUCKET, COLS_BUCKET, HAS_SELF_INDEX: tl.constexpr, PRECISION: tl.constexpr,
+                    X_PARTS: tl.constexpr, LO_SCALE: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_s = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < D
-    x, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D, r_ptr.dtype.element_ty,
-                                   HAS_SELF_INDEX)
+    _, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
+                                                      r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_PARTS, LO_SCALE)
     min_pos = tl.full([BLOCK_B], float("inf"), tl.float32)
     max_neg = tl.full([BLOCK_B], float("-inf"), tl.float32)
     col_start = pid_s * cols_per_split
     col_end = tl.minimum(col_start + cols_per_split, n)
     for k0 in range(col_start, col_end, BLOCK_K):
-        cols, col_ok, r, zj, sim = memory_tile(x, r_ptr, z_ptr, k0, col_end, dims, dim_ok, D, PRECISION,
-                                               BLOCK_K)
+        cols, col_ok, r, zj, sim = memory_tile(x_hi, x_mid, x_lo, r_ptr, z_ptr, k0, col_end, dims, dim_ok, D,
+                                               PRECISION, BLOCK_K, X_PARTS, LO_SCALE)
         _, pos, neg = pair_sets(sim, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX)
         min_pos = tl.minimum(min_pos, tl.min(tl.where(pos, sim, float("inf")), axis=1))
         max_neg = tl.maximum(max_neg, tl.max(tl.where(neg, sim, float("-inf")), axis=1))
@@ -79,21 +80,22 @@ def ms_stats_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ws, B, D, n, cols_
 
 
 @triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS, _INTERP_FWD, "BLOCK_B", "BLOCK_K"),
-                 key=["D", "B_BUCKET", "COLS_BUCKET", "NEED_GRAD", "PRECISION"],
+                 key=["D", "B_BUCKET", "COLS_BUCKET", "NEED_GRAD", "PRECISION", "X_PARTS"],
                  prune_configs_by={"early_config_prune": _FWD_PRUNE})
 @triton.jit
 def ms_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ptr, sums_ws, counts_ws, gp_ws, gn_ws,
                   B, D, n, cols_per_split, alpha, beta, base, mining_margin, pos_thr, B_BUCKET, COLS_BUCKET,
                   HAS_SELF_INDEX: tl.constexpr, NEED_GRAD: tl.constexpr, PRECISION: tl.constexpr,
-                  HI_LO: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+                  X_PARTS: tl.constexpr, W_PARTS: tl.constexpr, LO_SCALE: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_s = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     rows64 = rows.to(tl.int64)
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < D
-    x, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D, r_ptr.dtype.element_ty,
-                                   HAS_SELF_INDEX)
+    _, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
+                                                      r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_PARTS, LO_SCALE)
     min_pos = tl.load(stats_ptr + rows64, mask=row_ok, other=float("inf"))
     max_neg = tl.load(stats_ptr + B + rows64, mask=row_ok, other=float("-inf"))
     sum_p = tl.zeros([BLOCK_B], dtype=tl.float32)
@@ -105,8 +107,8 @@ def ms_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ptr, sums_ws, counts
     col_start = pid_s * cols_per_split
     col_end = tl.minimum(col_start + cols_per_split, n)
     for k0 in range(col_start, col_end, BLOCK_K):
-        cols, col_ok, r, zj, sim = memory_tile(x, r_ptr, z_ptr, k0, col_end, dims, dim_ok, D, PRECISION,
-                                               BLOCK_K)
+        cols, col_ok, r, zj, sim = memory_tile(x_hi, x_mid, x_lo, r_ptr, z_ptr, k0, col_end, dims, dim_ok, D,
+                                               PRECISION, BLOCK_K, X_PARTS, LO_SCALE)
         _, pos, neg = pair_sets(sim, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX)
         mined_p, mined_n, wp, wn = _mined_weights(sim, pos, neg, min_pos, max_neg, alpha, beta, base,
                                                   mining_margin)
@@ -115,8 +117,8 @@ def ms_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ptr, sums_ws, counts
         npos += tl.sum(mined_p.to(tl.int32), axis=1)
         nneg += tl.sum(mined_n.to(tl.int32), axis=1)
         if NEED_GRAD:
-            gp = dot_acc(wp, r, gp, HI_LO, PRECISION)
-            gn = dot_acc(wn, r, gn, HI_LO, PRECISION)
+            gp = dot_acc(wp, r, gp, W_PARTS, LO_SCALE, PRECISION)
+            gn = dot_acc(wn, r, gn, W_PARTS, LO_SCALE, PRECISION)
     out = pid_s.to(tl.int64) * B + rows64
     stat = pid_s.to(tl.int64) * 2 * B + rows64  # sums_ws is (splits, 2, B)
     tl.store(sums_ws + stat, sum_p, mask=row_ok)
@@ -191,31 +193,32 @@ def ms_finish_kernel(stats_ptr, sums_ws, counts_ws, gp_ws, gn_ws, loss_ptr, coun
 
 
 @triton.autotune(configs=_common.autotune_configs(_REF_CONFIGS, _INTERP_REF, "BLOCK_K", "BLOCK_B"),
-                 key=["D", "B_BUCKET", "N_BUCKET", "PRECISION"],
+                 key=["D", "B_BUCKET", "N_BUCKET", "PRECISION", "X_PARTS"],
                  prune_configs_by={"early_config_prune": _REF_PRUNE})
 @triton.jit
 def ms_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, rowstats_ptr, g_ptr, gref_ptr,
                        B, D, n, alpha, beta, base, mining_margin, pos_thr, B_BUCKET, N_BUCKET,
-                       HAS_SELF_INDEX: tl.constexpr, PRECISION: tl.constexpr, HI_LO: tl.constexpr,
+                       HAS_SELF_INDEX: tl.constexpr, PRECISION: tl.constexpr, X_PARTS: tl.constexpr,
+                       W_PARTS: tl.constexpr, LO_SCALE: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
     cols, col_ok, dims, dim_ok, col_off, r, zj = reference_block(r_ptr, z_ptr, n, D, BLOCK_D, BLOCK_K)
     acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
     for b0 in range(0, B, BLOCK_B):
         rows = b0 + tl.arange(0, BLOCK_B)
         row_ok = rows < B
-        x, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D, r_ptr.dtype.element_ty,
-                                       HAS_SELF_INDEX)
+        x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
+                                                         r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_PARTS, LO_SCALE)
         st = rowstats_ptr + 4 * rows.to(tl.int64)
         min_pos = tl.load(st, mask=row_ok, other=float("inf"))
         max_neg = tl.load(st + 1, mask=row_ok, other=float("-inf"))
         g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
         cp = g * tl.load(st + 2, mask=row_ok, other=0.0)  # 0 for inactive rows
         cn = g * tl.load(st + 3, mask=row_ok, other=0.0)
-        sim = tl.dot(x, tl.trans(r), input_precision=PRECISION)
+        sim = scores(x_hi, x_mid, x_lo, r, PRECISION, X_PARTS, LO_SCALE)
         _, pos, neg = pair_sets(sim, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX)
         _, _, wp, wn = _mined_weights(sim, pos, neg, min_pos, max_neg, alpha, beta, base, mining_margin)
         c = wp * cp[:, None] + wn * cn[:, None]
-        acc = dot_acc(tl.trans(c), x, acc, HI_LO, PRECISION)
+        acc = ref_grad_acc(tl.trans(c), x, x_hi, acc, X_PARTS, W_PARTS, LO_SCALE, PRECISION)
     tl.store(gref_ptr + col_off, acc, mask=col_ok[:, None] & dim_ok[None, :])
 
 
@@ -241,8 +244,9 @@ def _forward(x, labels, ref, ref_labels, si, ref_valid, alpha, beta, base, minin
     gn_ws = torch.empty(splits, B, D, **f32) if need_grad else grad
     prm = (float(alpha), float(beta), float(base))
     pos_thr = 1.0 - float(pos_eps)
+    split = _common.operand_split(x.dtype, ref.dtype)
     common = dict(HAS_SELF_INDEX=si is not None, PRECISION=_common.precision(allow_tf32),
-                  BLOCK_D=_common.block_d(D))
+                  BLOCK_D=_common.block_d(D), X_PARTS=split["X_PARTS"], LO_SCALE=split["LO_SCALE"])
     si_arg = si if si is not None else labels
     grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), splits)  # noqa: E731
     with _common.device_guard(x):
@@ -252,7 +256,7 @@ def _forward(x, labels, ref, ref_labels, si, ref_valid, alpha, beta, base, minin
         stats = torch.stack([stats_ws[:, 0].amin(0), stats_ws[:, 1].amax(0)])
         ms_fwd_kernel[grid](x, labels, ref, ref_labels, si_arg, stats, sums_ws, counts_ws, gp_ws, gn_ws,
                             B, D, ref_valid, cols, *prm, float(mining_margin), pos_thr, _common.bucket(B),
-                            _common.bucket(cols), NEED_GRAD=bool(need_grad), HI_LO=ref.dtype != torch.float32,
+                            _common.bucket(cols), NEED_GRAD=bool(need_grad), W_PARTS=split["W_PARTS"],
                             **common)
         rows = _common.finish_rows(D)
         ms_finish_kernel[(triton.cdiv(B, rows),)](
@@ -288,5 +292,6 @@ def multi_similarity_bwd_triton(x, labels, ref, ref_labels, self_index, ref_vali
             x, labels, ref, ref_labels, si if si is not None else labels, rowstats, g, grad_ref,
             B, D, ref_valid, float(alpha), float(beta), float(base), float(mining_margin), 1.0 - float(pos_eps),
             _common.bucket(B), _common.bucket(ref_valid), HAS_SELF_INDEX=si is not None,
-            PRECISION=_common.precision(allow_tf32), HI_LO=ref.dtype != torch.float32, BLOCK_D=_common.block_d(D))
+            PRECISION=_common.precision(allow_tf32), BLOCK_D=_common.block_d(D),
+            **_common.operand_split(x.dtype, ref.dtype))
     return grad_x, grad_ref

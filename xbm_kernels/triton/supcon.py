@@ -20,15 +20,15 @@ Backward to both sides (the in-batch loss), with g_i = dL/dl_i:
                a kernel where each program owns a tile of reference rows and streams the
                anchors, using the forward's per-row LSE (no two programs write one row).
 
-dtypes as in contrastive.py: x is cast to ref's dtype; softmax weights are not exact in 16
-bits, so with a 16-bit reference they enter the tensor cores as hi + lo (_common.dot_acc).
+dtypes as in contrastive.py; softmax weights are not exact in 16 bits, so with a 16-bit
+reference they enter the tensor cores in 16-bit parts (_common.dot_acc).
 """
 import torch
 import triton
 import triton.language as tl
 
 from . import _common
-from ._common import anchor_tile, dot_acc, memory_tile, pair_sets, reference_block
+from ._common import anchor_tile, dot_acc, memory_tile, pair_sets, ref_grad_acc, reference_block, scores
 from ._common import TWO_ACC_FWD_CONFIGS as _FWD_CONFIGS
 from .contrastive import _INTERP_FWD, _INTERP_REF, _REF_CONFIGS
 
@@ -39,13 +39,14 @@ _REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 256, acc_tiles=3)
 
 
 @triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS, _INTERP_FWD, "BLOCK_B", "BLOCK_K"),
-                 key=["D", "B_BUCKET", "COLS_BUCKET", "NEED_GRAD", "PRECISION"],
+                 key=["D", "B_BUCKET", "COLS_BUCKET", "NEED_GRAD", "PRECISION", "X_PARTS"],
                  prune_configs_by={"early_config_prune": _FWD_PRUNE})
 @triton.jit
 def supcon_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ws, counts_ws, g_ws, gpos_ws,
                       B, D, n, cols_per_split, inv_tau, pos_thr, B_BUCKET, COLS_BUCKET,
                       HAS_SELF_INDEX: tl.constexpr, NEED_GRAD: tl.constexpr, PRECISION: tl.constexpr,
-                      HI_LO: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+                      X_PARTS: tl.constexpr, W_PARTS: tl.constexpr, LO_SCALE: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -54,8 +55,8 @@ def supcon_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ws, counts_ws, g
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < D
 
-    x, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D, r_ptr.dtype.element_ty,
-                                  HAS_SELF_INDEX)
+    _, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
+                                                      r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_PARTS, LO_SCALE)
 
     m = tl.full([BLOCK_B], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_B], dtype=tl.float32)
@@ -68,8 +69,8 @@ def supcon_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ws, counts_ws, g
     col_start = pid_s * cols_per_split
     col_end = tl.minimum(col_start + cols_per_split, n)
     for k0 in range(col_start, col_end, BLOCK_K):
-        cols, col_ok, r, zj, sim = memory_tile(x, r_ptr, z_ptr, k0, col_end, dims, dim_ok, D, PRECISION,
-                                               BLOCK_K)
+        cols, col_ok, r, zj, sim = memory_tile(x_hi, x_mid, x_lo, r_ptr, z_ptr, k0, col_end, dims, dim_ok, D,
+                                               PRECISION, BLOCK_K, X_PARTS, LO_SCALE)
         valid, pos, neg = pair_sets(sim, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX)
         t = tl.where(valid, sim * inv_tau, float("-inf"))
         m_new = tl.maximum(m, tl.max(t, axis=1))
@@ -84,8 +85,8 @@ def supcon_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ws, counts_ws, g
         npos += tl.sum(pos.to(tl.int32), axis=1)
         nneg += tl.sum(neg.to(tl.int32), axis=1)
         if NEED_GRAD:
-            g = dot_acc(e, r, g * scale[:, None], HI_LO, PRECISION)
-            gpos = dot_acc(pos.to(tl.float32), r, gpos, False, PRECISION)
+            g = dot_acc(e, r, g * scale[:, None], W_PARTS, LO_SCALE, PRECISION)
+            gpos = dot_acc(pos.to(tl.float32), r, gpos, 1, LO_SCALE, PRECISION)
 
     out = pid_s.to(tl.int64) * B + rows64  # row of this split's slice of the workspaces
     stat = pid_s.to(tl.int64) * 3 * B + rows64  # stats_ws is (splits, 3, B): m, s, sum_P S
@@ -144,28 +145,29 @@ def supcon_finish_kernel(stats_ws, counts_ws, g_ws, gpos_ws, loss_ptr, counts_pt
 
 
 @triton.autotune(configs=_common.autotune_configs(_REF_CONFIGS, _INTERP_REF, "BLOCK_K", "BLOCK_B"),
-                 key=["D", "B_BUCKET", "N_BUCKET", "PRECISION"],
+                 key=["D", "B_BUCKET", "N_BUCKET", "PRECISION", "X_PARTS"],
                  prune_configs_by={"early_config_prune": _REF_PRUNE})
 @triton.jit
 def supcon_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, lse_ptr, ga_ptr, gp_ptr, gref_ptr,
                            B, D, n, inv_tau, pos_thr, B_BUCKET, N_BUCKET,
-                           HAS_SELF_INDEX: tl.constexpr, PRECISION: tl.constexpr, HI_LO: tl.constexpr,
+                           HAS_SELF_INDEX: tl.constexpr, PRECISION: tl.constexpr, X_PARTS: tl.constexpr,
+                           W_PARTS: tl.constexpr, LO_SCALE: tl.constexpr,
                            BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
     cols, col_ok, dims, dim_ok, col_off, r, zj = reference_block(r_ptr, z_ptr, n, D, BLOCK_D, BLOCK_K)
     acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
     for b0 in range(0, B, BLOCK_B):
         rows = b0 + tl.arange(0, BLOCK_B)
         row_ok = rows < B
-        x, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D, r_ptr.dtype.element_ty,
-                                      HAS_SELF_INDEX)
+        x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
+                                                         r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_PARTS, LO_SCALE)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf"))
         ga = tl.load(ga_ptr + rows, mask=row_ok, other=0.0)  # g / tau, 0 for rows without positives
         gp = tl.load(gp_ptr + rows, mask=row_ok, other=0.0)  # g / (tau |P|)
-        sim = tl.dot(x, tl.trans(r), input_precision=PRECISION)
+        sim = scores(x_hi, x_mid, x_lo, r, PRECISION, X_PARTS, LO_SCALE)
         valid, pos, _ = pair_sets(sim, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX)
         e = tl.where(valid, tl.exp(sim * inv_tau - lse[:, None]), 0.0)
         c = e * ga[:, None] - tl.where(pos, gp[:, None], 0.0)
-        acc = dot_acc(tl.trans(c), x, acc, HI_LO, PRECISION)
+        acc = ref_grad_acc(tl.trans(c), x, x_hi, acc, X_PARTS, W_PARTS, LO_SCALE, PRECISION)
     tl.store(gref_ptr + col_off, acc, mask=col_ok[:, None] & dim_ok[None, :])
 
 
@@ -195,7 +197,7 @@ def _forward(x, labels, ref, ref_labels, si, ref_valid, temperature, pos_eps, ne
             x, labels, ref, ref_labels, si if si is not None else labels, stats_ws, counts_ws, g_ws, gpos_ws,
             B, D, ref_valid, cols, inv_tau, 1.0 - float(pos_eps), _common.bucket(B), _common.bucket(cols),
             HAS_SELF_INDEX=si is not None, NEED_GRAD=bool(need_grad), PRECISION=_common.precision(allow_tf32),
-            HI_LO=ref.dtype != torch.float32, BLOCK_D=BLOCK_D)
+            BLOCK_D=BLOCK_D, **_common.operand_split(x.dtype, ref.dtype))
         rows = _common.finish_rows(D)
         supcon_finish_kernel[(triton.cdiv(B, rows),)](
             stats_ws, counts_ws, g_ws, gpos_ws, loss, counts, grad, lse, B, D, splits, inv_tau,
@@ -233,6 +235,6 @@ def supcon_bwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, tempera
         supcon_ref_grad_kernel[grid](
             x, labels, ref, ref_labels, si if si is not None else labels, lse, ga, gp, grad_ref,
             B, D, ref_valid, inv_tau, 1.0 - float(pos_eps), _common.bucket(B), _common.bucket(ref_valid),
-            HAS_SELF_INDEX=si is not None, PRECISION=_common.precision(allow_tf32),
-            HI_LO=ref.dtype != torch.float32, BLOCK_D=_common.block_d(D))
+            HAS_SELF_INDEX=si is not None, PRECISION=_common.precision(allow_tf32), BLOCK_D=_common.block_d(D),
+            **_common.operand_split(x.dtype, ref.dtype))
     return grad_x, grad_ref

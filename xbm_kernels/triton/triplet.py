@@ -31,11 +31,12 @@ _REF_BLOCK_K, _REF_BLOCK_B, _REF_CHUNK_D = 64, 64, 64
 
 
 @triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS, _INTERP_FWD, "BLOCK_B", "BLOCK_K"),
-                 key=["D", "B_BUCKET", "COLS_BUCKET", "PRECISION"],
+                 key=["D", "B_BUCKET", "COLS_BUCKET", "PRECISION", "X_PARTS"],
                  prune_configs_by={"early_config_prune": _PRUNE})
 @triton.jit
 def triplet_hardest_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, val_ws, idx_ws, B, D, n, cols_per_split, pos_thr,
                            B_BUCKET, COLS_BUCKET, HAS_SELF_INDEX: tl.constexpr, PRECISION: tl.constexpr,
+                           X_PARTS: tl.constexpr, LO_SCALE: tl.constexpr,
                            BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_s = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -43,8 +44,8 @@ def triplet_hardest_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, val_ws, idx_ws, B
     rows64 = rows.to(tl.int64)
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < D
-    x, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D, r_ptr.dtype.element_ty,
-                                  HAS_SELF_INDEX)
+    _, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
+                                                      r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_PARTS, LO_SCALE)
 
     pos_val = tl.full([BLOCK_B], float("inf"), tl.float32)
     neg_val = tl.full([BLOCK_B], float("-inf"), tl.float32)
@@ -53,8 +54,8 @@ def triplet_hardest_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, val_ws, idx_ws, B
     col_start = pid_s * cols_per_split
     col_end = tl.minimum(col_start + cols_per_split, n)
     for k0 in range(col_start, col_end, BLOCK_K):
-        cols, col_ok, r, zj, sim = memory_tile(x, r_ptr, z_ptr, k0, col_end, dims, dim_ok, D, PRECISION,
-                                               BLOCK_K)
+        cols, col_ok, r, zj, sim = memory_tile(x_hi, x_mid, x_lo, r_ptr, z_ptr, k0, col_end, dims, dim_ok, D,
+                                               PRECISION, BLOCK_K, X_PARTS, LO_SCALE)
         _, pos, neg = pair_sets(sim, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX)
         sp = tl.where(pos, sim, float("inf"))
         tile_pos = tl.min(sp, axis=1)
@@ -154,12 +155,14 @@ def _forward(x, labels, ref, ref_labels, si, ref_valid, margin, pos_eps, need_gr
     val_ws = torch.empty(splits, 2, B, **f32)
     idx_ws = torch.empty(splits, 2, B, dtype=torch.int32, device=dev)
     BLOCK_D = _common.block_d(D)
+    split = _common.operand_split(x.dtype, ref.dtype)
     grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), splits)  # noqa: E731
     with _common.device_guard(x):
         triplet_hardest_kernel[grid](
             x, labels, ref, ref_labels, si if si is not None else labels, val_ws, idx_ws, B, D, ref_valid, cols,
             1.0 - float(pos_eps), _common.bucket(B), _common.bucket(cols), HAS_SELF_INDEX=si is not None,
-            PRECISION=_common.precision(allow_tf32), BLOCK_D=BLOCK_D)
+            PRECISION=_common.precision(allow_tf32), BLOCK_D=BLOCK_D, X_PARTS=split["X_PARTS"],
+            LO_SCALE=split["LO_SCALE"])
         rows = _common.finish_rows(D)
         triplet_finish_kernel[(triton.cdiv(B, rows),)](
             val_ws, idx_ws, ref, loss, counts, grad, chosen, B, D, splits, float(margin),
