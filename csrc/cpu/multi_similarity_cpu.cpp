@@ -4,7 +4,8 @@
 //   l_i = 1/alpha log(1 + sum_{P~_i} exp(-alpha (S_ij - base)))
 //       + 1/beta  log(1 + sum_{N~_i} exp( beta (S_ij - base)))
 //   skip_incomplete: l_i = 0 if any of P_i, N_i, P~_i, N~_i is empty; else a term is 0
-//   when its own mined set is empty.
+//   when its own mined set is empty. (With mining the two agree: P~_i and N~_i are both
+//   empty exactly when min_P S - mm >= max_N S, and both are empty when P_i or N_i is.)
 // With mining, pass 1 streams the reference for min positive / max negative per row. Those
 // give the largest exponent of each sum in advance (shift_p = -alpha (min_pos - base),
 // shift_n = beta (max_neg - base)), so pass 2 sums exp(a - shift) <= 1 with no running
