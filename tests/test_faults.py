@@ -179,6 +179,17 @@ def test_enqueue_keeps_values_that_stay_finite_after_the_cast(dtype, value):
     assert torch.isfinite(mem.get()[0]).all()
 
 
+@pytest.mark.parametrize("batch_dtype,memory_dtype,value", [(torch.bfloat16, torch.float16, 1e5),
+                                                            (torch.float64, torch.float32, 1e39),
+                                                            (torch.float64, torch.bfloat16, 3.4e38)])
+def test_enqueue_rejects_overflow_from_other_batch_dtypes(batch_dtype, memory_dtype, value):
+    mem = xk.CrossBatchMemory(4, 2, dtype=memory_dtype)
+    x = torch.tensor([[0.5, 0.5], [value, 0.0]], dtype=batch_dtype)
+    with pytest.raises(ValueError, match=r"embeddings: 1 row\(s\) .*first: row 1 .*beyond the largest"):
+        mem.enqueue(x, torch.arange(2))
+    assert len(mem) == 0 and torch.equal(mem.labels, torch.full((4,), -1, dtype=torch.int32))
+
+
 def test_overflow_masked_out_is_fine():
     mem = xk.CrossBatchMemory(4, 2, dtype=torch.float16)
     mem.enqueue(torch.tensor([[1e5, 0.0], [0.5, 0.5]]), torch.arange(2), mask=torch.tensor([False, True]))

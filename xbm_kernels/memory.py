@@ -6,6 +6,10 @@ from . import _validate as V
 from . import backends
 
 
+# The largest finite value of each floating dtype a batch or a memory can have.
+_LARGEST = {d: torch.finfo(d).max for d in (torch.float64, torch.float32, torch.bfloat16, torch.float16)}
+
+
 class CrossBatchMemory(nn.Module):
     """A ring buffer of the last `size` embeddings and their labels.
 
@@ -83,15 +87,22 @@ class CrossBatchMemory(nn.Module):
 
     def _check_finite(self, name, rows, what, consequence):
         """Raises unless every entry of `rows` is finite after the cast to the memory dtype."""
-        # One aminmax pass decides the common case: when both ends lie within the memory
-        # dtype's finite range, so does every entry, on any rounding path (NaN fails both
-        # comparisons). As cheap as the fp32 sum it replaces, which missed values that
-        # overflow only on the cast. Otherwise the exact test: cast the rows, as the enqueue will.
-        lo, hi = torch.stack(tuple(torch.aminmax(rows.detach()))).tolist()
-        top = torch.finfo(self.dtype).max
-        if -top <= lo and hi <= top:
-            return
+        # One reduction decides the common case. When the cast cannot overflow (the memory
+        # dtype's range covers the batch dtype's: float32 into float32, float16 into
+        # bfloat16), an fp32 sum: it is finite unless an entry is not, or the sum itself
+        # overflows. When it can (float32 into bfloat16 or float16), the batch's min and max
+        # against the memory dtype's largest value: within it, every entry stays finite on
+        # any rounding path (NaN fails both comparisons). Only when that fails are the rows
+        # cast, as the enqueue will, to find the bad ones exactly.
         rows = rows.detach()
+        top = _LARGEST[self.dtype]
+        if _LARGEST.get(rows.dtype, float("inf")) <= top:
+            if bool(torch.isfinite(rows.sum(dtype=torch.float32))):
+                return
+        else:
+            lo, hi = torch.aminmax(rows)
+            if bool((lo >= -top) & (hi <= top)):
+                return
         bad = ~torch.isfinite(rows.to(self.dtype)).all(dim=1)
         if not bool(bad.any()):  # beyond the largest value, but rounds down to it
             return
