@@ -48,7 +48,8 @@ OPTIONS = [
     (dict(reduction="avg"), ValueError, "reduction: expected one of"),
     (dict(margin=float("nan")), ValueError, "margin: expected a finite number"),
     (dict(margin="0.5"), TypeError, "margin: expected a number"),
-    (dict(pos_eps=-1e-3), ValueError, "pos_eps: expected >= 0"),
+    (dict(pos_eps=-1.5), ValueError, r"pos_eps: expected a value in \[-1, 1\]"),
+    (dict(margin=1.0), ValueError, r"margin: expected a value in \(-1, 1\)"),
     (dict(backend="cuda"), ValueError, "backend: 'cuda'"),
     (dict(backend="magic"), ValueError, "backend: expected 'auto' or one of"),
 ]

@@ -45,7 +45,8 @@ def _worker(rank, init_file, out_dir):
     x, y, masks = make_data()
     results = {}
     for backend, masked in CASES:
-        crit = xk.XBMLoss(M, D, weight=WEIGHT, start_iteration=START, gather_distributed=True, backend=backend)
+        crit = xk.XBMLoss(M, D, weight=WEIGHT, start_iteration=START, gather_distributed=True, backend=backend,
+                          normalize=False)  # the oracle below works on the raw rows
         losses, grads = [], []
         for t in range(STEPS):
             e = x[t, rank].clone().requires_grad_(True)
