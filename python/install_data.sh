@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the offline data the training app uses, from Debian packages:
-#   - CJK font packages: glyph classes are rendered from them at run time (python/data.py);
+#   - CJK font packages: glyph classes are rendered from them at run time (python/xbm_data.py);
 #   - dataset-fashion-mnist: Fashion-MNIST as gzipped IDX files.
 # scikit-learn's digits ship with scikit-learn and need nothing here.
 # Skips with a message (exit 0) when not root or when apt-get is missing.
@@ -34,8 +34,16 @@ available=()
 for p in "${PACKAGES[@]}"; do
   if apt-cache show "$p" >/dev/null 2>&1; then available+=("$p"); else echo "install_data.sh: no package $p here"; fi
 done
+# What apt newly installs is counted from dpkg's status before and after, not from the list.
+installed() { dpkg-query -W -f='${Status}\n' "$1" 2>/dev/null | grep -q "install ok installed"; }
+before=()
+for p in "${available[@]}"; do installed "$p" && before+=("$p"); done
 if ! apt-get install -y -q --no-install-recommends "${available[@]}"; then
   echo "install_data.sh: apt-get install failed; the glyph and Fashion-MNIST sets may be incomplete"
   exit 0
 fi
-echo "install_data.sh: installed ${#available[@]} packages"
+new=()
+for p in "${available[@]}"; do
+  if installed "$p" && [[ " ${before[*]} " != *" $p "* ]]; then new+=("$p"); fi
+done
+echo "install_data.sh: ${#new[@]} package(s) newly installed${new:+: ${new[*]}}; ${#before[@]} of ${#available[@]} were already installed"

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import struct
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,16 +46,24 @@ class Split:
     test_images: torch.Tensor
     test_labels: torch.Tensor
     info: str
+    pretrain_images: torch.Tensor = None   # a third disjoint class set (glyphs with pretrain_classes > 0)
+    pretrain_labels: torch.Tensor = None
 
     def describe(self):
         def cls(t):
             return int(torch.unique(t).numel())
-        return (f"{self.name}: train {len(self.train_labels)} images / {cls(self.train_labels)} classes, "
+        pre = "" if self.pretrain_labels is None else \
+            f"pretrain {len(self.pretrain_labels)} images / {cls(self.pretrain_labels)} classes, "
+        return (f"{self.name}: {pre}train {len(self.train_labels)} images / {cls(self.train_labels)} classes, "
                 f"test {len(self.test_labels)} images / {cls(self.test_labels)} classes (disjoint); {self.info}")
 
 
-def load(name, cache_dir, test_classes=None, max_classes=3000, min_faces=16, split_seed=0, quiet=False):
+def load(name, cache_dir, test_classes=None, max_classes=10000, min_faces=12, split_seed=0, quiet=False,
+         pretrain_classes=0):
     """The class-disjoint split of dataset `name` (one of DATASETS).
+
+    Glyphs with `pretrain_classes` > 0 get a third class set, disjoint from the train and
+    test classes, for pretraining a backbone that is then fine-tuned on the train classes.
 
     Glyph test images get one fixed random affine distortion each (the training jitter's
     distribution, seeded by split_seed): without it, retrieval across fonts is nearly
@@ -72,18 +81,27 @@ def load(name, cache_dir, test_classes=None, max_classes=3000, min_faces=16, spl
     if name == "glyphs":
         images, labels, chars, faces = glyphs(cache_dir, max_classes=max_classes, min_faces=min_faces, quiet=quiet)
         n_classes = len(chars)
-        n_test = test_classes or min(500, n_classes // 2)
+        n_test = test_classes or min(1000, n_classes // 2)
         if not 0 < n_test < n_classes:
             raise ValueError(f"--test-classes: expected 1..{n_classes - 1}, got {n_test}")
+        if not 0 <= pretrain_classes < n_classes - n_test:
+            raise ValueError(f"--pretrain-classes: expected 0..{n_classes - n_test - 1} ({n_classes} classes, "
+                             f"{n_test} for test), got {pretrain_classes}")
         order = torch.randperm(n_classes, generator=torch.Generator().manual_seed(split_seed))
-        is_test = torch.zeros(n_classes, dtype=torch.bool)
-        is_test[order[:n_test]] = True
-        te = is_test[labels]
+        role = torch.zeros(n_classes, dtype=torch.int64)  # 0 train, 1 test, 2 pretrain
+        role[order[:n_test]] = 1
+        role[order[n_test:n_test + pretrain_classes]] = 2
+        r = role[labels]
+        te, pre = r == 1, r == 2
+        tr = r == 0
         test_images = jitter(images[te].float() / 255.0, torch.Generator().manual_seed(split_seed + 1))
         test_images = (test_images * 255.0).round().clamp(0, 255).to(torch.uint8)
-        return Split("glyphs", images[~te], labels[~te], test_images, labels[te],
-                     f"{len(faces)} font faces, characters U+{min(chars):04X}..U+{max(chars):04X}, "
-                     f"test images distorted once (fixed seed)")
+        split = Split("glyphs", images[tr], labels[tr], test_images, labels[te],
+                      f"{len(faces)} font faces, characters U+{min(chars):04X}..U+{max(chars):04X}, "
+                      f"test images distorted once (fixed seed)")
+        if pretrain_classes:
+            split.pretrain_images, split.pretrain_labels = images[pre], labels[pre]
+        return split
     raise ValueError(f"dataset: expected one of {DATASETS}, got {name!r}")
 
 
@@ -220,7 +238,7 @@ def _cache_key(faces, max_classes, min_faces):
     return hashlib.sha1(json.dumps(desc).encode()).hexdigest()[:12]
 
 
-def glyphs(cache_dir, max_classes=3000, min_faces=16, font_dirs=FONT_DIRS, quiet=False):
+def glyphs(cache_dir, max_classes=10000, min_faces=12, font_dirs=FONT_DIRS, quiet=False):
     """(images uint8 (N,1,32,32), labels int64 (N,), chars [code point per class], faces [names]).
 
     Characters are those present in at least `min_faces` distinct faces, most widely
@@ -247,7 +265,7 @@ def glyphs(cache_dir, max_classes=3000, min_faces=16, font_dirs=FONT_DIRS, quiet
     cls = {c: i for i, c in enumerate(chars)}
     images, labels = [], []
     from tqdm import tqdm
-    for face in tqdm(faces, desc="rendering faces", disable=quiet):
+    for face in tqdm(faces, desc="rendering faces", disable=quiet or not sys.stderr.isatty()):
         r = _Renderer(face[0], face[1])
         for c in chars:
             if c not in face[3]:

@@ -111,3 +111,159 @@ def test_concurrent_first_renders_share_the_glyph_cache(tmp_path):
     assert len(names) == 1 and names[0].startswith("glyphs-") and ".tmp" not in names[0], names
     images, labels, _, _ = xbm_data.glyphs(str(tmp_path), max_classes=12, min_faces=2, quiet=True)
     assert (int(images.shape[0]), int(labels.sum())) == results[0]
+
+
+def test_flag_help_does_not_print_a_misleading_default():
+    import contextlib
+    import io
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), pytest.raises(SystemExit):
+        train_xbm.parse_args(["--help"])
+    help_text = " ".join(buf.getvalue().split())  # argparse wraps lines
+    assert "--no-jitter train without the random affine jitter" in help_text, help_text
+    assert "(default: True)" not in help_text and "(default: False)" not in help_text
+    assert "--lr LR Adam learning rate (default: 0.001)" in help_text  # valued options still show theirs
+
+
+def test_progress_without_a_terminal_prints_lines_not_a_bar():
+    # stdout/stderr are pipes here, as in a log file: no carriage-return bar, a few plain lines
+    out = subprocess.run([sys.executable, os.path.join(APP_DIR, "train_xbm.py"), "--dataset", "digits", "--steps", "40",
+                          "--batch", "16", "--classes-per-batch", "4", "--memory-size", "64", "--width", "8",
+                          "--threads", "1", "--log-every", "2"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "\r" not in out.stderr + out.stdout
+    lines = [l for l in out.stdout.splitlines() if l.startswith("step ")]
+    assert [l.split(":")[0] for l in lines] == [f"step {s}/40" for s in range(4, 41, 4)], lines
+
+
+def test_drift_curve_hand_example():
+    # probe set of two points; f_t = f_0 + t * v on a fixed direction: drift at dt is dt^2 |v|^2
+    v = torch.tensor([[0.1, 0.0], [0.0, 0.2]])
+    snaps = {t: torch.ones(2, 2) + t * v for t in (0, 10, 20, 30, 40)}
+    d = train_xbm.drift_curve(snaps, [10, 20, 40, 50], from_step=0)
+    per_unit = float((v ** 2).sum(dim=1).mean())  # mean over the probe set of |v|^2 = 0.025
+    assert d.keys() == {10, 20, 40}  # no pair 50 steps apart
+    for dt in (10, 20, 40):
+        assert d[dt] == pytest.approx(dt * dt * per_unit, rel=1e-5), (dt, d[dt])
+    # from_step leaves out the pairs that start earlier: only (40, 20) for dt 20
+    snaps[40] = snaps[40] + 1.0
+    assert train_xbm.drift_curve(snaps, [20], from_step=20)[20] == pytest.approx(
+        float(((snaps[40] - snaps[20]) ** 2).sum(dim=1).mean()))
+    assert train_xbm.drift_dts(25, 400, memory_age=16384 / 16) == [25, 50, 100, 200, 400]
+    assert train_xbm.drift_dts(25, 400, memory_age=4096 / 16) == [25, 50, 100, 200, 250]
+
+
+def test_fresh_memory_holds_the_current_models_embeddings():
+    import xbm_kernels as xk
+    torch.manual_seed(0)
+    model = train_xbm.EmbeddingNet(32, 8)
+    crit = xk.XBMLoss(48, 32, loss="contrastive", start_iteration=1)
+    fresh = train_xbm._FreshMemory(crit, chunk=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    g = torch.Generator().manual_seed(1)
+    seen = []
+    for step in range(5):
+        x, y = torch.rand(16, 1, 32, 32, generator=g), torch.randint(0, 4, (16,), generator=g)
+        ptr, enqueues = int(crit.memory.ptr), fresh.will_enqueue()
+        fresh.refresh(model, "cpu")
+        loss = crit(model(x), y)
+        if enqueues:
+            fresh.record(ptr, x)
+            seen.append(x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert len(crit.memory) == 48 and len(seen) == 4  # 4 batches of 16 through a 48-row ring: wrapped
+    bn = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    running = [m.running_mean.clone() for m in bn]
+    fresh.refresh(model, "cpu")
+    assert all(torch.equal(r, m.running_mean) for r, m in zip(running, bn)), "refresh moved BatchNorm statistics"
+    # the ring holds batches 2, 3 (slots 16..47) and batch 4 (slots 0..15), each re-embedded by today's model
+    with torch.no_grad():
+        for m in bn:
+            m.momentum = 0.0
+        expect = torch.cat([model(seen[3]), model(seen[1]), model(seen[2])])
+    assert torch.allclose(crit.memory.embeddings, expect, atol=1e-5)
+
+
+def test_init_starts_from_the_checkpoints_model(tmp_path):
+    ckpt = str(tmp_path / "ck.pt")
+    first = train_xbm.main(ARGS + ["--checkpoint", ckpt, "--memory-size", "0"])
+    second = train_xbm.main(ARGS[:3] + ["2"] + ARGS[4:] + ["--init", ckpt, "--lr", "0"])
+    assert second["recall_before"] == first["recall_after"]  # the loaded weights, not a fresh init
+    scratch = train_xbm.main(ARGS[:3] + ["2"] + ARGS[4:])
+    assert scratch["recall_before"] != first["recall_after"]
+
+
+def test_step_log_has_per_step_active_pair_counts(tmp_path):
+    log = tmp_path / "steps.csv"
+    res = train_xbm.main(ARGS + ["--step-log", str(log)])
+    rows = [l.split(",") for l in log.read_text().splitlines()]
+    assert rows[0] == ["step", "loss", "in_batch_pos", "in_batch_neg", "memory_pos", "memory_neg"]
+    body = rows[1:]
+    assert [int(r[0]) for r in body] == list(range(1, 25))
+    assert [float(r[1]) for r in body] == pytest.approx(res["losses"], rel=1e-5)
+    # the memory joins at step 3 (--start-iteration 3): no memory pairs before, some after
+    assert all(int(r[4]) == int(r[5]) == 0 for r in body[:3])
+    assert all(int(r[4]) + int(r[5]) > 0 for r in body[3:])
+    assert all(int(r[2]) > 0 for r in body)  # 4 classes x 8: every anchor has 7 positives to weigh
+    assert [[int(v) for v in r[2:]] for r in body] == res["pairs"]
+
+
+def test_glyph_split_has_three_disjoint_class_sets(tmp_path):
+    import xbm_data
+    if len(xbm_data.find_faces()) < 2:
+        pytest.skip("fewer than 2 CJK font faces installed (python/install_data.sh installs them)")
+    s = xbm_data.load("glyphs", str(tmp_path), test_classes=5, max_classes=20, min_faces=2, pretrain_classes=6,
+                      quiet=True)
+    sets = [set(t.tolist()) for t in (s.pretrain_labels, s.train_labels, s.test_labels)]
+    assert [len(c) for c in sets] == [6, 9, 5]
+    assert not (sets[0] & sets[1]) and not (sets[0] & sets[2]) and not (sets[1] & sets[2])
+    with pytest.raises(ValueError, match="pretrain-classes"):
+        xbm_data.load("glyphs", str(tmp_path), test_classes=5, max_classes=20, min_faces=2, pretrain_classes=15,
+                      quiet=True)
+
+
+def test_study_smoke_writes_the_table_and_plots(tmp_path):
+    import study
+    study.main(["--smoke", "--losses", "multi_similarity", "--jobs", "1", "--out-dir", str(tmp_path),
+                "--checkpoint", str(tmp_path / "pre.pt")])
+    rows = study.read_csv(str(tmp_path / "recall.csv"))
+    assert len(rows) == 8  # 2 inits x (batch-only, XBM 64) x 2 seeds
+    assert {(r["init"], r["method"]) for r in rows} == {(i, m) for i in ("scratch", "pretrained")
+                                                        for m in ("batch-only", "xbm")}
+    assert all(0 <= float(r["recall@1"]) <= 1 for r in rows)
+    assert {r["init_recall@1"] != "" for r in rows if r["init"] == "pretrained"} == {True}
+    drift = study.read_csv(str(tmp_path / "drift.csv"))
+    assert {r["seed"] for r in drift} == {"0"} and all(float(r["drift"]) > 0 for r in drift)
+    for name in ("recall.md", "recall_vs_memory.png", "drift.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_install_data_reports_what_apt_newly_installed(tmp_path):
+    # apt-get, apt-cache, dpkg-query and id stubbed: two of the packages are already installed
+    # before, apt installs the rest; the script must count only those.
+    state = tmp_path / "installed"
+    state.write_text("fonts-vlgothic\nfonts-mona\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stubs = {
+        "id": 'echo 0',
+        "apt-cache": 'exit 0',
+        "apt-get": f'if [ "$1" = install ]; then shift; for p in "$@"; do case "$p" in -*) ;; *) echo "$p" >> {state};; '
+                   f'esac; done; fi; exit 0',
+        "dpkg-query": f'p="${{@: -1}}"; if grep -qx "$p" {state}; then echo "install ok installed"; else exit 1; fi',
+    }
+    for name, body in stubs.items():
+        (bin_dir / name).write_text("#!/usr/bin/env bash\n" + body + "\n")
+        (bin_dir / name).chmod(0o755)
+    script = os.path.join(APP_DIR, "install_data.sh")
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    out = subprocess.run(["bash", script], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    last = out.stdout.strip().splitlines()[-1]
+    total = len(set(state.read_text().split()))
+    assert f"{total - 2} package(s) newly installed" in last and "2 of" in last, last
+    # run again: everything is there, nothing new
+    out = subprocess.run(["bash", script], capture_output=True, text=True, env=env, timeout=60)
+    assert "0 package(s) newly installed;" in out.stdout.strip().splitlines()[-1], out.stdout
