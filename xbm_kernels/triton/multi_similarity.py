@@ -1,18 +1,25 @@
 """Fused multi-similarity loss over a reference set (DESIGN.md section 1), Triton kernels.
 
-    P~_i = { j in P_i : S_ij - mm < max_{N_i} S },   N~_i = { j in N_i : S_ij + mm > min_{P_i} S }
+    mine:     P~_i = { j in P_i : S_ij - mm < max_{N_i} S },  N~_i = { j in N_i : S_ij + mm > min_{P_i} S }
+    not mine: P~_i = P_i,  N~_i = N_i
     l_i = 1/alpha log(1 + sum_{P~_i} exp(-alpha (S_ij - base)))
-        + 1/beta  log(1 + sum_{N~_i} exp( beta (S_ij - base)))      (0 if any set is empty)
+        + 1/beta  log(1 + sum_{N~_i} exp( beta (S_ij - base)))
+    skip_incomplete: l_i = 0 (counts 0) unless P_i, N_i, P~_i and N~_i are all non-empty;
+    otherwise each term is 0 when its own mined set is empty (log(1 + empty sum)).
 
-Pass 1 (stats kernel) streams the reference for min positive / max negative per row; each
-split writes its own and the exact min / max merge in any order (one torch reduction).
-They give each sum's largest exponent in advance, shift_p = -alpha (min_pos - base),
-shift_n = beta (max_neg - base), so pass 2 (forward kernel) recomputes S per tile and sums
-weights w = exp(a - shift) <= 1 (no running maximum; the largest mined weight is 1, so the
-sums are >= 1 for active rows), accumulating the weighted rows Gp = sum w_p r and
-Gn = sum w_n r for the gradient. A finish kernel adds the splits in split order (deterministic) and scales once:
+With mine, pass 1 (stats kernel) streams the reference for min positive / max negative per
+row; each split writes its own and the exact min / max merge in any order (one torch
+reduction). They give each sum's largest exponent in advance, shift_p = -alpha (min_pos -
+base), shift_n = beta (max_neg - base) (the extreme pair of a set is mined whenever any of
+the set is), so pass 2 (forward kernel) recomputes S per tile and sums weights
+w = exp(a - shift) <= 1 with no running maximum, accumulating the weighted rows
+Gp = sum w_p r and Gn = sum w_n r for the gradient. Without mine there is no pass 1: the
+forward kernel keeps a running maximum per sum instead (shift = max so far; the sums and
+G rescaled by exp(old - new) when it grows, as FlashAttention). Each split writes its
+(shift, sum, G) and a finish kernel merges the splits in split order (deterministic),
+rescaling to the largest shift (a no-op with mine: every split has the same), and scales once:
     dl_i/dx_i = fp_i Gp + fn_i Gn,  fp = -1 / (exp(-shift_p) + sum_p),  fn = 1 / (exp(-shift_n) + sum_n)
-Mined-set membership is a constant for the gradient.
+(fp, fn = 0 for a term that is switched off). Mined-set membership is a constant for the gradient.
 
 Backward to both sides, with g_i = dL/dl_i: grad_x = g * (forward gradient); grad_ref =
 C^T X with C_ij = g_i (fp_i w_p,ij + fn_i w_n,ij), a kernel where each program owns a tile of
@@ -38,15 +45,35 @@ _REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 256, acc_tiles=3)
 
 
 @triton.jit
-def _mined_weights(sim, pos, neg, min_pos, max_neg, alpha, beta, base, mining_margin):
-    """Shifted weights of the mined pairs (0 elsewhere), each <= 1."""
-    shift_p = -alpha * (min_pos - base)  # -inf for rows without positives (shift_p) or negatives
-    shift_n = beta * (max_neg - base)    # (shift_n): then nothing is mined and the weights are 0
-    mined_p = pos & (sim - mining_margin < max_neg[:, None])
-    mined_n = neg & (sim + mining_margin > min_pos[:, None])
+def _mined_sets(sim, pos, neg, min_pos, max_neg, mining_margin, MINE: tl.constexpr):
+    """P~ and N~ of a tile (P and N without mining)."""
+    if MINE:
+        mined_p = pos & (sim - mining_margin < max_neg[:, None])
+        mined_n = neg & (sim + mining_margin > min_pos[:, None])
+    else:
+        mined_p = pos
+        mined_n = neg
+    return mined_p, mined_n
+
+
+@triton.jit
+def _weights(sim, mined_p, mined_n, shift_p, shift_n, alpha, beta, base):
+    """Shifted weights of the mined pairs (0 elsewhere), each <= 1 when the shifts are the
+    sets' largest exponents. A row whose set is empty may have shift -inf: its weights are
+    masked to 0."""
     wp = tl.where(mined_p, tl.exp(-alpha * (sim - base) - shift_p[:, None]), 0.0)
     wn = tl.where(mined_n, tl.exp(beta * (sim - base) - shift_n[:, None]), 0.0)
-    return mined_p, mined_n, wp, wn
+    return wp, wn
+
+
+@triton.jit
+def _running_max(m, a, mined):
+    """(new max, its finite stand-in, rescale of the old sums) of a running maximum m over
+    the exponents a of the mined pairs: rows still without one keep -inf and shift by 0, so
+    there is no inf - inf (their sums are 0 and stay 0)."""
+    m_new = tl.maximum(m, tl.max(tl.where(mined, a, float("-inf")), axis=1))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, shift, tl.exp(m - shift)
 
 
 @triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS, _INTERP_FWD, "BLOCK_B", "BLOCK_K"),
@@ -80,13 +107,13 @@ def ms_stats_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ws, B, D, n, cols_
 
 
 @triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS, _INTERP_FWD, "BLOCK_B", "BLOCK_K"),
-                 key=["D", "B_BUCKET", "COLS_BUCKET", "NEED_GRAD", "PRECISION", "X_PARTS"],
+                 key=["D", "B_BUCKET", "COLS_BUCKET", "NEED_GRAD", "PRECISION", "X_PARTS", "MINE"],
                  prune_configs_by={"early_config_prune": _FWD_PRUNE})
 @triton.jit
 def ms_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ptr, sums_ws, counts_ws, gp_ws, gn_ws,
                   B, D, n, cols_per_split, alpha, beta, base, mining_margin, pos_thr, B_BUCKET, COLS_BUCKET,
-                  HAS_SELF_INDEX: tl.constexpr, NEED_GRAD: tl.constexpr, PRECISION: tl.constexpr,
-                  X_PARTS: tl.constexpr, W_PARTS: tl.constexpr, LO_SCALE: tl.constexpr,
+                  HAS_SELF_INDEX: tl.constexpr, MINE: tl.constexpr, NEED_GRAD: tl.constexpr,
+                  PRECISION: tl.constexpr, X_PARTS: tl.constexpr, W_PARTS: tl.constexpr, LO_SCALE: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_s = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -96,8 +123,16 @@ def ms_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ptr, sums_ws, counts
     dim_ok = dims < D
     _, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
                                                       r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_PARTS, LO_SCALE)
-    min_pos = tl.load(stats_ptr + rows64, mask=row_ok, other=float("inf"))
-    max_neg = tl.load(stats_ptr + B + rows64, mask=row_ok, other=float("-inf"))
+    if MINE:  # the largest exponents, known from pass 1 (-inf for rows whose set is empty)
+        min_pos = tl.load(stats_ptr + rows64, mask=row_ok, other=float("inf"))
+        max_neg = tl.load(stats_ptr + B + rows64, mask=row_ok, other=float("-inf"))
+        m_p = -alpha * (min_pos - base)
+        m_n = beta * (max_neg - base)
+    else:  # running maxima
+        min_pos = tl.full([BLOCK_B], float("inf"), tl.float32)
+        max_neg = tl.full([BLOCK_B], float("-inf"), tl.float32)
+        m_p = tl.full([BLOCK_B], float("-inf"), tl.float32)
+        m_n = tl.full([BLOCK_B], float("-inf"), tl.float32)
     sum_p = tl.zeros([BLOCK_B], dtype=tl.float32)
     sum_n = tl.zeros([BLOCK_B], dtype=tl.float32)
     npos = tl.zeros([BLOCK_B], dtype=tl.int32)
@@ -110,8 +145,18 @@ def ms_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ptr, sums_ws, counts
         cols, col_ok, r, zj, sim = memory_tile(x_hi, x_mid, x_lo, r_ptr, z_ptr, k0, col_end, dims, dim_ok, D,
                                                PRECISION, BLOCK_K, X_PARTS, LO_SCALE)
         _, pos, neg = pair_sets(sim, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX)
-        mined_p, mined_n, wp, wn = _mined_weights(sim, pos, neg, min_pos, max_neg, alpha, beta, base,
-                                                  mining_margin)
+        mined_p, mined_n = _mined_sets(sim, pos, neg, min_pos, max_neg, mining_margin, MINE)
+        if MINE:
+            wp, wn = _weights(sim, mined_p, mined_n, m_p, m_n, alpha, beta, base)
+        else:
+            m_p, shift_p, scale_p = _running_max(m_p, -alpha * (sim - base), mined_p)
+            m_n, shift_n, scale_n = _running_max(m_n, beta * (sim - base), mined_n)
+            wp, wn = _weights(sim, mined_p, mined_n, shift_p, shift_n, alpha, beta, base)
+            sum_p *= scale_p
+            sum_n *= scale_n
+            if NEED_GRAD:
+                gp *= scale_p[:, None]
+                gn *= scale_n[:, None]
         sum_p += tl.sum(wp, axis=1)
         sum_n += tl.sum(wn, axis=1)
         npos += tl.sum(mined_p.to(tl.int32), axis=1)
@@ -120,9 +165,11 @@ def ms_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ptr, sums_ws, counts
             gp = dot_acc(wp, r, gp, W_PARTS, LO_SCALE, PRECISION)
             gn = dot_acc(wn, r, gn, W_PARTS, LO_SCALE, PRECISION)
     out = pid_s.to(tl.int64) * B + rows64
-    stat = pid_s.to(tl.int64) * 2 * B + rows64  # sums_ws is (splits, 2, B)
+    stat = pid_s.to(tl.int64) * 4 * B + rows64  # sums_ws is (splits, 4, B): sum_p, sum_n, shift_p, shift_n
     tl.store(sums_ws + stat, sum_p, mask=row_ok)
     tl.store(sums_ws + stat + B, sum_n, mask=row_ok)
+    tl.store(sums_ws + stat + 2 * B, m_p, mask=row_ok)
+    tl.store(sums_ws + stat + 3 * B, m_n, mask=row_ok)
     tl.store(counts_ws + 2 * out, npos, mask=row_ok)
     tl.store(counts_ws + 2 * out + 1, nneg, mask=row_ok)
     if NEED_GRAD:
@@ -148,15 +195,21 @@ def _log1p_shifted(s, shift):
 
 @triton.jit
 def ms_finish_kernel(stats_ptr, sums_ws, counts_ws, gp_ws, gn_ws, loss_ptr, counts_ptr, grad_ptr, rowstats_ptr,
-                     B, D, splits, alpha, beta, base,
+                     B, D, splits, alpha, beta, MINE: tl.constexpr, SKIP_INCOMPLETE: tl.constexpr,
                      NEED_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < B
     rows64 = rows.to(tl.int64)
     dims = tl.arange(0, BLOCK_D)
     gmask = row_ok[:, None] & (dims < D)[None, :]
-    min_pos = tl.load(stats_ptr + rows64, mask=row_ok, other=float("inf"))
-    max_neg = tl.load(stats_ptr + B + rows64, mask=row_ok, other=float("-inf"))
+    m_p = tl.full([ROWS], float("-inf"), tl.float32)
+    m_n = tl.full([ROWS], float("-inf"), tl.float32)
+    for p in range(0, splits):  # the max is exact: any order
+        stat = p * 4 * B + rows64
+        m_p = tl.maximum(m_p, tl.load(sums_ws + stat + 2 * B, mask=row_ok, other=float("-inf")))
+        m_n = tl.maximum(m_n, tl.load(sums_ws + stat + 3 * B, mask=row_ok, other=float("-inf")))
+    shift_p = tl.where(m_p == float("-inf"), 0.0, m_p)  # -inf: the set is empty, its sums are 0
+    shift_n = tl.where(m_n == float("-inf"), 0.0, m_n)
     sum_p = tl.zeros([ROWS], dtype=tl.float32)
     sum_n = tl.zeros([ROWS], dtype=tl.float32)
     npos = tl.zeros([ROWS], dtype=tl.int32)
@@ -164,42 +217,59 @@ def ms_finish_kernel(stats_ptr, sums_ws, counts_ws, gp_ws, gn_ws, loss_ptr, coun
     gp = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     gn = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     for p in range(0, splits):  # split order, always: the result does not depend on timing
-        stat = p * 2 * B + rows64
-        sum_p += tl.load(sums_ws + stat, mask=row_ok, other=0.0)
-        sum_n += tl.load(sums_ws + stat + B, mask=row_ok, other=0.0)
+        stat = p * 4 * B + rows64
+        # each split's sums to the common shift (exactly 1 with mine: every split has it)
+        sc_p = tl.exp(tl.load(sums_ws + stat + 2 * B, mask=row_ok, other=float("-inf")) - shift_p)
+        sc_n = tl.exp(tl.load(sums_ws + stat + 3 * B, mask=row_ok, other=float("-inf")) - shift_n)
+        sum_p += sc_p * tl.load(sums_ws + stat, mask=row_ok, other=0.0)
+        sum_n += sc_n * tl.load(sums_ws + stat + B, mask=row_ok, other=0.0)
         out = p * B + rows64
         npos += tl.load(counts_ws + 2 * out, mask=row_ok, other=0)
         nneg += tl.load(counts_ws + 2 * out + 1, mask=row_ok, other=0)
         if NEED_GRAD:
-            gp += tl.load(gp_ws + out[:, None] * D + dims[None, :], mask=gmask, other=0.0)
-            gn += tl.load(gn_ws + out[:, None] * D + dims[None, :], mask=gmask, other=0.0)
-    # Mined sets non-empty implies finite min_pos and max_neg (and sums >= 1).
-    active = (npos > 0) & (nneg > 0)
-    shift_p = tl.where(active, -alpha * (min_pos - base), 0.0)
-    shift_n = tl.where(active, beta * (max_neg - base), 0.0)
-    loss = _log1p_shifted(sum_p, shift_p) / alpha + _log1p_shifted(sum_n, shift_n) / beta
-    fp = tl.where(active, -1.0 / (tl.exp(-shift_p) + sum_p), 0.0)
-    fn = tl.where(active, 1.0 / (tl.exp(-shift_n) + sum_n), 0.0)
-    tl.store(loss_ptr + rows64, tl.where(active, loss, 0.0), mask=row_ok)
-    tl.store(counts_ptr + 2 * rows64, tl.where(active, npos, 0), mask=row_ok)
-    tl.store(counts_ptr + 2 * rows64 + 1, tl.where(active, nneg, 0), mask=row_ok)
-    # For the reference-side gradient: (min_pos, max_neg, fp, fn) per row.
-    tl.store(rowstats_ptr + 4 * rows64, min_pos, mask=row_ok)
-    tl.store(rowstats_ptr + 4 * rows64 + 1, max_neg, mask=row_ok)
-    tl.store(rowstats_ptr + 4 * rows64 + 2, fp, mask=row_ok)
-    tl.store(rowstats_ptr + 4 * rows64 + 3, fn, mask=row_ok)
+            gp += sc_p[:, None] * tl.load(gp_ws + out[:, None] * D + dims[None, :], mask=gmask, other=0.0)
+            gn += sc_n[:, None] * tl.load(gn_ws + out[:, None] * D + dims[None, :], mask=gmask, other=0.0)
+    # A term is on when its mined set is non-empty (then its shift is finite and its sum >= 1);
+    # skip_incomplete needs both. With mine, P~ non-empty implies N non-empty and N~ implies P.
+    on_p = npos > 0
+    on_n = nneg > 0
+    if SKIP_INCOMPLETE:
+        on_p = on_p & on_n
+        on_n = on_p
+    loss = tl.where(on_p, _log1p_shifted(sum_p, shift_p) / alpha, 0.0) + \
+        tl.where(on_n, _log1p_shifted(sum_n, shift_n) / beta, 0.0)
+    fp = tl.where(on_p, -1.0 / (tl.exp(-shift_p) + sum_p), 0.0)
+    fn = tl.where(on_n, 1.0 / (tl.exp(-shift_n) + sum_n), 0.0)
+    tl.store(loss_ptr + rows64, loss, mask=row_ok)
+    tl.store(counts_ptr + 2 * rows64, tl.where(on_p, npos, 0), mask=row_ok)
+    tl.store(counts_ptr + 2 * rows64 + 1, tl.where(on_n, nneg, 0), mask=row_ok)
+    # For the reference-side gradient, per row: (min_pos, max_neg) for the mining rule, the
+    # shifts of the weights and their coefficients fp, fn.
+    if MINE:
+        min_pos = tl.load(stats_ptr + rows64, mask=row_ok, other=float("inf"))
+        max_neg = tl.load(stats_ptr + B + rows64, mask=row_ok, other=float("-inf"))
+    else:
+        min_pos = tl.full([ROWS], float("inf"), tl.float32)
+        max_neg = tl.full([ROWS], float("-inf"), tl.float32)
+    st = rowstats_ptr + 6 * rows64
+    tl.store(st, min_pos, mask=row_ok)
+    tl.store(st + 1, max_neg, mask=row_ok)
+    tl.store(st + 2, m_p, mask=row_ok)
+    tl.store(st + 3, m_n, mask=row_ok)
+    tl.store(st + 4, fp, mask=row_ok)
+    tl.store(st + 5, fn, mask=row_ok)
     if NEED_GRAD:
         tl.store(grad_ptr + rows64[:, None] * D + dims[None, :], fp[:, None] * gp + fn[:, None] * gn, mask=gmask)
 
 
 @triton.autotune(configs=_common.autotune_configs(_REF_CONFIGS, _INTERP_REF, "BLOCK_K", "BLOCK_B"),
-                 key=["D", "B_BUCKET", "N_BUCKET", "PRECISION", "X_PARTS"],
+                 key=["D", "B_BUCKET", "N_BUCKET", "PRECISION", "X_PARTS", "MINE"],
                  prune_configs_by={"early_config_prune": _REF_PRUNE})
 @triton.jit
 def ms_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, rowstats_ptr, g_ptr, gref_ptr,
                        B, D, n, alpha, beta, base, mining_margin, pos_thr, B_BUCKET, N_BUCKET,
-                       HAS_SELF_INDEX: tl.constexpr, PRECISION: tl.constexpr, X_PARTS: tl.constexpr,
-                       W_PARTS: tl.constexpr, LO_SCALE: tl.constexpr,
+                       HAS_SELF_INDEX: tl.constexpr, MINE: tl.constexpr, PRECISION: tl.constexpr,
+                       X_PARTS: tl.constexpr, W_PARTS: tl.constexpr, LO_SCALE: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
     cols, col_ok, dims, dim_ok, col_off, r, zj = reference_block(r_ptr, z_ptr, n, D, BLOCK_D, BLOCK_K)
     acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
@@ -208,80 +278,89 @@ def ms_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, rowstats_ptr, g_ptr, 
         row_ok = rows < B
         x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
                                                          r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_PARTS, LO_SCALE)
-        st = rowstats_ptr + 4 * rows.to(tl.int64)
+        st = rowstats_ptr + 6 * rows.to(tl.int64)
         min_pos = tl.load(st, mask=row_ok, other=float("inf"))
         max_neg = tl.load(st + 1, mask=row_ok, other=float("-inf"))
+        shift_p = tl.load(st + 2, mask=row_ok, other=float("-inf"))
+        shift_n = tl.load(st + 3, mask=row_ok, other=float("-inf"))
         g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
-        cp = g * tl.load(st + 2, mask=row_ok, other=0.0)  # 0 for inactive rows
-        cn = g * tl.load(st + 3, mask=row_ok, other=0.0)
+        cp = g * tl.load(st + 4, mask=row_ok, other=0.0)  # 0 for terms that are off
+        cn = g * tl.load(st + 5, mask=row_ok, other=0.0)
         sim = scores(x_hi, x_mid, x_lo, r, PRECISION, X_PARTS, LO_SCALE)
         _, pos, neg = pair_sets(sim, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX)
-        _, _, wp, wn = _mined_weights(sim, pos, neg, min_pos, max_neg, alpha, beta, base, mining_margin)
+        mined_p, mined_n = _mined_sets(sim, pos, neg, min_pos, max_neg, mining_margin, MINE)
+        wp, wn = _weights(sim, mined_p, mined_n, shift_p, shift_n, alpha, beta, base)
         c = wp * cp[:, None] + wn * cn[:, None]
         acc = ref_grad_acc(tl.trans(c), x, x_hi, acc, X_PARTS, W_PARTS, LO_SCALE, PRECISION)
     tl.store(gref_ptr + col_off, acc, mask=col_ok[:, None] & dim_ok[None, :])
 
 
-def _forward(x, labels, ref, ref_labels, si, ref_valid, alpha, beta, base, mining_margin, pos_eps, need_grad,
-             allow_tf32, splits):
-    """The op's outputs plus per-row (min_pos, max_neg, fp, fn) as a (B, 4) f32 tensor."""
+def _forward(x, labels, ref, ref_labels, si, ref_valid, alpha, beta, base, mining_margin, pos_eps, mine,
+             skip_incomplete, need_grad, allow_tf32, splits):
+    """The op's outputs plus per-row (min_pos, max_neg, shift_p, shift_n, fp, fn) as a
+    (B, 6) f32 tensor."""
     if not (alpha > 0 and beta > 0):
         raise ValueError(f"alpha, beta: expected > 0, got {alpha} and {beta}")
     B, D = x.shape
     dev = x.device
     f32 = dict(dtype=torch.float32, device=dev)
     loss = torch.empty(B, **f32)
-    rowstats = torch.empty(B, 4, **f32)
+    rowstats = torch.empty(B, 6, **f32)
     counts = torch.empty(B, 2, dtype=torch.int32, device=dev)
     grad = torch.empty(B, D, **f32) if need_grad else torch.empty(0, **f32)
     if B == 0:
         return loss, grad, counts, rowstats
+    mine = bool(mine)
     splits, cols = _common.split_plan(B, ref_valid, dev, _FWD_CONFIGS, _INTERP_FWD, splits)
-    stats_ws = torch.empty(splits, 2, B, **f32)
-    sums_ws = torch.empty(splits, 2, B, **f32)
+    sums_ws = torch.empty(splits, 4, B, **f32)
     counts_ws = torch.empty(splits, B, 2, dtype=torch.int32, device=dev)
     gp_ws = torch.empty(splits, B, D, **f32) if need_grad else grad
     gn_ws = torch.empty(splits, B, D, **f32) if need_grad else grad
     prm = (float(alpha), float(beta), float(base))
-    pos_thr = 1.0 - float(pos_eps)
+    pos_thr = 1.0 - float(pos_eps)  # > 1 for a negative pos_eps: every same-label column is a positive
     split = _common.operand_split(x.dtype, ref.dtype)
     common = dict(HAS_SELF_INDEX=si is not None, PRECISION=_common.precision(allow_tf32),
                   BLOCK_D=_common.block_d(D), X_PARTS=split["X_PARTS"], LO_SCALE=split["LO_SCALE"])
     si_arg = si if si is not None else labels
     grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), splits)  # noqa: E731
     with _common.device_guard(x):
-        ms_stats_kernel[grid](x, labels, ref, ref_labels, si_arg, stats_ws, B, D, ref_valid, cols, pos_thr,
-                              _common.bucket(B), _common.bucket(cols), **common)
-        # min / max are exact: merging the splits in any order gives the same statistics
-        stats = torch.stack([stats_ws[:, 0].amin(0), stats_ws[:, 1].amax(0)])
+        if mine:
+            stats_ws = torch.empty(splits, 2, B, **f32)
+            ms_stats_kernel[grid](x, labels, ref, ref_labels, si_arg, stats_ws, B, D, ref_valid, cols, pos_thr,
+                                  _common.bucket(B), _common.bucket(cols), **common)
+            # min / max are exact: merging the splits in any order gives the same statistics
+            stats = torch.stack([stats_ws[:, 0].amin(0), stats_ws[:, 1].amax(0)])
+        else:
+            stats = sums_ws  # not read
         ms_fwd_kernel[grid](x, labels, ref, ref_labels, si_arg, stats, sums_ws, counts_ws, gp_ws, gn_ws,
                             B, D, ref_valid, cols, *prm, float(mining_margin), pos_thr, _common.bucket(B),
-                            _common.bucket(cols), NEED_GRAD=bool(need_grad), W_PARTS=split["W_PARTS"],
+                            _common.bucket(cols), MINE=mine, NEED_GRAD=bool(need_grad), W_PARTS=split["W_PARTS"],
                             **common)
         rows = _common.finish_rows(D)
         ms_finish_kernel[(triton.cdiv(B, rows),)](
-            stats, sums_ws, counts_ws, gp_ws, gn_ws, loss, counts, grad, rowstats, B, D, splits, *prm,
-            NEED_GRAD=bool(need_grad), ROWS=rows, BLOCK_D=common["BLOCK_D"], num_warps=4)
+            stats, sums_ws, counts_ws, gp_ws, gn_ws, loss, counts, grad, rowstats, B, D, splits, prm[0], prm[1],
+            MINE=mine, SKIP_INCOMPLETE=bool(skip_incomplete), NEED_GRAD=bool(need_grad), ROWS=rows,
+            BLOCK_D=common["BLOCK_D"], num_warps=4)
     return loss, grad, counts, rowstats
 
 
 def multi_similarity_fwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, alpha, beta, base, mining_margin,
-                                pos_eps, need_grad, allow_tf32, splits=None):
+                                pos_eps, mine, skip_incomplete, need_grad, allow_tf32, splits=None):
     """(loss_rows (B,) f32, grad (B, D) f32 or (0,) when not need_grad, counts (B, 2) int32).
     `splits` overrides the split plan (tests)."""
     x, labels, ref, ref_labels, si = _common.prepare_loss_inputs(x, labels, ref, ref_labels, self_index, ref_valid)
-    return _forward(x, labels, ref, ref_labels, si, ref_valid, alpha, beta, base, mining_margin, pos_eps,
-                    need_grad, allow_tf32, splits)[:3]
+    return _forward(x, labels, ref, ref_labels, si, ref_valid, alpha, beta, base, mining_margin, pos_eps, mine,
+                    skip_incomplete, need_grad, allow_tf32, splits)[:3]
 
 
 def multi_similarity_bwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, alpha, beta, base, mining_margin,
-                                pos_eps, grad_rows, allow_tf32):
+                                pos_eps, mine, skip_incomplete, grad_rows, allow_tf32):
     """(grad_x (B, D) f32, grad_ref (N, D) f32) for the loss sum_i grad_rows[i] l_i."""
     x, labels, ref, ref_labels, si = _common.prepare_loss_inputs(x, labels, ref, ref_labels, self_index, ref_valid)
     B, D = x.shape
     g = _common.check_grad_rows(grad_rows, B, x.device)
     _, grad, _, rowstats = _forward(x, labels, ref, ref_labels, si, ref_valid, alpha, beta, base, mining_margin,
-                                    pos_eps, True, allow_tf32, None)
+                                    pos_eps, mine, skip_incomplete, True, allow_tf32, None)
     grad_x = grad.mul_(g[:, None])
     grad_ref = torch.zeros(ref.shape[0], D, dtype=torch.float32, device=x.device)
     if B == 0 or ref_valid == 0:
@@ -291,7 +370,7 @@ def multi_similarity_bwd_triton(x, labels, ref, ref_labels, self_index, ref_vali
         ms_ref_grad_kernel[grid](
             x, labels, ref, ref_labels, si if si is not None else labels, rowstats, g, grad_ref,
             B, D, ref_valid, float(alpha), float(beta), float(base), float(mining_margin), 1.0 - float(pos_eps),
-            _common.bucket(B), _common.bucket(ref_valid), HAS_SELF_INDEX=si is not None,
+            _common.bucket(B), _common.bucket(ref_valid), HAS_SELF_INDEX=si is not None, MINE=bool(mine),
             PRECISION=_common.precision(allow_tf32), BLOCK_D=_common.block_d(D),
             **_common.operand_split(x.dtype, ref.dtype))
     return grad_x, grad_ref
