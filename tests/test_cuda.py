@@ -257,7 +257,8 @@ def test_mixed_dtypes_fp32_anchors_16_bit_memory(case, mem_dtype):
         _loss(c, "none", x=xb, r=rb, backend=backend).backward(wd)
         assert x.grad.dtype == torch.float32 and rb.grad.dtype == mem_dtype
         errs[backend] = {"rows": _max_rel_err(out, rows), "grad": _max_rel_err(x.grad, grad),
-                         "grad_x both": _max_rel_err(xb.grad, grad), "grad_ref": _max_rel_err(rb.grad.float(), grad_ref)}
+                         "grad_x both": _max_rel_err(xb.grad, grad),
+                         "grad_ref": _max_rel_err(rb.grad.float(), grad_ref)}
     for what, mine in errs["cuda"].items():
         assert mine <= max(2 * errs["reference"][what], MIXED_FLOOR), (what, errs)
     si = c["self_index"]
