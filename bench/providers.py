@@ -95,7 +95,7 @@ def _xk_loss(loss, backend):
 
 
 def paper_loop_contrastive(x, y, mem, mem_labels, slots, margin=0.5, pos_eps=1e-5):
-    """DESIGN.md section 1, one anchor at a time: S = X M^T densely, then per row
+    """CONTRACT.md section 1, one anchor at a time: S = X M^T densely, then per row
     l_i = sum over positives (same label, not self, S < 1 - eps) of 1 - S
         + sum over negatives (other label, not self) with S > margin of S."""
     S = (x @ mem.T).float()

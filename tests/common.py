@@ -1,6 +1,6 @@
 """Test data shared by the backend tables: dense L2-normalised embeddings (never zeros)
 whose similarities stay away from the loss thresholds, so comparisons test code and not
-rounding (DESIGN.md section 6).
+rounding (CONTRACT.md section 6).
 
 Construction: each class has a centre with m = 7 (3 when D < 7) entries of +-1/sqrt(m)
 and zeros elsewhere, so centre similarities are multiples of 1/m (never within 0.04 of

@@ -1,4 +1,4 @@
-"""The contrastive loss on every backend against the float64 loop oracle (DESIGN.md
+"""The contrastive loss on every backend against the float64 loop oracle (CONTRACT.md
 sections 1 and 6). One test function per property, tables of cases."""
 import zlib
 

@@ -1,4 +1,4 @@
-"""Compile-only check of csrc/cuda/*.cu for sm_80 and sm_90a (DESIGN.md section 6).
+"""Compile-only check of csrc/cuda/*.cu for sm_80 and sm_90a (CONTRACT.md section 6).
 
 CI has no GPU and a CPU build of torch, so the CUDA sources are compiled with nvcc against
 the installed torch headers, with the flags a real CUDAExtension build uses, and nothing is

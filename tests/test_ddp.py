@@ -65,7 +65,7 @@ def _worker(rank, init_file, out_dir):
 
 
 def dense_contrastive(x, y, ref, ref_y, n_valid, self_index):
-    """Mean over anchors of sum_P (1 - S) + sum_{N, S > margin} S (DESIGN.md section 1)."""
+    """Mean over anchors of sum_P (1 - S) + sum_{N, S > margin} S (CONTRACT.md section 1)."""
     S = x @ ref.T
     cols = torch.arange(ref.shape[0])
     valid = (cols[None, :] < n_valid) & (cols[None, :] != self_index[:, None])

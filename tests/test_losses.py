@@ -1,5 +1,5 @@
 """Multi-similarity, triplet and supcon on every backend against the float64 loop oracle
-(DESIGN.md section 1). Data is redrawn until no pair sits near a decision boundary of the
+(CONTRACT.md section 1). Data is redrawn until no pair sits near a decision boundary of the
 loss (thresholds, mining boundaries, hardest-pair near-ties, the hinge)."""
 import functools
 import zlib
