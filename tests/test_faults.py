@@ -425,3 +425,14 @@ def test_contract_exists_and_every_citation_names_a_section():
     assert cited, "nothing cites CONTRACT.md"
     missing = [(name, s) for name, s in cited if s not in sections]
     assert not missing, missing
+
+
+def test_import_names_the_torch_the_extension_was_built_for():
+    """A build is tied to one torch release: the metadata pins it and a failed load of the
+    extension under another torch says which one to rebuild against."""
+    from xbm_kernels import _ops
+    pin = _ops.built_for_torch()
+    if pin is not None:  # installed (editable or not): the pin is this torch's release
+        assert _ops._torch_mismatch(pin) is None
+    assert _ops._torch_mismatch("1.0.*") == ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    assert _ops._torch_mismatch(None) is None

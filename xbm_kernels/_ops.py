@@ -4,10 +4,33 @@ import torch
 
 from .registry import LOSSES
 
+def built_for_torch():
+    """The torch release this install was built against ('2.13.*'), from the package
+    metadata (setup.py pins it), or None for a source checkout without metadata."""
+    import importlib.metadata
+    try:
+        requires = importlib.metadata.requires("xbm-kernels") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    pins = [r.split("==", 1)[1].split(";")[0].strip() for r in requires if r.replace(" ", "").startswith("torch==")]
+    return pins[0] if pins else None
+
+
+def _torch_mismatch(pin):
+    if pin is None:
+        return None
+    have = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    return None if pin.rstrip(".*") == have else have
+
+
 try:
     from . import _C  # noqa: F401  (registers the ops)
     LOAD_ERROR = None
 except ImportError as exc:  # a source checkout without a build: only `reference` works
+    _pin = built_for_torch()
+    if _torch_mismatch(_pin):
+        exc = ImportError(f"xbm_kernels._C was built against torch {_pin} but torch {torch.__version__} is "
+                          f"installed; rebuild with `pip install --no-build-isolation .` ({exc})")
     LOAD_ERROR = exc
 
 HAS_C = LOAD_ERROR is None
