@@ -9,14 +9,27 @@ import torch
 
 import xbm_kernels as xk
 from common import CASES as ALL_CASES, LOSS_CASES, assert_rel, make_case, max_rel_err as _max_rel_err
-from oracle import _sets, multi_similarity_oracle, reduce_rows, supcon_oracle, triplet_oracle
+from oracle import _sets, multi_similarity_oracle, ntxent_oracle, reduce_rows, supcon_oracle, triplet_oracle
 from test_contrastive import BACKENDS, BACKEND_IDS
 
+# One row per loss of the registry (contrastive has its own file): the public function and its oracle.
 LOSSES = {
     "multi_similarity": (xk.multi_similarity_loss, multi_similarity_oracle, {}),
     "triplet": (xk.triplet_loss, triplet_oracle, {}),
     "supcon": (xk.supcon_loss, supcon_oracle, {}),
+    "ntxent": (xk.ntxent_loss, ntxent_oracle, {}),
 }
+
+
+def _with_kernels(backends, losses):
+    """(backend, device, loss) for every loss the registry gives a kernel on that backend."""
+    out = [pytest.param(b, d, l, id=f"{b}-{d}-{l}") for (b, d) in backends for l in losses
+           if b == "reference" or b in xk.LOSSES[l].kernels]
+    return out
+
+
+BACKEND_LOSSES = _with_kernels(BACKENDS, LOSSES)
+KERNEL_LOSSES = _with_kernels([bd for bd in BACKENDS if bd[0] != "reference"], LOSSES)
 
 CASES = LOSS_CASES  # rows of common.CASES
 
@@ -78,14 +91,17 @@ def _oracle_cached(loss, name, weighted):
 
 
 def _denominator(loss, counts, B):
-    if loss == "supcon":
+    """What "mean" divides by: the registry's rule."""
+    rule = xk.LOSSES[loss].mean_over
+    if rule == "anchors_with_positives":
         return max(int((counts[:, 0] > 0).sum()), 1)
+    if rule == "positive_pairs":
+        return max(int(counts[:, 0].sum()), 1)
     return B
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS, ids=BACKEND_IDS)
+@pytest.mark.parametrize("backend,device,loss", BACKEND_LOSSES)
 @pytest.mark.parametrize("name", list(CASES))
-@pytest.mark.parametrize("loss", list(LOSSES))
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_loss_grad_and_counts_match_oracle(backend, device, name, loss, reduction):
     c = _case(loss, name, device=device)
@@ -115,8 +131,7 @@ def test_cases_exercise_the_losses():
         assert active > 20 and inactive > 5, (loss, active, inactive)
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS, ids=BACKEND_IDS)
-@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("backend,device,loss", BACKEND_LOSSES)
 def test_reference_side_gradient(backend, device, loss):
     c = _case(loss, "B33-D130-partial", device=device)
     x = c["x"].clone().requires_grad_()
@@ -127,8 +142,7 @@ def test_reference_side_gradient(backend, device, loss):
     assert_rel(r.grad, grad_ref, 1e-5, "grad_ref", floor=1.0)
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS, ids=BACKEND_IDS)
-@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("backend,device,loss", BACKEND_LOSSES)
 def test_in_batch_loss_gradient_through_both_sides(backend, device, loss):
     idx = torch.arange(25)
     for seed in range(11, 200):  # noisy classes so that every loss has active rows
@@ -160,9 +174,7 @@ def test_triplet_ties_pick_the_lowest_column(backend, device, k):
     assert float(rr.grad[k:].abs().max()) == 0.0  # the copies at higher columns never win
 
 
-@pytest.mark.parametrize("backend,device", [bd for bd in BACKENDS if bd[0] != "reference"],
-                         ids=[i for i in BACKEND_IDS if not i.startswith("reference")])
-@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("backend,device,loss", KERNEL_LOSSES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_low_precision_within_twice_reference_error(backend, device, loss, dtype):
     c = _case(loss, "B33-D130-partial", dtype=dtype, device=device)
@@ -178,8 +190,7 @@ def test_low_precision_within_twice_reference_error(backend, device, loss, dtype
     assert errs[backend][1] <= max(2 * errs["reference"][1], floor), errs
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS, ids=BACKEND_IDS)
-@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("backend,device,loss", BACKEND_LOSSES)
 def test_bitwise_deterministic(backend, device, loss):
     c = _case(loss, "B33-D96-multi-tile", device=device)
     outs = []

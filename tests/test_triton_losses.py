@@ -44,7 +44,7 @@ pytestmark = [pytest.mark.triton_interp,
 DEVICE = torch.device("cpu" if INTERPRET else "cuda")
 GPU = DEVICE.type == "cuda"
 LOW_DTYPES = [torch.float16] + ([torch.bfloat16] if GPU else [])  # the interpreter's bf16 tl.dot is unreliable
-NAMES = list(LOSSES)
+NAMES = [l for l in LOSSES if "triton" in xk.LOSSES[l].kernels]  # the registry says which have kernels
 FWD = {"multi_similarity": tms.multi_similarity_fwd_triton, "triplet": ttr.triplet_fwd_triton,
        "supcon": tsc.supcon_fwd_triton}
 SMALL = "B7-D96-small-K"      # N = 50: two interpreter tiles
@@ -81,6 +81,8 @@ def test_schemas_match_the_cpp_ops():
 
 def test_backend_reports_the_losses():
     assert all(xk.backends.supports("triton", loss) for loss in NAMES)
+    assert {"multi_similarity", "triplet", "supcon"} <= set(NAMES)
+    assert not any(xk.backends.supports("triton", l.name) for l in xk.LOSSES.values() if "triton" not in l.kernels)
 
 
 @pytest.mark.parametrize("loss", NAMES)
