@@ -89,7 +89,7 @@ def ms_stats_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ws, B, D, n, cols_
     row_ok = rows < B
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < D
-    _, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
+    x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
                                                       r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_PARTS, LO_SCALE)
     min_pos = tl.full([BLOCK_B], float("inf"), tl.float32)
     max_neg = tl.full([BLOCK_B], float("-inf"), tl.float32)
@@ -121,7 +121,7 @@ def ms_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ptr, sums_ws, counts
     rows64 = rows.to(tl.int64)
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < D
-    _, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
+    x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
                                                       r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_PARTS, LO_SCALE)
     if MINE:  # the largest exponents, known from pass 1 (-inf for rows whose set is empty)
         min_pos = tl.load(stats_ptr + rows64, mask=row_ok, other=float("inf"))

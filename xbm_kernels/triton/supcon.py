@@ -55,7 +55,7 @@ def supcon_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ws, counts_ws, g
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < D
 
-    _, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
+    x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
                                                       r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_PARTS, LO_SCALE)
 
     m = tl.full([BLOCK_B], float("-inf"), tl.float32)
