@@ -12,6 +12,12 @@ from common import make_case
 OPS = torch.ops.xbm_kernels
 CPU_LOSSES = [l for l in LOSSES.values() if "cpu" in l.kernels]
 CXX_LOSSES = [l for l in LOSSES.values() if l.kernels & {"cpu", "cuda"}]
+# (loss, device) for every C++ kernel: the CPU ones always, the CUDA ones on a GPU machine
+# with the CUDA build (this file is the opcheck of both C++ backends).
+HAS_CUDA_KERNELS = torch.cuda.is_available() and xk._ops.has_kernel("contrastive_fwd", "CUDA")
+KERNELS = [pytest.param(l, "cpu", id=f"{l.name}-cpu") for l in CPU_LOSSES] + \
+    [pytest.param(l, "cuda", id=f"{l.name}-cuda") for l in LOSSES.values() if "cuda" in l.kernels and HAS_CUDA_KERNELS]
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA_KERNELS else [])
 
 
 def _parsed(name, schema):
@@ -36,34 +42,36 @@ def test_every_declared_cpu_kernel_is_registered():
     assert set(xk.backends._CXX_LOSSES["cpu"]) == {l.name for l in CPU_LOSSES}
 
 
-def _args(dtype=torch.float32, with_self=True):
+def _args(dtype=torch.float32, with_self=True, device="cpu"):
     x, y, r, z = make_case(9, 70, 24, 4, seed=3, thresholds=(0.1, 0.5, 1 - 1e-5), dtype=dtype)
     si = torch.randint(-1, 60, (9,), generator=torch.Generator().manual_seed(0)) if with_self else None
-    return x, y.int(), r, z.int(), si
+    return tuple(None if t is None else t.to(device) for t in (x, y.int(), r, z.int(), si))
 
 
-@pytest.mark.parametrize("loss", CPU_LOSSES, ids=lambda l: l.name)
+@pytest.mark.parametrize("loss,device", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("need_grad", [True, False])
 @pytest.mark.parametrize("with_self", [True, False])
-def test_opcheck_fwd(loss, dtype, need_grad, with_self):
-    x, y, r, z, si = _args(dtype, with_self)
+def test_opcheck_fwd(loss, device, dtype, need_grad, with_self):
+    x, y, r, z, si = _args(dtype, with_self, device)
     torch.library.opcheck(getattr(OPS, f"{loss.name}_fwd"), (x, y, r, z, si, 60, *loss.values({}), need_grad, False))
 
 
-@pytest.mark.parametrize("loss", CPU_LOSSES, ids=lambda l: l.name)
+@pytest.mark.parametrize("loss,device", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_opcheck_bwd(loss, dtype):
-    x, y, r, z, si = _args(dtype)
-    g = torch.linspace(0.5, 1.5, 9)
+def test_opcheck_bwd(loss, device, dtype):
+    x, y, r, z, si = _args(dtype, device=device)
+    g = torch.linspace(0.5, 1.5, 9, device=device)
     torch.library.opcheck(getattr(OPS, f"{loss.name}_bwd"), (x, y, r, z, si, 60, *loss.values({}), g, False))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_opcheck_enqueue(dtype):
-    mem = torch.zeros(10, 4, dtype=dtype)
-    labels = torch.full((10,), -1, dtype=torch.int32)
-    torch.library.opcheck(OPS.enqueue_, (mem, labels, torch.randn(7, 4), torch.arange(7), 6))
+def test_opcheck_enqueue(device, dtype):
+    mem = torch.zeros(10, 4, dtype=dtype, device=device)
+    labels = torch.full((10,), -1, dtype=torch.int32, device=device)
+    torch.library.opcheck(OPS.enqueue_, (mem, labels, torch.randn(7, 4, device=device),
+                                         torch.arange(7, device=device), 6))
 
 
 def test_public_wrappers_follow_the_registry():
