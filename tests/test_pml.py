@@ -147,3 +147,43 @@ def test_importing_xbm_kernels_does_not_need_pml():
             "import xbm_kernels.pml as p; print(len(p.fused_configurations()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "5"
+
+
+def _pml3_reference(loss, miner, x, y, mem, mem_labels, self_slots):
+    """PML 3's order, built from PML's own parts: each anchor mined and scored against the
+    memory without its own copy (the loss is a mean over anchors, so anchors separate)."""
+    total = 0
+    for i in range(x.shape[0]):
+        keep = torch.arange(mem.shape[0]) != self_slots[i]
+        m, ml = mem[keep], mem_labels[keep]
+        xi, yi = x[i:i + 1], y[i:i + 1]
+        total = total + loss(xi, yi, miner(xi, yi, m, ml), m, ml)
+    return total / x.shape[0]
+
+
+def test_self_pairs_are_removed_before_mining_as_pml3():
+    """An anchor whose one positive in the memory is its own copy, with a negative near it:
+    PML 2.9 mines with the copy (min positive = 1) and keeps that negative, PML 3 does not."""
+    gen = torch.Generator().manual_seed(0)
+    D = 16
+    mem_x = torch.nn.functional.normalize(torch.randn(30, D, generator=gen), dim=1)
+    mem_y = torch.arange(30) % 5
+    x = torch.nn.functional.normalize(torch.randn(6, D, generator=gen), dim=1)
+    y = torch.arange(6) % 5
+    y[0] = 99                                           # no other row has label 99
+    mem_x[3] = torch.nn.functional.normalize(x[0] + 0.05 * mem_x[3], dim=0)  # a negative at S ~ 0.999
+    make = lambda: (losses.MultiSimilarityLoss(), miners.MultiSimilarityMiner(epsilon=0.1))  # noqa: E731
+    ours = xpml.CrossBatchMemory(*make()[:1], 16, memory_size=64, miner=make()[1])
+    theirs = losses.CrossBatchMemory(*make()[:1], 16, memory_size=64, miner=make()[1])
+    with torch.no_grad():
+        ours(mem_x, mem_y)
+        theirs(mem_x, mem_y)
+    xo, xt, xr = (x.clone().requires_grad_() for _ in range(3))
+    lo, lt = ours(xo, y), theirs(xt, y)
+    mem, labels = ours.memory.get()
+    lr = _pml3_reference(*make(), xr, y, mem.clone(), labels.long(), torch.arange(30, 36))
+    _assert_rel(lo.detach(), lr.detach(), 1e-5, "loss vs PML-3 order")
+    lo.backward()
+    lr.backward()
+    _assert_rel(xo.grad, xr.grad, 1e-5, "grad vs PML-3 order")
+    assert float((lt - lr).detach().abs()) > 1e-3, "PML 2.9 must differ here, or the case does not test the order"
