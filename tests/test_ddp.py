@@ -3,6 +3,7 @@ float64 computation of the same math: every rank all-gathers the batch in rank o
 enqueues the same global batch (so the memories stay identical), and its loss is the
 in-batch loss over its local batch plus weight x the memory loss of its local anchors
 against the memory holding the global batch (its own rows excluded by slot)."""
+import importlib.util
 import os
 
 import pytest
@@ -21,6 +22,7 @@ START, WEIGHT, MARGIN, POS_EPS = 1, 0.7, 0.5, 1e-5
 MASKED_STEP = 4                                        # in the masked case, this step enqueues some rows only
 BACKENDS = [b for b in ("reference", "cpu") if b in xk.available_backends()]
 CASES = [(b, masked) for b in BACKENDS for masked in (False, True)]
+HAS_PML = importlib.util.find_spec("pytorch_metric_learning") is not None
 
 
 def make_data():
@@ -59,6 +61,19 @@ def _worker(rank, init_file, out_dir):
         results[f"{backend}-{masked}"] = {"losses": torch.stack(losses), "grads": torch.stack(grads),
                                           "memory": mem.embeddings.clone(), "labels": mem.labels.clone(),
                                           "ptr": int(mem.ptr), "filled": len(mem)}
+    if HAS_PML:  # the PML drop-in: PML's SupConLoss, fused, on the gathered memory
+        from pytorch_metric_learning import losses as pml_losses
+        from xbm_kernels.pml import CrossBatchMemory as PmlMemory
+        crit = PmlMemory(pml_losses.SupConLoss(), D, memory_size=M, gather_distributed=True)
+        out_losses, grads = [], []
+        for t in range(STEPS):
+            e = x[t, rank].clone().requires_grad_(True)
+            loss = crit(e, y[t, rank])
+            loss.backward()
+            out_losses.append(loss.detach())
+            grads.append(e.grad)
+        results["pml-supcon"] = {"losses": torch.stack(out_losses), "grads": torch.stack(grads),
+                                 "memory": crit.memory.embeddings.clone(), "fused": crit.fused is not None}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -128,3 +143,34 @@ def test_gather_distributed_matches_single_process(ddp_results, backend, masked)
         assert gerr < 1e-5, f"rank {r}: max gradient error {gerr:.3g}"
     # the ranks saw different data, so their losses differ: the test is not vacuous
     assert not torch.equal(ddp_results[0][key]["losses"], ddp_results[1][key]["losses"])
+
+
+@pytest.mark.skipif(not HAS_PML, reason="pytorch-metric-learning is not installed (python/install.sh installs it)")
+def test_pml_drop_in_gathers_rank_consistently(ddp_results):
+    """xbm_kernels.pml.CrossBatchMemory(gather_distributed=True): identical memories on every
+    rank, and each rank's loss is PML's SupConLoss of its local anchors against the memory
+    holding the global batch (own slots excluded), computed here in one process."""
+    from pytorch_metric_learning import losses as pml_losses
+    from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+    x, y, _ = make_data()
+    mem, mem_y = torch.zeros(M, D), torch.zeros(M, dtype=torch.int64)
+    ptr = filled = 0
+    for t in range(STEPS):
+        gx, gy = x[t].reshape(WORLD * B, D), y[t].reshape(WORLD * B)
+        slots = (ptr + torch.arange(WORLD * B)) % M
+        mem[slots], mem_y[slots] = F.normalize(gx, dim=1), gy
+        ptr, filled = (ptr + WORLD * B) % M, min(M, filled + WORLD * B)
+        for r in range(WORLD):
+            xr = gx[r * B:(r + 1) * B].clone().requires_grad_(True)
+            yr = gy[r * B:(r + 1) * B]
+            a1, p, a2, n = lmu.get_all_pairs_indices(yr, mem_y[:filled])
+            keep = p != slots[r * B:(r + 1) * B][a1]
+            loss = pml_losses.SupConLoss()(xr, yr, (a1[keep], p[keep], a2, n), mem[:filled], mem_y[:filled])
+            loss.backward()
+            got = ddp_results[r]["pml-supcon"]
+            assert ddp_results[r]["pml-supcon"]["fused"]
+            assert abs(float(got["losses"][t]) - float(loss)) <= 1e-5 * max(abs(float(loss)), 1e-6), (t, r)
+            assert float((got["grads"][t] - xr.grad).abs().max()) <= 1e-5 * max(float(xr.grad.abs().max()), 1e-6)
+    for r in range(WORLD):
+        assert torch.equal(ddp_results[r]["pml-supcon"]["memory"], ddp_results[0]["pml-supcon"]["memory"])
+    assert torch.allclose(ddp_results[0]["pml-supcon"]["memory"], mem, atol=1e-6)
