@@ -151,18 +151,20 @@ def autotune_configs(table, interp_config, first, second):
     return [triton.Config({first: a, second: b}, num_warps=w, num_stages=s) for a, b, w, s in rows]
 
 
-def prune_configs(rows_name, cols_name, count_name, ieee_fp32_tile, acc_tiles=1):
+def prune_configs(rows_name, cols_name, count_name, ieee_fp32_tile, acc_tiles=1, fp32_product_when_split=False):
     """Drops configs whose fp32 register tiles (acc_tiles of rows x BLOCK_D: accumulators,
     plus one for kernels that build a weight matrix per tile) would not fit in registers,
     whose pipelined tiles would not fit in shared memory, or whose row tile far exceeds the
     rows there are. IEEE fp32 dots run on FMA units and spill kilobytes beyond
-    ieee_fp32_tile (rows x cols, measured on sm_90), so those are dropped too. Keeps the
-    config needing least shared memory when nothing fits (very large D)."""
+    ieee_fp32_tile (rows x cols, measured on sm_90), so those are dropped too; with
+    fp32_product_when_split the kernel takes one for split anchors too (ref_grad_acc). Keeps
+    the config needing least shared memory when nothing fits (very large D)."""
     def prune(configs, nargs, **kwargs):
         bd = kwargs["BLOCK_D"]
         esize = nargs["r_ptr"].element_size()
         count = nargs[count_name]
-        fma = esize == 4 and kwargs["PRECISION"] == "ieee"
+        fp32_dot = esize == 4 or (fp32_product_when_split and kwargs.get("X_PARTS", 1) > 1)
+        fma = fp32_dot and kwargs["PRECISION"] == "ieee"
 
         def smem(c):  # the streamed tiles, pipelined, plus the resident one
             return (max(c.num_stages, 1) * c.kwargs[cols_name] + c.kwargs[rows_name]) * bd * esize
@@ -217,7 +219,9 @@ def operand_split(x_dtype: torch.dtype, ref_dtype: torch.dtype) -> dict:
     to 1e-3 (bf16) in S, hundreds of times the fp32 product the reference backend computes.
     W_PARTS: the same for fp32 weights (softmax, mining) times R in the gradient: 2 when
     all inputs are 16-bit (the reference backend then computes in 16 bits), else X_PARTS.
-    LO_SCALE: 2^12 for fp16, whose low parts would otherwise be subnormal; 1 for bf16."""
+    LO_SCALE: the anchors' low parts are scaled by 2^12 for fp16, where they would otherwise
+    be subnormal (S's error halves, measured); 1 for bf16. The weights' parts are not
+    scaled (dot_acc)."""
     if ref_dtype == torch.float32:
         return dict(X_PARTS=1, W_PARTS=1, LO_SCALE=1.0)
     scale = 4096.0 if ref_dtype == torch.float16 else 1.0
@@ -335,23 +339,24 @@ def pair_sets(s, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX
 
 
 @triton.jit
-def dot_acc(c, m, acc, PARTS: tl.constexpr, LO_SCALE: tl.constexpr, PRECISION: tl.constexpr):
+def dot_acc(c, m, acc, PARTS: tl.constexpr, PRECISION: tl.constexpr):
     """acc + c @ m for fp32 coefficients c and a tile m (16-bit or fp32). PARTS > 1 (m is
     16-bit and c is not exact in 16 bits): c goes in as PARTS 16-bit parts (split16), one
-    tensor-core product each, keeping ~fp32 accuracy. PARTS == 1: c is cast to m's dtype
-    (exact for 0/1 masks, or m is fp32)."""
+    tensor-core product each, keeping ~fp32 accuracy. Unscaled: the weights here are at most
+    1 (or g), so a subnormal fp16 low part's absolute error (< 2^-25) is far below the result's
+    fp32 resolution, and the low products accumulate into acc (no extra register tile).
+    PARTS == 1: c is cast to m's dtype (exact for 0/1 masks, or m is fp32)."""
     if PARTS == 1:
         acc = tl.dot(c.to(m.dtype), m, acc, input_precision=PRECISION)
     else:
-        hi, mid, lo = split16(c, m.dtype, PARTS, LO_SCALE)
+        hi, mid, lo = split16(c, m.dtype, PARTS, 1.0)
         acc = tl.dot(hi, m, acc)
-        acc = dot_low(mid, lo, m, acc, PARTS, LO_SCALE)
+        acc = dot_low(mid, lo, m, acc, PARTS, 1.0)
     return acc
 
 
 @triton.jit
-def ref_grad_acc(ct, x, x_hi, acc, X_PARTS: tl.constexpr, W_PARTS: tl.constexpr, LO_SCALE: tl.constexpr,
-                 PRECISION: tl.constexpr):
+def ref_grad_acc(ct, x, x_hi, acc, X_PARTS: tl.constexpr, W_PARTS: tl.constexpr, PRECISION: tl.constexpr):
     """acc + C^T X for the reference-side gradient (ct = C^T, fp32; x as loaded and in the
     operand dtype). Anchors split for S (another dtype than a 16-bit reference: rare, the
     reference then requires grad in another dtype than the anchors) take an fp32 product;
@@ -359,5 +364,5 @@ def ref_grad_acc(ct, x, x_hi, acc, X_PARTS: tl.constexpr, W_PARTS: tl.constexpr,
     if X_PARTS > 1:
         acc = tl.dot(ct, x.to(tl.float32), acc, input_precision=PRECISION)
     else:
-        acc = dot_acc(ct, x_hi, acc, W_PARTS, LO_SCALE, PRECISION)
+        acc = dot_acc(ct, x_hi, acc, W_PARTS, PRECISION)
     return acc

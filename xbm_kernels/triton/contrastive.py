@@ -51,6 +51,7 @@ _INTERP_REF = (32, 16, 1, 1)
 
 SMEM_BUDGET = _common.SMEM_BUDGET
 _prune = _common.prune_configs
+_REF_PRUNE = _prune("BLOCK_K", "BLOCK_B", "n", 1024, fp32_product_when_split=True)
 
 
 def _configs(table, first, second):
@@ -103,7 +104,7 @@ def contrastive_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, loss_ptr, counts_
         nneg += tl.sum(neg.to(tl.int32), axis=1)
         if NEED_GRAD:
             c = neg.to(tl.float32) - pos.to(tl.float32)
-            acc = dot_acc(c, r, acc, 1, LO_SCALE, PRECISION)  # -1/0/+1: exact in any dtype
+            acc = dot_acc(c, r, acc, 1, PRECISION)  # -1/0/+1: exact in any dtype
 
     out = pid_s.to(tl.int64) * B + rows64  # row of this split's slice of the workspace
     tl.store(loss_ptr + out, loss, mask=row_ok)
@@ -140,7 +141,7 @@ def reduce_splits_kernel(loss_ws, counts_ws, grad_ws, loss_ptr, counts_ptr, grad
 
 @triton.autotune(configs=_configs(_REF_CONFIGS, "BLOCK_K", "BLOCK_B"),
                  key=["D", "B_BUCKET", "N_BUCKET", "PRECISION", "X_PARTS"],
-                 prune_configs_by={"early_config_prune": _prune("BLOCK_K", "BLOCK_B", "n", 1024)})
+                 prune_configs_by={"early_config_prune": _REF_PRUNE})
 @triton.jit
 def contrastive_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, g_ptr, gref_ptr,
                                 B, D, n, margin, pos_thr, B_BUCKET, N_BUCKET,
@@ -158,7 +159,7 @@ def contrastive_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, g_ptr, gref_
         s = scores(x_hi, x_mid, x_lo, r, PRECISION, X_PARTS, LO_SCALE)
         pos, neg = _pair_masks(s, yi, zj, rows, cols, row_ok, col_ok, self_col, margin, pos_thr, HAS_SELF_INDEX)
         cg = tl.trans((neg.to(tl.float32) - pos.to(tl.float32)) * g[:, None])
-        acc = ref_grad_acc(cg, x, x_hi, acc, X_PARTS, W_PARTS, LO_SCALE, PRECISION)  # g C: not exact in 16 bits
+        acc = ref_grad_acc(cg, x, x_hi, acc, X_PARTS, W_PARTS, PRECISION)  # g C: not exact in 16 bits
     tl.store(gref_ptr + col_off, acc, mask=col_ok[:, None] & dim_ok[None, :])
 
 

@@ -41,7 +41,7 @@ _STATS_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 2048)
 # Register tiles: Gp and Gn plus the tile's weights; IEEE fp32 (FMA) dots spill beyond 16 x 32
 # (ptxas for sm_90). The reference-side kernels hold one accumulator and the weights (hi, lo).
 _FWD_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 512, acc_tiles=3)
-_REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 256, acc_tiles=3)
+_REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 256, acc_tiles=3, fp32_product_when_split=True)
 
 
 @triton.jit
@@ -162,8 +162,8 @@ def ms_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ptr, sums_ws, counts
         npos += tl.sum(mined_p.to(tl.int32), axis=1)
         nneg += tl.sum(mined_n.to(tl.int32), axis=1)
         if NEED_GRAD:
-            gp = dot_acc(wp, r, gp, W_PARTS, LO_SCALE, PRECISION)
-            gn = dot_acc(wn, r, gn, W_PARTS, LO_SCALE, PRECISION)
+            gp = dot_acc(wp, r, gp, W_PARTS, PRECISION)
+            gn = dot_acc(wn, r, gn, W_PARTS, PRECISION)
     out = pid_s.to(tl.int64) * B + rows64
     stat = pid_s.to(tl.int64) * 4 * B + rows64  # sums_ws is (splits, 4, B): sum_p, sum_n, shift_p, shift_n
     tl.store(sums_ws + stat, sum_p, mask=row_ok)
@@ -291,7 +291,7 @@ def ms_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, rowstats_ptr, g_ptr, 
         mined_p, mined_n = _mined_sets(sim, pos, neg, min_pos, max_neg, mining_margin, MINE)
         wp, wn = _weights(sim, mined_p, mined_n, shift_p, shift_n, alpha, beta, base)
         c = wp * cp[:, None] + wn * cn[:, None]
-        acc = ref_grad_acc(tl.trans(c), x, x_hi, acc, X_PARTS, W_PARTS, LO_SCALE, PRECISION)
+        acc = ref_grad_acc(tl.trans(c), x, x_hi, acc, X_PARTS, W_PARTS, PRECISION)
     tl.store(gref_ptr + col_off, acc, mask=col_ok[:, None] & dim_ok[None, :])
 
 

@@ -35,7 +35,7 @@ from .contrastive import _INTERP_FWD, _INTERP_REF, _REF_CONFIGS
 # Register tiles: G and Gpos plus the tile's weights; IEEE fp32 (FMA) dots spill beyond 16 x 32
 # (ptxas for sm_90). The reference-side kernels hold one accumulator and the weights (hi, lo).
 _FWD_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 512, acc_tiles=3)
-_REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 256, acc_tiles=3)
+_REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 256, acc_tiles=3, fp32_product_when_split=True)
 
 
 @triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS, _INTERP_FWD, "BLOCK_B", "BLOCK_K"),
@@ -85,8 +85,8 @@ def supcon_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ws, counts_ws, g
         npos += tl.sum(pos.to(tl.int32), axis=1)
         nneg += tl.sum(neg.to(tl.int32), axis=1)
         if NEED_GRAD:
-            g = dot_acc(e, r, g * scale[:, None], W_PARTS, LO_SCALE, PRECISION)
-            gpos = dot_acc(pos.to(tl.float32), r, gpos, 1, LO_SCALE, PRECISION)
+            g = dot_acc(e, r, g * scale[:, None], W_PARTS, PRECISION)
+            gpos = dot_acc(pos.to(tl.float32), r, gpos, 1, PRECISION)
 
     out = pid_s.to(tl.int64) * B + rows64  # row of this split's slice of the workspaces
     stat = pid_s.to(tl.int64) * 3 * B + rows64  # stats_ws is (splits, 3, B): m, s, sum_P S
@@ -167,7 +167,7 @@ def supcon_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, lse_ptr, ga_ptr, 
         valid, pos, _ = pair_sets(sim, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX)
         e = tl.where(valid, tl.exp(sim * inv_tau - lse[:, None]), 0.0)
         c = e * ga[:, None] - tl.where(pos, gp[:, None], 0.0)
-        acc = ref_grad_acc(tl.trans(c), x, x_hi, acc, X_PARTS, W_PARTS, LO_SCALE, PRECISION)
+        acc = ref_grad_acc(tl.trans(c), x, x_hi, acc, X_PARTS, W_PARTS, PRECISION)
     tl.store(gref_ptr + col_off, acc, mask=col_ok[:, None] & dim_ok[None, :])
 
 
