@@ -1,0 +1,114 @@
+"""Compile-only check of the Triton kernels for sm_90, without a GPU (as tests/test_cuda_compile.py
+does for the CUDA sources). CI runs the kernels under the interpreter, which executes them
+as Python and checks no types: a loop-carried variable that changes type, or a constexpr
+branch that only the compiler sees, fails only here. Every kernel, for fp32, 16-bit and
+split (fp32 anchors against a 16-bit memory) operands, multi-similarity's mining on and off.
+
+Runs in the main test process (TRITON_INTERPRET unset: the decorators then build compilable
+kernels); skipped under the interpreter or without Triton's NVIDIA backend."""
+import importlib.util
+import os
+
+import pytest
+import torch
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    pytest.skip("TRITON_INTERPRET=1: the kernels are interpreted functions here", allow_module_level=True)
+
+import triton  # noqa: E402
+
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+except ImportError as exc:  # an older or newer Triton without these entry points
+    pytest.skip(f"Triton {triton.__version__}: no ahead-of-time compile API ({exc})", allow_module_level=True)
+
+from xbm_kernels.triton import _common, contrastive, enqueue, multi_similarity, supcon, triplet  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# (x, ref) dtypes: fp32, 16-bit, split anchors (2 fp16 parts, 3 bf16 parts)
+OPERANDS = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16),
+            "fp32-on-fp16": (torch.float32, torch.float16), "fp32-on-bf16": (torch.float32, torch.bfloat16)}
+KERNELS = {
+    "contrastive_fwd": contrastive.contrastive_fwd_kernel,
+    "contrastive_reduce": contrastive.reduce_splits_kernel,
+    "contrastive_ref_grad": contrastive.contrastive_ref_grad_kernel,
+    "ms_stats": multi_similarity.ms_stats_kernel,
+    "ms_fwd": multi_similarity.ms_fwd_kernel,
+    "ms_finish": multi_similarity.ms_finish_kernel,
+    "ms_ref_grad": multi_similarity.ms_ref_grad_kernel,
+    "supcon_fwd": supcon.supcon_fwd_kernel,
+    "supcon_finish": supcon.supcon_finish_kernel,
+    "supcon_ref_grad": supcon.supcon_ref_grad_kernel,
+    "triplet_hardest": triplet.triplet_hardest_kernel,
+    "triplet_finish": triplet.triplet_finish_kernel,
+    "triplet_ref_grad": triplet.triplet_ref_grad_kernel,
+    "enqueue": enqueue.enqueue_kernel,
+}
+FLOAT_SCALARS = {"alpha", "beta", "base", "mining_margin", "pos_thr", "margin", "inv_tau"}
+INT32_POINTERS = {"y_ptr", "z_ptr", "counts_ws", "counts_ptr", "idx_ws", "chosen_ptr", "mem_labels_ptr",
+                  "labels_ptr"}
+INT64_POINTERS = {"si_ptr", "slots_ptr"}
+
+
+def _jit_function(kernel):
+    while not isinstance(kernel, JITFunction):  # through the autotuner
+        kernel = kernel.fn
+    return kernel
+
+
+def _signature(fn, x_dtype, ref_dtype, constexprs):
+    sig = {}
+    for p in fn.params:
+        name = p.name
+        if p.is_constexpr:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr") or name.endswith("_ws"):
+            if name in INT32_POINTERS:
+                sig[name] = "*i32"
+            elif name in INT64_POINTERS:
+                sig[name] = "*i64"
+            elif name in ("x_ptr", "emb_ptr"):
+                sig[name] = "*" + TRITON_DTYPE[x_dtype]
+            elif name in ("r_ptr", "mem_ptr"):
+                sig[name] = "*" + TRITON_DTYPE[ref_dtype]
+            else:
+                sig[name] = "*fp32"
+        else:
+            sig[name] = "fp32" if name in FLOAT_SCALARS else "i32"
+    missing = [p.name for p in fn.params if p.is_constexpr and p.name not in constexprs]
+    assert not missing, f"{fn.__name__}: no test value for constexpr {missing}"
+    return sig
+
+
+def _constexprs(x_dtype, ref_dtype, mine):
+    c = dict(HAS_SELF_INDEX=True, NEED_GRAD=True, MINE=mine, SKIP_INCOMPLETE=False, PRECISION="ieee",
+             BLOCK_D=64, BLOCK_B=16, BLOCK_K=32, ROWS=16, BLOCK_DC=64, BLOCK_R=16)
+    c.update(_common.operand_split(x_dtype, ref_dtype))
+    return c
+
+
+def _cases():
+    for name, kernel in KERNELS.items():
+        mines = (True, False) if "MINE" in _jit_function(kernel).arg_names else (True,)
+        for operands in OPERANDS:
+            for mine in mines:
+                yield pytest.param(name, operands, mine,
+                                   id=f"{name}-{operands}" + ("" if len(mines) == 1 else "-mine" if mine else "-no-mine"))
+
+
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+@pytest.mark.parametrize("name,operands,mine", list(_cases()))
+def test_kernel_compiles_for_sm90(name, operands, mine):
+    fn = _jit_function(KERNELS[name])
+    x_dtype, ref_dtype = OPERANDS[operands]
+    constexprs = _constexprs(x_dtype, ref_dtype, mine)
+    sig = _signature(fn, x_dtype, ref_dtype, constexprs)
+    used = {(fn.arg_names.index(k),): v for k, v in constexprs.items() if k in fn.arg_names}
+    src = ASTSource(fn=fn, signature=sig, constexprs=used)
+    compiled = triton.compile(src, target=TARGET, options=dict(num_warps=4, num_stages=2))
+    assert compiled.asm.get("cubin"), f"{name}: no cubin"
