@@ -97,8 +97,8 @@ def _cases():
         mines = (True, False) if "MINE" in _jit_function(kernel).arg_names else (True,)
         for operands in OPERANDS:
             for mine in mines:
-                yield pytest.param(name, operands, mine,
-                                   id=f"{name}-{operands}" + ("" if len(mines) == 1 else "-mine" if mine else "-no-mine"))
+                flag = "" if len(mines) == 1 else "-mine" if mine else "-no-mine"
+                yield pytest.param(name, operands, mine, id=f"{name}-{operands}{flag}")
 
 
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
