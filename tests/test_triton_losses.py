@@ -114,7 +114,7 @@ def test_direct_calls_check_their_arguments():
     with pytest.raises(ValueError, match="temperature"):
         OPS.supcon_fwd(x, y, r, z, si, n, 0.0, 1e-5, True, False)
     with pytest.raises(ValueError, match="alpha"):
-        OPS.multi_similarity_fwd(x, y, r, z, si, n, -2.0, 40.0, 0.5, 0.1, 1e-5, True, False)
+        OPS.multi_similarity_fwd(x, y, r, z, si, n, -2.0, 40.0, 0.5, 0.1, 1e-5, True, True, True, False)
     with pytest.raises(ValueError, match="grad_rows"):
         OPS.triplet_bwd(x, y, r, z, si, n, 0.1, 1e-5, torch.ones(3, device=DEVICE), False)
 
@@ -370,18 +370,18 @@ def test_low_precision_within_twice_reference_error(loss, dtype):
 @pytest.mark.parametrize("loss", NAMES)
 @pytest.mark.parametrize("mem_dtype", LOW_DTYPES)
 def test_fp32_anchors_with_a_16_bit_memory(loss, mem_dtype):
-    """x is rounded to the memory dtype for the tensor cores; products of 16-bit values are
-    exact in fp32 and the weights enter as hi + lo, so against the oracle on the rounded
-    anchors the error stays fp32-sized."""
+    """fp32 anchors against a 16-bit memory: anchors and weights go into the tensor cores as
+    16-bit parts (2 for fp16, 3 for bf16), so against the oracle on the rounded memory the
+    error stays fp32-sized."""
     c = _case(loss, PARTIAL, device=DEVICE.type)
     r16 = c["r"].to(mem_dtype)
     x = c["x"].clone().requires_grad_()
     rows = _run(loss, c, "none", x=x, r=r16)
     rows.sum().backward()
-    rounded = dict(c, x=c["x"].to(mem_dtype).cpu(), r=r16.cpu(), y=c["y"].cpu(), z=c["z"].cpu(),
+    rounded = dict(c, x=c["x"].cpu(), r=r16.cpu(), y=c["y"].cpu(), z=c["z"].cpu(),
                    self_index=None if c["self_index"] is None else c["self_index"].cpu())
     e_rows, e_grad, _, _ = _oracle(loss, rounded)
-    tol = 1e-5 if mem_dtype == torch.float16 else 3e-5  # bf16 hi + lo holds 16 bits of a weight
+    tol = 1e-5  # the anchors and weights go in as 16-bit parts: fp32-sized errors
     assert x.grad.dtype == torch.float32
     assert_rel(rows, e_rows, 1e-5, "rows")
     assert_rel(x.grad, e_grad, tol, "grad", floor=1.0)
