@@ -1,5 +1,5 @@
 """The `cuda` backend (csrc/cuda) on CUDA tensors against the float64 loop oracle
-(DESIGN.md sections 1 and 6). Skipped without a GPU and the compiled CUDA kernels.
+(CONTRACT.md sections 1 and 6). Skipped without a GPU and the compiled CUDA kernels.
 
 The shapes are chosen for the kernel's tiling (64 anchors x 64 reference rows per tile,
 D in chunks of 128 bytes, dX slices of 128 / 512 columns): K below one tile, partial row

@@ -1,4 +1,4 @@
-// Ring-buffer write of a batch into the memory (DESIGN.md section 2): rows go to slots
+// Ring-buffer write of a batch into the memory (CONTRACT.md section 2): rows go to slots
 // (ptr + arange(b)) % size, embeddings cast to the memory dtype, labels to int32. At most
 // two contiguous block copies (before and after the wrap). Returns the slots written.
 #include <torch/library.h>

@@ -1,4 +1,4 @@
-// Fused multi-similarity loss over a reference set on the CPU (DESIGN.md section 1):
+// Fused multi-similarity loss over a reference set on the CPU (CONTRACT.md section 1):
 //   P~_i = { j in P_i : S_ij - mm < max_{N_i} S },  N~_i = { j in N_i : S_ij + mm > min_{P_i} S }
 //   (mine = false: P~_i = P_i, N~_i = N_i)
 //   l_i = 1/alpha log(1 + sum_{P~_i} exp(-alpha (S_ij - base)))

@@ -1,4 +1,4 @@
-// Fused supervised-contrastive (InfoNCE) loss over a reference set on the CPU (DESIGN.md
+// Fused supervised-contrastive (InfoNCE) loss over a reference set on the CPU (CONTRACT.md
 // section 1):  l_i = LSE_i - 1/|P_i| sum_{P_i} S_ip / tau,  LSE_i = log sum_{V_i} exp(S_ia / tau)
 //   dl_i/dx_i = 1/tau ( sum_{V_i} softmax_ia r_a - 1/|P_i| sum_{P_i} r_p )
 // Forward: ONE pass with an online log-sum-exp (running max m, sum s, and the softmax

@@ -1,4 +1,4 @@
-// Fused batch-hard triplet loss over a reference set on the CPU (DESIGN.md section 1):
+// Fused batch-hard triplet loss over a reference set on the CPU (CONTRACT.md section 1):
 //   l_i = max(0, max_{N_i} S_ij - min_{P_i} S_ij + margin), 0 if P_i or N_i is empty.
 // One pass streams the reference for the hardest positive and negative per row (value and
 // column; the lowest column wins ties, within a tile by scanning in order and across

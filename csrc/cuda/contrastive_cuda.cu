@@ -1,4 +1,4 @@
-// Fused contrastive loss over a reference set on CUDA GPUs (DESIGN.md section 1):
+// Fused contrastive loss over a reference set on CUDA GPUs (CONTRACT.md section 1):
 //   l_i = sum_{j in P_i} (1 - S_ij) + sum_{j in N_i, S_ij > m} S_ij,   S = X R^T
 //   dl_i/dx_i = sum_j c_ij r_j,  c_ij = -1 (positive), +1 (active negative), 0 otherwise.
 // One pass over the reference: per tile of 64 reference rows, tensor cores compute the

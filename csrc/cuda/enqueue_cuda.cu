@@ -1,4 +1,4 @@
-// Ring-buffer write of a batch into the memory on the GPU (DESIGN.md section 2): row i goes
+// Ring-buffer write of a batch into the memory on the GPU (CONTRACT.md section 2): row i goes
 // to slot (ptr + i) % size, cast to the memory dtype; labels to int32; the slots written
 // come back as int64. One launch, no host sync.
 #include <ATen/Dispatch.h>

@@ -329,7 +329,7 @@ def reference_block(r_ptr, z_ptr, n, D, BLOCK_D: tl.constexpr, BLOCK_K: tl.const
 @triton.jit
 def pair_sets(s, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX: tl.constexpr):
     """Masks of a (rows x cols) tile of S: valid V (j < ref_valid, not self), positives P
-    (same label, S < 1 - pos_eps) and negatives N (other label); DESIGN.md section 1."""
+    (same label, S < 1 - pos_eps) and negatives N (other label); CONTRACT.md section 1."""
     valid = row_ok[:, None] & col_ok[None, :]
     if HAS_SELF_INDEX:
         valid = valid & (cols[None, :] != self_col[:, None])

@@ -1,4 +1,4 @@
-"""Fused contrastive loss over a reference set (DESIGN.md section 1), Triton kernels.
+"""Fused contrastive loss over a reference set (CONTRACT.md section 1), Triton kernels.
 
     S_ij = <x_i, r_j>                       (tl.dot, fp32 accumulation)
     valid_ij = j < ref_valid and j != self_index[i]

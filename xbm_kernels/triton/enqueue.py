@@ -1,4 +1,4 @@
-"""Ring-buffer write of a batch into the memory (DESIGN.md section 2), one launch:
+"""Ring-buffer write of a batch into the memory (CONTRACT.md section 2), one launch:
 
     slot_i = (ptr + i) mod size            for i < b   (b <= size, 0 <= ptr < size)
     memory[slot_i]        = embeddings[i]  cast to the memory dtype

@@ -1,4 +1,4 @@
-"""Fused multi-similarity loss over a reference set (DESIGN.md section 1), Triton kernels.
+"""Fused multi-similarity loss over a reference set (CONTRACT.md section 1), Triton kernels.
 
     mine:     P~_i = { j in P_i : S_ij - mm < max_{N_i} S },  N~_i = { j in N_i : S_ij + mm > min_{P_i} S }
     not mine: P~_i = P_i,  N~_i = N_i

@@ -1,4 +1,4 @@
-"""Fused supervised-contrastive (InfoNCE) loss over a reference set (DESIGN.md section 1),
+"""Fused supervised-contrastive (InfoNCE) loss over a reference set (CONTRACT.md section 1),
 Triton kernels.
 
     t_ij = S_ij / tau                                   over valid columns V_i

@@ -1,4 +1,4 @@
-"""Fused batch-hard triplet loss over a reference set (DESIGN.md section 1), Triton kernels.
+"""Fused batch-hard triplet loss over a reference set (CONTRACT.md section 1), Triton kernels.
 
     ap_i = argmin_{P_i} S_ij,  an_i = argmax_{N_i} S_ij     (lowest column on ties)
     l_i = max(0, S_i,an - S_i,ap + margin),  0 if P_i or N_i is empty
