@@ -1,0 +1,190 @@
+"""Fused contrastive loss on the L2 distance of unit rows over a reference set (DESIGN.md
+section 1), Triton kernels.
+
+    S_ij = <x_i, r_j>,  d_ij = sqrt(max(2 - 2 S_ij, 0))
+    P_i, N_i as always (valid, not self; same label and S < 1 - pos_eps / other label)
+    ap_ij = j in P_i and d_ij > pos_margin,  an_ij = j in N_i and d_ij < neg_margin
+    l_i = sum_j ap_ij (d_ij - pos_margin) + an_ij (neg_margin - d_ij)
+    c_ij = dl_i/dS_ij = (an_ij - ap_ij) / d_ij  (0 where d_ij == 0, as torch.cdist's backward)
+    dl_i/dx_i = sum_j c_ij r_j
+
+The coefficient depends on its own pair only, so the structure is contrastive.py's: one
+pass over the reference rows, per tile S = X R^T, the masks, loss and active-pair counts,
+then dX += C R with the tile of R already loaded. Grid (B tiles) x (K splits); each split
+writes partial loss / counts / dX to a workspace and contrastive.reduce_splits_kernel adds
+them in split order (deterministic, no atomics); one split writes the outputs directly.
+A switched-off term (neg_margin <= 0, or pos_eps >= 2 so that no column is a positive)
+simply has no active pairs.
+
+Backward to both sides, with g_i = dL/dl_i:
+    grad_x   = g * (C R)     the forward kernel's dX, each row scaled by g_i
+    grad_ref = (g C)^T X     each program owns a tile of reference rows and streams the anchors.
+Rows of grad_ref at and beyond ref_valid are zero.
+
+dtypes as in contrastive.py; 1/d is not exact in 16 bits, so with a 16-bit reference the
+coefficients enter the tensor cores in 16-bit parts (_common.dot_acc).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+from ._common import anchor_tile, dot_acc, memory_tile, pair_sets, ref_grad_acc, reference_block, scores
+from .contrastive import _FWD_CONFIGS, _INTERP_FWD, _INTERP_REF, _REF_CONFIGS, reduce_splits_kernel
+
+# Register tiles: dX plus the tile's coefficients (in 16-bit parts with a 16-bit reference).
+_FWD_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 1024, acc_tiles=2)
+_REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 256, acc_tiles=3, fp32_product_when_split=True)
+
+
+@triton.jit
+def _coefficients(s, yi, zj, cols, row_ok, col_ok, self_col, pos_margin, neg_margin, pos_thr,
+                  HAS_SELF_INDEX: tl.constexpr):
+    """(active positives, active negatives, loss terms, dl/dS) of a tile of S."""
+    _, pos, neg = pair_sets(s, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX)
+    d = tl.sqrt(tl.maximum(2.0 - 2.0 * s, 0.0))
+    act_p = pos & (d > pos_margin)
+    act_n = neg & (d < neg_margin)
+    term = tl.where(act_p, d - pos_margin, tl.where(act_n, neg_margin - d, 0.0))
+    inv_d = tl.where(d > 0.0, 1.0 / tl.where(d > 0.0, d, 1.0), 0.0)  # no 1/0 even where masked
+    c = tl.where(act_n, inv_d, 0.0) - tl.where(act_p, inv_d, 0.0)
+    return act_p, act_n, term, c
+
+
+@triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS, _INTERP_FWD, "BLOCK_B", "BLOCK_K"),
+                 key=["D", "B_BUCKET", "COLS_BUCKET", "NEED_GRAD", "PRECISION", "X_PARTS"],
+                 prune_configs_by={"early_config_prune": _FWD_PRUNE})
+@triton.jit
+def contrastive_l2_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, loss_ptr, counts_ptr, grad_ptr,
+                              B, D, n, cols_per_split, pos_margin, neg_margin, pos_thr, B_BUCKET, COLS_BUCKET,
+                              HAS_SELF_INDEX: tl.constexpr, NEED_GRAD: tl.constexpr, PRECISION: tl.constexpr,
+                              X_PARTS: tl.constexpr, W_PARTS: tl.constexpr, LO_SCALE: tl.constexpr,
+                              BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_b = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < D
+
+    x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
+                                                      r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_PARTS, LO_SCALE)
+
+    loss = tl.zeros([BLOCK_B], dtype=tl.float32)
+    npos = tl.zeros([BLOCK_B], dtype=tl.int32)
+    nneg = tl.zeros([BLOCK_B], dtype=tl.int32)
+    acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+
+    col_start = pid_s * cols_per_split
+    col_end = tl.minimum(col_start + cols_per_split, n)
+    for k0 in range(col_start, col_end, BLOCK_K):
+        cols, col_ok, r, zj, s = memory_tile(x_hi, x_mid, x_lo, r_ptr, z_ptr, k0, col_end, dims, dim_ok, D,
+                                             PRECISION, BLOCK_K, X_PARTS, LO_SCALE)
+        act_p, act_n, term, c = _coefficients(s, yi, zj, cols, row_ok, col_ok, self_col, pos_margin, neg_margin,
+                                              pos_thr, HAS_SELF_INDEX)
+        loss += tl.sum(term, axis=1)
+        npos += tl.sum(act_p.to(tl.int32), axis=1)
+        nneg += tl.sum(act_n.to(tl.int32), axis=1)
+        if NEED_GRAD:
+            acc = dot_acc(c, r, acc, W_PARTS, PRECISION)
+
+    out = pid_s.to(tl.int64) * B + rows64  # row of this split's slice of the workspace
+    tl.store(loss_ptr + out, loss, mask=row_ok)
+    tl.store(counts_ptr + 2 * out, npos, mask=row_ok)
+    tl.store(counts_ptr + 2 * out + 1, nneg, mask=row_ok)
+    if NEED_GRAD:
+        tl.store(grad_ptr + out[:, None] * D + dims[None, :], acc, mask=row_ok[:, None] & dim_ok[None, :])
+
+
+@triton.autotune(configs=_common.autotune_configs(_REF_CONFIGS, _INTERP_REF, "BLOCK_K", "BLOCK_B"),
+                 key=["D", "B_BUCKET", "N_BUCKET", "PRECISION", "X_PARTS"],
+                 prune_configs_by={"early_config_prune": _REF_PRUNE})
+@triton.jit
+def contrastive_l2_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, g_ptr, gref_ptr,
+                                   B, D, n, pos_margin, neg_margin, pos_thr, B_BUCKET, N_BUCKET,
+                                   HAS_SELF_INDEX: tl.constexpr, PRECISION: tl.constexpr, X_PARTS: tl.constexpr,
+                                   W_PARTS: tl.constexpr, LO_SCALE: tl.constexpr,
+                                   BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
+    cols, col_ok, dims, dim_ok, col_off, r, zj = reference_block(r_ptr, z_ptr, n, D, BLOCK_D, BLOCK_K)
+    acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+    for b0 in range(0, B, BLOCK_B):
+        rows = b0 + tl.arange(0, BLOCK_B)
+        row_ok = rows < B
+        x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
+                                                         r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_PARTS, LO_SCALE)
+        g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
+        s = scores(x_hi, x_mid, x_lo, r, PRECISION, X_PARTS, LO_SCALE)
+        _, _, _, c = _coefficients(s, yi, zj, cols, row_ok, col_ok, self_col, pos_margin, neg_margin, pos_thr,
+                                   HAS_SELF_INDEX)
+        acc = ref_grad_acc(tl.trans(c * g[:, None]), x, x_hi, acc, X_PARTS, W_PARTS, PRECISION)
+    tl.store(gref_ptr + col_off, acc, mask=col_ok[:, None] & dim_ok[None, :])
+
+
+def split_plan(B: int, n: int, device: torch.device, splits=None):
+    """(splits, cols_per_split) of the forward grid; see _common.split_plan."""
+    return _common.split_plan(B, n, device, _FWD_CONFIGS, _INTERP_FWD, splits)
+
+
+def _scalars(pos_margin, neg_margin, pos_eps):
+    # pos_thr > 1 for a negative pos_eps (every same-label column a positive), < -1 for
+    # pos_eps > 2 (none); neg_margin <= 0: no negative is ever active.
+    return float(pos_margin), float(neg_margin), 1.0 - float(pos_eps)
+
+
+def contrastive_l2_fwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, pos_margin, neg_margin, pos_eps,
+                              need_grad, allow_tf32, splits=None):
+    """(loss_rows (B,) f32, grad (B, D) f32 or (0,) when not need_grad, counts (B, 2) int32).
+    `splits` overrides the split plan (tests)."""
+    x, labels, ref, ref_labels, si = _common.prepare_loss_inputs(x, labels, ref, ref_labels, self_index, ref_valid)
+    B, D = x.shape
+    dev = x.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    loss = torch.empty(B, **f32)
+    counts = torch.empty(B, 2, dtype=torch.int32, device=dev)
+    grad = torch.empty(B, D, **f32) if need_grad else torch.empty(0, **f32)
+    if B == 0:
+        return loss, grad, counts
+    splits, cols = split_plan(B, ref_valid, dev, splits)
+    if splits == 1:
+        loss_ws, counts_ws, grad_ws = loss, counts, grad
+    else:
+        loss_ws = torch.empty(splits, B, **f32)
+        counts_ws = torch.empty(splits, B, 2, dtype=torch.int32, device=dev)
+        grad_ws = torch.empty(splits, B, D, **f32) if need_grad else grad
+    BLOCK_D = _common.block_d(D)
+    grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), splits)  # noqa: E731
+    with _common.device_guard(x):
+        contrastive_l2_fwd_kernel[grid](
+            x, labels, ref, ref_labels, si if si is not None else labels, loss_ws, counts_ws, grad_ws,
+            B, D, ref_valid, cols, *_scalars(pos_margin, neg_margin, pos_eps), _common.bucket(B),
+            _common.bucket(cols), HAS_SELF_INDEX=si is not None, NEED_GRAD=bool(need_grad),
+            PRECISION=_common.precision(allow_tf32), BLOCK_D=BLOCK_D, **_common.operand_split(x.dtype, ref.dtype))
+        if splits > 1:
+            rows = _common.finish_rows(D)
+            reduce_splits_kernel[(triton.cdiv(B, rows),)](
+                loss_ws, counts_ws, grad_ws, loss, counts, grad, B, D, splits,
+                NEED_GRAD=bool(need_grad), ROWS=rows, BLOCK_D=BLOCK_D, num_warps=4)
+    return loss, grad, counts
+
+
+def contrastive_l2_bwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, pos_margin, neg_margin, pos_eps,
+                              grad_rows, allow_tf32):
+    """(grad_x (B, D) f32, grad_ref (N, D) f32) for the loss sum_i grad_rows[i] l_i."""
+    x, labels, ref, ref_labels, si = _common.prepare_loss_inputs(x, labels, ref, ref_labels, self_index, ref_valid)
+    B, D = x.shape
+    g = _common.check_grad_rows(grad_rows, B, x.device)
+    _, grad, _ = contrastive_l2_fwd_triton(x, labels, ref, ref_labels, si, ref_valid, pos_margin, neg_margin,
+                                           pos_eps, True, allow_tf32)
+    grad_x = grad.mul_(g[:, None])
+    grad_ref = torch.zeros(ref.shape[0], D, dtype=torch.float32, device=x.device)
+    if B == 0 or ref_valid == 0:
+        return grad_x, grad_ref
+    grid = lambda meta: (triton.cdiv(ref_valid, meta["BLOCK_K"]),)  # noqa: E731
+    with _common.device_guard(x):
+        contrastive_l2_ref_grad_kernel[grid](
+            x, labels, ref, ref_labels, si if si is not None else labels, g, grad_ref,
+            B, D, ref_valid, *_scalars(pos_margin, neg_margin, pos_eps), _common.bucket(B),
+            _common.bucket(ref_valid), HAS_SELF_INDEX=si is not None, PRECISION=_common.precision(allow_tf32),
+            BLOCK_D=_common.block_d(D), **_common.operand_split(x.dtype, ref.dtype))
+    return grad_x, grad_ref

@@ -1,0 +1,303 @@
+"""Fused NT-Xent (InfoNCE per positive pair) loss over a reference set (DESIGN.md section 1),
+Triton kernels.
+
+    t_ij = S_ij / tau,  LZ_i = log sum_{N_i} exp(t_in)   (-inf when N_i is empty)
+    l_i = sum_{P_i} softplus(LZ_i - t_ip)                 (a pair's term is 0 when N_i is empty)
+    dl_i/dS_ip = -1/tau sigmoid(LZ_i - t_ip)
+    dl_i/dS_in = 1/tau exp(t_in - LZ_i) w_i,   w_i = sum_{P_i} sigmoid(LZ_i - t_ip)
+
+Two passes, as multi_similarity.py's with mining. Pass 1 (stats kernel) streams the
+reference for an online log-sum-exp over the negatives (running max m and sum
+exp(t - m)); each split writes its (m, sum) and a merge kernel combines them in split
+order into LZ (deterministic). Pass 2 (forward kernel) recomputes S per tile with LZ known:
+the loss terms, counts and w_i, and for the gradient the weighted rows
+Gp = sum_P sigmoid(LZ - t_ip) r_p and Gn = sum_N exp(t_in - LZ) r_n (weights <= 1, no
+running maximum). Each split writes its (loss, w, counts, Gp, Gn); a finish kernel adds the
+splits in split order and scales once:
+    dl_i/dx_i = 1/tau (w_i Gn - Gp)
+
+Backward to both sides, with g_i = dL/dl_i: grad_x = g * (forward gradient); grad_ref =
+C^T X with C_ij = g_i dl_i/dS_ij from the per-row LZ and w, a kernel where each program owns
+a tile of reference rows and streams the anchors.
+
+dtypes as in contrastive.py; the weights are not exact in 16 bits, so with a 16-bit
+reference they enter the tensor cores in 16-bit parts (_common.dot_acc).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+from ._common import anchor_tile, dot_acc, memory_tile, pair_sets, ref_grad_acc, reference_block, scores
+from ._common import TWO_ACC_FWD_CONFIGS as _FWD_CONFIGS
+from .contrastive import _INTERP_FWD, _INTERP_REF, _REF_CONFIGS
+from .multi_similarity import _log1p
+
+_STATS_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 2048)
+# Register tiles: Gp and Gn plus the tile's weights; IEEE fp32 (FMA) dots spill beyond 16 x 32
+# (ptxas for sm_90, as multi_similarity's). The reference-side kernel holds one accumulator and
+# the weights (hi, lo).
+_FWD_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 512, acc_tiles=3)
+_REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 256, acc_tiles=3, fp32_product_when_split=True)
+
+
+@triton.jit
+def _softplus(u):
+    # log(1 + e^u) = max(u, 0) + log1p(e^-|u|); 0 at u = -inf (no negatives)
+    return tl.maximum(u, 0.0) + _log1p(tl.exp(-tl.abs(u)))
+
+
+@triton.jit
+def _sigmoid(u):
+    # 1 / (1 + e^-u): 0 at u = -inf, 1 for large u (e^-u underflows); no inf / inf
+    return 1.0 / (1.0 + tl.exp(-u))
+
+
+@triton.jit
+def _pair_weights(sim, pos, neg, lz, inv_tau):
+    """sigmoid(LZ - t) on the positives, exp(t - LZ) on the negatives (<= 1), 0 elsewhere;
+    and the positives' loss terms. Rows without negatives (LZ = -inf) get all zeros."""
+    t = sim * inv_tau
+    u = lz[:, None] - t
+    sp = tl.where(pos, _sigmoid(u), 0.0)
+    term = tl.where(pos, _softplus(u), 0.0)
+    en = tl.where(neg, tl.exp(tl.where(neg, t - lz[:, None], float("-inf"))), 0.0)
+    return sp, en, term
+
+
+@triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS, _INTERP_FWD, "BLOCK_B", "BLOCK_K"),
+                 key=["D", "B_BUCKET", "COLS_BUCKET", "PRECISION", "X_PARTS"],
+                 prune_configs_by={"early_config_prune": _STATS_PRUNE})
+@triton.jit
+def ntxent_stats_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ws, B, D, n, cols_per_split, inv_tau, pos_thr,
+                        B_BUCKET, COLS_BUCKET, HAS_SELF_INDEX: tl.constexpr, PRECISION: tl.constexpr,
+                        X_PARTS: tl.constexpr, LO_SCALE: tl.constexpr,
+                        BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_s = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < D
+    x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
+                                                      r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_PARTS, LO_SCALE)
+    m = tl.full([BLOCK_B], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_B], dtype=tl.float32)
+    col_start = pid_s * cols_per_split
+    col_end = tl.minimum(col_start + cols_per_split, n)
+    for k0 in range(col_start, col_end, BLOCK_K):
+        cols, col_ok, r, zj, sim = memory_tile(x_hi, x_mid, x_lo, r_ptr, z_ptr, k0, col_end, dims, dim_ok, D,
+                                               PRECISION, BLOCK_K, X_PARTS, LO_SCALE)
+        _, _, neg = pair_sets(sim, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX)
+        t = tl.where(neg, sim * inv_tau, float("-inf"))
+        m_new = tl.maximum(m, tl.max(t, axis=1))
+        # rows without a negative yet (m_new = -inf) shift by 0: no inf - inf, their sum stays 0
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(t - shift[:, None]), axis=1)
+        m = m_new
+    stat = pid_s.to(tl.int64) * 2 * B + rows.to(tl.int64)  # stats_ws is (splits, 2, B): max, sum
+    tl.store(stats_ws + stat, m, mask=row_ok)
+    tl.store(stats_ws + stat + B, s, mask=row_ok)
+
+
+@triton.jit
+def ntxent_lz_kernel(stats_ws, lz_ptr, B, splits, ROWS: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    for p in range(0, splits):  # the max is exact: any order
+        m = tl.maximum(m, tl.load(stats_ws + p * 2 * B + rows64, mask=row_ok, other=float("-inf")))
+    shift = tl.where(m == float("-inf"), 0.0, m)
+    s = tl.zeros([ROWS], dtype=tl.float32)
+    for p in range(0, splits):  # split order, always: the result does not depend on timing
+        stat = p * 2 * B + rows64
+        s += tl.exp(tl.load(stats_ws + stat, mask=row_ok, other=float("-inf")) - shift) * \
+            tl.load(stats_ws + stat + B, mask=row_ok, other=0.0)
+    # a row with a negative has s >= 1 (its largest term is exp(0))
+    lz = tl.where(m == float("-inf"), float("-inf"), shift + tl.log(tl.where(m == float("-inf"), 1.0, s)))
+    tl.store(lz_ptr + rows64, lz, mask=row_ok)
+
+
+@triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS, _INTERP_FWD, "BLOCK_B", "BLOCK_K"),
+                 key=["D", "B_BUCKET", "COLS_BUCKET", "NEED_GRAD", "PRECISION", "X_PARTS"],
+                 prune_configs_by={"early_config_prune": _FWD_PRUNE})
+@triton.jit
+def ntxent_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, lz_ptr, sums_ws, counts_ws, gp_ws, gn_ws,
+                      B, D, n, cols_per_split, inv_tau, pos_thr, B_BUCKET, COLS_BUCKET,
+                      HAS_SELF_INDEX: tl.constexpr, NEED_GRAD: tl.constexpr, PRECISION: tl.constexpr,
+                      X_PARTS: tl.constexpr, W_PARTS: tl.constexpr, LO_SCALE: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_s = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < D
+    x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
+                                                      r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_PARTS, LO_SCALE)
+    lz = tl.load(lz_ptr + rows64, mask=row_ok, other=float("-inf"))
+    loss = tl.zeros([BLOCK_B], dtype=tl.float32)
+    w = tl.zeros([BLOCK_B], dtype=tl.float32)
+    npos = tl.zeros([BLOCK_B], dtype=tl.int32)
+    nneg = tl.zeros([BLOCK_B], dtype=tl.int32)
+    gp = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+    gn = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+    col_start = pid_s * cols_per_split
+    col_end = tl.minimum(col_start + cols_per_split, n)
+    for k0 in range(col_start, col_end, BLOCK_K):
+        cols, col_ok, r, zj, sim = memory_tile(x_hi, x_mid, x_lo, r_ptr, z_ptr, k0, col_end, dims, dim_ok, D,
+                                               PRECISION, BLOCK_K, X_PARTS, LO_SCALE)
+        _, pos, neg = pair_sets(sim, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX)
+        sp, en, term = _pair_weights(sim, pos, neg, lz, inv_tau)
+        loss += tl.sum(term, axis=1)
+        w += tl.sum(sp, axis=1)
+        npos += tl.sum(pos.to(tl.int32), axis=1)
+        nneg += tl.sum(neg.to(tl.int32), axis=1)
+        if NEED_GRAD:
+            gp = dot_acc(sp, r, gp, W_PARTS, PRECISION)
+            gn = dot_acc(en, r, gn, W_PARTS, PRECISION)
+    out = pid_s.to(tl.int64) * B + rows64
+    stat = pid_s.to(tl.int64) * 2 * B + rows64  # sums_ws is (splits, 2, B): loss, w
+    tl.store(sums_ws + stat, loss, mask=row_ok)
+    tl.store(sums_ws + stat + B, w, mask=row_ok)
+    tl.store(counts_ws + 2 * out, npos, mask=row_ok)
+    tl.store(counts_ws + 2 * out + 1, nneg, mask=row_ok)
+    if NEED_GRAD:
+        gmask = row_ok[:, None] & dim_ok[None, :]
+        tl.store(gp_ws + out[:, None] * D + dims[None, :], gp, mask=gmask)
+        tl.store(gn_ws + out[:, None] * D + dims[None, :], gn, mask=gmask)
+
+
+@triton.jit
+def ntxent_finish_kernel(sums_ws, counts_ws, gp_ws, gn_ws, loss_ptr, counts_ptr, grad_ptr, w_ptr,
+                         B, D, splits, inv_tau, NEED_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)
+    dims = tl.arange(0, BLOCK_D)
+    gmask = row_ok[:, None] & (dims < D)[None, :]
+    loss = tl.zeros([ROWS], dtype=tl.float32)
+    w = tl.zeros([ROWS], dtype=tl.float32)
+    npos = tl.zeros([ROWS], dtype=tl.int32)
+    nneg = tl.zeros([ROWS], dtype=tl.int32)
+    gp = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    gn = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    for p in range(0, splits):  # split order, always: the result does not depend on timing
+        stat = p * 2 * B + rows64
+        loss += tl.load(sums_ws + stat, mask=row_ok, other=0.0)
+        w += tl.load(sums_ws + stat + B, mask=row_ok, other=0.0)
+        out = p * B + rows64
+        npos += tl.load(counts_ws + 2 * out, mask=row_ok, other=0)
+        nneg += tl.load(counts_ws + 2 * out + 1, mask=row_ok, other=0)
+        if NEED_GRAD:
+            gp += tl.load(gp_ws + out[:, None] * D + dims[None, :], mask=gmask, other=0.0)
+            gn += tl.load(gn_ws + out[:, None] * D + dims[None, :], mask=gmask, other=0.0)
+    tl.store(loss_ptr + rows64, loss, mask=row_ok)
+    tl.store(counts_ptr + 2 * rows64, npos, mask=row_ok)
+    tl.store(counts_ptr + 2 * rows64 + 1, nneg, mask=row_ok)
+    tl.store(w_ptr + rows64, w, mask=row_ok)  # for the reference-side gradient
+    if NEED_GRAD:
+        grad = (w[:, None] * gn - gp) * inv_tau
+        tl.store(grad_ptr + rows64[:, None] * D + dims[None, :], grad, mask=gmask)
+
+
+@triton.autotune(configs=_common.autotune_configs(_REF_CONFIGS, _INTERP_REF, "BLOCK_K", "BLOCK_B"),
+                 key=["D", "B_BUCKET", "N_BUCKET", "PRECISION", "X_PARTS"],
+                 prune_configs_by={"early_config_prune": _REF_PRUNE})
+@triton.jit
+def ntxent_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, lz_ptr, gp_ptr, gn_ptr, gref_ptr,
+                           B, D, n, inv_tau, pos_thr, B_BUCKET, N_BUCKET,
+                           HAS_SELF_INDEX: tl.constexpr, PRECISION: tl.constexpr, X_PARTS: tl.constexpr,
+                           W_PARTS: tl.constexpr, LO_SCALE: tl.constexpr,
+                           BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
+    cols, col_ok, dims, dim_ok, col_off, r, zj = reference_block(r_ptr, z_ptr, n, D, BLOCK_D, BLOCK_K)
+    acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+    for b0 in range(0, B, BLOCK_B):
+        rows = b0 + tl.arange(0, BLOCK_B)
+        row_ok = rows < B
+        x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
+                                                         r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_PARTS, LO_SCALE)
+        lz = tl.load(lz_ptr + rows, mask=row_ok, other=float("-inf"))
+        cp = tl.load(gp_ptr + rows, mask=row_ok, other=0.0)  # g / tau
+        cn = tl.load(gn_ptr + rows, mask=row_ok, other=0.0)  # g w / tau
+        sim = scores(x_hi, x_mid, x_lo, r, PRECISION, X_PARTS, LO_SCALE)
+        _, pos, neg = pair_sets(sim, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX)
+        sp, en, _ = _pair_weights(sim, pos, neg, lz, inv_tau)
+        c = en * cn[:, None] - sp * cp[:, None]
+        acc = ref_grad_acc(tl.trans(c), x, x_hi, acc, X_PARTS, W_PARTS, PRECISION)
+    tl.store(gref_ptr + col_off, acc, mask=col_ok[:, None] & dim_ok[None, :])
+
+
+def _forward(x, labels, ref, ref_labels, si, ref_valid, temperature, pos_eps, need_grad, allow_tf32, splits):
+    """The op's outputs plus per-row LZ (-inf for rows without negatives) and w."""
+    if not temperature > 0:
+        raise ValueError(f"temperature: expected > 0, got {temperature}")
+    B, D = x.shape
+    dev = x.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    loss = torch.empty(B, **f32)
+    lz = torch.empty(B, **f32)
+    w = torch.empty(B, **f32)
+    counts = torch.empty(B, 2, dtype=torch.int32, device=dev)
+    grad = torch.empty(B, D, **f32) if need_grad else torch.empty(0, **f32)
+    if B == 0:
+        return loss, grad, counts, lz, w
+    splits, cols = _common.split_plan(B, ref_valid, dev, _FWD_CONFIGS, _INTERP_FWD, splits)
+    stats_ws = torch.empty(splits, 2, B, **f32)
+    sums_ws = torch.empty(splits, 2, B, **f32)
+    counts_ws = torch.empty(splits, B, 2, dtype=torch.int32, device=dev)
+    gp_ws = torch.empty(splits, B, D, **f32) if need_grad else grad
+    gn_ws = torch.empty(splits, B, D, **f32) if need_grad else grad
+    inv_tau = 1.0 / float(temperature)
+    pos_thr = 1.0 - float(pos_eps)  # > 1 for a negative pos_eps: every same-label column is a positive
+    split = _common.operand_split(x.dtype, ref.dtype)
+    common = dict(HAS_SELF_INDEX=si is not None, PRECISION=_common.precision(allow_tf32),
+                  BLOCK_D=_common.block_d(D), X_PARTS=split["X_PARTS"], LO_SCALE=split["LO_SCALE"])
+    si_arg = si if si is not None else labels
+    rows = _common.finish_rows(D)
+    grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), splits)  # noqa: E731
+    with _common.device_guard(x):
+        ntxent_stats_kernel[grid](x, labels, ref, ref_labels, si_arg, stats_ws, B, D, ref_valid, cols, inv_tau,
+                                  pos_thr, _common.bucket(B), _common.bucket(cols), **common)
+        ntxent_lz_kernel[(triton.cdiv(B, rows),)](stats_ws, lz, B, splits, ROWS=rows, num_warps=4)
+        ntxent_fwd_kernel[grid](x, labels, ref, ref_labels, si_arg, lz, sums_ws, counts_ws, gp_ws, gn_ws,
+                                B, D, ref_valid, cols, inv_tau, pos_thr, _common.bucket(B), _common.bucket(cols),
+                                NEED_GRAD=bool(need_grad), W_PARTS=split["W_PARTS"], **common)
+        ntxent_finish_kernel[(triton.cdiv(B, rows),)](
+            sums_ws, counts_ws, gp_ws, gn_ws, loss, counts, grad, w, B, D, splits, inv_tau,
+            NEED_GRAD=bool(need_grad), ROWS=rows, BLOCK_D=common["BLOCK_D"], num_warps=4)
+    return loss, grad, counts, lz, w
+
+
+def ntxent_fwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, temperature, pos_eps, need_grad,
+                      allow_tf32, splits=None):
+    """(loss_rows (B,) f32, grad (B, D) f32 or (0,) when not need_grad, counts (B, 2) int32).
+    `splits` overrides the split plan (tests)."""
+    x, labels, ref, ref_labels, si = _common.prepare_loss_inputs(x, labels, ref, ref_labels, self_index, ref_valid)
+    return _forward(x, labels, ref, ref_labels, si, ref_valid, temperature, pos_eps, need_grad, allow_tf32,
+                    splits)[:3]
+
+
+def ntxent_bwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, temperature, pos_eps, grad_rows,
+                      allow_tf32):
+    """(grad_x (B, D) f32, grad_ref (N, D) f32) for the loss sum_i grad_rows[i] l_i."""
+    x, labels, ref, ref_labels, si = _common.prepare_loss_inputs(x, labels, ref, ref_labels, self_index, ref_valid)
+    B, D = x.shape
+    g = _common.check_grad_rows(grad_rows, B, x.device)
+    _, grad, _, lz, w = _forward(x, labels, ref, ref_labels, si, ref_valid, temperature, pos_eps, True, allow_tf32,
+                                 None)
+    grad_x = grad.mul_(g[:, None])
+    grad_ref = torch.zeros(ref.shape[0], D, dtype=torch.float32, device=x.device)
+    if B == 0 or ref_valid == 0:
+        return grad_x, grad_ref
+    inv_tau = 1.0 / float(temperature)
+    gp = g * inv_tau
+    gn = gp * w
+    grid = lambda meta: (triton.cdiv(ref_valid, meta["BLOCK_K"]),)  # noqa: E731
+    with _common.device_guard(x):
+        ntxent_ref_grad_kernel[grid](
+            x, labels, ref, ref_labels, si if si is not None else labels, lz, gp, gn, grad_ref,
+            B, D, ref_valid, inv_tau, 1.0 - float(pos_eps), _common.bucket(B), _common.bucket(ref_valid),
+            HAS_SELF_INDEX=si is not None, PRECISION=_common.precision(allow_tf32), BLOCK_D=_common.block_d(D),
+            **_common.operand_split(x.dtype, ref.dtype))
+    return grad_x, grad_ref
