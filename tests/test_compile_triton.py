@@ -26,7 +26,8 @@ try:
 except ImportError as exc:  # an older or newer Triton without these entry points
     pytest.skip(f"Triton {triton.__version__}: no ahead-of-time compile API ({exc})", allow_module_level=True)
 
-from xbm_kernels.triton import _common, contrastive, enqueue, multi_similarity, supcon, triplet  # noqa: E402
+from xbm_kernels.triton import _common, contrastive, contrastive_l2, enqueue, multi_similarity  # noqa: E402
+from xbm_kernels.triton import ntxent, supcon, triplet  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -37,6 +38,8 @@ KERNELS = {
     "contrastive_fwd": contrastive.contrastive_fwd_kernel,
     "contrastive_reduce": contrastive.reduce_splits_kernel,
     "contrastive_ref_grad": contrastive.contrastive_ref_grad_kernel,
+    "contrastive_l2_fwd": contrastive_l2.contrastive_l2_fwd_kernel,
+    "contrastive_l2_ref_grad": contrastive_l2.contrastive_l2_ref_grad_kernel,
     "ms_stats": multi_similarity.ms_stats_kernel,
     "ms_fwd": multi_similarity.ms_fwd_kernel,
     "ms_finish": multi_similarity.ms_finish_kernel,
@@ -44,12 +47,18 @@ KERNELS = {
     "supcon_fwd": supcon.supcon_fwd_kernel,
     "supcon_finish": supcon.supcon_finish_kernel,
     "supcon_ref_grad": supcon.supcon_ref_grad_kernel,
+    "ntxent_stats": ntxent.ntxent_stats_kernel,
+    "ntxent_lz": ntxent.ntxent_lz_kernel,
+    "ntxent_fwd": ntxent.ntxent_fwd_kernel,
+    "ntxent_finish": ntxent.ntxent_finish_kernel,
+    "ntxent_ref_grad": ntxent.ntxent_ref_grad_kernel,
     "triplet_hardest": triplet.triplet_hardest_kernel,
     "triplet_finish": triplet.triplet_finish_kernel,
     "triplet_ref_grad": triplet.triplet_ref_grad_kernel,
     "enqueue": enqueue.enqueue_kernel,
 }
-FLOAT_SCALARS = {"alpha", "beta", "base", "mining_margin", "pos_thr", "margin", "inv_tau"}
+FLOAT_SCALARS = {"alpha", "beta", "base", "mining_margin", "pos_thr", "margin", "inv_tau", "pos_margin",
+                 "neg_margin"}
 INT32_POINTERS = {"y_ptr", "z_ptr", "counts_ws", "counts_ptr", "idx_ws", "chosen_ptr", "mem_labels_ptr",
                   "labels_ptr"}
 INT64_POINTERS = {"si_ptr", "slots_ptr"}
