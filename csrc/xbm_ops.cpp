@@ -28,6 +28,12 @@ TORCH_LIBRARY(xbm_kernels, m) {
         "int ref_valid, float margin, float pos_eps, bool need_grad, bool allow_tf32) -> (Tensor, Tensor, Tensor)");
   m.def("contrastive_bwd(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor? self_index, "
         "int ref_valid, float margin, float pos_eps, Tensor grad_rows, bool allow_tf32) -> (Tensor, Tensor)");
+  m.def("contrastive_l2_fwd(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor? self_index, "
+        "int ref_valid, float pos_margin, float neg_margin, float pos_eps, bool need_grad, bool allow_tf32) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("contrastive_l2_bwd(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor? self_index, "
+        "int ref_valid, float pos_margin, float neg_margin, float pos_eps, Tensor grad_rows, bool allow_tf32) "
+        "-> (Tensor, Tensor)");
   m.def("multi_similarity_fwd(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor? self_index, "
         "int ref_valid, float alpha, float beta, float base, float mining_margin, float pos_eps, bool mine, "
         "bool skip_incomplete, bool need_grad, bool allow_tf32) -> (Tensor, Tensor, Tensor)");

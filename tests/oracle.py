@@ -51,6 +51,38 @@ def contrastive_oracle(x, y, r, z, margin=0.5, pos_eps=1e-5, ref_valid=None, sel
     return rows, grad, grad_ref, counts
 
 
+def contrastive_l2_oracle(x, y, r, z, pos_margin=0.0, neg_margin=1.0, pos_eps=1e-5, ref_valid=None, self_index=None,
+                          weights=None):
+    """d_ij = sqrt(max(2 - 2 S_ij, 0)); l_i = sum_{P_i} max(0, d - pos_margin) + sum_{N_i}
+    max(0, neg_margin - d). dl_i/dS_ij = -1/d (active positive), +1/d (active negative), and
+    0 at d == 0 (torch.cdist's rule). counts: (active positives, active negatives)."""
+    B, D = x.shape
+    xd, rd = x.detach().double().cpu(), r.detach().double().cpu()
+    rows = torch.zeros(B, dtype=torch.float64)
+    grad = torch.zeros(B, D, dtype=torch.float64)
+    grad_ref = torch.zeros(r.shape[0], D, dtype=torch.float64)
+    counts = torch.zeros(B, 2, dtype=torch.int64)
+    w = [1.0] * B if weights is None else [float(v) for v in weights]
+    for i, s, P, N in _sets(x, y, r, z, pos_eps, ref_valid, self_index):
+        for j in P:
+            d = math.sqrt(max(2.0 - 2.0 * s[j], 0.0))
+            if d > pos_margin:
+                rows[i] += d - pos_margin
+                counts[i, 0] += 1
+                if d > 0:  # dl/dS = dl/dd * dd/dS = 1 * (-1/d)
+                    grad[i] -= w[i] / d * rd[j]
+                    grad_ref[j] -= w[i] / d * xd[i]
+        for j in N:
+            d = math.sqrt(max(2.0 - 2.0 * s[j], 0.0))
+            if d < neg_margin:
+                rows[i] += neg_margin - d
+                counts[i, 1] += 1
+                if d > 0:  # dl/dS = (-1) * (-1/d)
+                    grad[i] += w[i] / d * rd[j]
+                    grad_ref[j] += w[i] / d * xd[i]
+    return rows, grad, grad_ref, counts
+
+
 def reduce_rows(rows, reduction, denominator=None):
     if reduction == "none":
         return rows

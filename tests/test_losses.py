@@ -9,7 +9,8 @@ import torch
 
 import xbm_kernels as xk
 from common import CASES as ALL_CASES, LOSS_CASES, assert_rel, make_case, max_rel_err as _max_rel_err
-from oracle import _sets, multi_similarity_oracle, ntxent_oracle, reduce_rows, supcon_oracle, triplet_oracle
+from oracle import (_sets, contrastive_l2_oracle, multi_similarity_oracle, ntxent_oracle, reduce_rows, supcon_oracle,
+                    triplet_oracle)
 from test_contrastive import BACKENDS, BACKEND_IDS
 
 # One row per loss of the registry (contrastive has its own file): the public function and its oracle.
@@ -18,6 +19,7 @@ LOSSES = {
     "triplet": (xk.triplet_loss, triplet_oracle, {}),
     "supcon": (xk.supcon_loss, supcon_oracle, {}),
     "ntxent": (xk.ntxent_loss, ntxent_oracle, {}),
+    "contrastive_l2": (xk.contrastive_l2_loss, contrastive_l2_oracle, {}),
 }
 
 

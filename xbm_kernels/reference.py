@@ -39,6 +39,29 @@ def contrastive(x, labels, ref, ref_labels, *, margin, pos_eps, ref_valid, self_
     return rows, counts
 
 
+def _l2_distance(S):
+    """d = sqrt(max(2 - 2 S, 0)), the L2 distance of unit rows, with gradient 0 where d == 0
+    (as torch.cdist's backward): sqrt's derivative there is infinite, so the square root only
+    ever sees the positive entries."""
+    t = (2.0 - 2.0 * S).clamp_min(0.0)
+    positive = t > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, t, torch.ones_like(t))), torch.zeros_like(t))
+
+
+def contrastive_l2(x, labels, ref, ref_labels, *, pos_margin, neg_margin, pos_eps, ref_valid, self_index):
+    """pytorch-metric-learning's default ContrastiveLoss on unit rows, summed per anchor:
+    l_i = sum_{P_i} max(0, d_ij - pos_margin) + sum_{N_i} max(0, neg_margin - d_ij)."""
+    S = similarity(x, ref)
+    pos, neg = pair_sets(S, labels, ref_labels, ref_valid, self_index, pos_eps)
+    d = _l2_distance(S)
+    active_pos = pos & (d > pos_margin)
+    active_neg = neg & (d < neg_margin)
+    zero = S.new_zeros(())
+    rows = torch.where(active_pos, d - pos_margin, zero).sum(1) + torch.where(active_neg, neg_margin - d, zero).sum(1)
+    counts = torch.stack([active_pos.sum(1), active_neg.sum(1)], dim=1).to(torch.int32)
+    return rows, counts
+
+
 def _valid_mask(B, N, device, ref_valid, self_index):
     cols = torch.arange(N, device=device)
     valid = (cols < ref_valid).expand(B, N)

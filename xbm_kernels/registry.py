@@ -126,6 +126,14 @@ LOSSES: Dict[str, Loss] = {loss.name: loss for loss in (
          "Contrastive loss (the XBM paper's).",
          "l_i = sum_{j in P_i} (1 - S_ij) + sum_{j in N_i, S_ij > margin} S_ij",
          kernels=frozenset({"cpu", "triton", "cuda"})),
+    Loss("contrastive_l2",
+         (Param("pos_margin", 0.0, "positives with d > pos_margin contribute d - pos_margin", low=0.0, high=2.0),
+          Param("neg_margin", 1.0, "negatives with d < neg_margin contribute neg_margin - d", low=0.0, high=2.0),
+          POS_EPS),
+         "Contrastive loss on the L2 distance of unit rows, d_ij = sqrt(max(2 - 2 S_ij, 0)) "
+         "(pytorch-metric-learning's default ContrastiveLoss).",
+         "l_i = sum_{j in P_i} max(0, d_ij - pos_margin) + sum_{j in N_i} max(0, neg_margin - d_ij)",
+         kernels=frozenset({"cpu"})),
     Loss("multi_similarity",
          (Param("alpha", 2.0, "scale of the positive term", low=0.0, open_low=True),
           Param("beta", 40.0, "scale of the negative term", low=0.0, open_low=True),
@@ -134,7 +142,8 @@ LOSSES: Dict[str, Loss] = {loss.name: loss for loss in (
           POS_EPS,
           Param("mine", True, "mine P~ and N~ with mining_margin (False: P~ = P, N~ = N)", kind="bool"),
           Param("skip_incomplete", True, "an anchor with an empty P, N, P~ or N~ contributes 0 (the paper's "
-                "code); False: each term is 0 only when its own mined set is empty (pytorch-metric-learning)",
+                "code); False: each term is 0 only when its own mined set is empty (pytorch-metric-learning). "
+                "With mine=True the two mined sets are empty together, so it matters with mine=False",
                 kind="bool")),
          "Multi-similarity loss (Wang et al. 2019) with the paper code's pair mining.",
          "P~_i = {j in P_i : S_ij - mining_margin < max_{N_i} S}, N~_i = {j in N_i : S_ij + mining_margin > "

@@ -1,0 +1,188 @@
+// Fused contrastive loss on the L2 distance of unit rows over a reference set on the CPU
+// (CONTRACT.md section 1; pytorch-metric-learning's default ContrastiveLoss):
+//   d_ij = sqrt(max(2 - 2 S_ij, 0))
+//   l_i  = sum_{j in P_i} max(0, d_ij - pos_margin) + sum_{j in N_i} max(0, neg_margin - d_ij)
+//   dl_i/dS_ij = -1/d_ij (active positive), +1/d_ij (active negative), 0 elsewhere and where
+//   d_ij == 0 (torch.cdist's backward gives 0 at distance 0).
+// As for the contrastive loss, the coefficient depends on its own pair only: one pass over
+// the reference rows gives the loss, the active-pair counts and the gradient. Per tile
+// S = X R^T (GEMM), the epilogue turns S into C in place, then dX += C R reuses the tile of
+// R just read. The parameters may lie outside their public ranges: neg_margin <= 0 makes no
+// negative active and pos_eps >= 2 leaves no positive (the PML drop-in switches a term off
+// that way), so nothing here assumes otherwise.
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "cpu/simd.h"
+#include "cpu/tiles.h"
+
+#if XBM_CPU_VECTOR && defined(__SSE2__)
+#include <emmintrin.h>
+#elif XBM_CPU_VECTOR && defined(__aarch64__)
+#include <arm_neon.h>
+#endif
+
+namespace xbm_kernels {
+namespace {
+
+using at::Tensor;
+
+struct PairRule {
+  float pos_margin, neg_margin, pos_thr;  // pos_thr = 1 - pos_eps
+};
+
+// One pair (the definition the vector loop below follows): returns its loss term, writes
+// its coefficient dl/dS and whether it is an active positive / negative (0 or 1).
+inline float l2_pair(float v, bool same, const PairRule& q, float& c, float& p, float& n) {
+  float t = 2.f - 2.f * v;
+  t = t < 0.f ? 0.f : t;
+  const float d = std::sqrt(t);
+  p = (same && v < q.pos_thr && d > q.pos_margin) ? 1.f : 0.f;
+  n = (!same && d < q.neg_margin) ? 1.f : 0.f;
+  const float inv = d > 0.f ? 1.f / d : 0.f;
+  c = (n - p) * inv;
+  return p * (d - q.pos_margin) + n * (q.neg_margin - d);
+}
+
+#if XBM_CPU_VECTOR
+// IEEE square root of four floats (the same result as std::sqrt per lane).
+inline cpu::f32x4 sqrt4(cpu::f32x4 t) {
+#if defined(__SSE2__)
+  return reinterpret_cast<cpu::f32x4>(_mm_sqrt_ps(reinterpret_cast<__m128>(t)));
+#elif defined(__aarch64__)
+  return reinterpret_cast<cpu::f32x4>(vsqrtq_f32(reinterpret_cast<float32x4_t>(t)));
+#else
+  return cpu::f32x4{std::sqrt(t[0]), std::sqrt(t[1]), std::sqrt(t[2]), std::sqrt(t[3])};
+#endif
+}
+#endif
+
+// Overwrites s (B x w, row-major) with c_ij; adds per-row loss and active-pair counts.
+// Columns are c0 .. c0 + w - 1 of the reference; all of them are < ref_valid. Returns the
+// number of nonzero-coefficient candidates of the tile (the active pairs), for the choice
+// between a GEMM and row adds in the gradient.
+int64_t contrastive_l2_epilogue(float* s, int64_t B, int64_t w, int64_t c0, const int32_t* y, const int32_t* z,
+                                const int64_t* self_idx, const PairRule& q, double* loss, int64_t* counts) {
+  int64_t active = 0;
+  for (int64_t i = 0; i < B; ++i) {
+    float* row = s + i * w;
+    const int32_t yi = y[i];
+    const int64_t self_col = self_idx ? self_idx[i] - c0 : -1;
+    const bool has_self = self_col >= 0 && self_col < w;
+    const float self_s = has_self ? row[self_col] : 0.f;
+    float acc = 0.f, npos = 0.f, nneg = 0.f;  // counts in float: exact, w <= 2^24
+    int64_t j = 0;
+#if XBM_CPU_VECTOR
+    const cpu::f32x4 zero = {0.f, 0.f, 0.f, 0.f}, one = {1.f, 1.f, 1.f, 1.f};
+    cpu::f32x4 acc4 = zero, pos4 = zero, neg4 = zero;
+    for (; j + 4 <= w; j += 4) {
+      const cpu::f32x4 v = cpu::load4(row + j);
+      const cpu::i32x4 same = cpu::load4(z + j) == yi;
+      cpu::f32x4 t = 2.f - 2.f * v;
+      t = cpu::select4(t < 0.f, zero, t);
+      const cpu::f32x4 d = sqrt4(t);
+      const cpu::f32x4 inv = cpu::select4(d > 0.f, one / d, zero);  // 1/0 lanes are dropped
+      const cpu::f32x4 p = cpu::mask_to_one(same & (v < q.pos_thr) & (d > q.pos_margin));
+      const cpu::f32x4 n = cpu::mask_to_one(~same & (d < q.neg_margin));
+      acc4 += p * (d - q.pos_margin) + n * (q.neg_margin - d);
+      pos4 += p;
+      neg4 += n;
+      cpu::store4(row + j, (n - p) * inv);
+    }
+    acc = cpu::sum4(acc4);
+    npos = cpu::sum4(pos4);
+    nneg = cpu::sum4(neg4);
+#endif
+    for (; j < w; ++j) {
+      float c, p, n;
+      acc += l2_pair(row[j], z[j] == yi, q, c, p, n);
+      npos += p;
+      nneg += n;
+      row[j] = c;
+    }
+    if (has_self) {  // take the anchor's own column back out
+      float c, p, n;
+      acc -= l2_pair(self_s, z[self_col] == yi, q, c, p, n);
+      npos -= p;
+      nneg -= n;
+      row[self_col] = 0.f;
+    }
+    loss[i] += acc;
+    counts[2 * i] += static_cast<int64_t>(npos);
+    counts[2 * i + 1] += static_cast<int64_t>(nneg);
+    active += static_cast<int64_t>(npos) + static_cast<int64_t>(nneg);
+  }
+  return active;
+}
+
+PairRule make_rule(double pos_margin, double neg_margin, double pos_eps) {
+  return {static_cast<float>(pos_margin), static_cast<float>(neg_margin), static_cast<float>(1.0 - pos_eps)};
+}
+
+// The kernels call ATen ops on their own buffers: keep them below autograd.
+using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
+
+std::tuple<Tensor, Tensor, Tensor> contrastive_l2_fwd_cpu(const Tensor& x, const Tensor& labels, const Tensor& ref,
+                                                          const Tensor& ref_labels,
+                                                          const c10::optional<Tensor>& self_index,
+                                                          int64_t ref_valid, double pos_margin, double neg_margin,
+                                                          double pos_eps, bool need_grad,
+                                                          bool /*allow_tf32: no TF32 on the CPU*/) {
+  BelowAutograd guard;
+  const auto in = cpu::prepare_inputs(x, labels, ref, ref_labels, self_index, ref_valid);
+  const int64_t B = in.B, D = in.D;
+  const auto plan = cpu::plan_tiles(B, in.n);
+  const auto f32 = x.options().dtype(at::kFloat);
+  Tensor loss_parts = at::zeros({plan.parts, B}, f32.dtype(at::kDouble));
+  Tensor count_parts = at::zeros({plan.parts, B, 2}, f32.dtype(at::kLong));
+  Tensor grad_parts = need_grad ? at::zeros({plan.parts, B, D}, f32) : Tensor();
+  const PairRule rule = make_rule(pos_margin, neg_margin, pos_eps);
+
+  cpu::ScratchPool scratch(in, plan);
+  cpu::for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
+    Tensor rt = scratch[p].ref_tile(in.ref, c0, w);
+    Tensor st = scratch[p].similarity(in.x32, rt);
+    const int64_t active = contrastive_l2_epilogue(st.data_ptr<float>(), B, w, c0, in.y_ptr(), in.z_ptr() + c0,
+                                                   in.self_ptr(), rule, loss_parts[p].data_ptr<double>(),
+                                                   count_parts[p].data_ptr<int64_t>());
+    // With a term switched off (or few classes in the tile) C is sparse: row adds.
+    if (need_grad) cpu::add_sparse_rows(st, rt, grad_parts[p], active);
+  });
+
+  Tensor loss = cpu::sum_parts(loss_parts).to(at::kFloat);
+  Tensor counts = cpu::sum_parts(count_parts).to(at::kInt);
+  Tensor grad = need_grad ? cpu::sum_parts(grad_parts) : at::empty({0}, f32);
+  return {loss, grad, counts};
+}
+
+std::tuple<Tensor, Tensor> contrastive_l2_bwd_cpu(const Tensor& x, const Tensor& labels, const Tensor& ref,
+                                                  const Tensor& ref_labels, const c10::optional<Tensor>& self_index,
+                                                  int64_t ref_valid, double pos_margin, double neg_margin,
+                                                  double pos_eps, const Tensor& grad_rows, bool /*allow_tf32*/) {
+  BelowAutograd guard;
+  const auto in = cpu::prepare_inputs(x, labels, ref, ref_labels, self_index, ref_valid);
+  const int64_t B = in.B;
+  TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == B, "grad_rows: expected shape (", B, ",)");
+  const Tensor g_col = grad_rows.to(at::kFloat).contiguous().unsqueeze(1);
+  const auto plan = cpu::plan_tiles(B, in.n);
+  Tensor loss_scratch = at::zeros({plan.parts, B}, in.x32.options().dtype(at::kDouble));
+  Tensor count_scratch = at::zeros({plan.parts, B, 2}, in.x32.options().dtype(at::kLong));
+  const PairRule rule = make_rule(pos_margin, neg_margin, pos_eps);
+  return cpu::coefficient_backward(in, ref.size(0), [&](int64_t p, int64_t c0, int64_t w, Tensor& c,
+                                                        cpu::TileScratch&) {
+    contrastive_l2_epilogue(c.data_ptr<float>(), B, w, c0, in.y_ptr(), in.z_ptr() + c0, in.self_ptr(), rule,
+                            loss_scratch[p].data_ptr<double>(), count_scratch[p].data_ptr<int64_t>());
+    c.mul_(g_col);  // row i of C scaled by dL/dl_i
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(xbm_kernels, CPU, m) {
+  m.impl("contrastive_l2_fwd", &contrastive_l2_fwd_cpu);
+  m.impl("contrastive_l2_bwd", &contrastive_l2_bwd_cpu);
+}
+
+}  // namespace xbm_kernels
