@@ -8,26 +8,15 @@ its own process (TRITON_INTERPRET must be set before triton is imported):
 
 Interpreter shapes are small; a GPU adds larger cases and bf16 (the interpreter's bf16
 tl.dot is wrong in some Triton versions)."""
-import importlib.util
-import os
 import random
 import zlib
 
 import pytest
 import torch
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed", allow_module_level=True)
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-if not INTERPRET and not torch.cuda.is_available():
-    pytest.skip("the triton backend needs a CUDA device, or TRITON_INTERPRET=1 set before triton is imported",
-                allow_module_level=True)
+from triton_env import DEVICE, GPU, INTERPRET, PYTESTMARK  # noqa: E402,F401  (skips when Triton cannot run)
 
 import xbm_kernels as xk  # noqa: E402
-from xbm_kernels.triton import _common  # noqa: E402
-
-if _common.interpreter_problem():
-    pytest.skip(_common.interpreter_problem(), allow_module_level=True)
 
 from common import CASES as ALL_CASES, GPU_EXTRA_CASES, INTERPRETER_CASES, assert_rel, make_case  # noqa: E402
 from common import max_rel_err as _rel_err  # noqa: E402
@@ -35,12 +24,8 @@ from oracle import contrastive_oracle, min_threshold_distance, reduce_rows  # no
 from xbm_kernels.triton import contrastive as tc  # noqa: E402
 from xbm_kernels.triton.ops import OPS  # noqa: E402
 
-pytestmark = [pytest.mark.triton_interp,
-              # Triton 3.6's interpreter with numpy 1.26 warns on every scalar it indexes with
-              pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")]
+pytestmark = PYTESTMARK
 
-DEVICE = torch.device("cpu" if INTERPRET else "cuda")
-GPU = DEVICE.type == "cuda"
 LOW_DTYPES = [torch.float16] + ([torch.bfloat16] if GPU else [])
 
 # Rows of common.CASES. Under the interpreter (one config, BLOCK_B=16, BLOCK_K=32, 4 target

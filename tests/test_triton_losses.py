@@ -9,24 +9,14 @@ its own process (TRITON_INTERPRET must be set before triton is imported):
 
 Interpreter shapes are small; a GPU adds large memories, bf16 and TF32."""
 import functools
-import importlib.util
-import os
 
 import pytest
 import torch
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed", allow_module_level=True)
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-if not INTERPRET and not torch.cuda.is_available():
-    pytest.skip("the triton backend needs a CUDA device, or TRITON_INTERPRET=1 set before triton is imported",
-                allow_module_level=True)
+from triton_env import DEVICE, GPU, INTERPRET, PYTESTMARK  # noqa: E402,F401  (skips when Triton cannot run)
 
 import xbm_kernels as xk  # noqa: E402
 from xbm_kernels.triton import _common  # noqa: E402
-
-if _common.interpreter_problem():
-    pytest.skip(_common.interpreter_problem(), allow_module_level=True)
 
 from common import make_case  # noqa: E402
 from oracle import min_threshold_distance, reduce_rows, triplet_oracle  # noqa: E402
@@ -37,12 +27,8 @@ from xbm_kernels.triton import supcon as tsc  # noqa: E402
 from xbm_kernels.triton import triplet as ttr  # noqa: E402
 from xbm_kernels.triton.ops import OPS  # noqa: E402
 
-pytestmark = [pytest.mark.triton_interp,
-              # Triton 3.6's interpreter with numpy 1.26 warns on every scalar it indexes with
-              pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")]
+pytestmark = PYTESTMARK
 
-DEVICE = torch.device("cpu" if INTERPRET else "cuda")
-GPU = DEVICE.type == "cuda"
 LOW_DTYPES = [torch.float16] + ([torch.bfloat16] if GPU else [])  # the interpreter's bf16 tl.dot is unreliable
 NAMES = [l for l in LOSSES if "triton" in xk.LOSSES[l].kernels]  # the registry says which have kernels
 FWD = {"multi_similarity": tms.multi_similarity_fwd_triton, "triplet": ttr.triplet_fwd_triton,

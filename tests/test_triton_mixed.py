@@ -10,34 +10,21 @@ low part needs care (subnormals). Runs in the Triton process of tests/run.sh:
 
     TRITON_INTERPRET=1 python -m pytest tests/test_triton_mixed.py"""
 import functools
-import importlib.util
-import os
 
 import pytest
 import torch
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed", allow_module_level=True)
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-if not INTERPRET and not torch.cuda.is_available():
-    pytest.skip("the triton backend needs a CUDA device, or TRITON_INTERPRET=1 set before triton is imported",
-                allow_module_level=True)
+from triton_env import DEVICE, GPU, INTERPRET, PYTESTMARK  # noqa: E402,F401  (skips when Triton cannot run)
 
 import xbm_kernels as xk  # noqa: E402
-from xbm_kernels.triton import _common  # noqa: E402
-
-if _common.interpreter_problem():
-    pytest.skip(_common.interpreter_problem(), allow_module_level=True)
 
 from common import LOW_PRECISION_FACTOR, make_case, max_rel_err  # noqa: E402
 from oracle import (contrastive_oracle, min_threshold_distance, multi_similarity_oracle,  # noqa: E402
                     supcon_oracle, triplet_oracle)
 from test_losses import _robust  # noqa: E402
 
-pytestmark = [pytest.mark.triton_interp,
-              pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")]
+pytestmark = PYTESTMARK
 
-DEVICE = torch.device("cpu" if INTERPRET else "cuda")
 MEM_DTYPES = [torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
 
 # name: (public function, oracle); both with the loss's default parameters

@@ -20,33 +20,20 @@ checks the oracle agrees). pos_eps = -1 makes every same-label valid column a po
 
     TRITON_INTERPRET=1 python -m pytest tests/test_triton_ms_flags.py"""
 import functools
-import importlib.util
 import math
-import os
 
 import pytest
 import torch
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed", allow_module_level=True)
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-if not INTERPRET and not torch.cuda.is_available():
-    pytest.skip("the triton backend needs a CUDA device, or TRITON_INTERPRET=1 set before triton is imported",
-                allow_module_level=True)
+from triton_env import DEVICE, GPU, INTERPRET, PYTESTMARK  # noqa: E402,F401  (skips when Triton cannot run)
 
-from xbm_kernels.triton import _common  # noqa: E402
-
-if _common.interpreter_problem():
-    pytest.skip(_common.interpreter_problem(), allow_module_level=True)
 
 from common import FP32_RTOL, assert_rel, class_centres, rows_around  # noqa: E402
 from oracle import min_threshold_distance  # noqa: E402
 from xbm_kernels.triton import multi_similarity as tms  # noqa: E402
 
-pytestmark = [pytest.mark.triton_interp,
-              pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")]
+pytestmark = PYTESTMARK
 
-DEVICE = torch.device("cpu" if INTERPRET else "cuda")
 ALPHA, BETA, BASE, MM = 2.0, 40.0, 0.5, 0.1
 FLAGS = [(True, True), (True, False), (False, True), (False, False)]  # (mine, skip_incomplete)
 FLAG_IDS = ["mine-skip", "mine-noskip", "nomine-skip", "nomine-noskip"]
