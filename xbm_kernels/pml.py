@@ -126,23 +126,42 @@ class _Step:
         return (self.mem_labels[:self.n] != first).any() | (self.y.to(self.mem_labels.dtype) != first).any()
 
 
+def _is_plain_l2(distance):
+    distances = _pml()[0]
+    return (type(distance) is distances.LpDistance and distance.normalize_embeddings and distance.p == 2
+            and distance.power == 1)
+
+
 def _contrastive(loss, miner):
-    if miner is not None or not (_plain_loss(loss) and type(loss.reducer).__name__ == "MultipleReducers"
-                                 and all(_avg_nonzero(r) for r in loss.reducer.reducers.values())
-                                 and set(loss.reducer.reducers) == {"pos_loss", "neg_loss"}):
+    if miner is not None or getattr(loss, "embedding_regularizer", None) is not None:
+        return None
+    if not (type(loss.reducer).__name__ == "MultipleReducers" and set(loss.reducer.reducers) == {"pos_loss", "neg_loss"}
+            and all(_avg_nonzero(r) for r in loss.reducer.reducers.values())):
         return None
     pm, nm = float(loss.pos_margin), float(loss.neg_margin)
+    if _is_plain_cosine(loss.distance):
+        def terms(step):
+            # relu(pm - S) over positives and relu(S - nm) over negatives: two passes of the
+            # contrastive kernel (the other term switched off), whose rows sum 1 - S over
+            # {S < pm} and S over {S > nm}; the offsets are exact counts.
+            pos_rows, pos_counts = step.run("contrastive", (_NO_NEGATIVES_MARGIN, 1.0 - pm))
+            neg_rows, neg_counts = step.run("contrastive", (nm, _NO_POSITIVES_EPS))
+            n_pos, n_neg = pos_counts[:, 0].sum(), neg_counts[:, 1].sum()
+            return pos_rows.sum() - (1.0 - pm) * n_pos, n_pos, neg_rows.sum() - nm * n_neg, n_neg
+    elif _is_plain_l2(loss.distance):
+        def terms(step):
+            # relu(d - pm) over positives and relu(nm - d) over negatives, d the L2 distance
+            # of unit rows: two passes of contrastive_l2 (neg_margin -1: no negative is active)
+            pos_rows, pos_counts = step.run("contrastive_l2", (pm, -1.0, _ALL_POSITIVES))
+            neg_rows, neg_counts = step.run("contrastive_l2", (pm, nm, _NO_POSITIVES_EPS))
+            return pos_rows.sum(), pos_counts[:, 0].sum(), neg_rows.sum(), neg_counts[:, 1].sum()
+    else:
+        return None
 
     def fused(step):
-        # relu(pm - S) over positives and relu(S - nm) over negatives, each averaged over its
-        # non-zero pairs: two passes of the contrastive kernel (the other term switched off),
-        # whose rows sum 1 - S over {S < pm} and S over {S > nm}; the offsets are exact counts.
-        pos_rows, pos_counts = step.run("contrastive", (_NO_NEGATIVES_MARGIN, 1.0 - pm))
-        neg_rows, neg_counts = step.run("contrastive", (nm, _NO_POSITIVES_EPS))
-        n_pos, n_neg = pos_counts[:, 0].sum(), neg_counts[:, 1].sum()
-        pos = (pos_rows.sum() - (1.0 - pm) * n_pos) / n_pos.clamp_min(1)
-        neg = (neg_rows.sum() - nm * n_neg) / n_neg.clamp_min(1)
-        return step.few_pairs_zero(pos + neg)
+        # PML averages each term over its own non-zero pairs, so the two need their own passes
+        pos, n_pos, neg, n_neg = terms(step)
+        return step.few_pairs_zero(pos / n_pos.clamp_min(1) + neg / n_neg.clamp_min(1))
 
     return fused
 
@@ -212,7 +231,8 @@ def _triplet(loss, miner):
 
 # (name, PML loss class name, planner): the fused configurations, in the order tried.
 _PLANS = (
-    ("contrastive: ContrastiveLoss(distance=CosineSimilarity()), no miner", "ContrastiveLoss", _contrastive),
+    ("contrastive: ContrastiveLoss() (LpDistance, PML's default) or ContrastiveLoss(distance=CosineSimilarity()), "
+     "no miner", "ContrastiveLoss", _contrastive),
     ("multi_similarity: MultiSimilarityLoss(), no miner or MultiSimilarityMiner()", "MultiSimilarityLoss",
      _multi_similarity),
     ("supcon: SupConLoss(), no miner", "SupConLoss", _supcon),
@@ -224,7 +244,8 @@ _PLANS = (
 
 def fused_configurations():
     """The PML configurations that run on the fused kernels (default reducers, no embedding
-    regularizer, CosineSimilarity() with its defaults; any loss parameters)."""
+    regularizer, CosineSimilarity() with its defaults (the contrastive loss: also
+    LpDistance() with its defaults); any loss parameters)."""
     return [name for name, _, _ in _PLANS]
 
 
