@@ -46,6 +46,8 @@ def _robust(loss, x, y, r, z, ref_valid, self_index, gap=1e-3, tie_gap=2e-5):
             max_neg, min_pos = max(s[j] for j in N), min(s[j] for j in P)
             if any(abs(s[j] - 0.1 - max_neg) < tie_gap for j in P) or any(abs(s[j] + 0.1 - min_pos) < tie_gap for j in N):
                 return False
+        if loss == "contrastive_l2" and any(abs(s[j] - 0.5) < gap for j in N):  # d = 1 = neg_margin at S = 0.5
+            return False
         if loss == "triplet" and P and N:
             ps, ns = sorted(s[j] for j in P), sorted((s[j] for j in N), reverse=True)
             if (len(ps) > 1 and ps[1] - ps[0] < tie_gap) or (len(ns) > 1 and ns[0] - ns[1] < tie_gap):
