@@ -29,6 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COS = distances.CosineSimilarity
 
 CONFIGS = {
+    "contrastive (PML default, L2)": lambda: (losses.ContrastiveLoss(), None),
     "contrastive (cosine)": lambda: (losses.ContrastiveLoss(pos_margin=1, neg_margin=0.5, distance=COS()), None),
     "multi_similarity": lambda: (losses.MultiSimilarityLoss(), None),
     "multi_similarity + miner": lambda: (losses.MultiSimilarityLoss(), miners.MultiSimilarityMiner()),
