@@ -1,6 +1,6 @@
 """multi_similarity's `mine` and `skip_incomplete` flags on the Triton kernels: the launchers
 called directly (fwd: loss rows, counts, the fused gradient; bwd: both gradients) against a
-float64 loop oracle of the flags' definition, written below from the op's contract:
+float64 loop oracle of the flags' definition (tests/oracle.py, written from the op's contract):
 
     P_i, N_i as always (valid, not self; same label and S < 1 - pos_eps / other label)
     mine:     P~_i = {j in P_i : S_ij - mm < max_{N_i} S},  N~_i = {j in N_i : S_ij + mm > min_{P_i} S}
@@ -29,7 +29,7 @@ from triton_env import DEVICE, GPU, INTERPRET, PYTESTMARK  # noqa: E402,F401  (s
 
 
 from common import FP32_RTOL, assert_rel, class_centres, rows_around  # noqa: E402
-from oracle import min_threshold_distance  # noqa: E402
+from oracle import min_threshold_distance, multi_similarity_oracle  # noqa: E402
 from xbm_kernels.triton import multi_similarity as tms  # noqa: E402
 
 pytestmark = PYTESTMARK
@@ -44,43 +44,6 @@ POS_EPS = [1e-5, -1.0]
 # "one-label": one class, so no negatives. Both: a random self_index (-1, inside and past
 # ref_valid), the anchor's own copy in its self column where that is a valid one.
 CASES = {"mixed": (24, 120, 100, 32, 6), "one-label": (9, 40, 37, 16, 1)}
-
-
-def ms_flags_oracle(x, y, r, z, *, pos_eps, mine, skip_incomplete, ref_valid, self_index, weights=None,
-                    alpha=ALPHA, beta=BETA, base=BASE, mining_margin=MM):
-    """(rows (B,), grad (B, D) = d(sum_i w_i l_i)/dx, grad_ref (N, D), counts (B, 2)) in
-    float64, one anchor and one column at a time."""
-    xd, rd = x.double().cpu(), r.double().cpu()
-    B, D = xd.shape
-    w = [1.0] * B if weights is None else [float(v) for v in weights]
-    rows = torch.zeros(B, dtype=torch.float64)
-    grad = torch.zeros(B, D, dtype=torch.float64)
-    grad_ref = torch.zeros(r.shape[0], D, dtype=torch.float64)
-    counts = torch.zeros(B, 2, dtype=torch.int64)
-    for i in range(B):
-        s = {j: float(xd[i] @ rd[j]) for j in range(ref_valid) if j != int(self_index[i])}
-        P = [j for j in s if int(z[j]) == int(y[i]) and s[j] < 1.0 - pos_eps]
-        N = [j for j in s if int(z[j]) != int(y[i])]
-        if mine:
-            max_neg = max((s[j] for j in N), default=-math.inf)
-            min_pos = min((s[j] for j in P), default=math.inf)
-            Pm = [j for j in P if s[j] - mining_margin < max_neg]
-            Nm = [j for j in N if s[j] + mining_margin > min_pos]
-        else:
-            Pm, Nm = P, N
-        if skip_incomplete and not (P and N and Pm and Nm):
-            continue
-        ep = {j: math.exp(-alpha * (s[j] - base)) for j in Pm}
-        en = {j: math.exp(beta * (s[j] - base)) for j in Nm}
-        sp, sn = sum(ep.values()), sum(en.values())
-        rows[i] = math.log1p(sp) / alpha + math.log1p(sn) / beta  # log1p(0) = 0: an empty term
-        coef = {j: -ep[j] / (1.0 + sp) for j in Pm}
-        coef.update({j: en[j] / (1.0 + sn) for j in Nm})
-        for j, c in coef.items():
-            grad[i] += w[i] * c * rd[j]
-            grad_ref[j] += w[i] * c * xd[i]
-        counts[i, 0], counts[i, 1] = len(Pm), len(Nm)
-    return rows, grad, grad_ref, counts
 
 
 def _kinds(x, y, r, z, pos_eps, ref_valid, self_index):
@@ -135,8 +98,8 @@ def _args(name, pos_eps):
 
 def _oracle(name, pos_eps, mine, skip, weights=None):
     x, y, r, z, si, n, _ = _case(name, pos_eps)
-    return ms_flags_oracle(x, y, r, z, pos_eps=pos_eps, mine=mine, skip_incomplete=skip, ref_valid=n,
-                           self_index=si, weights=weights)
+    return multi_similarity_oracle(x, y, r, z, alpha=ALPHA, beta=BETA, base=BASE, mining_margin=MM, pos_eps=pos_eps,
+                                   mine=mine, skip_incomplete=skip, ref_valid=n, self_index=si, weights=weights)
 
 
 @pytest.mark.parametrize("pos_eps", POS_EPS)
