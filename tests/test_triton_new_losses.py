@@ -334,3 +334,25 @@ def test_fp32_anchors_with_a_16_bit_memory(loss, prm, mem_dtype):
     assert_rel(grad, e_grad, FP32_RTOL, "grad", floor=1.0)
     assert_rel(gx, e_gx, FP32_RTOL, "grad_x", floor=1.0)
     assert_rel(gr, e_gr, FP32_RTOL, "grad_ref", floor=1.0)
+
+
+def test_config_pruning_for_hopper():
+    """The GPU autotune tables (not run by the interpreter) prune to the tiles measured free of
+    large spills on sm_90 (ptxas at D = 128): contrastive_l2 keeps up to 32 x 64 IEEE fp32
+    tiles, ntxent (two accumulators and the weights) 16 x 32, as multi_similarity."""
+    import triton
+    table = [triton.Config({"BLOCK_B": a, "BLOCK_K": b}, num_warps=w, num_stages=s)
+             for a, b, w, s in _common.TWO_ACC_FWD_CONFIGS]
+
+    def kept(prune, B, D, dtype, precision="ieee"):
+        nargs = dict(r_ptr=torch.empty(0, dtype=dtype), B=B)
+        return [(c.kwargs["BLOCK_B"], c.kwargs["BLOCK_K"]) for c in prune(table, nargs, BLOCK_D=D, PRECISION=precision)]
+
+    assert tl2._FWD_CONFIGS is _common.TWO_ACC_FWD_CONFIGS  # no 64 x 128 or 128 x 64 tiles
+    l2_fp32 = kept(tl2._FWD_PRUNE, 256, 128, torch.float32)
+    assert (32, 64) in l2_fp32 and all(b * k <= 2048 for b, k in l2_fp32)
+    assert all(b * k <= 512 for b, k in kept(tnx._FWD_PRUNE, 256, 128, torch.float32))
+    for prune, tiles in ((tl2._FWD_PRUNE, 2), (tnx._FWD_PRUNE, 3)):
+        bf16 = kept(prune, 256, 128, torch.bfloat16)
+        assert len(bf16) >= 5 and all(tiles * b * 128 <= 8 * 32 * 128 for b, _ in bf16)
+        assert len(kept(prune, 256, 128, torch.float32, "tf32")) > len(kept(prune, 256, 128, torch.float32))

@@ -30,10 +30,14 @@ import triton.language as tl
 
 from . import _common
 from ._common import anchor_tile, dot_acc, memory_tile, pair_sets, ref_grad_acc, reference_block, scores
-from .contrastive import _FWD_CONFIGS, _INTERP_FWD, _INTERP_REF, _REF_CONFIGS, reduce_splits_kernel
+from ._common import TWO_ACC_FWD_CONFIGS as _FWD_CONFIGS
+from .contrastive import _INTERP_FWD, _INTERP_REF, _REF_CONFIGS, reduce_splits_kernel
 
-# Register tiles: dX plus the tile's coefficients (in 16-bit parts with a 16-bit reference).
-_FWD_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 1024, acc_tiles=2)
+# Register tiles: dX plus the tile's coefficients (in 16-bit parts with a 16-bit reference),
+# so the two-accumulator kernels' table: contrastive's 64 x 128 and 128 x 64 tiles spill 200 to
+# 400 bytes here (ptxas for sm_90 at D = 128, bf16 and split anchors; 32-row tiles none).
+# IEEE fp32 tiles up to 32 x 64 do not spill (the same measure).
+_FWD_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 2048, acc_tiles=2)
 _REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 256, acc_tiles=3, fp32_product_when_split=True)
 
 
