@@ -1,4 +1,4 @@
-"""Float64 loop oracle written from DESIGN.md section 1, one anchor and one column at a
+"""Float64 loop oracle written from CONTRACT.md section 1, one anchor and one column at a
 time, for clarity rather than speed. Never edit it to agree with a kernel."""
 import math
 

@@ -22,7 +22,9 @@ from common import make_case  # noqa: E402
 from oracle import min_threshold_distance, reduce_rows, triplet_oracle  # noqa: E402
 from common import CASES as ALL_CASES, assert_rel, max_rel_err as _max_rel_err  # noqa: E402
 from test_losses import CASES, LOSSES, _case, _denominator, _oracle, _oracle_cached, _robust  # noqa: E402
+from xbm_kernels.triton import contrastive_l2 as tcl2  # noqa: E402
 from xbm_kernels.triton import multi_similarity as tms  # noqa: E402
+from xbm_kernels.triton import ntxent as tnx  # noqa: E402
 from xbm_kernels.triton import supcon as tsc  # noqa: E402
 from xbm_kernels.triton import triplet as ttr  # noqa: E402
 from xbm_kernels.triton.ops import OPS  # noqa: E402
@@ -32,7 +34,8 @@ pytestmark = PYTESTMARK
 LOW_DTYPES = [torch.float16] + ([torch.bfloat16] if GPU else [])  # the interpreter's bf16 tl.dot is unreliable
 NAMES = [l for l in LOSSES if "triton" in xk.LOSSES[l].kernels]  # the registry says which have kernels
 FWD = {"multi_similarity": tms.multi_similarity_fwd_triton, "triplet": ttr.triplet_fwd_triton,
-       "supcon": tsc.supcon_fwd_triton}
+       "supcon": tsc.supcon_fwd_triton, "ntxent": tnx.ntxent_fwd_triton,
+       "contrastive_l2": tcl2.contrastive_l2_fwd_triton}
 SMALL = "B7-D96-small-K"      # N = 50: two interpreter tiles
 PARTIAL = "B33-D130-partial-self"  # 3 B tiles x 2 splits under the interpreter, random self_index
 

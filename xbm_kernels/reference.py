@@ -1,6 +1,6 @@
 """The `reference` backend: dense, readable PyTorch, differentiable by autograd.
 
-It builds the full B x N similarity matrix and boolean masks, exactly as DESIGN.md
+It builds the full B x N similarity matrix and boolean masks, exactly as CONTRACT.md
 section 1 writes the math. It is the backend the fused kernels are tested against and a
 fallback on any device; it is slow and memory-hungry for large memories by design.
 

@@ -133,7 +133,7 @@ LOSSES: Dict[str, Loss] = {loss.name: loss for loss in (
          "Contrastive loss on the L2 distance of unit rows, d_ij = sqrt(max(2 - 2 S_ij, 0)) "
          "(pytorch-metric-learning's default ContrastiveLoss).",
          "l_i = sum_{j in P_i} max(0, d_ij - pos_margin) + sum_{j in N_i} max(0, neg_margin - d_ij)",
-         kernels=frozenset({"cpu"})),
+         kernels=frozenset({"cpu", "triton"})),
     Loss("multi_similarity",
          (Param("alpha", 2.0, "scale of the positive term", low=0.0, open_low=True),
           Param("beta", 40.0, "scale of the negative term", low=0.0, open_low=True),
@@ -167,7 +167,7 @@ LOSSES: Dict[str, Loss] = {loss.name: loss for loss in (
          "NT-Xent loss: one InfoNCE term per positive pair against the anchor's negatives.",
          "l_i = sum_{p in P_i} -log(exp(S_ip / tau) / (exp(S_ip / tau) + sum_{n in N_i} exp(S_in / tau)))",
          mean_over="positive_pairs",
-         kernels=frozenset({"cpu"})),
+         kernels=frozenset({"cpu", "triton"})),
 )}
 
 COMMON_ARGS_DOC = """S = X R^T accumulated in fp32 (inputs are expected L2-normalised; the functional losses do not

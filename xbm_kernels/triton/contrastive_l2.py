@@ -1,4 +1,4 @@
-"""Fused contrastive loss on the L2 distance of unit rows over a reference set (DESIGN.md
+"""Fused contrastive loss on the L2 distance of unit rows over a reference set (CONTRACT.md
 section 1), Triton kernels.
 
     S_ij = <x_i, r_j>,  d_ij = sqrt(max(2 - 2 S_ij, 0))

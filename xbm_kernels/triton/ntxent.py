@@ -1,4 +1,4 @@
-"""Fused NT-Xent (InfoNCE per positive pair) loss over a reference set (DESIGN.md section 1),
+"""Fused NT-Xent (InfoNCE per positive pair) loss over a reference set (CONTRACT.md section 1),
 Triton kernels.
 
     t_ij = S_ij / tau,  LZ_i = log sum_{N_i} exp(t_in)   (-inf when N_i is empty)
