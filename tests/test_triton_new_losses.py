@@ -10,36 +10,21 @@ contrastive_l2's gradient is dl/dS = +-1/d with d^2 = 2 - 2 S, so S's fp32 round
 it amplified by 1/d^2: the data here use noise 0.25 (same-class S near 0.94, d near 0.35)
 rather than 0.07 (S near 0.99, where the fp32 reference backend itself misses 1e-5)."""
 import functools
-import importlib.util
-import os
 import zlib
 
 import pytest
 import torch
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed", allow_module_level=True)
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-if not INTERPRET and not torch.cuda.is_available():
-    pytest.skip("the triton backend needs a CUDA device, or TRITON_INTERPRET=1 set before triton is imported",
-                allow_module_level=True)
+from triton_env import DEVICE, GPU, INTERPRET, PYTESTMARK  # noqa: E402,F401  (skips when Triton cannot run)
 
 from xbm_kernels.triton import _common  # noqa: E402
-
-if _common.interpreter_problem():
-    pytest.skip(_common.interpreter_problem(), allow_module_level=True)
-
 from common import FP32_RTOL, LOW_PRECISION_FACTOR, assert_rel, make_case, max_rel_err  # noqa: E402
 from oracle import contrastive_l2_oracle, min_threshold_distance, ntxent_oracle  # noqa: E402
 from xbm_kernels import reference  # noqa: E402
 from xbm_kernels.triton import contrastive_l2 as tl2  # noqa: E402
 from xbm_kernels.triton import ntxent as tnx  # noqa: E402
 
-pytestmark = [pytest.mark.triton_interp,
-              pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")]
-
-DEVICE = torch.device("cpu" if INTERPRET else "cuda")
-GPU = DEVICE.type == "cuda"
+pytestmark = PYTESTMARK
 LOW_DTYPES = [torch.float16] + ([torch.bfloat16] if GPU else [])  # the interpreter's bf16 tl.dot is unreliable
 
 # Parameter sets in schema order (after ref_valid). contrastive_l2: the defaults (no negative
