@@ -217,6 +217,7 @@ def table(rows, header):
 
 def plot(rows, drift_rows, out_dir):
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     c = cells(rows)
@@ -262,11 +263,13 @@ def plot(rows, drift_rows, out_dir):
     for i, loss in enumerate(losses):
         for j, batch in enumerate(batches):
             ax = axes[i][j]
+            # XBM at the largest memory, and at the re-embedded runs' memory for comparison
+            fresh_mems = {k[4] for k in groups if k[:2] == (loss, batch) and k[3] == "xbm-fresh"}
             for (l, b, init, method, mem, w), pts in groups.items():
-                if (l, b) != (loss, batch) or (method == "xbm" and (mem != biggest or w != "1")):
+                if (l, b) != (loss, batch) or (method == "xbm" and (mem not in fresh_mems | {biggest} or w != "1")):
                     continue
                 color = "tab:blue" if init == "scratch" else "tab:red"
-                ls = {"batch-only": ":", "xbm": "-", "xbm-fresh": "--"}[method]
+                ls = {"batch-only": ":", "xbm": "-" if mem == biggest else "-.", "xbm-fresh": "--"}[method]
                 label = f"{init}, " + {"batch-only": "batch-only", "xbm": f"XBM {mem}",
                                        "xbm-fresh": f"XBM {mem} re-embedded"}[method]
                 pts.sort()
@@ -274,6 +277,9 @@ def plot(rows, drift_rows, out_dir):
             if ax.lines:
                 ax.set_xscale("log")
                 ax.set_yscale("log")
+                dts = sorted({p[0] for k, v in groups.items() if k[:2] == (loss, batch) for p in v})
+                ax.set_xticks(dts, [str(d) for d in dts])
+                ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_title(f"{LOSS_LABEL.get(loss, loss)}, batch {batch}: feature drift")
             ax.set_xlabel("dt (steps)")
             ax.set_ylabel("mean ||f_t(x) - f_(t-dt)(x)||^2")
