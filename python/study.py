@@ -205,7 +205,7 @@ def table(rows, header):
                 cols.append("")
                 continue
             vm, vs = mean_std(v)
-            cols.append(f"{vm:.1f} ± {vs:.1f}")
+            cols.append(f"{vm:.1f} ± {vs:.1f}" if len(v) > 1 else f"{vm:.1f} (1 seed)")
             pooled = ((bs ** 2 + vs ** 2) / 2) ** 0.5
             if m == "xbm" and (best is None or vm - bm > best[0]):
                 best = (vm - bm, 2 * pooled)
