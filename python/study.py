@@ -5,7 +5,7 @@ and memory size, three seeds per cell. Writes results/recall.csv (one row per ru
 results/drift.csv (feature drift against dt, seed 0 of every cell), results/recall.md
 (mean +- std per cell) and the plots results/recall_vs_memory.png, results/drift.png.
 
-    nice python python/study.py --jobs 2              # the study in results/ (see README for its wall time)
+    python python/study.py --jobs 2 --fresh           # the study in results/ (see README for its wall time)
     python python/study.py --smoke --out-dir /tmp/s   # seconds: digits, a few steps
     python python/study.py --plot-only                # tables and plots from the CSVs
 

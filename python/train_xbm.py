@@ -4,6 +4,15 @@
     python python/train_xbm.py --dataset digits --steps 50 --memory-size 0       # batch-only baseline
     torchrun --nproc_per_node 2 python/train_xbm.py --dataset digits --steps 50  # DDP (gloo on CPU, nccl on GPU)
 
+The regime where the memory helps (README, study.py): pretrain batch-only on classes set
+apart, then fine-tune with multi-similarity, small batches and a deep memory:
+
+    python python/train_xbm.py --pretrain-classes 4000 --train-split pretrain --loss multi_similarity \
+        --memory-size 0 --width 16 --steps 1500 --checkpoint python/checkpoints/pretrained.pt
+    python python/train_xbm.py --pretrain-classes 4000 --init python/checkpoints/pretrained.pt --width 16 \
+        --loss multi_similarity --batch 16 --classes-per-batch 8 --lr 3e-4 --steps 1200 --memory-size 16384 \
+        --compare-batch-only --drift-every 25 --step-log steps.csv
+
 Uses only the public API of xbm_kernels. Recall@K: every test image queries all the
 others (query = gallery = test set, itself excluded); a hit is a same-class image among
 the K nearest by cosine similarity. Train and test classes are disjoint.
