@@ -373,7 +373,8 @@ def main(argv=None):
     described = _split(train_xbm.parse_args(jobs[0][0])).describe()
     init_txt = f"; the pretrained backbone's own R@1 {init_r1 * 100:.1f}" if init_r1 is not None else ""
     header = [f"R@1 (%) on the held-out classes, mean ± std over seeds {a.seeds}. `{cmd.strip()}`: {described}; "
-              f"CNN width {a.width}, embedding 128, Adam; {a.steps_16} steps at batch 16, {a.steps_64} at batch 64; "
+              f"CNN width {a.width}, embedding 128, Adam; " +
+              ", ".join(f"{a.steps_16 if b == 16 else a.steps_64} steps at batch {b}" for b in a.batches) + "; "
               f"scratch lr {a.lr_scratch:g}, memory from {a.scratch_start:g} of the steps; pretrained lr "
               f"{a.lr_pretrained:g}, memory from step 0{init_txt}. XBM columns: memory rows (weight 1 unless "
               f"given). {len(jobs)} runs, {a.jobs} at a time, 1 thread each; study wall time {total:.0f} s."]
