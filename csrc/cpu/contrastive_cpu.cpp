@@ -15,11 +15,13 @@ namespace {
 
 using at::Tensor;
 
-// Overwrites s (B x w, row-major) with c_ij; adds per-row loss and active-pair counts.
-// Columns are c0 .. c0 + w - 1 of the reference; all of them are < ref_valid.
+// Overwrites s (B x w, row-major) with c_ij; adds per-row loss and active-pair counts and
+// returns the tile's number of non-zero c_ij. Columns are c0 .. c0 + w - 1 of the
+// reference; all of them are < ref_valid.
 // With p = [positive], n = [active negative] and c = n - p, the pair's loss is p + c S.
-void contrastive_epilogue(float* s, int64_t B, int64_t w, int64_t c0, const int32_t* y, const int32_t* z,
+int64_t contrastive_epilogue(float* s, int64_t B, int64_t w, int64_t c0, const int32_t* y, const int32_t* z,
                           const int64_t* self_idx, float margin, float pos_thr, double* loss, int64_t* counts) {
+  int64_t active = 0;
   for (int64_t i = 0; i < B; ++i) {
     float* row = s + i * w;
     const int32_t yi = y[i];
@@ -67,7 +69,9 @@ void contrastive_epilogue(float* s, int64_t B, int64_t w, int64_t c0, const int3
     loss[i] += acc;
     counts[2 * i] += static_cast<int64_t>(npos);
     counts[2 * i + 1] += static_cast<int64_t>(nneg);
+    active += static_cast<int64_t>(npos) + static_cast<int64_t>(nneg);
   }
+  return active;
 }
 
 // The kernels call ATen ops on their own buffers: keep them below autograd.
@@ -94,9 +98,12 @@ std::tuple<Tensor, Tensor, Tensor> contrastive_fwd_cpu(const Tensor& x, const Te
   cpu::for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
     Tensor rt = scratch[p].ref_tile(in.ref, c0, w);
     Tensor st = scratch[p].similarity(in.x32, rt);
-    contrastive_epilogue(st.data_ptr<float>(), B, w, c0, y, z + c0, in.self_ptr(), static_cast<float>(margin),
-                         pos_thr, loss_parts[p].data_ptr<double>(), count_parts[p].data_ptr<int64_t>());
-    if (need_grad) grad_parts[p].addmm_(st, rt);
+    const int64_t active = contrastive_epilogue(st.data_ptr<float>(), B, w, c0, y, z + c0, in.self_ptr(),
+                                                static_cast<float>(margin), pos_thr, loss_parts[p].data_ptr<double>(),
+                                                count_parts[p].data_ptr<int64_t>());
+    // Few active pairs in the tile (mostly positives: the hard negatives are few, or a term is
+    // switched off): row adds instead of the GEMM.
+    if (need_grad) cpu::add_sparse_rows(st, rt, grad_parts[p], active);
   });
 
   Tensor loss = cpu::sum_parts(loss_parts).to(at::kFloat);
