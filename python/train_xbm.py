@@ -425,7 +425,7 @@ def run(args, split=None):
         if step % args.log_every == 0 or step == end:
             c = [int(v) for v in pairs[-1]]  # one host sync per log interval
             post = {"loss": f"{float(torch.stack(losses[-args.log_every:]).mean()):.4f}", "batch +/-": f"{c[0]}/{c[1]}"}
-            if "memory_pos" in s:
+            if crit._iteration > crit.start_iteration:  # the memory has joined (every stats key is always there)
                 post["memory +/-"] = f"{c[2]}/{c[3]}"
             bar.set_postfix(post, refresh=False)
             if line_every and (step % line_every == 0 or step == end):
