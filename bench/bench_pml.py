@@ -92,8 +92,9 @@ def main(argv=None):
     for name in names:
         times, fused = {}, None
         for provider in ("pml", "xbm_kernels.pml"):
-            if provider == "pml" and _pml_too_large(name, B, K, args.classes):
-                times[provider] = _pml_too_large(name, B, K, args.classes)
+            skip = _pml_too_large(name, B, K, args.classes) if provider == "pml" else None
+            if skip:
+                times[provider] = skip
                 continue
             loss, miner = CONFIGS[name]()
             if provider == "pml":

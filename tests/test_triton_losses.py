@@ -41,7 +41,7 @@ PARTIAL = "B33-D130-partial-self"  # 3 B tiles x 2 splits under the interpreter,
 
 
 def _params(loss):
-    return xk.losses.LOSSES[loss].params({})
+    return xk.losses.LOSSES[loss].values({})
 
 
 def _op_args(loss, c):
@@ -476,7 +476,7 @@ def _expected_dense(loss, c, weights, x=None, r=None):
     n = rd.shape[0] if c["ref_valid"] is None else c["ref_valid"]
     spec = xk.losses.LOSSES[loss]
     rows, counts = spec.reference(xd, c["y"], rd, c["z"], ref_valid=n, self_index=c["self_index"],
-                                  **dict(zip(spec.defaults, spec.params({}))))
+                                  **dict(zip(spec.defaults, spec.values({}))))
     (rows * weights.to(rows)).sum().backward()
     return rows.detach().cpu(), xd.grad.cpu(), rd.grad.cpu(), counts.long().cpu()
 

@@ -34,6 +34,7 @@ from . import _validate as V
 from .losses import check_inputs, run
 from .memory import CrossBatchMemory as _Memory
 from .registry import LOSSES
+from .xbm import gather_batch
 
 SUPPORTED_LOSSES = ("AngularLoss", "CircleLoss", "ContrastiveLoss", "GeneralizedLiftedStructureLoss",
                     "IntraPairVarianceLoss", "LiftedStructureLoss", "MarginLoss", "MultiSimilarityLoss", "NCALoss",
@@ -93,11 +94,14 @@ class _Step:
     def __init__(self, x, y, mem, mem_labels, n, self_index, backend):
         self.x, self.y, self.mem, self.mem_labels, self.n, self.self_index = x, y, mem, mem_labels, n, self_index
         self.backend = backend
+        self._checked = {}  # loss name -> (backend, ref_valid, self_index): one check per step, not per pass
 
     def run(self, loss, params):
         spec = LOSSES[loss]
-        name, n, si = check_inputs(spec, self.x, self.y, self.mem, self.mem_labels, self.n, self.self_index, "none",
-                                   self.backend)
+        if loss not in self._checked:
+            self._checked[loss] = check_inputs(spec, self.x, self.y, self.mem, self.mem_labels, self.n,
+                                               self.self_index, "none", self.backend)
+        name, n, si = self._checked[loss]
         return run(spec, params, name, self.x, self.y, self.mem, self.mem_labels, n, si, "none")
 
     def total_pairs(self):
@@ -303,21 +307,10 @@ class CrossBatchMemory(nn.Module):
         self.memory.reset()
 
     def _gathered(self, x, y, mask):
-        """The batch all-gathered in rank order (same size on every rank) and this rank's offset."""
+        """The batch all-gathered in rank order with gather_distributed, and this rank's offset."""
         if not (self.gather_distributed and dist.is_available() and dist.is_initialized()):
             return x, y, mask, 0
-        world, rank = dist.get_world_size(), dist.get_rank()
-
-        def cat(t):
-            parts = [torch.empty_like(t) for _ in range(world)]
-            dist.all_gather(parts, t.contiguous())
-            return torch.cat(parts)
-
-        sizes = cat(torch.tensor([x.shape[0]], device=x.device))
-        if bool((sizes != x.shape[0]).any()):
-            raise ValueError(f"embeddings: gather_distributed needs the same batch size on every rank, got "
-                             f"{sizes.tolist()}")
-        return cat(x), cat(y), (cat(mask) if mask is not None else None), rank * x.shape[0]
+        return gather_batch(x, y, mask)
 
     def forward(self, embeddings, labels, indices_tuple=None, enqueue_mask=None):
         if indices_tuple is not None and enqueue_mask is not None:

@@ -96,8 +96,6 @@ class Loss:
                             f"accepted: {sorted(self.defaults)}")
         return tuple(p.check(kwargs.get(p.name, p.default)) for p in self.parameters)
 
-    params = values  # the name the modules built before the registry use
-
     @property
     def reference(self):
         """The dense PyTorch implementation: reference.<name>."""

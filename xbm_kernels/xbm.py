@@ -23,6 +23,25 @@ from .memory import CrossBatchMemory
 STAT_KEYS = ("in_batch_pos", "in_batch_neg", "memory_pos", "memory_neg")
 
 
+def gather_batch(x, y, mask):
+    """All-gather (x, y, mask) across the torch.distributed ranks in rank order (the batch
+    size must be the same on every rank); returns the global batch and this rank's offset.
+    Shared by XBMLoss and the PML drop-in (gather_distributed=True)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    sizes = [torch.zeros((), dtype=torch.int64, device=x.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor(x.shape[0], device=x.device))
+    if any(int(s) != x.shape[0] for s in sizes):
+        raise ValueError(f"embeddings: gather_distributed needs the same batch size on every rank, "
+                         f"got {[int(s) for s in sizes]}")
+
+    def cat(t):
+        parts = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
+    return cat(x), cat(y), (cat(mask) if mask is not None else None), rank * x.shape[0]
+
+
 class XBMLoss(nn.Module):
     """Cross-Batch Memory loss (Wang et al., CVPR 2020): the batch's loss against itself
     plus `weight` x its loss against a memory of the last `memory_size` embeddings.
@@ -84,12 +103,8 @@ class XBMLoss(nn.Module):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"loss: unknown loss {loss!r}; available: {sorted(LOSSES)}")
-        spec = LOSSES[loss]
-        unknown = set(loss_kwargs) - set(spec.defaults)
-        if unknown:
-            raise TypeError(f"XBMLoss: unexpected keyword argument(s) {sorted(unknown)} for loss {loss!r}; "
-                            f"accepted: {sorted(spec.defaults)}")
-        spec.params(loss_kwargs)  # validates values now, not at the first step
+        # names and values validated now, not at the first step
+        LOSSES[loss].values(loss_kwargs, where=f"XBMLoss(loss={loss!r}): ")
         if reduction not in V.REDUCTIONS:
             raise ValueError(f"reduction: expected one of {V.REDUCTIONS}, got {reduction!r}")
         if backend not in backends.NAMES + ("auto",):
@@ -154,21 +169,6 @@ class XBMLoss(nn.Module):
         return compute(self.loss_name, x, y, ref, ref_labels, reduction=self.reduction, backend=self.backend,
                        **self.loss_kwargs, **kw)
 
-    def _gather(self, x, y, mask):
-        """All-gather (x, y, mask) in rank order; returns the global batch and this rank's offset."""
-        world, rank = dist.get_world_size(), dist.get_rank()
-        sizes = [torch.zeros((), dtype=torch.int64, device=x.device) for _ in range(world)]
-        dist.all_gather(sizes, torch.tensor(x.shape[0], device=x.device))
-        if any(int(s) != x.shape[0] for s in sizes):
-            raise ValueError(f"embeddings: gather_distributed needs the same batch size on every rank, "
-                             f"got {[int(s) for s in sizes]}")
-        def cat(t):
-            parts = [torch.empty_like(t) for _ in range(world)]
-            dist.all_gather(parts, t.contiguous())
-            return torch.cat(parts)
-        gm = cat(mask) if mask is not None else None
-        return cat(x), cat(y), gm, rank * x.shape[0]
-
     def _check_step(self, embeddings, labels, enqueue_mask, distributed):
         """The checks that do not need the memory to have joined: run at every step."""
         V.tensor("embeddings", embeddings, dim=2, floating=True)
@@ -216,7 +216,7 @@ class XBMLoss(nn.Module):
         use_memory = self._iteration >= self.start_iteration
         if use_memory:  # validate the enqueue before the step counter or the memory change
             if distributed:
-                gx, gy, gmask, offset = self._gather(x.detach(), labels, enqueue_mask)
+                gx, gy, gmask, offset = gather_batch(x.detach(), labels, enqueue_mask)
             else:
                 gx, gy, gmask, offset = x.detach(), labels, enqueue_mask, 0
             b = self.memory.check_batch(gx, gy, gmask)

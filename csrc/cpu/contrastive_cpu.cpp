@@ -77,6 +77,16 @@ int64_t contrastive_epilogue(float* s, int64_t B, int64_t w, int64_t c0, const i
 // The kernels call ATen ops on their own buffers: keep them below autograd.
 using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 
+// contrastive_epilogue bound to one call's inputs and parameters, in the form
+// cpu::pairwise_forward / pairwise_backward take.
+auto epilogue_for(const cpu::LossInputs& in, double margin, double pos_eps) {
+  const float m = static_cast<float>(margin), pos_thr = static_cast<float>(1.0 - pos_eps);
+  return [&in, m, pos_thr](float* s, int64_t c0, int64_t w, double* loss, int64_t* counts) {
+    return contrastive_epilogue(s, in.B, w, c0, in.y_ptr(), in.z_ptr() + c0, in.self_ptr(), m, pos_thr, loss,
+                                counts);
+  };
+}
+
 std::tuple<Tensor, Tensor, Tensor> contrastive_fwd_cpu(const Tensor& x, const Tensor& labels, const Tensor& ref,
                                                        const Tensor& ref_labels,
                                                        const c10::optional<Tensor>& self_index, int64_t ref_valid,
@@ -84,32 +94,7 @@ std::tuple<Tensor, Tensor, Tensor> contrastive_fwd_cpu(const Tensor& x, const Te
                                                        bool /*allow_tf32: no TF32 on the CPU*/) {
   BelowAutograd guard;
   const auto in = cpu::prepare_inputs(x, labels, ref, ref_labels, self_index, ref_valid);
-  const int64_t B = in.B, D = in.D;
-  const auto plan = cpu::plan_tiles(B, in.n);
-  const auto f32 = x.options().dtype(at::kFloat);
-  Tensor loss_parts = at::zeros({plan.parts, B}, f32.dtype(at::kDouble));
-  Tensor count_parts = at::zeros({plan.parts, B, 2}, f32.dtype(at::kLong));
-  Tensor grad_parts = need_grad ? at::zeros({plan.parts, B, D}, f32) : Tensor();
-  const int32_t* y = in.y_ptr();
-  const int32_t* z = in.z_ptr();
-  const float pos_thr = static_cast<float>(1.0 - pos_eps);
-
-  cpu::ScratchPool scratch(in, plan);
-  cpu::for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
-    Tensor rt = scratch[p].ref_tile(in.ref, c0, w);
-    Tensor st = scratch[p].similarity(in.x32, rt);
-    const int64_t active = contrastive_epilogue(st.data_ptr<float>(), B, w, c0, y, z + c0, in.self_ptr(),
-                                                static_cast<float>(margin), pos_thr, loss_parts[p].data_ptr<double>(),
-                                                count_parts[p].data_ptr<int64_t>());
-    // Few active pairs in the tile (mostly positives: the hard negatives are few, or a term is
-    // switched off): row adds instead of the GEMM.
-    if (need_grad) cpu::add_sparse_rows(st, rt, grad_parts[p], active);
-  });
-
-  Tensor loss = cpu::sum_parts(loss_parts).to(at::kFloat);
-  Tensor counts = cpu::sum_parts(count_parts).to(at::kInt);
-  Tensor grad = need_grad ? cpu::sum_parts(grad_parts) : at::empty({0}, f32);
-  return {loss, grad, counts};
+  return cpu::pairwise_forward(in, need_grad, epilogue_for(in, margin, pos_eps));
 }
 
 std::tuple<Tensor, Tensor> contrastive_bwd_cpu(const Tensor& x, const Tensor& labels, const Tensor& ref,
@@ -118,20 +103,7 @@ std::tuple<Tensor, Tensor> contrastive_bwd_cpu(const Tensor& x, const Tensor& la
                                                const Tensor& grad_rows, bool /*allow_tf32*/) {
   BelowAutograd guard;
   const auto in = cpu::prepare_inputs(x, labels, ref, ref_labels, self_index, ref_valid);
-  const int64_t B = in.B;
-  TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == B, "grad_rows: expected shape (", B, ",)");
-  const Tensor g_col = grad_rows.to(at::kFloat).contiguous().unsqueeze(1);
-  const auto plan = cpu::plan_tiles(B, in.n);
-  Tensor loss_scratch = at::zeros({plan.parts, B}, in.x32.options().dtype(at::kDouble));
-  Tensor count_scratch = at::zeros({plan.parts, B, 2}, in.x32.options().dtype(at::kLong));
-  const float pos_thr = static_cast<float>(1.0 - pos_eps);
-  return cpu::coefficient_backward(in, ref.size(0), [&](int64_t p, int64_t c0, int64_t w, Tensor& c,
-                                                        cpu::TileScratch&) {
-    contrastive_epilogue(c.data_ptr<float>(), B, w, c0, in.y_ptr(), in.z_ptr() + c0, in.self_ptr(),
-                         static_cast<float>(margin), pos_thr, loss_scratch[p].data_ptr<double>(),
-                         count_scratch[p].data_ptr<int64_t>());
-    c.mul_(g_col);  // row i of C scaled by dL/dl_i
-  });
+  return cpu::pairwise_backward(in, ref.size(0), grad_rows, epilogue_for(in, margin, pos_eps));
 }
 
 }  // namespace

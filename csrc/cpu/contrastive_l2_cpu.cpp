@@ -124,6 +124,15 @@ PairRule make_rule(double pos_margin, double neg_margin, double pos_eps) {
 // The kernels call ATen ops on their own buffers: keep them below autograd.
 using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 
+// contrastive_l2_epilogue bound to one call's inputs and parameters, in the form
+// cpu::pairwise_forward / pairwise_backward take.
+auto epilogue_for(const cpu::LossInputs& in, double pos_margin, double neg_margin, double pos_eps) {
+  const PairRule rule = make_rule(pos_margin, neg_margin, pos_eps);
+  return [&in, rule](float* s, int64_t c0, int64_t w, double* loss, int64_t* counts) {
+    return contrastive_l2_epilogue(s, in.B, w, c0, in.y_ptr(), in.z_ptr() + c0, in.self_ptr(), rule, loss, counts);
+  };
+}
+
 std::tuple<Tensor, Tensor, Tensor> contrastive_l2_fwd_cpu(const Tensor& x, const Tensor& labels, const Tensor& ref,
                                                           const Tensor& ref_labels,
                                                           const c10::optional<Tensor>& self_index,
@@ -132,29 +141,7 @@ std::tuple<Tensor, Tensor, Tensor> contrastive_l2_fwd_cpu(const Tensor& x, const
                                                           bool /*allow_tf32: no TF32 on the CPU*/) {
   BelowAutograd guard;
   const auto in = cpu::prepare_inputs(x, labels, ref, ref_labels, self_index, ref_valid);
-  const int64_t B = in.B, D = in.D;
-  const auto plan = cpu::plan_tiles(B, in.n);
-  const auto f32 = x.options().dtype(at::kFloat);
-  Tensor loss_parts = at::zeros({plan.parts, B}, f32.dtype(at::kDouble));
-  Tensor count_parts = at::zeros({plan.parts, B, 2}, f32.dtype(at::kLong));
-  Tensor grad_parts = need_grad ? at::zeros({plan.parts, B, D}, f32) : Tensor();
-  const PairRule rule = make_rule(pos_margin, neg_margin, pos_eps);
-
-  cpu::ScratchPool scratch(in, plan);
-  cpu::for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
-    Tensor rt = scratch[p].ref_tile(in.ref, c0, w);
-    Tensor st = scratch[p].similarity(in.x32, rt);
-    const int64_t active = contrastive_l2_epilogue(st.data_ptr<float>(), B, w, c0, in.y_ptr(), in.z_ptr() + c0,
-                                                   in.self_ptr(), rule, loss_parts[p].data_ptr<double>(),
-                                                   count_parts[p].data_ptr<int64_t>());
-    // With a term switched off (or few classes in the tile) C is sparse: row adds.
-    if (need_grad) cpu::add_sparse_rows(st, rt, grad_parts[p], active);
-  });
-
-  Tensor loss = cpu::sum_parts(loss_parts).to(at::kFloat);
-  Tensor counts = cpu::sum_parts(count_parts).to(at::kInt);
-  Tensor grad = need_grad ? cpu::sum_parts(grad_parts) : at::empty({0}, f32);
-  return {loss, grad, counts};
+  return cpu::pairwise_forward(in, need_grad, epilogue_for(in, pos_margin, neg_margin, pos_eps));
 }
 
 std::tuple<Tensor, Tensor> contrastive_l2_bwd_cpu(const Tensor& x, const Tensor& labels, const Tensor& ref,
@@ -163,19 +150,7 @@ std::tuple<Tensor, Tensor> contrastive_l2_bwd_cpu(const Tensor& x, const Tensor&
                                                   double pos_eps, const Tensor& grad_rows, bool /*allow_tf32*/) {
   BelowAutograd guard;
   const auto in = cpu::prepare_inputs(x, labels, ref, ref_labels, self_index, ref_valid);
-  const int64_t B = in.B;
-  TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == B, "grad_rows: expected shape (", B, ",)");
-  const Tensor g_col = grad_rows.to(at::kFloat).contiguous().unsqueeze(1);
-  const auto plan = cpu::plan_tiles(B, in.n);
-  Tensor loss_scratch = at::zeros({plan.parts, B}, in.x32.options().dtype(at::kDouble));
-  Tensor count_scratch = at::zeros({plan.parts, B, 2}, in.x32.options().dtype(at::kLong));
-  const PairRule rule = make_rule(pos_margin, neg_margin, pos_eps);
-  return cpu::coefficient_backward(in, ref.size(0), [&](int64_t p, int64_t c0, int64_t w, Tensor& c,
-                                                        cpu::TileScratch&) {
-    contrastive_l2_epilogue(c.data_ptr<float>(), B, w, c0, in.y_ptr(), in.z_ptr() + c0, in.self_ptr(), rule,
-                            loss_scratch[p].data_ptr<double>(), count_scratch[p].data_ptr<int64_t>());
-    c.mul_(g_col);  // row i of C scaled by dL/dl_i
-  });
+  return cpu::pairwise_backward(in, ref.size(0), grad_rows, epilogue_for(in, pos_margin, neg_margin, pos_eps));
 }
 
 }  // namespace

@@ -179,5 +179,49 @@ std::tuple<at::Tensor, at::Tensor> coefficient_backward(const LossInputs& in, in
   return {sum_parts(grad_parts), grad_ref};
 }
 
+// The two passes of a loss whose coefficient dl_i/dS_ij depends on that pair alone
+// (contrastive, contrastive_l2). epilogue(s, c0, w, loss, counts) turns the score tile S
+// (B x w, row-major) into C in place, adds the tile's per-row loss and counts and returns
+// its number of non-zero c_ij.
+// Forward: (loss_rows, dX = sum over tiles of C R_tile (row adds when C is sparse) or (0,),
+// counts), partial results combined in range order.
+template <typename Epilogue>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_forward(const LossInputs& in, bool need_grad,
+                                                                const Epilogue& epilogue) {
+  const auto plan = plan_tiles(in.B, in.n);
+  const auto f32 = in.x32.options();
+  at::Tensor loss_parts = at::zeros({plan.parts, in.B}, f32.dtype(at::kDouble));
+  at::Tensor count_parts = at::zeros({plan.parts, in.B, 2}, f32.dtype(at::kLong));
+  at::Tensor grad_parts = need_grad ? at::zeros({plan.parts, in.B, in.D}, f32) : at::Tensor();
+  ScratchPool scratch(in, plan);
+  for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
+    at::Tensor rt = scratch[p].ref_tile(in.ref, c0, w);
+    at::Tensor st = scratch[p].similarity(in.x32, rt);
+    const int64_t active = epilogue(st.data_ptr<float>(), c0, w, loss_parts[p].data_ptr<double>(),
+                                    count_parts[p].data_ptr<int64_t>());
+    // Few active pairs in the tile (the hard negatives are few, or a term is switched off):
+    // row adds instead of the GEMM.
+    if (need_grad) add_sparse_rows(st, rt, grad_parts[p], active);
+  });
+  at::Tensor grad = need_grad ? sum_parts(grad_parts) : at::empty({0}, f32);
+  return {sum_parts(loss_parts).to(at::kFloat), grad, sum_parts(count_parts).to(at::kInt)};
+}
+
+// Backward: C recomputed per tile, row i scaled by grad_rows[i]; (dX, dR) as
+// coefficient_backward.
+template <typename Epilogue>
+std::tuple<at::Tensor, at::Tensor> pairwise_backward(const LossInputs& in, int64_t ref_rows,
+                                                     const at::Tensor& grad_rows, const Epilogue& epilogue) {
+  TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == in.B, "grad_rows: expected shape (", in.B, ",)");
+  const at::Tensor g_col = grad_rows.to(at::kFloat).contiguous().unsqueeze(1);
+  const auto plan = plan_tiles(in.B, in.n);
+  at::Tensor loss_scratch = at::zeros({plan.parts, in.B}, in.x32.options().dtype(at::kDouble));
+  at::Tensor count_scratch = at::zeros({plan.parts, in.B, 2}, in.x32.options().dtype(at::kLong));
+  return coefficient_backward(in, ref_rows, [&](int64_t p, int64_t c0, int64_t w, at::Tensor& c, TileScratch&) {
+    epilogue(c.data_ptr<float>(), c0, w, loss_scratch[p].data_ptr<double>(), count_scratch[p].data_ptr<int64_t>());
+    c.mul_(g_col);  // row i of C scaled by dL/dl_i
+  });
+}
+
 }  // namespace cpu
 }  // namespace xbm_kernels
