@@ -27,6 +27,8 @@ IMAGE_SIZE = 32
 DATASETS = ("glyphs", "fashion", "digits")
 FONT_DIRS = ("/usr/share/fonts", "/usr/local/share/fonts")
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+FONT_PACKAGES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "font_packages.txt")
+FULL_FACE_COUNT = 23  # distinct faces with every package of font_packages.txt installed (Debian 12)
 
 # Glyph rendering. Bump GLYPH_VERSION when the rendering changes so old caches are not reused.
 GLYPH_VERSION = 1
@@ -58,12 +60,71 @@ class Split:
                 f"test {len(self.test_labels)} images / {cls(self.test_labels)} classes (disjoint); {self.info}")
 
 
+class DataSetTooSmall(ValueError):
+    """The installed data gives fewer classes than a run needs; the message names the cause
+    (missing font packages) and the command that installs them."""
+
+
+def font_packages():
+    """The Debian packages the glyph set is rendered from (font_packages.txt)."""
+    with open(FONT_PACKAGES_FILE) as f:
+        return [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+
+
+def missing_font_packages():
+    """The packages of font_packages.txt that dpkg does not list as installed; None when
+    there is no dpkg (not a Debian-like system)."""
+    import shutil
+    import subprocess
+    if shutil.which("dpkg-query") is None:
+        return None
+    out = subprocess.run(["dpkg-query", "-W", "-f=${Package} ${Status}\n", *font_packages()],
+                         capture_output=True, text=True).stdout
+    ok = {line.split()[0] for line in out.splitlines() if line.endswith("install ok installed")}
+    return [p for p in font_packages() if p not in ok]
+
+
+def too_small_message(n_classes, need, need_text, n_faces, min_faces, max_classes=None, font_dirs=FONT_DIRS):
+    """Why the glyph set has fewer classes than a run needs, and what installs the rest."""
+    lines = [f"glyphs: the data set is too small for this run: it needs {need} classes ({need_text}); the "
+             f"installed fonts give {n_classes}, the characters drawn in >= {min_faces} (--min-faces) of the "
+             f"{n_faces} distinct CJK faces found (every package of python/font_packages.txt installed gives "
+             f"{FULL_FACE_COUNT} faces)."]
+    missing = missing_font_packages()
+    if max_classes is not None and n_classes >= max_classes:
+        lines.append(f"--max-classes {max_classes} caps the characters: raise it.")
+    elif missing:
+        lines += [f"Missing font packages ({len(missing)}): {' '.join(missing)}. Install them with",
+                  f"    sudo apt-get install -y --no-install-recommends {' '.join(missing)}",
+                  "(or: sudo bash python/install_data.sh, which waits for a busy apt lock), then rerun."]
+    elif missing is None:
+        lines.append("Install the CJK fonts of python/font_packages.txt (Debian package names) into "
+                     f"{' or '.join(font_dirs)}, then rerun.")
+    else:
+        lines.append(f"Every package of python/font_packages.txt is installed, yet fewer faces were found in "
+                     f"{' or '.join(font_dirs)} than expected.")
+    lines.append("Or ask for less: fewer classes (--pretrain-classes, --test-classes) or fewer faces per character "
+                 "(--min-faces).")
+    return "\n".join(lines)
+
+
+def classes_needed(test_classes, pretrain_classes, min_train_classes):
+    """(classes, description) a glyph run needs: test + pretraining + training classes."""
+    n_test = test_classes or 1000
+    need = n_test + pretrain_classes + max(1, min_train_classes)
+    text = f"{n_test} test" + (f" + {pretrain_classes} pretraining (--pretrain-classes)" if pretrain_classes else "") \
+        + f" + at least {max(1, min_train_classes)} training"
+    return need, text
+
+
 def load(name, cache_dir, test_classes=None, max_classes=10000, min_faces=12, split_seed=0, quiet=False,
-         pretrain_classes=0):
+         pretrain_classes=0, min_train_classes=1):
     """The class-disjoint split of dataset `name` (one of DATASETS).
 
     Glyphs with `pretrain_classes` > 0 get a third class set, disjoint from the train and
     test classes, for pretraining a backbone that is then fine-tuned on the train classes.
+    A glyph set with fewer than test + pretrain + `min_train_classes` classes raises
+    DataSetTooSmall before anything is rendered (the installed fonts decide the count).
 
     Glyph test images get one fixed random affine distortion each (the training jitter's
     distribution, seeded by split_seed): without it, retrieval across fonts is nearly
@@ -79,14 +140,20 @@ def load(name, cache_dir, test_classes=None, max_classes=10000, min_faces=12, sp
         return Split("fashion", xtr[tr], ytr[tr], xte[te], yte[te],
                      f"Fashion-MNIST, train split of classes 0-{first_test - 1}, test split of {first_test}-9")
     if name == "glyphs":
-        images, labels, chars, faces = glyphs(cache_dir, max_classes=max_classes, min_faces=min_faces, quiet=quiet)
+        need = classes_needed(test_classes, pretrain_classes, min_train_classes) \
+            if (test_classes or pretrain_classes) else (0, "")
+        images, labels, chars, faces = glyphs(cache_dir, max_classes=max_classes, min_faces=min_faces, quiet=quiet,
+                                              need_classes=need)
         n_classes = len(chars)
         n_test = test_classes or min(1000, n_classes // 2)
         if not 0 < n_test < n_classes:
             raise ValueError(f"--test-classes: expected 1..{n_classes - 1}, got {n_test}")
-        if not 0 <= pretrain_classes < n_classes - n_test:
-            raise ValueError(f"--pretrain-classes: expected 0..{n_classes - n_test - 1} ({n_classes} classes, "
-                             f"{n_test} for test), got {pretrain_classes}")
+        if pretrain_classes < 0:
+            raise ValueError(f"--pretrain-classes: expected >= 0, got {pretrain_classes}")
+        if n_test + pretrain_classes + max(1, min_train_classes) > n_classes:
+            raise DataSetTooSmall(too_small_message(n_classes, *classes_needed(n_test, pretrain_classes,
+                                                                                min_train_classes), len(faces),
+                                                    min_faces, max_classes))
         order = torch.randperm(n_classes, generator=torch.Generator().manual_seed(split_seed))
         role = torch.zeros(n_classes, dtype=torch.int64)  # 0 train, 1 test, 2 pretrain
         role[order[:n_test]] = 1
@@ -214,14 +281,13 @@ def _distinct_faces(faces, quiet):
     common = set.intersection(*(f[3] for f in faces))
     probe = sorted(common)
     probe = [chr(c) for c in probe[::max(1, len(probe) // PROBE_CHARS)][:PROBE_CHARS]]
-    kept, kept_probes = [], []
+    kept, kept_probes, broken = [], [], []
     for face in faces:
         try:
             r = _Renderer(face[0], face[1])
             imgs = [r(ch) for ch in probe]
         except OSError as exc:  # e.g. FreeType "invalid opcode" in a font's hinting program
-            if not quiet:
-                print(f"  skipping {face[2]}: {exc}")
+            broken.append(f"{face[2]} ({exc})")
             continue
         if any(im is None for im in imgs):
             continue
@@ -229,6 +295,10 @@ def _distinct_faces(faces, quiet):
         if all(np.abs(p - q).mean() >= DUPLICATE_THRESHOLD for q in kept_probes):
             kept.append(face)
             kept_probes.append(p)
+    if broken and not quiet:
+        print(f"glyphs: {len(broken)} of {len(faces)} installed CJK faces are left out because FreeType cannot "
+              f"render them (an error in the font's hinting program; expected for some Ume variants): "
+              f"{', '.join(broken)}")
     return kept
 
 
@@ -238,30 +308,44 @@ def _cache_key(faces, max_classes, min_faces):
     return hashlib.sha1(json.dumps(desc).encode()).hexdigest()[:12]
 
 
-def glyphs(cache_dir, max_classes=10000, min_faces=12, font_dirs=FONT_DIRS, quiet=False):
+def glyphs(cache_dir, max_classes=10000, min_faces=12, font_dirs=FONT_DIRS, quiet=False, need_classes=(0, "")):
     """(images uint8 (N,1,32,32), labels int64 (N,), chars [code point per class], faces [names]).
 
     Characters are those present in at least `min_faces` distinct faces, most widely
-    covered first (ties by code point), at most `max_classes` of them."""
+    covered first (ties by code point), at most `max_classes` of them. `need_classes`
+    (count, description): raise DataSetTooSmall, before rendering, when fewer characters
+    qualify (the message names the missing font packages); without it, fewer installed faces
+    than `min_faces` lower the bar to all of them."""
+    need, need_text = need_classes
     faces = find_faces(font_dirs)
     if len(faces) < 2:
-        raise FileNotFoundError("glyphs: fewer than 2 CJK font faces installed; run python/install_data.sh "
-                                "(Debian font packages)")
+        raise DataSetTooSmall(too_small_message(0, max(need, 2), need_text or "at least 2", len(faces), min_faces,
+                                                font_dirs=font_dirs))
     path = os.path.join(cache_dir, f"glyphs-{_cache_key(faces, max_classes, min_faces)}.npz")
     if os.path.exists(path):
         z = np.load(path)
+        n = len(z["chars"]) if len(z["faces"]) >= min_faces else 0  # a cache rendered under the relaxed rule
+        if n < need:
+            raise DataSetTooSmall(too_small_message(n, need, need_text, len(z["faces"]), min_faces, max_classes,
+                                                    font_dirs))
         return (torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]).long(), z["chars"].tolist(),
                 z["faces"].tolist())
-    if not quiet:
-        print(f"glyphs: rendering into {path} (once)")
     faces = _distinct_faces(faces, quiet)
     coverage = {}
     for f in faces:
         for c in f[3]:
             coverage[c] = coverage.get(c, 0) + 1
-    need = min(min_faces, len(faces))
-    chars = sorted((c for c, n in coverage.items() if n >= need), key=lambda c: (-coverage[c], c))[:max_classes]
+    # Without a class count to meet, fewer faces than min_faces relax the rule (small test
+    # sets); a run that needs classes gets them from min_faces faces or stops here.
+    required = min_faces if need else min(min_faces, len(faces))
+    chars = sorted((c for c, n in coverage.items() if n >= required), key=lambda c: (-coverage[c], c))[:max_classes]
     chars.sort()
+    if len(chars) < need:  # before the rendering, which takes a while
+        raise DataSetTooSmall(too_small_message(len(chars), need, need_text, len(faces), min_faces, max_classes,
+                                                font_dirs))
+    if not quiet:
+        print(f"glyphs: rendering {len(chars)} characters from {len(faces)} faces into {path} (once, about "
+              f"{max(5, round(len(chars) * len(faces) / 8000))} s)", flush=True)
     cls = {c: i for i, c in enumerate(chars)}
     images, labels = [], []
     from tqdm import tqdm
