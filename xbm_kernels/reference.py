@@ -11,9 +11,12 @@ import torch
 
 
 def similarity(x, ref):
-    """S = X R^T in the inputs' (promoted) dtype, returned as float32."""
-    dtype = torch.promote_types(x.dtype, ref.dtype)
-    return (x.to(dtype) @ ref.to(dtype).T).float()
+    """S = X R^T accumulated in fp32 (float64 when an input is float64), returned as float32
+    or float64: 16-bit inputs are multiplied as fp32 values, never rounded to 16 bits on the
+    way (CONTRACT.md section 5), so set membership is decided on the fp32 similarity."""
+    dtype = torch.float64 if torch.float64 in (x.dtype, ref.dtype) else torch.float32
+    S = x.to(dtype) @ ref.to(dtype).T
+    return S if dtype == torch.float64 else S.float()
 
 
 def pair_sets(S, labels, ref_labels, ref_valid, self_index, pos_eps):
@@ -39,12 +42,17 @@ def contrastive(x, labels, ref, ref_labels, *, margin, pos_eps, ref_valid, self_
     return rows, counts
 
 
+# 2 - 2S at or below this counts as d = 0 (CONTRACT.md section 1, contrastive_l2): a unit row's
+# similarity with its own copy comes out of fp32 accumulation a few ulp from 1, on either side.
+L2_ZERO = 2.0 ** -16
+
+
 def _l2_distance(S):
-    """d = sqrt(max(2 - 2 S, 0)), the L2 distance of unit rows, with gradient 0 where d == 0
-    (as torch.cdist's backward): sqrt's derivative there is infinite, so the square root only
-    ever sees the positive entries."""
-    t = (2.0 - 2.0 * S).clamp_min(0.0)
-    positive = t > 0
+    """d = sqrt(2 - 2 S) for 2 - 2S > L2_ZERO, else 0: the L2 distance of unit rows, with
+    gradient 0 where d == 0 (as torch.cdist's backward): sqrt's derivative there is infinite,
+    so the square root only ever sees the entries above the floor."""
+    t = 2.0 - 2.0 * S
+    positive = t > L2_ZERO
     return torch.where(positive, torch.sqrt(torch.where(positive, t, torch.ones_like(t))), torch.zeros_like(t))
 
 
@@ -140,11 +148,15 @@ def supcon(x, labels, ref, ref_labels, *, temperature, pos_eps, ref_valid, self_
     valid = _valid_mask(S.shape[0], S.shape[1], S.device, ref_valid, self_index)
     has_valid = valid.any(1, keepdim=True)
     logits = torch.where(valid, S / temperature, S.new_tensor(float("-inf")))
-    lse = torch.logsumexp(torch.where(has_valid, logits, S.new_zeros(())), dim=1)  # no -inf rows
+    logits = torch.where(has_valid, logits, S.new_zeros(()))  # no -inf rows
+    # log(sum exp(logits - m)) + (m - mean_P logits), m the row's largest valid logit: no
+    # cancellation of two large terms, and >= 0 (CONTRACT.md section 1, supcon)
+    m = logits.amax(1, keepdim=True).detach() if logits.shape[1] else logits.new_zeros(logits.shape[0], 1)
+    log_s = torch.logsumexp(logits - m, dim=1)
     n_pos = pos.sum(1)
-    mean_pos = torch.where(pos, S, S.new_zeros(())).sum(1) / temperature / n_pos.clamp_min(1)
+    mean_pos = torch.where(pos, logits, S.new_zeros(())).sum(1) / n_pos.clamp_min(1)
     has_pos = n_pos > 0
-    rows = torch.where(has_pos, lse - mean_pos, S.new_zeros(()))
+    rows = torch.where(has_pos, (log_s + (m[:, 0] - mean_pos)).clamp_min(0.0), S.new_zeros(()))
     counts = torch.stack([n_pos, neg.sum(1)], dim=1) * has_pos[:, None]
     return rows, counts.to(torch.int32)
 

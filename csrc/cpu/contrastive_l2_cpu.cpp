@@ -29,6 +29,12 @@ namespace {
 
 using at::Tensor;
 
+// 2 - 2 S at or below 2^-16 counts as d = 0 (CONTRACT.md section 1, contrastive_l2): a unit
+// row's similarity with its own copy comes out of fp32 accumulation within a few ulp of 1, on
+// either side, so without a floor a copy gets d ~ 3e-4 and a gradient of 1/d ~ 3000 on one
+// backend and 0 on another. Every backend, the reference and the oracle use this floor.
+constexpr float kL2Zero = 1.52587890625e-05f;
+
 struct PairRule {
   float pos_margin, neg_margin, pos_thr;  // pos_thr = 1 - pos_eps
 };
@@ -37,7 +43,7 @@ struct PairRule {
 // its coefficient dl/dS and whether it is an active positive / negative (0 or 1).
 inline float l2_pair(float v, bool same, const PairRule& q, float& c, float& p, float& n) {
   float t = 2.f - 2.f * v;
-  t = t < 0.f ? 0.f : t;
+  t = t <= kL2Zero ? 0.f : t;
   const float d = std::sqrt(t);
   p = (same && v < q.pos_thr && d > q.pos_margin) ? 1.f : 0.f;
   n = (!same && d < q.neg_margin) ? 1.f : 0.f;
@@ -81,7 +87,7 @@ int64_t contrastive_l2_epilogue(float* s, int64_t B, int64_t w, int64_t c0, cons
       const cpu::f32x4 v = cpu::load4(row + j);
       const cpu::i32x4 same = cpu::load4(z + j) == yi;
       cpu::f32x4 t = 2.f - 2.f * v;
-      t = cpu::select4(t < 0.f, zero, t);
+      t = cpu::select4(t <= kL2Zero, zero, t);
       const cpu::f32x4 d = sqrt4(t);
       const cpu::f32x4 inv = cpu::select4(d > 0.f, one / d, zero);  // 1/0 lanes are dropped
       const cpu::f32x4 p = cpu::mask_to_one(same & (v < q.pos_thr) & (d > q.pos_margin));

@@ -26,7 +26,7 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 // Per partition running state of each row.
 struct SupconParts {
   Tensor m, s;        // (P, B) f32 running max of S/tau, f64 sum of exp(S/tau - m)
-  Tensor pos_sum;     // (P, B) f64 sum of positive S
+  Tensor pos_sum;     // (P, B) f64 sum of positive S / tau (fp32 products)
   Tensor counts;      // (P, B, 2) int64 |P_i|, |N_i|
   Tensor g, gpos;     // (P, B, D) f32 softmax numerator x rows, positive rows; or undefined
 };
@@ -58,7 +58,7 @@ int64_t supcon_row_vec(float* row, float* pos_row, int64_t w, const int32_t* z, 
       const cpu::i32x4 same = cpu::load4(z + j) == yi;
       const cpu::f32x4 pos = cpu::mask_to_one(same & (v < pos_thr));
       acc4 += e;
-      ps4 += pos * v;
+      ps4 += pos * (v * inv_tau);  // S / tau: the same products as m
       np4 += pos;
       nn4 += cpu::mask_to_one(~same);
       cpu::store4(row + j, e);
@@ -72,7 +72,7 @@ int64_t supcon_row_vec(float* row, float* pos_row, int64_t w, const int32_t* z, 
       const bool same = z[j] == yi, pos = same && v < pos_thr;
       const float e = std::exp(v * inv_tau - m_new);
       a += e;
-      ps += pos ? v : 0.f;
+      ps += pos ? v * inv_tau : 0.f;
       np += pos;
       nn += !same;
       row[j] = e;
@@ -125,7 +125,7 @@ int64_t supcon_tile(float* s, float* pos_tile, int64_t B, int64_t w, int64_t c0,
       const bool pos = valid && same && v < pos_thr;
       const float e = valid ? std::exp(v * inv_tau - m_new) : 0.f;
       acc += e;
-      psum += pos ? v : 0.f;
+      psum += pos ? v * inv_tau : 0.f;
       np += pos;
       nn += valid && !same;
       row[j] = e;
@@ -192,9 +192,14 @@ SupconRows supcon_merge(const SupconParts& st, float inv_tau) {
   Tensor n_pos = out.counts.select(1, 0);
   Tensor has_pos = n_pos.gt(0);
   Tensor lse = (m.to(at::kDouble) + sum.log());
-  Tensor mean_pos = cpu::sum_parts(st.pos_sum) * inv_tau / n_pos.clamp_min(1).to(at::kDouble);
+  Tensor mean_pos = cpu::sum_parts(st.pos_sum) / n_pos.clamp_min(1).to(at::kDouble);
   Tensor zero = at::zeros({}, lse.options());
-  out.loss = at::where(has_pos, lse - mean_pos, zero).to(at::kFloat);
+  // log(s) + (m - mean_P S / tau) rather than lse - mean: no cancellation of two large terms,
+  // >= 0 (m is the largest S / tau, from the same fp32 products as the positives' sum), and
+  // 0 when one positive dominates beyond fp32 resolution (s rounds to 1 in fp32), as
+  // pytorch-metric-learning's row-max-shifted fp32 form gives.
+  Tensor shifted = sum.to(at::kFloat).log().to(at::kDouble) + (m.to(at::kDouble) - mean_pos);
+  out.loss = at::where(has_pos, shifted.clamp_min(0), zero).to(at::kFloat);
   out.lse = at::where(has_pos, lse, zero).to(at::kFloat);
   out.counts.mul_(has_pos.unsqueeze(1));
   if (st.g.defined()) {

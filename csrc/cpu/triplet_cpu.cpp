@@ -119,6 +119,15 @@ Hardest find_hardest(const cpu::LossInputs& in, float pos_thr) {
   return h;
 }
 
+// r_an - r_ap per row, scaled by `weight` (B,): 0 where it is 0. Inactive rows gather row 0,
+// so an empty reference set (no row to gather, and no active row) gives zeros directly.
+Tensor hinge_direction(const cpu::LossInputs& in, const Hardest& h, const Tensor& weight) {
+  if (in.ref.size(0) == 0) return at::zeros({in.B, in.D}, weight.options().dtype(at::kFloat));
+  Tensor ap = h.pos_idx.clamp_min(0), an = h.neg_idx.clamp_min(0);
+  return (in.ref.index_select(0, an).to(at::kFloat) - in.ref.index_select(0, ap).to(at::kFloat))
+      .mul_(weight.unsqueeze(1));
+}
+
 // Per-row loss and activity (1.0 where the hinge is open).
 Tensor hinge(const Hardest& h, double margin, Tensor& active) {
   Tensor has = h.pos_idx.ge(0).logical_and(h.neg_idx.ge(0));
@@ -139,10 +148,7 @@ std::tuple<Tensor, Tensor, Tensor> triplet_fwd_cpu(const Tensor& x, const Tensor
   Tensor loss = hinge(h, margin, active);
   Tensor grad = at::empty({0}, loss.options());
   if (need_grad) {
-    // Inactive rows gather row 0 and are zeroed by the mask.
-    Tensor ap = h.pos_idx.clamp_min(0), an = h.neg_idx.clamp_min(0);
-    grad = (in.ref.index_select(0, an).to(at::kFloat) - in.ref.index_select(0, ap).to(at::kFloat))
-               .mul_(active.unsqueeze(1));
+    grad = hinge_direction(in, h, active.to(at::kFloat));
   }
   Tensor counts = active.to(at::kInt).unsqueeze(1).repeat({1, 2});
   return {loss, grad, counts};
@@ -159,13 +165,14 @@ std::tuple<Tensor, Tensor> triplet_bwd_cpu(const Tensor& x, const Tensor& labels
   Tensor active;
   hinge(h, margin, active);
   Tensor g = grad_rows.to(at::kFloat).mul(active);  // (B,)
-  Tensor ap = h.pos_idx.clamp_min(0), an = h.neg_idx.clamp_min(0);
-  Tensor grad_x = (in.ref.index_select(0, an).to(at::kFloat) - in.ref.index_select(0, ap).to(at::kFloat))
-                      .mul_(g.unsqueeze(1));
+  Tensor grad_x = hinge_direction(in, h, g);
   Tensor grad_ref = at::zeros({ref.size(0), in.D}, g.options());
-  Tensor gx = in.x32 * g.unsqueeze(1);
-  grad_ref.index_add_(0, an, gx);  // sequential on the CPU: deterministic
-  grad_ref.index_add_(0, ap, gx.neg());
+  if (ref.size(0) > 0) {
+    Tensor ap = h.pos_idx.clamp_min(0), an = h.neg_idx.clamp_min(0);
+    Tensor gx = in.x32 * g.unsqueeze(1);
+    grad_ref.index_add_(0, an, gx);  // sequential on the CPU: deterministic
+    grad_ref.index_add_(0, ap, gx.neg());
+  }
   return {grad_x, grad_ref};
 }
 

@@ -46,7 +46,8 @@ def _coefficients(s, yi, zj, cols, row_ok, col_ok, self_col, pos_margin, neg_mar
                   HAS_SELF_INDEX: tl.constexpr):
     """(active positives, active negatives, loss terms, dl/dS) of a tile of S."""
     _, pos, neg = pair_sets(s, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX)
-    d = tl.sqrt(tl.maximum(2.0 - 2.0 * s, 0.0))
+    t = 2.0 - 2.0 * s
+    d = tl.sqrt(tl.where(t > 1.52587890625e-05, t, 0.0))  # 2 - 2S <= 2^-16 counts as d = 0 (CONTRACT.md)
     act_p = pos & (d > pos_margin)
     act_n = neg & (d < neg_margin)
     term = tl.where(act_p, d - pos_margin, tl.where(act_n, neg_margin - d, 0.0))

@@ -81,7 +81,7 @@ def supcon_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ws, counts_ws, g
         e = tl.exp(t - shift[:, None])
         s = s * scale + tl.sum(e, axis=1)
         m = m_new
-        pos_sum += tl.sum(tl.where(pos, sim, 0.0), axis=1)
+        pos_sum += tl.sum(tl.where(pos, t, 0.0), axis=1)  # S / tau: the same products as m
         npos += tl.sum(pos.to(tl.int32), axis=1)
         nneg += tl.sum(neg.to(tl.int32), axis=1)
         if NEED_GRAD:
@@ -89,7 +89,7 @@ def supcon_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ws, counts_ws, g
             gpos = dot_acc(pos.to(tl.float32), r, gpos, 1, PRECISION)
 
     out = pid_s.to(tl.int64) * B + rows64  # row of this split's slice of the workspaces
-    stat = pid_s.to(tl.int64) * 3 * B + rows64  # stats_ws is (splits, 3, B): m, s, sum_P S
+    stat = pid_s.to(tl.int64) * 3 * B + rows64  # stats_ws is (splits, 3, B): m, s, sum_P S / tau
     tl.store(stats_ws + stat, m, mask=row_ok)
     tl.store(stats_ws + stat + B, s, mask=row_ok)
     tl.store(stats_ws + stat + 2 * B, pos_sum, mask=row_ok)
@@ -135,7 +135,11 @@ def supcon_finish_kernel(stats_ws, counts_ws, g_ws, gpos_ws, loss_ptr, counts_pt
     s = tl.where(has_pos, s, 1.0)
     inv_np = 1.0 / tl.maximum(npos, 1).to(tl.float32)
     lse = shift + tl.log(s)
-    tl.store(loss_ptr + rows64, tl.where(has_pos, lse - pos_sum * inv_tau * inv_np, 0.0), mask=row_ok)
+    # log(s) + (m - mean_P S / tau), not lse - mean: no cancellation of two large terms, >= 0
+    # (m is the largest S / tau, from the same fp32 products), and 0 when one positive
+    # dominates beyond fp32 resolution, as PML's row-max-shifted form gives.
+    loss = tl.maximum(tl.log(s) + (shift - pos_sum * inv_np), 0.0)
+    tl.store(loss_ptr + rows64, tl.where(has_pos, loss, 0.0), mask=row_ok)
     tl.store(lse_ptr + rows64, tl.where(has_pos, lse, float("inf")), mask=row_ok)  # +inf: weights exp(t - LSE) = 0
     tl.store(counts_ptr + 2 * rows64, tl.where(has_pos, npos, 0), mask=row_ok)
     tl.store(counts_ptr + 2 * rows64 + 1, tl.where(has_pos, nneg, 0), mask=row_ok)
