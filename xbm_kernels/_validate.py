@@ -12,6 +12,8 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
 REDUCTIONS = ("mean", "sum", "none")
+# Memory rows and embedding widths: int32-indexable (2**31 - 1), far beyond any memory that fits.
+MAX_ROWS = 2 ** 31 - 1
 
 _value_checks = os.environ.get("XBM_KERNELS_CHECKS", "0") == "1"
 

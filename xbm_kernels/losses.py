@@ -15,21 +15,28 @@ from .registry import LOSSES, MEAN_OVER, Loss, docstring
 def _first_order_only(backward):
     """Like torch.autograd.function.once_differentiable, but also when the incoming gradient
     does not require grad (the usual `autograd.grad(loss, x, create_graph=True)`): with
-    create_graph the returned gradients lead to a node that raises when differentiated,
-    instead of being constants that make a gradient penalty silently add nothing."""
+    create_graph the returned gradients lead to a node that raises when differentiated.
+    Each gradient is tied to its own input (x + 0 * a scalar of the input), so that node lies
+    on every path from a gradient penalty back to the inputs: `.backward()`,
+    `autograd.grad(..., inputs)` and a penalty through a normalisation all reach it, instead
+    of treating the gradient as a constant and silently adding nothing."""
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
         with torch.no_grad():
             outputs = backward(ctx, *grads)
         if not torch.is_grad_enabled():
             return outputs
-        live = [o for o in outputs if o is not None]
+        inputs = ctx.saved_tensors[:len(outputs)]  # forward saves its differentiable inputs first
+        live = [i for i, o in enumerate(outputs) if o is not None]
+        if not live:
+            return outputs
+        linked = [outputs[i].detach() + inputs[i].reshape(-1)[:1].sum().to(outputs[i].dtype) * 0 for i in live]
         err = torch._C._functions.DelayedError(
             b"xbm_kernels: the fused kernels compute first derivatives only, so they cannot differentiate twice "
-            b"(use backend='reference' for a gradient penalty)", len(live))
-        wrapped = err(*[o.detach().requires_grad_() for o in live])
+            b"(use backend='reference' for a gradient penalty)", len(linked))
+        wrapped = err(*linked)
         wrapped = iter(wrapped if isinstance(wrapped, tuple) else (wrapped,))
-        return tuple(None if o is None else next(wrapped) for o in outputs)
+        return tuple(next(wrapped) if i in live else None for i in range(len(outputs)))
     return wrapper
 
 
@@ -71,8 +78,10 @@ class _FusedLoss(torch.autograd.Function):
         ctx.spec, ctx.ops, ctx.params, ctx.reduction = spec, ops, params, reduction
         ctx.ref_valid, ctx.allow_tf32, ctx.x_dtype, ctx.ref_dtype = ref_valid, allow_tf32, x.dtype, ref.dtype
         ctx.fused_grad = need_x and not need_ref
+        # x and ref first (the double-backward guard ties each gradient to its input); saving
+        # an input keeps a reference, not a copy
         if ctx.fused_grad:
-            ctx.save_for_backward(grad, rows, counts)
+            ctx.save_for_backward(x, ref, grad, rows, counts)
         elif need_ref:
             ctx.save_for_backward(x, ref, labels, ref_labels, self_index, rows, counts)
         return out, counts
@@ -81,7 +90,7 @@ class _FusedLoss(torch.autograd.Function):
     @_first_order_only  # double backward raises instead of returning 0
     def backward(ctx, grad_out, _grad_counts):
         if ctx.fused_grad:
-            grad, rows, counts = ctx.saved_tensors
+            _, _, grad, rows, counts = ctx.saved_tensors
         else:
             x, ref, labels, ref_labels, self_index, rows, counts = ctx.saved_tensors
         g = grad_out.float()
@@ -149,7 +158,10 @@ def _public(spec: Loss):
                                        for p in spec.parameters] + _TAIL)
 
     def loss_fn(*args, **kwargs):
-        bound = sig.bind(*args, **kwargs)
+        try:
+            bound = sig.bind(*args, **kwargs)
+        except TypeError as e:  # name the function: "contrastive_loss: got an unexpected keyword argument 'margn'"
+            raise TypeError(f"{spec.name}_loss: {e}; accepted keywords: {list(sig.parameters)[4:]}") from None
         bound.apply_defaults()
         a = dict(bound.arguments)
         tensors = [a.pop(n) for n in ("embeddings", "labels", "ref_embeddings", "ref_labels")]

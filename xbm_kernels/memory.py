@@ -37,8 +37,8 @@ class CrossBatchMemory(nn.Module):
     def __init__(self, size: int, dim: int, dtype: torch.dtype = torch.float32, device=None, backend="auto",
                  check_finite: bool = True):
         super().__init__()
-        size = V.index("size", size, 1, 2 ** 62)
-        dim = V.index("dim", dim, 1, 2 ** 31 - 1)
+        size = V.index("size", size, 1, V.MAX_ROWS)
+        dim = V.index("dim", dim, 1, V.MAX_ROWS)
         if dtype not in V.FLOAT_DTYPES:
             raise TypeError(f"dtype: expected one of {[str(d) for d in V.FLOAT_DTYPES]}, got {dtype}")
         backends.resolve(backend, torch.device(device) if device is not None else torch.device("cpu")) \
