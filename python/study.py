@@ -17,6 +17,7 @@ a later study reuses it when its settings match.
 import argparse
 import concurrent.futures
 import csv
+import math
 import multiprocessing
 import os
 import statistics
@@ -215,6 +216,32 @@ def table(rows, header):
     return "\n".join(lines) + "\n"
 
 
+def _spaced_labels(ticks, ratio=1.45):
+    """Tick labels of the dt axis (log scale): the doubling series dt0, 2 dt0, 4 dt0, ...
+    always; another tick (the memory's age) only when it is `ratio` away from both labelled
+    neighbours, else blank (200 and 250 would run together)."""
+    doubling = {t for t in ticks if math.log2(t / ticks[0]).is_integer()}
+    labels = []
+    for t in ticks:
+        near = [d for d in doubling if max(t, d) / min(t, d) < ratio]
+        labels.append(str(t) if t in doubling or not near else "")
+    return labels
+
+
+def _figure_legend(fig, axes):
+    """One legend under the panels for the union of their labels (same colours and styles
+    in every panel), so that no legend hides a point."""
+    handles = {}
+    for ax in axes.flat:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    ncol = min(2 * axes.shape[1], max(1, len(handles)))
+    rows = -(-len(handles) // ncol)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=ncol, fontsize=8, handlelength=3.5,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0.035 * rows / axes.shape[0] + 0.01, 1, 1))
+
+
 def plot(rows, drift_rows, out_dir):
     import matplotlib
     import matplotlib.ticker
@@ -234,22 +261,22 @@ def plot(rows, drift_rows, out_dir):
                 bm, bs = mean_std(base)
                 ax.axhline(bm, color=color, ls=":", lw=1)
                 ax.axhspan(bm - bs, bm + bs, color=color, alpha=0.1)
-                for w, ls in (("1", "-"), ("0.1", "--")):
+                # weight 1: solid line, filled circles; weight 0.1: dashed line, open squares
+                for w, ls, marker, face in (("1", "-", "o", color), ("0.1", "--", "s", "white")):
                     pts = sorted((k[4], mean_std(v)) for k, v in c.items()
                                  if k[:4] == (loss, batch, init, "xbm") and k[5] == w)
                     if pts:
                         ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[p[1][1] for p in pts],
-                                    color=color, ls=ls, marker="o", ms=4, capsize=3,
-                                    label=f"{init}, XBM w={w}")
-                ax.plot([], [], color=color, ls=":", label=f"{init}, batch-only (± std)")
+                                    color=color, ls=ls, marker=marker, mfc=face, ms=5, capsize=3,
+                                    label=f"{init}, XBM weight {w}")
+                ax.plot([], [], color=color, ls=":", label=f"{init}, batch-only (line; band ± std)")
             if ax.lines:
                 ax.set_xscale("log", base=2)
             ax.set_title(f"{LOSS_LABEL.get(loss, loss)}, batch {batch} ({batch // 2} x 2)")
             ax.set_xlabel("memory size (rows)")
             ax.set_ylabel("R@1 (%) on held-out classes")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-    fig.tight_layout()
+    _figure_legend(fig, axes)
     fig.savefig(os.path.join(out_dir, "recall_vs_memory.png"), dpi=110)
     plt.close(fig)
 
@@ -278,14 +305,13 @@ def plot(rows, drift_rows, out_dir):
                 ax.set_xscale("log")
                 ax.set_yscale("log")
                 dts = sorted({p[0] for k, v in groups.items() if k[:2] == (loss, batch) for p in v})
-                ax.set_xticks(dts, [str(d) for d in dts])
+                ax.set_xticks(dts, _spaced_labels(dts))
                 ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_title(f"{LOSS_LABEL.get(loss, loss)}, batch {batch}: feature drift")
             ax.set_xlabel("dt (steps)")
             ax.set_ylabel("mean ||f_t(x) - f_(t-dt)(x)||^2")
             ax.grid(alpha=0.3, which="both")
-            ax.legend(fontsize=7)
-    fig.tight_layout()
+    _figure_legend(fig, axes)
     fig.savefig(os.path.join(out_dir, "drift.png"), dpi=110)
     plt.close(fig)
 
