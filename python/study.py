@@ -351,7 +351,7 @@ def main(argv=None):
     p.add_argument("--plot-only", action="store_true", help="only the table and plots, from the CSVs in --out-dir")
     a = p.parse_args(argv)
     if a.smoke:
-        a.dataset, a.steps_16, a.steps_64, a.memories, a.seeds, a.batches = "digits", 8, 6, [64], [0, 1], [8]
+        a.dataset, a.steps_16, a.steps_64, a.memories, a.seeds, a.batches = "digits", 8, 6, [64], a.seeds[:2], [8]
         a.pretrain_steps, a.pretrain_batch, a.contrastive_weights, a.width, a.drift_every = 6, 8, [1.0], 8, 2
         a.fresh_seeds = a.seeds[:1]
     os.makedirs(a.out_dir, exist_ok=True)
