@@ -51,6 +51,14 @@ def contrastive_oracle(x, y, r, z, margin=0.5, pos_eps=1e-5, ref_valid=None, sel
     return rows, grad, grad_ref, counts
 
 
+L2_ZERO = 2.0 ** -16  # 2 - 2S at or below it counts as d = 0 (CONTRACT.md section 1, contrastive_l2)
+
+
+def l2_distance(s):
+    t = 2.0 - 2.0 * s
+    return math.sqrt(t) if t > L2_ZERO else 0.0
+
+
 def contrastive_l2_oracle(x, y, r, z, pos_margin=0.0, neg_margin=1.0, pos_eps=1e-5, ref_valid=None, self_index=None,
                           weights=None):
     """d_ij = sqrt(max(2 - 2 S_ij, 0)); l_i = sum_{P_i} max(0, d - pos_margin) + sum_{N_i}
@@ -65,7 +73,7 @@ def contrastive_l2_oracle(x, y, r, z, pos_margin=0.0, neg_margin=1.0, pos_eps=1e
     w = [1.0] * B if weights is None else [float(v) for v in weights]
     for i, s, P, N in _sets(x, y, r, z, pos_eps, ref_valid, self_index):
         for j in P:
-            d = math.sqrt(max(2.0 - 2.0 * s[j], 0.0))
+            d = l2_distance(s[j])
             if d > pos_margin:
                 rows[i] += d - pos_margin
                 counts[i, 0] += 1
@@ -73,7 +81,7 @@ def contrastive_l2_oracle(x, y, r, z, pos_margin=0.0, neg_margin=1.0, pos_eps=1e
                     grad[i] -= w[i] / d * rd[j]
                     grad_ref[j] -= w[i] / d * xd[i]
         for j in N:
-            d = math.sqrt(max(2.0 - 2.0 * s[j], 0.0))
+            d = l2_distance(s[j])
             if d < neg_margin:
                 rows[i] += neg_margin - d
                 counts[i, 1] += 1
@@ -215,3 +223,130 @@ def ntxent_oracle(x, y, r, z, temperature=0.1, pos_eps=1e-5, ref_valid=None, sel
             grad[i] += w[i] * c * rd[j]
             grad_ref[j] += w[i] * c * xd[i]
     return rows, grad, grad_ref, counts
+
+
+# --------------------------------------------------------------------------- lookup
+
+
+def oracle_for(loss):
+    """The oracle of a registry loss: `<loss>_oracle` in this module."""
+    return globals()[f"{loss}_oracle"]
+
+
+def evaluate(loss, params, x, y, r, z, ref_valid=None, self_index=None, weights=None):
+    """(rows, grad_x, grad_ref, counts) in float64 of sum_i w_i l_i, on the inputs as given
+    (16-bit inputs are the rounded values: the oracle upcasts them exactly)."""
+    return oracle_for(loss)(x.cpu(), y.cpu(), r.cpu(), z.cpu(), **params, ref_valid=ref_valid,
+                            self_index=None if self_index is None else self_index.cpu(), weights=weights)
+
+
+# --------------------------------------------------------------------------- decision boundaries
+#
+# Test data stays away from every decision a loss makes, so that a comparison tests the code
+# and not a rounding that flips a set (CONTRACT.md section 6). Each loss declares its
+# boundaries in `<loss>_boundaries(S, pos, neg, params)`: S (B, n) float64 similarities of
+# the valid columns, pos / neg the masks of P_i and N_i. It returns two 1-D tensors of
+# distances to a flip point: `fixed` (a threshold that does not move with the data: a margin)
+# and `moving` (a boundary set by other pairs of the row: the mining rule against the hardest
+# pair, near-ties of the hardest pair). decision_gap() adds the threshold every loss has,
+# S = 1 - pos_eps on same-label columns, and measures both in units of their gap.
+
+FIXED_GAP = 1e-3     # CONTRACT.md section 6
+MOVING_GAP = 2e-5    # far above fp32 rounding of S (~1e-7), yet drawable with thousands of pairs per row
+_NONE = torch.zeros(0, dtype=torch.float64)
+
+
+# The "moved" parameter set (cases.variants) of a loss whose fixed thresholds the generic rule
+# would put among the data's similarities (tight classes put S near multiples of 1/7): the
+# thresholds sit halfway between two multiples instead.
+contrastive_moved = dict(margin=1.5 / 7)
+# contrastive_l2: d = sqrt(0.05) (S = 0.975) on positives and S = 2.5/7 on negatives
+contrastive_l2_moved = dict(pos_margin=0.05 ** 0.5, neg_margin=(2 * (1 - 2.5 / 7)) ** 0.5)
+L2_ACTIVE_MIN = 0.02  # an active contrastive_l2 pair keeps 1 - S >= this (d >= 0.2): see below
+
+
+def contrastive_boundaries(S, pos, neg, p):
+    return (S - p["margin"]).abs()[neg], _NONE
+
+
+def contrastive_l2_boundaries(S, pos, neg, p):
+    """d = pos_margin at S = 1 - pos_margin^2 / 2 on P; d = neg_margin on N (never, when
+    neg_margin <= 0: the switched-off term). And a conditioning bound: an active pair's
+    gradient 1/d magnifies the rounding of S by 1/d^2, so active pairs keep 1 - S >=
+    L2_ACTIVE_MIN (as a distance that is below FIXED_GAP exactly when they do not)."""
+    fixed = [(S - (1 - p["pos_margin"] ** 2 / 2)).abs()[pos]]
+    if p["neg_margin"] > 0:
+        fixed.append((S - (1 - p["neg_margin"] ** 2 / 2)).abs()[neg])
+    d = (2 - 2 * S).clamp_min(0).sqrt()
+    active = (pos & (d > p["pos_margin"])) | (neg & (d < p["neg_margin"]))
+    fixed.append((1 - S - L2_ACTIVE_MIN + FIXED_GAP).clamp_min(0)[active])
+    return torch.cat(fixed), _NONE
+
+
+def _extremes(S, pos, neg):
+    inf = torch.tensor(math.inf, dtype=S.dtype)
+    has = pos.any(1) & neg.any(1)
+    return torch.where(pos, S, inf).min(1).values, torch.where(neg, S, -inf).max(1).values, has
+
+
+def multi_similarity_boundaries(S, pos, neg, p):
+    if not p["mine"] or S.shape[1] == 0:
+        return _NONE, _NONE
+    min_pos, max_neg, has = _extremes(S, pos, neg)
+    mm = p["mining_margin"]
+    moving = torch.cat([(S - mm - max_neg[:, None]).abs()[pos & has[:, None]],
+                        (S + mm - min_pos[:, None]).abs()[neg & has[:, None]]])
+    return _NONE, moving
+
+
+def triplet_boundaries(S, pos, neg, p):
+    """The hinge against 0, and near-ties of the hardest positive and negative (exact ties
+    are the subject of tests/test_triplet_rules.py)."""
+    if S.shape[1] < 2:
+        return _NONE, _NONE
+    inf = torch.tensor(math.inf, dtype=S.dtype)
+    ps = torch.where(pos, S, inf).topk(2, dim=1, largest=False).values
+    ns = torch.where(neg, -S, inf).topk(2, dim=1, largest=False).values
+    has = pos.any(1) & neg.any(1)
+    hinge = (-ns[:, 0] - ps[:, 0] + p["margin"]).abs()[has]
+    ties = torch.cat([(ps[:, 1] - ps[:, 0])[has], (ns[:, 1] - ns[:, 0])[has]])
+    return hinge, ties[torch.isfinite(ties)]
+
+
+def supcon_boundaries(S, pos, neg, p):
+    return _NONE, _NONE  # smooth in S: only the sets themselves
+
+
+def ntxent_boundaries(S, pos, neg, p):
+    return _NONE, _NONE
+
+
+def decision_gap(loss, params, x, y, r, z, ref_valid=None, self_index=None, copies=()):
+    """The smallest distance of a decision of `loss` to its flip point, in units of its gap
+    (FIXED_GAP or MOVING_GAP): data with decision_gap > 1 is away from every threshold.
+    `copies` lists (anchor, column) pairs holding an exact copy of the anchor (S = 1 up to
+    rounding, not excluded by self_index): they sit on the threshold S = 1 by design and are
+    judged by the rule for duplicates instead (CONTRACT.md section 1)."""
+    n = r.shape[0] if ref_valid is None else ref_valid
+    S = x.detach().double().cpu() @ r[:n].detach().double().cpu().T
+    B = S.shape[0]
+    if S.numel() == 0:
+        return math.inf
+    cols = torch.arange(n)
+    valid = torch.ones(B, n, dtype=torch.bool)
+    if self_index is not None:
+        valid &= cols[None, :] != self_index.cpu()[:, None]
+    same = y.cpu()[:, None].long() == z.cpu()[None, :n].long()
+    pos = valid & same & (S < 1 - params["pos_eps"])
+    neg = valid & ~same
+    judged = torch.ones(B, n, dtype=torch.bool)
+    for i, j in copies:
+        if j < n:
+            judged[i, j] = False
+    boundaries = globals()[f"{loss}_boundaries"]
+    _, moving = boundaries(S, pos, neg, params)
+    fixed, _ = boundaries(S, pos & judged, neg & judged, params)  # the copies' pairs left out
+    fixed_all = [(S - (1 - params["pos_eps"])).abs()[valid & same & judged], fixed]
+    gaps = [float(t.min()) / FIXED_GAP for t in fixed_all if t.numel()]
+    gaps += [float(moving.min()) / MOVING_GAP] if moving.numel() else []
+    return min(gaps, default=math.inf)

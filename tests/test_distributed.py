@@ -47,8 +47,8 @@ def _worker(rank, init_file, out_dir):
     x, y, masks = make_data()
     results = {}
     for backend, masked in CASES:
-        crit = xk.XBMLoss(M, D, weight=WEIGHT, start_iteration=START, gather_distributed=True, backend=backend,
-                          normalize=False)  # the oracle below works on the raw rows
+        crit = xk.XBMLoss(M, D, loss="contrastive", weight=WEIGHT, start_iteration=START, gather_distributed=True,
+                          backend=backend, normalize=False)  # the oracle below works on the raw rows
         losses, grads = [], []
         for t in range(STEPS):
             e = x[t, rank].clone().requires_grad_(True)
@@ -122,11 +122,11 @@ def ddp_results(tmp_path_factory):
     return [torch.load(d / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
-@pytest.mark.parametrize("backend,masked", CASES)
-def test_gather_distributed_matches_single_process(ddp_results, backend, masked):
+@pytest.mark.parametrize("xbm_backend,masked", CASES)
+def test_gather_distributed_matches_single_process(ddp_results, xbm_backend, masked):
     x, y, masks = make_data()
     exp_losses, exp_grads, exp_mem, exp_mem_y, exp_ptr, exp_filled = expected(x, y, masks, masked)
-    key = f"{backend}-{masked}"
+    key = f"{xbm_backend}-{masked}"
     r0 = ddp_results[0][key]
     for r in range(WORLD):
         got = ddp_results[r][key]
