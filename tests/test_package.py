@@ -60,3 +60,29 @@ def test_contract_exists_and_every_citation_names_a_section():
     missing = [(name, s) for name, s in cited if s not in sections]
     assert not missing, missing
 
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu"])
+@pytest.mark.parametrize("main_rc,triton_rc", [(1, 0), (0, 2), (5, 0), (1, 3)])
+def test_run_sh_runs_both_processes_and_exits_with_the_worse_status(tmp_path, gpu, main_rc, triton_rc):
+    """tests/run.sh with a stand-in python: both pytest processes run whatever the first one
+    returns, the Triton one first on a GPU, with TRITON_INTERPRET=1 without one, and the script
+    exits with the worse status (5, nothing selected, counts as success)."""
+    calls = tmp_path / "calls"
+    stub = tmp_path / "python"
+    stub.write_text(f"""#!/usr/bin/env bash
+if [ "$1" = "-c" ]; then exit {0 if gpu else 1}; fi
+m=""; prev=""
+for a in "$@"; do [ "$prev" = "-m" ] && m="$a"; prev="$a"; done
+echo "$m|${{TRITON_INTERPRET:-}}" >> {calls}
+case "$m" in triton*) exit {triton_rc} ;; *) exit {main_rc} ;; esac
+""")
+    stub.chmod(0o755)
+    proc = subprocess.run(["bash", os.path.join(ROOT, "tests", "run.sh"), "-k", "x"], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHON=str(stub)), timeout=60)
+    lines = calls.read_text().splitlines()
+    assert sorted(lines) == sorted([f"not triton and (not slow)|", f"triton and (not slow)|{'' if gpu else '1'}"])
+    if gpu:
+        assert lines[0].startswith("triton")
+    worse = max(0 if main_rc == 5 else main_rc, 0 if triton_rc == 5 else triton_rc)
+    assert proc.returncode == worse, proc.stdout + proc.stderr
