@@ -1,110 +1,412 @@
-"""xbm_kernels.pml.CrossBatchMemory against pytorch-metric-learning's own CrossBatchMemory:
-the same batches through both give the same loss and gradients (fp32, 1e-5 relative), over
-a wrapping memory and a step with enqueue_mask, for every fused configuration and a few
-that run through PML's loss against our memory."""
+"""xbm_kernels.pml.CrossBatchMemory against pytorch-metric-learning 2.9's own
+CrossBatchMemory, run side by side on the same generated step sequences: every loss PML's
+wrapper accepts, its miners, reducers, distances and regularizers, enqueue_mask,
+indices_tuple, wrap-around, float16/bfloat16/float32/float64, settings changed between
+steps, rows that are not unit-norm and zero rows. After every step the loss, the gradients
+(of the embeddings and of the loss's own parameters) and the memory are compared.
+
+Where PML 2.9 itself is wrong, the comparison is with PML with that bug fixed (`FixedPML`):
+a one-row batch keeps its self-pair (its wrap-around test `e <= s` holds for one row), an
+all-False enqueue_mask marks the memory full, an empty batch raises. CONTRACT.md says so.
+
+Tolerances (compare.py's meaning: the largest error over the largest expected entry):
+float32 and float64 within 1e-5 (floor 1e-3); 16-bit within twice PML's own 16-bit error
+against PML run in float64 on the same rounded inputs, or 2e-2, whichever is larger."""
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-pml = pytest.importorskip("pytorch_metric_learning")
-from pytorch_metric_learning import distances, losses, miners  # noqa: E402
+pytest.importorskip("pytorch_metric_learning")
+from pytorch_metric_learning import distances, losses, miners, reducers, regularizers  # noqa: E402
+from pytorch_metric_learning.losses import cross_batch_memory as pml_cbm  # noqa: E402
 
-import xbm_kernels as xk  # noqa: E402
 from xbm_kernels import pml as xpml  # noqa: E402
-from common import class_centres, rows_around  # noqa: E402
 
-COS = distances.CosineSimilarity
+COS, LP = distances.CosineSimilarity, distances.LpDistance
+pytestmark = pytest.mark.backends("reference", "cpu")
 
-# name: (factory of (loss, miner), expected fused configuration or None)
+
+class FixedPML(pml_cbm.CrossBatchMemory):
+    """PML 2.9's wrapper with its three bugs fixed, nothing else changed: self-pairs are the
+    pairs (a, curr_batch_idx[a]) for every batch size; an empty enqueue changes nothing."""
+
+    def add_to_memory(self, embeddings, labels, batch_size):
+        if batch_size == 0:
+            self.curr_batch_idx = torch.zeros(0, dtype=torch.long, device=labels.device)
+            return
+        super().add_to_memory(embeddings, labels, batch_size)
+
+    def create_indices_tuple(self, embeddings, labels, E_mem, L_mem, input_indices_tuple, do_remove_self_comparisons):
+        orig = pml_cbm.lmu.remove_self_comparisons
+
+        def remove(indices_tuple, curr_batch_idx, ref_size):
+            keep = indices_tuple[1] != curr_batch_idx[indices_tuple[0]]
+            if len(indices_tuple) == 3:
+                return tuple(t[keep] for t in indices_tuple)
+            return indices_tuple[0][keep], indices_tuple[1][keep], indices_tuple[2], indices_tuple[3]
+
+        pml_cbm.lmu.remove_self_comparisons = remove
+        try:
+            return super().create_indices_tuple(embeddings, labels, E_mem, L_mem, input_indices_tuple,
+                                                do_remove_self_comparisons)
+        finally:
+            pml_cbm.lmu.remove_self_comparisons = orig
+
+
+class SameAsMean(reducers.MeanReducer):
+    """PML's MeanReducer under another type: never fused, so the fallback path runs."""
+
+
+# name: (factory of (loss, miner), the fused plan, [settings changes between steps])
+def _set(obj_attr, value):
+    def change(loss, miner, module):
+        target = {"loss": loss, "miner": miner}[obj_attr[0]] if obj_attr[0] != "module" else module
+        setattr(target, obj_attr[1], value() if callable(value) else value)
+    return change
+
+
 CONFIGS = {
-    "contrastive-cos": (lambda: (losses.ContrastiveLoss(pos_margin=1, neg_margin=0.3, distance=COS()), None),
-                        "contrastive"),
-    "contrastive-cos-pm0.95": (lambda: (losses.ContrastiveLoss(pos_margin=0.995, neg_margin=-0.05, distance=COS()),
-                                        None), "contrastive"),
-    "multi_similarity": (lambda: (losses.MultiSimilarityLoss(), None), "multi_similarity"),
-    "multi_similarity+miner": (lambda: (losses.MultiSimilarityLoss(alpha=2, beta=50, base=0.5),
-                                        miners.MultiSimilarityMiner(epsilon=0.1)), "multi_similarity"),
-    "supcon": (lambda: (losses.SupConLoss(temperature=0.1), None), "supcon"),
-    "ntxent": (lambda: (losses.NTXentLoss(temperature=0.07), None), "ntxent"),
+    "contrastive-lp": (lambda: (losses.ContrastiveLoss(), None), "contrastive",
+                       [_set(("loss", "pos_margin"), 0.3), _set(("loss", "neg_margin"), 1.3)]),
+    "contrastive-cos": (lambda: (losses.ContrastiveLoss(pos_margin=0.9, neg_margin=0.3, distance=COS()), None),
+                        "contrastive", [_set(("loss", "neg_margin"), 0.1)]),
+    "contrastive-lp-squared": (lambda: (losses.ContrastiveLoss(distance=LP(power=2)), None), None, []),
+    "multi_similarity": (lambda: (losses.MultiSimilarityLoss(), None), "multi_similarity",
+                         [_set(("loss", "base"), 0.3), _set(("loss", "alpha"), 3.0)]),
+    "multi_similarity+miner": (lambda: (losses.MultiSimilarityLoss(), miners.MultiSimilarityMiner(0.1)),
+                               "multi_similarity", [_set(("miner", "epsilon"), 0.3)]),
+    "multi_similarity+miner-mean-subclass": (
+        lambda: (losses.MultiSimilarityLoss(reducer=SameAsMean()), miners.MultiSimilarityMiner(0.1)), None, []),
+    "supcon": (lambda: (losses.SupConLoss(temperature=0.1), None), "supcon",
+               [_set(("loss", "temperature"), 0.5), _set(("loss", "reducer"), reducers.SumReducer)]),
+    "supcon-cold": (lambda: (losses.SupConLoss(temperature=0.03), None), "supcon", []),
+    "ntxent": (lambda: (losses.NTXentLoss(temperature=0.07), None), "ntxent",
+               [_set(("loss", "temperature"), 0.2)]),
     "triplet+batchhard": (lambda: (losses.TripletMarginLoss(margin=0.1, distance=COS()),
-                                   miners.BatchHardMiner(distance=COS())), "triplet"),
-    "contrastive-lp (PML default)": (lambda: (losses.ContrastiveLoss(), None), "contrastive"),
-    "contrastive-lp-margins": (lambda: (losses.ContrastiveLoss(pos_margin=0.2, neg_margin=1.2), None), "contrastive"),
-    "contrastive-lp-squared": (lambda: (losses.ContrastiveLoss(distance=distances.LpDistance(power=2)), None), None),
-    "circle": (lambda: (losses.CircleLoss(), None), None),
-    "lifted": (lambda: (losses.LiftedStructureLoss(), None), None),
-    "triplet-all": (lambda: (losses.TripletMarginLoss(), None), None),
+                                   miners.BatchHardMiner(distance=COS())), "triplet",
+                          [_set(("loss", "margin"), 0.4)]),
+    "triplet-all": (lambda: (losses.TripletMarginLoss(), None), None,
+                    [_set(("module", "miner"), lambda: miners.TripletMarginMiner(0.2, type_of_triplets="semihard"))]),
+    "triplet+semihard": (lambda: (losses.TripletMarginLoss(margin=0.2, distance=COS()),
+                                  miners.TripletMarginMiner(0.2, distance=COS(), type_of_triplets="semihard")),
+                         None, []),
+    "circle": (lambda: (losses.CircleLoss(), None), None, [_set(("loss", "m"), 0.4)]),
+    "lifted": (lambda: (losses.LiftedStructureLoss(), None), None, []),
+    "generalized-lifted": (lambda: (losses.GeneralizedLiftedStructureLoss(), None), None, []),
+    "margin": (lambda: (losses.MarginLoss(learn_beta=True, num_classes=None), None), None, []),
+    "nca": (lambda: (losses.NCALoss(), None), None, []),
+    "angular": (lambda: (losses.AngularLoss(), None), None, []),
+    "angular+miner": (lambda: (losses.AngularLoss(), miners.AngularMiner()), None, []),
+    "intra-pair-variance": (lambda: (losses.IntraPairVarianceLoss(), None), None, []),
+    "snr": (lambda: (losses.SignalToNoiseRatioContrastiveLoss(), None), None, []),
+    "tuplet-margin": (lambda: (losses.TupletMarginLoss(), None), None, []),
+    "ntxent+regularizer": (lambda: (losses.NTXentLoss(embedding_regularizer=regularizers.LpRegularizer()), None),
+                           None, []),
+    "multi_similarity-dot": (lambda: (losses.MultiSimilarityLoss(distance=distances.DotProductSimilarity()), None),
+                             None, []),
+    "contrastive+pair-margin-miner": (lambda: (losses.ContrastiveLoss(), miners.PairMarginMiner(0.2, 0.8)), None,
+                                      []),
 }
 
-BACKENDS = ["reference", "cpu"]
-STEPS = 6  # memory of 40 rows, batches of 16 (step 4 masked): wraps at step 3
+MEMORY, D, CLASSES = 24, 8, 4
 
 
-def _batches(seed, D=24, n_classes=6, B=16):
+def _tol(dtype):
+    return {torch.float32: 1e-5, torch.float64: 1e-5}.get(dtype)
+
+
+def _err(actual, expected, floor=1e-3):
+    expected = torch.as_tensor(expected).detach().double()
+    actual = torch.as_tensor(actual).detach().double()
+    if actual.shape != expected.shape:
+        raise AssertionError(f"shape {tuple(actual.shape)} != {tuple(expected.shape)}")
+    if not expected.numel():
+        return 0.0
+    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(floor))
+
+
+@st.composite
+def step_sequences(draw, with_indices=True):
+    """Steps of (seed, batch size, kind, change): kind is 'plain', 'mask' (enqueue_mask),
+    'indices' (a caller indices_tuple); change applies the config's next settings change."""
+    n = draw(st.integers(3, 6))
+    steps = []
+    for k in range(n):
+        kinds = ["plain", "plain", "mask"] + (["indices"] if with_indices else [])
+        steps.append((draw(st.integers(0, 2 ** 31 - 1)), draw(st.integers(1, 10)), draw(st.sampled_from(kinds)),
+                      draw(st.booleans()) and k > 0))
+    return steps
+
+
+def _batch(seed, B, dtype, zero_rows=True):
+    """Rows around CLASSES centres (same-class cosine ~0.6-0.95), norms in [0.3, 3], now and
+    then a zero row or an exact copy of another row of the batch."""
     gen = torch.Generator().manual_seed(seed)
-    centres = class_centres(n_classes, D, gen)
+    centres = F.normalize(torch.randn(CLASSES, D, generator=gen, dtype=torch.float64), dim=1)
+    y = torch.randint(0, CLASSES, (B,), generator=gen)
+    x = F.normalize(centres[y] + 0.5 * torch.randn(B, D, generator=gen, dtype=torch.float64), dim=1)
+    x = x * (0.3 + 2.7 * torch.rand(B, 1, generator=gen, dtype=torch.float64))
+    if zero_rows and B > 2 and torch.rand((), generator=gen) < 0.2:
+        x[int(torch.randint(0, B, (), generator=gen))] = 0
+    if B > 3 and torch.rand((), generator=gen) < 0.2:
+        i, j = torch.randperm(B, generator=gen)[:2].tolist()
+        x[i], y[i] = x[j], y[j]
+    mask = torch.rand(B, generator=gen) < 0.5
+    return x.to(dtype), y, mask
+
+
+def _indices(seed, y, mem_labels, self_slot):
+    """A caller's indices_tuple that PML accepts: pairs (or triplets) whose positives share
+    the anchor's label and whose negatives do not, the first positive pair being anchor 0
+    with its own slot."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    B, n = y.shape[0], mem_labels.shape[0]
+    a = torch.randint(0, B, (40,), generator=gen)
+    r = torch.randint(0, n, (40,), generator=gen)
+    same = y[a] == mem_labels[r]
+    ap, p = torch.cat([torch.tensor([0]), a[same][:4]]), torch.cat([torch.tensor([self_slot]), r[same][:4]])
+    an, neg = a[~same][:4], r[~same][:4]
+    if seed % 2 == 0:
+        return ap, p, an, neg
+    trip = [(int(i), int(j), int(c)) for i, j in zip(ap, p)
+            for c in (mem_labels != y[i]).nonzero()[:1, 0]]  # each positive pair with a negative of its anchor
+    return tuple(torch.tensor([t[k] for t in trip], dtype=torch.long) for k in range(3))
+
+
+def _run_step(module, x0, y, mask, indices, params):
+    x = x0.clone().requires_grad_()
+    for p in params:
+        p.grad = None
+    loss = module(x, y, indices_tuple=indices, enqueue_mask=mask)
+    if loss.requires_grad:
+        loss.backward()
+    grads = [x.grad if x.grad is not None else torch.zeros_like(x)]
+    grads += [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    return loss.detach(), grads
+
+
+def _memory_of(module):
+    if isinstance(module, xpml.CrossBatchMemory):
+        e, l = module.memory.get()
+        return e, l.long()
+    n = module.memory_size if module.has_been_filled else module.queue_idx
+    return module.embedding_memory[:n], module.label_memory[:n].long()
+
+
+def _side_by_side(name, steps, dtype, backend, pml_raises_ok=False, zero_rows=True):
+    """Runs the steps through ours, FixedPML in the same dtype and FixedPML in float64 on the
+    same (rounded) inputs; returns per step (kind, ours, theirs, exact), each (loss, grads),
+    and checks after each step that our memory holds PML's rows and labels."""
+    make, _, changes = CONFIGS[name]
+    loss, miner = make()
+    memory_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # PML keeps float64 rows
+    ours = xpml.CrossBatchMemory(copy.deepcopy(loss), D, MEMORY, copy.deepcopy(miner), backend=backend,
+                                 memory_dtype=memory_dtype)
+    theirs = FixedPML(copy.deepcopy(loss), D, MEMORY, copy.deepcopy(miner))
+    exact = FixedPML(copy.deepcopy(loss).double(), D, MEMORY, copy.deepcopy(miner))
+    modules = (ours, theirs, exact)
+    change_at = 0
     out = []
-    for step in range(STEPS):
-        y = torch.randint(0, n_classes, (B,), generator=gen)
-        x = (rows_around(centres, y, gen, noise=0.8) * (1 + torch.rand(B, 1, generator=gen, dtype=torch.float64)))
-        mask = torch.rand(B, generator=gen) < 0.5 if step == 4 else None
-        out.append((x.float(), y, mask))
+    for seed, B, kind, change in steps:
+        if change and change_at < len(changes):
+            for m in modules:
+                changes[change_at](m.loss, m.miner, m)
+            change_at += 1
+        x, y, mask = _batch(seed, B, dtype, zero_rows=zero_rows)
+        mask = mask if kind == "mask" else None
+        indices = None
+        if kind == "indices":
+            n_after = min(MEMORY, len(ours.memory) + B)
+            labels_after = torch.cat([ours.memory.labels[:len(ours.memory)].long(), y])  # before any wrap
+            mem_labels = ours.memory.labels.long().clone()
+            slots = (ours.memory._ptr + torch.arange(B)) % MEMORY
+            mem_labels[slots] = y
+            indices = _indices(seed, y, mem_labels[:n_after] if n_after else labels_after[:0], int(slots[0]))
+        results = []
+        for m, xin in ((ours, x), (theirs, x), (exact, x.double())):
+            try:
+                results.append(_run_step(m, xin, y, mask, indices, list(m.loss.parameters())))
+            except NotImplementedError:  # PML's LpDistance in bf16: torch.cdist has no bf16 kernel
+                if not (pml_raises_ok and m is theirs):
+                    raise
+                results.append(None)
+        mo, lo = _memory_of(ours)
+        mt, lt = _memory_of(theirs if results[1] is not None else exact)
+        assert torch.equal(lo, lt), "memory labels differ"
+        lower = mo.dtype if mo.element_size() <= mt.element_size() else mt.dtype
+        assert torch.equal(mo.to(lower), mt.to(lower)), "memory rows differ"
+        out.append((kind, *results))
     return out
 
 
-def _run(module, batches):
-    results = []
-    for x0, y, mask in batches:
-        x = x0.clone().requires_grad_()
-        loss = module(x, y, enqueue_mask=mask)
-        loss.backward()
-        results.append((loss.detach(), x.grad))
-    return results
+def _close(actual, theirs, exact, tol, floor):
+    """Ours within tol of PML in the same dtype, or within max(tol, twice PML's own error)
+    of PML in float64; non-finite entries (PML's own NaN/inf) must be the same as PML's."""
+    actual, theirs, exact = (torch.as_tensor(t).detach().double() for t in (actual, theirs, exact))
+    bad = ~torch.isfinite(theirs)
+    if bad.any():
+        if not torch.equal(torch.isnan(actual), torch.isnan(theirs)) or \
+                not torch.equal(actual[torch.isinf(theirs)], theirs[torch.isinf(theirs)]):
+            return False
+        actual, theirs, exact = actual[~bad], theirs[~bad], exact[~bad]
+        exact = torch.where(torch.isfinite(exact), exact, theirs)
+    if _err(actual, theirs, floor) <= tol:
+        return True
+    return _err(actual, exact, floor) <= max(tol, 2 * _err(theirs, exact, floor))
 
 
-def _assert_rel(actual, expected, tol, what, floor=1e-6):
-    scale = max(float(expected.abs().max()) if expected.numel() else 0.0, floor)
-    err = float((actual.double() - expected.double()).abs().max()) if expected.numel() else 0.0
-    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:g} x {scale:.3g}"
+def _check(out, tol, what=""):
+    for k, (kind, (lo, go), (lt, gt), (le, ge)) in enumerate(out):
+        assert _close(lo, lt, le, tol, 1.0), \
+            f"{what}step {k} ({kind}): loss {float(lo)}, PML {float(lt)}, PML in float64 {float(le)}"
+        for j, (a, b, e) in enumerate(zip(go, gt, ge)):
+            finite = e[torch.isfinite(e)]
+            floor = 1e-3 * max(float(finite.abs().max()), 1e-3) if j == 0 and finite.numel() else 1e-3
+            assert _close(a, b, e, tol, floor), f"{what}step {k} ({kind}): gradient {j} off by {_err(a, b, floor):.3g}"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_same_losses_and_gradients_as_pml(name, backend):
-    make, expected = CONFIGS[name]
-    loss, miner = make()
-    theirs = losses.CrossBatchMemory(loss, 24, memory_size=40, miner=miner)
-    loss2, miner2 = make()
-    ours = xpml.CrossBatchMemory(loss2, 24, memory_size=40, miner=miner2, backend=backend)
-    assert (ours.fused or "").split(":")[0] == (expected or ""), ours.fused
-    batches = _batches(seed=len(name))
-    nonzero = 0
-    for step, ((lt, gt), (lo, go)) in enumerate(zip(_run(theirs, batches), _run(ours, batches))):
-        _assert_rel(lo, lt, 1e-5, f"step {step} loss")
-        _assert_rel(go, gt, 1e-5, f"step {step} grad", floor=1e-6)
-        nonzero += bool(lt != 0)
-    assert nonzero >= STEPS - 1, "the sequence must exercise the loss"
-    assert len(ours.memory) == 40 and ours.memory._ptr == theirs.queue_idx
+@pytest.mark.parametrize("precision", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@settings(max_examples=6)
+@given(steps=step_sequences())
+def test_same_steps_as_pml(name, precision, backend, device, steps):
+    """Loss, gradients and memory as PML's after every step, with the settings changed
+    between steps as the config lists: within 1e-5 of PML in float64, or twice PML's own
+    error in that dtype where that is larger (beta = 40 makes fp32 weights noisy)."""
+    _check(_side_by_side(name, steps, precision, backend), 1e-5)
 
 
-def test_fused_configurations_listed():
-    names = [n.split(":")[0] for n in xpml.fused_configurations()]
-    assert names == ["contrastive", "multi_similarity", "supcon", "ntxent", "triplet"]
-    for make, expected in CONFIGS.values():
+@pytest.mark.parametrize("name", [n for n, (_, fused, _) in CONFIGS.items() if fused])
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@settings(max_examples=4)
+@given(steps=step_sequences(with_indices=False))
+def test_16bit_steps_as_accurate_as_pml(name, half, backend, device, steps):
+    """16-bit embeddings on the fused configurations: finite, and within 2e-2 of PML run in
+    float64 on the same rounded inputs, or twice PML's own 16-bit error where that is larger
+    and finite (PML's fp16 overflows to NaN where the fused kernels, accumulating in fp32, do
+    not; PML's LpDistance has no bf16 cdist). No zero rows here: normalising one has a
+    gradient of 1/eps = 1e12, inf in 16 bits in any implementation."""
+    for k, (kind, (lo, go), theirs, (le, ge)) in enumerate(_side_by_side(name, steps, half, backend,
+                                                                          pml_raises_ok=True, zero_rows=False)):
+        pairs = [(lo, theirs and theirs[0], le, 1.0), (go[0], theirs and theirs[1][0], ge[0], 1e-2)]
+        for what, (a, t, e, floor) in zip(("loss", "gradient"), pairs):
+            assert torch.isfinite(a).all(), f"{half}: step {k}: {what} not finite"
+            pml_err = _err(t, e, floor) if t is not None and torch.isfinite(t).all() else 0.0
+            assert _err(a, e, floor) <= max(2e-2, 2 * pml_err), \
+                f"{half}: step {k} ({kind}): {what} off by {_err(a, e, floor):.3g} (PML's own: {pml_err:.3g})"
+
+
+def test_plans_follow_the_settings_at_each_call():
+    for name, (make, expected, _) in CONFIGS.items():
         loss, miner = make()
-        assert (xpml.plan(loss, miner)[0] or "").split(":")[0] == (expected or "")
+        assert (xpml.plan(loss, miner)[0] or "").split(":")[0] == (expected or ""), name
+    loss = losses.SupConLoss()
+    m = xpml.CrossBatchMemory(loss, D, MEMORY)
+    assert m.fused.startswith("supcon")
+    loss.reducer = reducers.SumReducer()
+    assert m.fused is None
+    loss.reducer = reducers.AvgNonZeroReducer()
+    loss.temperature = -1.0  # outside what the kernel takes: PML's own loss runs
+    assert m.fused is None
 
 
-def test_non_default_reducer_or_regularizer_falls_back():
-    from pytorch_metric_learning import reducers, regularizers
-    assert xpml.plan(losses.SupConLoss(reducer=reducers.MeanReducer()))[0] is None
-    assert xpml.plan(losses.NTXentLoss(embedding_regularizer=regularizers.LpRegularizer()))[0] is None
-    assert xpml.plan(losses.TripletMarginLoss(distance=COS()), miners.BatchHardMiner())[0] is None  # Lp miner
-    assert xpml.plan(losses.MultiSimilarityLoss(distance=distances.DotProductSimilarity()))[0] is None
+def test_sum_reducer_swapped_in_mid_run_is_used():
+    """The issue's example: a SumReducer swapped in after construction is used at once."""
+    ours, theirs, unswapped = (make(losses.SupConLoss(), D, MEMORY) for make in
+                               (xpml.CrossBatchMemory, FixedPML, xpml.CrossBatchMemory))
+    for seed in range(3):
+        x, y, _ = _batch(seed, 8, torch.float32)
+        if seed == 2:
+            ours.loss.reducer = reducers.SumReducer()
+            theirs.loss.reducer = reducers.SumReducer()
+        lo, lt, lu = (float(m(x, y)) for m in (ours, theirs, unswapped))
+        assert abs(lo - lt) <= 1e-5 * abs(lt)
+    assert lo > 2 * lu  # the sum over anchors, not the mean
 
 
-def test_unsupported_loss_is_refused_by_name():
-    with pytest.raises(ValueError, match="ProxyAnchorLoss"):
-        xpml.CrossBatchMemory(losses.ProxyAnchorLoss(10, 8), 8)
+def test_low_temperature_supcon_counts_the_same_anchors():
+    """At temperature 0.03 many anchors' losses are ~1e-8: the fused value must be >= 0 and
+    zero where PML's row-max-shifted fp32 form is zero, over many steps."""
+    out = _side_by_side("supcon-cold", [(s, 10, "plain", False) for s in range(40)], torch.float32, "cpu")
+    for k, (_, (lo, _), (lt, _), _) in enumerate(out):
+        assert _err(lo, lt, floor=1.0) <= 1e-5, f"step {k}: {float(lo)} vs PML {float(lt)}"
+    _check(out, 1e-5)
+
+
+def test_mining_order_is_one_on_both_paths():
+    """MultiSimilarityLoss + MultiSimilarityMiner: the fused path (default reducer) and the
+    fallback (a MeanReducer subclass) give the same numbers, PML 2.9's, also for an anchor
+    whose only same-label row in the memory is its own copy, with a negative near it."""
+    gen = torch.Generator().manual_seed(0)
+    mem_x = F.normalize(torch.randn(30, D, generator=gen), dim=1)
+    mem_y = torch.arange(30) % 3
+    x = F.normalize(torch.randn(6, D, generator=gen), dim=1)
+    y = torch.arange(6) % 3
+    y[0] = 99  # no other row has label 99
+    mem_x[3] = F.normalize(x[0] + 0.05 * mem_x[3], dim=0)  # a negative of anchor 0 at S ~ 0.999
+    results = []
+    for reducer in (None, SameAsMean()):
+        kw = {} if reducer is None else {"reducer": reducer}
+        for make in (xpml.CrossBatchMemory, FixedPML):
+            m = make(losses.MultiSimilarityLoss(**kw), D, 64, miners.MultiSimilarityMiner(0.1))
+            with torch.no_grad():
+                m(mem_x, mem_y)
+            xx = x.clone().requires_grad_()
+            loss = m(xx, y)
+            loss.backward()
+            results.append((float(loss), xx.grad))
+    fused, fused_pml, fallback, fallback_pml = results
+    assert abs(fused[0] - fused_pml[0]) <= 1e-5 * abs(fused_pml[0])
+    assert abs(fallback[0] - fused[0]) <= 1e-5 * abs(fused[0])
+    assert _err(fused[1], fused_pml[1]) <= 1e-5 and _err(fallback[1], fused[1]) <= 1e-5
+    assert fused[1][0].abs().sum() > 0  # anchor 0's mined negative contributes, as in PML 2.9
+
+
+def test_zero_row_under_lp_distance():
+    """ContrastiveLoss() (L2): PML's distance of a zero row to every unit row is 1."""
+    x, y, _ = _batch(5, 8, torch.float32, zero_rows=False)
+    x[2] = 0
+    for rows in ([x, x[:4]], [x[:4], x]):  # a zero anchor; then a zero row in the memory
+        ours = xpml.CrossBatchMemory(losses.ContrastiveLoss(), D, MEMORY)
+        theirs = FixedPML(losses.ContrastiveLoss(), D, MEMORY)
+        for r in rows:
+            lo, go = _run_step(ours, r, y[:r.shape[0]], None, None, [])
+            lt, gt = _run_step(theirs, r, y[:r.shape[0]], None, None, [])
+            assert _err(lo, lt) <= 1e-5 and _err(go[0], gt[0]) <= 1e-5
+
+
+def test_float64_embeddings_on_a_fused_configuration():
+    ours = xpml.CrossBatchMemory(losses.SupConLoss(), D, MEMORY)
+    theirs = FixedPML(losses.SupConLoss(), D, MEMORY)
+    for seed in range(3):
+        x, y, _ = _batch(seed, 8, torch.float64)
+        lo, go = _run_step(ours, x, y, None, None, [])
+        lt, gt = _run_step(theirs, x, y, None, None, [])
+        assert lo.dtype == torch.float64 or lo.dtype == torch.float32
+        assert _err(lo, lt) <= 1e-6 and _err(go[0], gt[0]) <= 1e-6 and go[0].dtype == torch.float64
+
+
+@pytest.mark.parametrize("bad, match", [
+    ((torch.tensor([0, 9]), torch.tensor([0, 1]), torch.tensor([1, 2])), r"indices_tuple\[0\] \(anchors\)"),
+    ((torch.tensor([0]), torch.tensor([40]), torch.tensor([1])), r"indices_tuple\[1\] \(positives\)"),
+    ((torch.tensor([0]), torch.tensor([1]), torch.tensor([-1])), r"indices_tuple\[2\] \(negatives\)"),
+    ((torch.tensor([0, 1]), torch.tensor([1]), torch.tensor([1, 2])), "one length"),
+    ((torch.tensor([0]), torch.tensor([1])), "tuple of 3"),
+    ((torch.tensor([0.0]), torch.tensor([1]), torch.tensor([2])), "integer"),
+])
+def test_bad_indices_tuple_names_it_and_changes_nothing(bad, match):
+    ours = xpml.CrossBatchMemory(losses.SupConLoss(), D, MEMORY)
+    x, y, _ = _batch(1, 6, torch.float32)
+    ours(x, y)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    with pytest.raises((ValueError, TypeError), match=match):
+        ours(x, y, indices_tuple=bad)
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, before[k]), k
 
 
 def test_bad_call_leaves_memory_unchanged():
@@ -115,7 +417,8 @@ def test_bad_call_leaves_memory_unchanged():
     bad = x.clone()
     bad[2, 1] = float("nan")
     for args, err in [((bad, y), ValueError), ((torch.randn(11, 8), torch.arange(11)), ValueError),
-                      ((x, y[:5]), ValueError), ((torch.randn(6, 7), y), ValueError)]:
+                      ((x, y[:5]), ValueError), ((torch.randn(6, 7), y), ValueError),
+                      ((x.int(), y), TypeError)]:
         with pytest.raises(err):
             ours(*args)
     with pytest.raises(ValueError, match="mutually exclusive"):
@@ -124,14 +427,30 @@ def test_bad_call_leaves_memory_unchanged():
         assert torch.equal(v, before[k]), k
 
 
+def test_memory_holds_the_rows_pml_holds():
+    """Raw rows (not normalised), so PML code that reads rows sees PML's data."""
+    ours = xpml.CrossBatchMemory(losses.SupConLoss(), D, MEMORY)
+    x, y, _ = _batch(2, 8, torch.float32)
+    ours(x, y)
+    assert torch.equal(ours.memory.get()[0], x)
+
+
+def test_unsupported_loss_is_refused_by_name():
+    with pytest.raises(ValueError, match="ProxyAnchorLoss"):
+        xpml.CrossBatchMemory(losses.ProxyAnchorLoss(10, 8), 8)
+
+
 def test_resume_is_exact_where_pml_loses_the_pointer():
-    batches = _batches(seed=3)
-    a = xpml.CrossBatchMemory(losses.SupConLoss(), 24, memory_size=40)
-    _run(a, batches[:3])
-    b = xpml.CrossBatchMemory(losses.SupConLoss(), 24, memory_size=40)
+    batches = [_batch(s, 10, torch.float32) for s in range(6)]
+    a = xpml.CrossBatchMemory(losses.SupConLoss(), D, memory_size=MEMORY)
+    for x, y, _ in batches[:3]:
+        _run_step(a, x, y, None, None, [])
+    b = xpml.CrossBatchMemory(losses.SupConLoss(), D, memory_size=MEMORY)
     b.load_state_dict(a.state_dict())
-    for (la, ga), (lb, gb) in zip(_run(a, batches[3:]), _run(b, batches[3:])):
-        assert torch.equal(la, lb) and torch.equal(ga, gb)
+    for x, y, _ in batches[3:]:
+        la, ga = _run_step(a, x, y, None, None, [])
+        lb, gb = _run_step(b, x, y, None, None, [])
+        assert torch.equal(la, lb) and torch.equal(ga[0], gb[0])
 
 
 def test_reset_queue():
@@ -149,43 +468,3 @@ def test_importing_xbm_kernels_does_not_need_pml():
             "import xbm_kernels.pml as p; print(len(p.fused_configurations()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "5"
-
-
-def _pml3_reference(loss, miner, x, y, mem, mem_labels, self_slots):
-    """PML 3's order, built from PML's own parts: each anchor mined and scored against the
-    memory without its own copy (the loss is a mean over anchors, so anchors separate)."""
-    total = 0
-    for i in range(x.shape[0]):
-        keep = torch.arange(mem.shape[0]) != self_slots[i]
-        m, ml = mem[keep], mem_labels[keep]
-        xi, yi = x[i:i + 1], y[i:i + 1]
-        total = total + loss(xi, yi, miner(xi, yi, m, ml), m, ml)
-    return total / x.shape[0]
-
-
-def test_self_pairs_are_removed_before_mining_as_pml3():
-    """An anchor whose one positive in the memory is its own copy, with a negative near it:
-    PML 2.9 mines with the copy (min positive = 1) and keeps that negative, PML 3 does not."""
-    gen = torch.Generator().manual_seed(0)
-    D = 16
-    mem_x = torch.nn.functional.normalize(torch.randn(30, D, generator=gen), dim=1)
-    mem_y = torch.arange(30) % 5
-    x = torch.nn.functional.normalize(torch.randn(6, D, generator=gen), dim=1)
-    y = torch.arange(6) % 5
-    y[0] = 99                                           # no other row has label 99
-    mem_x[3] = torch.nn.functional.normalize(x[0] + 0.05 * mem_x[3], dim=0)  # a negative at S ~ 0.999
-    make = lambda: (losses.MultiSimilarityLoss(), miners.MultiSimilarityMiner(epsilon=0.1))  # noqa: E731
-    ours = xpml.CrossBatchMemory(*make()[:1], 16, memory_size=64, miner=make()[1])
-    theirs = losses.CrossBatchMemory(*make()[:1], 16, memory_size=64, miner=make()[1])
-    with torch.no_grad():
-        ours(mem_x, mem_y)
-        theirs(mem_x, mem_y)
-    xo, xt, xr = (x.clone().requires_grad_() for _ in range(3))
-    lo, lt = ours(xo, y), theirs(xt, y)
-    mem, labels = ours.memory.get()
-    lr = _pml3_reference(*make(), xr, y, mem.clone(), labels.long(), torch.arange(30, 36))
-    _assert_rel(lo.detach(), lr.detach(), 1e-5, "loss vs PML-3 order")
-    lo.backward()
-    lr.backward()
-    _assert_rel(xo.grad, xr.grad, 1e-5, "grad vs PML-3 order")
-    assert float((lt - lr).detach().abs()) > 1e-3, "PML 2.9 must differ here, or the case does not test the order"

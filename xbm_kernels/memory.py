@@ -35,12 +35,12 @@ class CrossBatchMemory(nn.Module):
     """
 
     def __init__(self, size: int, dim: int, dtype: torch.dtype = torch.float32, device=None, backend="auto",
-                 check_finite: bool = True):
+                 check_finite: bool = True, *, _dtypes=V.FLOAT_DTYPES):
         super().__init__()
         size = V.index("size", size, 1, V.MAX_ROWS)
         dim = V.index("dim", dim, 1, V.MAX_ROWS)
-        if dtype not in V.FLOAT_DTYPES:
-            raise TypeError(f"dtype: expected one of {[str(d) for d in V.FLOAT_DTYPES]}, got {dtype}")
+        if dtype not in _dtypes:  # the PML drop-in also takes float64 (its rows, as PML keeps them)
+            raise TypeError(f"dtype: expected one of {[str(d) for d in _dtypes]}, got {dtype}")
         backends.resolve(backend, torch.device(device) if device is not None else torch.device("cpu")) \
             if backend != "auto" else None
         self.size, self.dim, self.backend, self.check_finite = size, dim, backend, bool(check_finite)
@@ -127,7 +127,7 @@ class CrossBatchMemory(nn.Module):
         if b == 0:
             return torch.empty(0, dtype=torch.int64, device=self.embeddings.device)
         name = backends.resolve(self.backend, self.embeddings.device)
-        if name == "reference":
+        if name == "reference" or self.dtype == torch.float64:  # the kernels store 32- and 16-bit rows
             slots = (torch.arange(b, device=embeddings.device) + self._ptr) % self.size
             self.embeddings[slots] = embeddings.detach().to(self.dtype)
             self.labels[slots] = labels.to(torch.int32)

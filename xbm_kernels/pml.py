@@ -7,22 +7,26 @@
                                embedding_size=128, memory_size=16384)
     loss = loss_fn(embeddings, labels)                 # PML's numbers, on the fused kernels
 
-Semantics are PML's (CONTRACT.md, "pytorch-metric-learning drop-in"): the batch is enqueued
-first, then the loss of the batch against the memory alone (no in-batch term), each anchor's
-own copy excluded by its slot; `enqueue_mask` rows are enqueued and are not anchors (and
-have no copy to exclude); the loss's reducer as PML applies it. Self-pairs are removed
-before mining (PML 3's order); PML 2.9 mines first and then drops mined self-pairs, which
-differs only for an anchor whose one positive in the memory is its own copy.
+Semantics are PML 2.9's (CONTRACT.md, "pytorch-metric-learning drop-in"): the batch is
+enqueued first, then the loss of the batch against the memory alone (no in-batch term);
+the miner (or all pairs) sees the memory with the batch's own copies in it, and the
+(anchor, own slot) pairs are dropped afterwards; `enqueue_mask` rows are enqueued and are
+not anchors (and have no copy to exclude); the loss's reducer as PML applies it. The memory
+holds the rows PML holds (as given, detached, in `memory_dtype`).
 
 Underneath is xbm_kernels' memory: an exact ring, `state_dict()` resume (PML 2.x keeps its
 pointer and fill flag outside the state dict), the memory's own dtype (`memory_dtype`), and
 with `gather_distributed=True` one global batch enqueued in rank order on every rank, so the
 memories stay identical across DDP ranks.
 
-A configuration with a fused equivalent (`fused_configurations()`; `.fused` names the one
-chosen) runs on the fused kernels; every other PML loss runs through PML's own loss function
-against this memory. A configuration runs fused only where the numbers are PML's.
+The loss and miner are read at every call, as PML does: changing a temperature, a margin,
+a reducer or `.miner` between steps takes effect at the next step. A call whose
+configuration has a fused equivalent (`fused_configurations()`; `.fused` names the one the
+current settings give) runs on the fused kernels against the memory's rows normalised
+(kept beside the memory, updated at each enqueue); every other call runs PML's own loss
+function against the memory. A configuration runs fused only where the numbers are PML's.
 """
+import functools
 import importlib.util
 
 import torch
@@ -41,13 +45,8 @@ SUPPORTED_LOSSES = ("AngularLoss", "CircleLoss", "ContrastiveLoss", "Generalized
                     "NTXentLoss", "SignalToNoiseRatioContrastiveLoss", "SupConLoss", "TripletMarginLoss",
                     "TupletMarginLoss")
 
-# Kernel parameter values that switch a contrastive term off: S is a cosine similarity,
-# so S > 2 (no hard negatives) and S < 1 - 3 (no positives) never hold.
-_NO_NEGATIVES_MARGIN, _NO_POSITIVES_EPS = 2.0, 3.0
-# pos_eps = -1: every same-label valid column is a positive (PML drops no duplicates).
-_ALL_POSITIVES = -1.0
 
-
+@functools.lru_cache(maxsize=None)
 def _pml():
     if importlib.util.find_spec("pytorch_metric_learning") is None:
         raise ImportError("xbm_kernels.pml needs pytorch-metric-learning: pip install pytorch-metric-learning")
@@ -57,13 +56,21 @@ def _pml():
     return distances, losses, miners, reducers, c_f, lmu
 
 
+def _unit(rows):
+    """L2-normalised rows, as PML's distances normalise them (a zero row stays zero): in the
+    rows' dtype, through fp32 for 16-bit rows (whose squared norm can overflow)."""
+    if rows.dtype in (torch.float16, torch.bfloat16):
+        return F.normalize(rows.float(), dim=1).to(rows.dtype)
+    return F.normalize(rows, dim=1)
+
+
 # --------------------------------------------------------------------------- fused plans
 
 
-def _is_plain_cosine(distance):
+def _is_plain(distance, name):
     distances = _pml()[0]
-    return (type(distance) is distances.CosineSimilarity and distance.normalize_embeddings and distance.p == 2
-            and distance.power == 1)
+    return (type(distance) is getattr(distances, name) and distance.normalize_embeddings is True
+            and distance.p == 2 and distance.power == 1)
 
 
 def _reducer_is(reducer, name, **attrs):
@@ -78,7 +85,28 @@ def _avg_nonzero(reducer):
 
 
 def _plain_loss(loss):
-    return getattr(loss, "embedding_regularizer", None) is None and _is_plain_cosine(loss.distance)
+    return getattr(loss, "embedding_regularizer", None) is None and _is_plain(loss.distance, "CosineSimilarity")
+
+
+def _number(v):
+    """A loss or miner setting as a float (PML accepts Python numbers and 0-dim tensors);
+    None when it is neither (the plan then falls back to PML's own loss)."""
+    if isinstance(v, torch.Tensor):
+        return float(v) if v.numel() == 1 and not v.requires_grad else None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v)
+
+
+def _params(loss_name, **named):
+    """Kernel parameters by name through the registry, or None when a value is outside what
+    the kernels accept (the call then runs PML's own loss)."""
+    if any(v is None for v in named.values()):
+        return None
+    try:
+        return LOSSES[loss_name].kernel_values(**named)
+    except (TypeError, ValueError):
+        return None
 
 
 def _mean_nonzero(rows):
@@ -88,21 +116,29 @@ def _mean_nonzero(rows):
 
 
 class _Step:
-    """One memory-loss evaluation: the normalised anchors, labels, the memory's filled
-    prefix and the anchors' own slots (or None); `run(loss, params)` -> (rows, counts)."""
+    """One memory-loss evaluation: the normalised anchors x, labels y, the memory's unit rows
+    and labels, its filled length n and the anchors' own slots (or None); run(loss, params)
+    -> (rows, counts) on the kernels (the reference backend for float64 anchors)."""
 
     def __init__(self, x, y, mem, mem_labels, n, self_index, backend):
         self.x, self.y, self.mem, self.mem_labels, self.n, self.self_index = x, y, mem, mem_labels, n, self_index
-        self.backend = backend
+        # the kernels take 32- and 16-bit rows: float64 anchors or memory run the reference
+        self.backend = "reference" if torch.float64 in (x.dtype, mem.dtype) else backend
         self._checked = {}  # loss name -> (backend, ref_valid, self_index): one check per step, not per pass
 
-    def run(self, loss, params):
+    def run(self, loss, params, x=None, y=None, self_index="step"):
         spec = LOSSES[loss]
-        if loss not in self._checked:
-            self._checked[loss] = check_inputs(spec, self.x, self.y, self.mem, self.mem_labels, self.n,
-                                               self.self_index, "none", self.backend)
-        name, n, si = self._checked[loss]
-        return run(spec, params, name, self.x, self.y, self.mem, self.mem_labels, n, si, "none")
+        if x is None and self_index == "step":
+            if loss not in self._checked:
+                self._checked[loss] = check_inputs(spec, self.x, self.y, self.mem, self.mem_labels, self.n,
+                                                   self.self_index, "none", self.backend)
+            name, n, si = self._checked[loss]
+            return run(spec, params, name, self.x, self.y, self.mem, self.mem_labels, n, si, "none")
+        x = self.x if x is None else x
+        y = self.y if y is None else y
+        si = self.self_index if self_index == "step" else self_index
+        name, n, si = check_inputs(spec, x, y, self.mem, self.mem_labels, self.n, si, "none", self.backend)
+        return run(spec, params, name, x, y, self.mem, self.mem_labels, n, si, "none")
 
     def total_pairs(self):
         """Number of (anchor, valid column) pairs, known on the host."""
@@ -129,36 +165,53 @@ class _Step:
         first = self.y[0].to(self.mem_labels.dtype)
         return (self.mem_labels[:self.n] != first).any() | (self.y.to(self.mem_labels.dtype) != first).any()
 
-
-def _is_plain_l2(distance):
-    distances = _pml()[0]
-    return (type(distance) is distances.LpDistance and distance.normalize_embeddings and distance.p == 2
-            and distance.power == 1)
+    def lonely(self):
+        """Anchors whose only same-label row in the memory is their own copy (bool (B,)):
+        counted by sorting the memory's labels, O(n log n), not a B x n comparison."""
+        labels, _ = self.mem_labels[:self.n].sort()
+        y = self.y.to(labels.dtype).contiguous()
+        same = torch.searchsorted(labels, y, right=True) - torch.searchsorted(labels, y)
+        return same <= 1
 
 
 def _contrastive(loss, miner):
     if miner is not None or getattr(loss, "embedding_regularizer", None) is not None:
         return None
-    if not (type(loss.reducer).__name__ == "MultipleReducers" and set(loss.reducer.reducers) == {"pos_loss", "neg_loss"}
-            and all(_avg_nonzero(r) for r in loss.reducer.reducers.values())):
+    r = loss.reducer
+    if not (type(r) is _pml()[3].MultipleReducers and set(r.reducers) == {"pos_loss", "neg_loss"}
+            and all(_avg_nonzero(v) for v in r.reducers.values())):
         return None
-    pm, nm = float(loss.pos_margin), float(loss.neg_margin)
-    if _is_plain_cosine(loss.distance):
+    pm, nm = _number(loss.pos_margin), _number(loss.neg_margin)
+    if _is_plain(loss.distance, "CosineSimilarity"):
+        # relu(pm - S) over positives and relu(S - nm) over negatives: two passes of the
+        # contrastive kernel (the other term switched off), whose rows sum 1 - S over
+        # {S < pm} and S over {S > nm}; the offsets are exact counts.
+        pos_p = _params("contrastive", margin=2.0, pos_eps=None if pm is None else 1.0 - pm)
+        neg_p = _params("contrastive", margin=nm, pos_eps=3.0)
+        if pos_p is None or neg_p is None:
+            return None
+
         def terms(step):
-            # relu(pm - S) over positives and relu(S - nm) over negatives: two passes of the
-            # contrastive kernel (the other term switched off), whose rows sum 1 - S over
-            # {S < pm} and S over {S > nm}; the offsets are exact counts.
-            pos_rows, pos_counts = step.run("contrastive", (_NO_NEGATIVES_MARGIN, 1.0 - pm))
-            neg_rows, neg_counts = step.run("contrastive", (nm, _NO_POSITIVES_EPS))
+            pos_rows, pos_counts = step.run("contrastive", pos_p)
+            neg_rows, neg_counts = step.run("contrastive", neg_p)
             n_pos, n_neg = pos_counts[:, 0].sum(), neg_counts[:, 1].sum()
             return pos_rows.sum() - (1.0 - pm) * n_pos, n_pos, neg_rows.sum() - nm * n_neg, n_neg
-    elif _is_plain_l2(loss.distance):
+        needs_nonzero_rows = None
+    elif _is_plain(loss.distance, "LpDistance"):
+        # relu(d - pm) over positives and relu(nm - d) over negatives, d the L2 distance of
+        # unit rows: two passes of contrastive_l2 (neg_margin -1: no negative is active)
+        pos_p = _params("contrastive_l2", pos_margin=pm, neg_margin=-1.0, pos_eps=-1.0)
+        neg_p = _params("contrastive_l2", pos_margin=pm, neg_margin=nm, pos_eps=3.0)
+        if pos_p is None or neg_p is None:
+            return None
+
         def terms(step):
-            # relu(d - pm) over positives and relu(nm - d) over negatives, d the L2 distance
-            # of unit rows: two passes of contrastive_l2 (neg_margin -1: no negative is active)
-            pos_rows, pos_counts = step.run("contrastive_l2", (pm, -1.0, _ALL_POSITIVES))
-            neg_rows, neg_counts = step.run("contrastive_l2", (pm, nm, _NO_POSITIVES_EPS))
+            pos_rows, pos_counts = step.run("contrastive_l2", pos_p)
+            neg_rows, neg_counts = step.run("contrastive_l2", neg_p)
             return pos_rows.sum(), pos_counts[:, 0].sum(), neg_rows.sum(), neg_counts[:, 1].sum()
+        # d = sqrt(2 - 2S) holds for unit rows; a zero row (PML: distance 1 to every unit
+        # row) runs PML's own loss for that step
+        needs_nonzero_rows = "anchors+memory"
     else:
         return None
 
@@ -167,6 +220,7 @@ def _contrastive(loss, miner):
         pos, n_pos, neg, n_neg = terms(step)
         return step.few_pairs_zero(pos / n_pos.clamp_min(1) + neg / n_neg.clamp_min(1))
 
+    fused.needs_nonzero_rows = needs_nonzero_rows
     return fused
 
 
@@ -174,13 +228,20 @@ def _multi_similarity(loss, miner):
     miners = _pml()[2]
     if not (_plain_loss(loss) and _reducer_is(loss.reducer, "MeanReducer")):
         return None
-    if miner is not None and not (type(miner) is miners.MultiSimilarityMiner and _is_plain_cosine(miner.distance)):
+    if miner is not None and not (type(miner) is miners.MultiSimilarityMiner and _is_plain(miner.distance,
+                                                                                          "CosineSimilarity")):
         return None
-    eps = float(miner.epsilon) if miner is not None else 0.0
-    params = (float(loss.alpha), float(loss.beta), float(loss.base), eps, _ALL_POSITIVES, miner is not None, False)
+    eps = _number(miner.epsilon) if miner is not None else 0.0
+    alpha, beta, base = _number(loss.alpha), _number(loss.beta), _number(loss.base)
+    params = _params("multi_similarity", alpha=alpha, beta=beta, base=base, mining_margin=eps, pos_eps=-1.0,
+                     mine=miner is not None, skip_incomplete=False)
+    if params is None:
+        return None
 
     def fused(step):
         rows, counts = step.run("multi_similarity", params)
+        if miner is not None and step.self_index is not None:
+            rows, counts = _mine_with_copies(step, rows, counts, params, alpha, base)
         out = rows.mean() if rows.numel() else rows.sum()
         if miner is None:
             return step.few_pairs_zero(out)
@@ -190,10 +251,33 @@ def _multi_similarity(loss, miner):
     return fused
 
 
+def _mine_with_copies(step, rows, counts, params, alpha, base):
+    """PML 2.9 mines with the batch's copies in the memory and drops mined self-pairs
+    afterwards. The kernel excludes the copy before mining, which differs only for an anchor
+    whose one same-label row is its copy: PML's hardest positive is then the copy (S ~ 1), so
+    the negatives with S + epsilon > S_copy are mined, and the copy itself is dropped. Those
+    anchors run again with the copy as their one positive (self_index none), and the copy's
+    own term, softplus(-alpha (S_copy - base)) / alpha where it was mined, is taken out."""
+    lonely = step.lonely()
+    idx = lonely.nonzero()[:, 0]
+    if idx.numel() == 0:
+        return rows, counts
+    x, slots = step.x[idx], step.self_index[idx]
+    rows2, counts2 = step.run("multi_similarity", params, x=x, y=step.y[idx], self_index=None)
+    s_copy = (x.float() * step.mem[slots].float()).sum(1)
+    mined = counts2[:, 0] > 0  # the copy is the anchor's only positive
+    copy_term = F.softplus(-alpha * (s_copy - base)) / alpha
+    rows2 = rows2 - torch.where(mined, copy_term, copy_term.new_zeros(()))
+    counts2 = counts2 - torch.stack([mined.to(counts2.dtype), torch.zeros_like(counts2[:, 1])], dim=1)
+    return rows.index_put((idx,), rows2.to(rows.dtype)), counts.index_put((idx,), counts2)
+
+
 def _supcon(loss, miner):
     if miner is not None or not (_plain_loss(loss) and _avg_nonzero(loss.reducer)):
         return None
-    params = (float(loss.temperature), _ALL_POSITIVES)
+    params = _params("supcon", temperature=_number(loss.temperature), pos_eps=-1.0)
+    if params is None:
+        return None
 
     def fused(step):
         rows, counts = step.run("supcon", params)
@@ -207,7 +291,9 @@ def _supcon(loss, miner):
 def _ntxent(loss, miner):
     if miner is not None or not (_plain_loss(loss) and _reducer_is(loss.reducer, "MeanReducer")):
         return None
-    params = (float(loss.temperature), _ALL_POSITIVES)
+    params = _params("ntxent", temperature=_number(loss.temperature), pos_eps=-1.0)
+    if params is None:
+        return None
 
     def fused(step):
         rows, counts = step.run("ntxent", params)
@@ -221,15 +307,23 @@ def _triplet(loss, miner):
     miners = _pml()[2]
     if not (_plain_loss(loss) and _avg_nonzero(loss.reducer) and not loss.swap and not loss.smooth_loss):
         return None
-    if not (type(miner) is miners.BatchHardMiner and _is_plain_cosine(miner.distance)
+    if not (type(miner) is miners.BatchHardMiner and _is_plain(miner.distance, "CosineSimilarity")
             and miner.allowed_pos_range is None and miner.allowed_neg_range is None):
         return None
-    params = (float(loss.margin), _ALL_POSITIVES)
+    params = _params("triplet", margin=_number(loss.margin), pos_eps=-1.0)
+    if params is None:
+        return None
 
     def fused(step):
+        # PML's hardest positive is the copy only for an anchor whose one positive it is; the
+        # copy's triplet is then dropped, as the kernel (no positive) gives 0 for that anchor
         rows, _ = step.run("triplet", params)
         return _mean_nonzero(rows)
 
+    # A zero anchor ties every column at S = 0, and PML's argmin over the positives may pick
+    # its copy (then dropped) where the kernel picks the lowest other column: such a step
+    # runs PML's own loss
+    fused.needs_nonzero_rows = "anchors"
     return fused
 
 
@@ -249,12 +343,13 @@ _PLANS = (
 def fused_configurations():
     """The PML configurations that run on the fused kernels (default reducers, no embedding
     regularizer, CosineSimilarity() with its defaults (the contrastive loss: also
-    LpDistance() with its defaults); any loss parameters)."""
+    LpDistance() with its defaults); any loss parameters the kernels accept)."""
     return [name for name, _, _ in _PLANS]
 
 
 def plan(loss, miner=None):
-    """(name, fused function) for a PML loss and miner, or (None, None): PML's own loss."""
+    """(name, fused function) for a PML loss and miner as they are now, or (None, None):
+    PML's own loss."""
     for name, cls, planner in _PLANS:
         if type(loss).__name__ == cls:
             fn = planner(loss, miner)
@@ -266,17 +361,45 @@ def plan(loss, miner=None):
 # --------------------------------------------------------------------------- the module
 
 
+def _check_indices_tuple(indices_tuple, n_anchors, n_ref, device):
+    """PML's indices_tuple: (anchors, positives, negatives) or (anchors1, positives, anchors2,
+    negatives), 1-D integer tensors; anchors index the batch, the others the memory's filled
+    rows after this step's enqueue. Checked before anything changes."""
+    if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
+        raise ValueError(f"indices_tuple: expected a tuple of 3 (triplets) or 4 (pairs) index tensors, got "
+                         f"{type(indices_tuple).__name__} of length {len(indices_tuple) if hasattr(indices_tuple, '__len__') else '?'}")
+    names = ("anchors", "positives", "negatives") if len(indices_tuple) == 3 else \
+        ("anchors1", "positives", "anchors2", "negatives")
+    for k, (what, t) in enumerate(zip(names, indices_tuple)):
+        V.tensor(f"indices_tuple[{k}] ({what})", t, dim=1, integer=True, device=device)
+    lengths = [t.shape[0] for t in indices_tuple]
+    if len(indices_tuple) == 3 and len(set(lengths)) != 1:
+        raise ValueError(f"indices_tuple: the three tensors of a triplet tuple need one length, got {lengths}")
+    if len(indices_tuple) == 4 and (lengths[0] != lengths[1] or lengths[2] != lengths[3]):
+        raise ValueError(f"indices_tuple: anchors1/positives and anchors2/negatives need equal lengths, got {lengths}")
+    for k, (what, t) in enumerate(zip(names, indices_tuple)):
+        bound = n_anchors if what.startswith("anchors") else n_ref
+        if t.numel() and V.value_checks_on(t):
+            lo, hi = int(t.min()), int(t.max())
+            if lo < 0 or hi >= bound:
+                rows = "embeddings" if what.startswith("anchors") else "the memory's filled rows after the enqueue"
+                raise ValueError(f"indices_tuple[{k}] ({what}): expected values in [0, {bound}) ({rows}), got values "
+                                 f"in [{lo}, {hi}]")
+
+
 class CrossBatchMemory(nn.Module):
     """PML's `CrossBatchMemory(loss, embedding_size, memory_size=1024, miner=None)` on
     xbm_kernels' memory and fused kernels.
 
     forward(embeddings, labels, indices_tuple=None, enqueue_mask=None) -> loss: enqueues the
     batch (or the rows where enqueue_mask is True, which are then not anchors), then returns
-    the loss of the anchors against the memory, as PML defines it. reset_queue() empties the
-    memory. Extra keywords (ours): memory_dtype (the memory's dtype, kept under model.half()),
-    backend ("auto" or an xbm_kernels backend for the fused kernels), gather_distributed
-    (enqueue the all-gathered batch on every rank). `.fused` names the fused configuration in
-    use, or is None when PML's loss runs against the memory.
+    the loss of the anchors against the memory, as PML 2.9 defines it. reset_queue() empties
+    the memory. The loss and miner are read at every call. Extra keywords (ours):
+    memory_dtype (the memory's dtype, kept under model.half()), backend ("auto" or an
+    xbm_kernels backend for the fused kernels), gather_distributed (enqueue the all-gathered
+    batch on every rank), check_finite (reject NaN/Inf rows before anything is written).
+    `.fused` names the fused configuration the current settings run, or is None when PML's
+    loss runs against the memory.
     """
 
     def __init__(self, loss, embedding_size, memory_size=1024, miner=None, *, memory_dtype=torch.float32,
@@ -287,16 +410,21 @@ class CrossBatchMemory(nn.Module):
             raise ValueError(f"loss: CrossBatchMemory not supported for {name}; supported: {list(SUPPORTED_LOSSES)}")
         _pml()
         self.loss, self.miner = loss, miner
-        self.embedding_size = V.index("embedding_size", embedding_size, 1, 2 ** 31 - 1)
-        self.memory_size = V.index("memory_size", memory_size, 1, 2 ** 62)
+        self.embedding_size = V.index("embedding_size", embedding_size, 1, V.MAX_ROWS)
+        self.memory_size = V.index("memory_size", memory_size, 1, V.MAX_ROWS)
         self.backend, self.gather_distributed = backend, bool(gather_distributed)
-        self.fused, self._fused_fn = plan(loss, miner)
-        # Rows are stored as the distances see them: normalised when they normalise (every
-        # fused configuration), which is what PML computes from its raw rows each step.
-        dists = [getattr(m, "distance", None) for m in (loss, miner) if m is not None]
-        self.normalize = all(d is not None and d.normalize_embeddings and d.p == 2 for d in dists)
+        # PML's rows, as given; the fused kernels read their normalised copy (built on the
+        # first fused step, then kept in step at every enqueue; not part of the state dict)
         self.memory = _Memory(self.memory_size, self.embedding_size, dtype=memory_dtype, backend=backend,
-                              check_finite=check_finite)
+                              check_finite=check_finite, _dtypes=V.FLOAT_DTYPES + (torch.float64,))
+        self.register_buffer("_unit_rows", torch.zeros(0, self.embedding_size, dtype=memory_dtype), persistent=False)
+        self.register_buffer("_zero_rows", torch.zeros(0, dtype=torch.bool), persistent=False)
+        self._unit_ready = False
+
+    @property
+    def fused(self):
+        """The fused configuration the loss and miner give as they are now, or None."""
+        return plan(self.loss, self.miner)[0]
 
     def extra_repr(self):
         return (f"embedding_size={self.embedding_size}, memory_size={self.memory_size}, fused={self.fused!r}, "
@@ -306,40 +434,85 @@ class CrossBatchMemory(nn.Module):
         """Empties the memory (PML's name for it)."""
         self.memory.reset()
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._unit_ready = False  # rebuilt from the loaded rows at the next fused step
+
     def _gathered(self, x, y, mask):
         """The batch all-gathered in rank order with gather_distributed, and this rank's offset."""
         if not (self.gather_distributed and dist.is_available() and dist.is_initialized()):
             return x, y, mask, 0
         return gather_batch(x, y, mask)
 
+    @torch.no_grad()
+    def _unit_memory(self):
+        """The memory's filled rows normalised (the fused kernels' input), and which are zero."""
+        mem = self.memory.embeddings
+        n = len(self.memory)
+        if not self._unit_ready:
+            if self._unit_rows.shape != mem.shape or self._unit_rows.device != mem.device:
+                self._unit_rows = torch.zeros_like(mem)
+                self._zero_rows = torch.zeros(mem.shape[0], dtype=torch.bool, device=mem.device)
+            self._unit_rows[:n] = _unit(mem[:n])
+            self._zero_rows[:n] = (mem[:n] == 0).all(1)
+            self._unit_ready = True
+        return self._unit_rows, self._zero_rows
+
+    @torch.no_grad()
+    def _update_unit(self, slots):
+        if self._unit_ready and slots.numel():
+            rows = self.memory.embeddings[slots]
+            self._unit_rows[slots] = _unit(rows)
+            self._zero_rows[slots] = (rows == 0).all(1)
+
     def forward(self, embeddings, labels, indices_tuple=None, enqueue_mask=None):
         if indices_tuple is not None and enqueue_mask is not None:
             raise ValueError("indices_tuple and enqueue_mask are mutually exclusive")
-        V.tensor("embeddings", embeddings, dim=2, floating=True, device=self.memory.embeddings.device)
+        dev = self.memory.embeddings.device
+        V.tensor("embeddings", embeddings, dim=2, floating=True, device=dev)
+        if embeddings.shape[1] != self.embedding_size:
+            raise ValueError(f"embeddings: expected dim {self.embedding_size} (embedding_size), got "
+                             f"{embeddings.shape[1]}")
         labels = V.tensor("labels", torch.as_tensor(labels, device=embeddings.device), dim=1, integer=True)
         B = embeddings.shape[0]
+        if labels.shape[0] != B:
+            raise ValueError(f"labels: expected {B} labels (one per embedding), got {labels.shape[0]}")
         if enqueue_mask is not None:
             V.tensor("enqueue_mask", enqueue_mask, dim=1, dtypes=(torch.bool,), device=embeddings.device)
             if enqueue_mask.shape[0] != B:
                 raise ValueError(f"enqueue_mask: expected {B} entries (one per embedding), got {enqueue_mask.shape[0]}")
-        stored = F.normalize(embeddings.detach(), dim=1) if self.normalize else embeddings.detach()
-        gx, gy, gmask, offset = self._gathered(stored, labels, enqueue_mask)
-        b = self.memory.check_batch(gx, gy, gmask)  # everything checked before the memory changes
+        gx, gy, gmask, offset = self._gathered(embeddings.detach(), labels, enqueue_mask)
+        b = self.memory.check_batch(gx, gy, gmask)
+        if indices_tuple is not None:
+            n_after = min(self.memory.size, len(self.memory) + b)
+            _check_indices_tuple(indices_tuple, B, n_after, embeddings.device)
+        name, fused_fn = plan(self.loss, self.miner)  # the settings as they are at this call
+        # everything is checked: the memory changes from here on
         slots = self.memory.write_checked(gx, gy, gmask, b)
+        self._update_unit(slots)
         if enqueue_mask is not None:
             anchors, anchor_labels, self_index = embeddings[~enqueue_mask], labels[~enqueue_mask], None
         else:
             anchors, anchor_labels, self_index = embeddings, labels, slots[offset:offset + B]
         n = len(self.memory)
-        if self._fused_fn is not None and indices_tuple is None:
-            x = F.normalize(anchors, dim=1)
-            step = _Step(x, anchor_labels, self.memory.embeddings, self.memory.labels, n, self_index, self.backend)
-            return self._fused_fn(step)
+        if fused_fn is not None and indices_tuple is None:
+            unit, zero = self._unit_memory()
+            # 16-bit anchors are normalised in fp32 and enter the kernels as fp32 (the kernels take
+            # fp32 anchors against any memory dtype): no second rounding of the anchors
+            x = F.normalize(anchors.float(), dim=1) if anchors.dtype in (torch.float16, torch.bfloat16) \
+                else F.normalize(anchors, dim=1)
+            rule = getattr(fused_fn, "needs_nonzero_rows", None)
+            zero_rows = rule is not None and bool((anchors.detach() == 0).all(1).any()
+                                                  | (rule == "anchors+memory" and zero[:n].any()))
+            if not zero_rows:
+                step = _Step(x, anchor_labels, unit, self.memory.labels, n, self_index, self.backend)
+                return fused_fn(step)
         return self._pml_loss(anchors, anchor_labels, self_index, n, indices_tuple)
 
     def _pml_loss(self, x, y, self_index, n, input_indices_tuple):
-        """PML's own loss against this memory: its miner (or all pairs), mined self-pairs
-        removed, the caller's indices_tuple appended, as PML's wrapper does."""
+        """PML's own loss against this memory, as PML 2.9's wrapper runs it: its miner (or all
+        pairs) over the memory with the batch's copies in it, then the (anchor, own slot)
+        pairs dropped, the caller's indices_tuple appended."""
         _, _, _, _, c_f, lmu = _pml()
         mem = self.memory.embeddings[:n].to(x.dtype)
         mem_labels = self.memory.labels[:n].to(y.dtype)
@@ -353,6 +526,7 @@ class CrossBatchMemory(nn.Module):
             indices = tuple(t[keep] for t in indices[:2]) + tuple(indices[2:]) if len(indices) == 4 \
                 else tuple(t[keep] for t in indices)
         if input_indices_tuple is not None:
+            input_indices_tuple = tuple(t.long() for t in input_indices_tuple)
             if len(input_indices_tuple) == 3 and len(indices) == 4:
                 input_indices_tuple = lmu.convert_to_pairs(input_indices_tuple, y)
             elif len(input_indices_tuple) == 4 and len(indices) == 3:

@@ -43,6 +43,9 @@ class Param:
     high: Optional[float] = None
     open_low: bool = False
     open_high: bool = False
+    # Kernel-only values outside the public range, {value: what it does}: callers inside the
+    # package (the PML drop-in) use them to switch a term off; the public functions reject them.
+    switch_off: Tuple[Tuple[float, str], ...] = ()
 
     def check(self, value, where=""):
         """The validated value (float or bool); raises naming the parameter."""
@@ -72,7 +75,8 @@ class Param:
 
 
 POS_EPS = Param("pos_eps", 1e-5, "same-label columns with S >= 1 - pos_eps are not positives (drops exact "
-                "duplicates); a negative value keeps every same-label column", low=-1.0, high=1.0)
+                "duplicates); a negative value keeps every same-label column", low=-1.0, high=1.0,
+                switch_off=((3.0, "no positives: S < 1 - 3 never holds"),))
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,16 @@ class Loss:
             raise TypeError(f"{where or self.name + '_loss: '}unexpected keyword argument(s) {sorted(unknown)}; "
                             f"accepted: {sorted(self.defaults)}")
         return tuple(p.check(kwargs.get(p.name, p.default)) for p in self.parameters)
+
+    def kernel_values(self, **named):
+        """Parameter values in schema order, by name, for callers inside the package: every
+        parameter must be named; each is checked against its range, or is one of its declared
+        `switch_off` values. Raises (TypeError/ValueError naming the parameter) otherwise."""
+        missing, unknown = set(self.defaults) - set(named), set(named) - set(self.defaults)
+        if missing or unknown:
+            raise TypeError(f"{self.name}: kernel_values needs exactly {list(self.defaults)}, got {sorted(named)}")
+        return tuple(named[p.name] if any(named[p.name] == v for v, _ in p.switch_off)
+                     else p.check(named[p.name], where=f"{self.name}: ") for p in self.parameters)
 
     @property
     def reference(self):
@@ -119,14 +133,15 @@ ENQUEUE_SCHEMA = "(Tensor(a!) memory, Tensor(b!) memory_labels, Tensor embedding
 LOSSES: Dict[str, Loss] = {loss.name: loss for loss in (
     Loss("contrastive",
          (Param("margin", 0.5, "negatives with S > margin are hard", low=-1.0, high=1.0, open_low=True,
-                open_high=True),
+                open_high=True, switch_off=((2.0, "no hard negatives: S > 2 never holds"),)),
           POS_EPS),
          "Contrastive loss (the XBM paper's).",
          "l_i = sum_{j in P_i} (1 - S_ij) + sum_{j in N_i, S_ij > margin} S_ij",
          kernels=frozenset({"cpu", "triton", "cuda"})),
     Loss("contrastive_l2",
          (Param("pos_margin", 0.0, "positives with d > pos_margin contribute d - pos_margin", low=0.0, high=2.0),
-          Param("neg_margin", 1.0, "negatives with d < neg_margin contribute neg_margin - d", low=0.0, high=2.0),
+          Param("neg_margin", 1.0, "negatives with d < neg_margin contribute neg_margin - d", low=0.0, high=2.0,
+                switch_off=((-1.0, "no active negatives: d < -1 never holds"),)),
           POS_EPS),
          "Contrastive loss on the L2 distance of unit rows, d_ij = sqrt(max(2 - 2 S_ij, 0)) "
          "(pytorch-metric-learning's default ContrastiveLoss).",
