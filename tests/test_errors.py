@@ -1,0 +1,36 @@
+"""Argument errors at the places users meet them first (CONTRACT.md section 7): the message
+starts with the argument's name, as the user spelled it, and nothing changes."""
+import pytest
+import torch
+
+import xbm_kernels as xk
+
+
+@pytest.mark.parametrize("kw, name", [(dict(memory_size=0, embedding_dim=4), "memory_size"),
+                                      (dict(memory_size=2 ** 31, embedding_dim=4), "memory_size"),
+                                      (dict(memory_size=8, embedding_dim=0), "embedding_dim")])
+def test_xbmloss_sizes_are_named_as_passed(kw, name):
+    with pytest.raises(ValueError, match=rf"^{name}: expected 1 <= {name} <= 2147483647"):
+        xk.XBMLoss(**kw)
+
+
+def test_a_mistyped_keyword_names_the_function(loss):  # every registry loss (conftest)
+    x = torch.nn.functional.normalize(torch.randn(3, 4), dim=1)
+    y = torch.arange(3)
+    fn = getattr(xk, f"{loss}_loss")
+    with pytest.raises(TypeError, match=rf"^{loss}_loss: .*'not_a_parameter'.*accepted keywords: \["):
+        fn(x, y, x, y, not_a_parameter=1)
+
+
+def test_xbmloss_state_dict_moves_across_losses_and_memory_dtypes():
+    """The state holds the step and the memory, which do not depend on the loss: it loads into
+    another loss, rows cast to the receiving memory's dtype (CONTRACT.md section 2)."""
+    a = xk.XBMLoss(16, 8, loss="contrastive", memory_dtype=torch.float32)
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        a(torch.randn(5, 8, generator=g), torch.randint(0, 3, (5,), generator=g))
+    b = xk.XBMLoss(16, 8, loss="supcon", memory_dtype=torch.bfloat16)
+    b.load_state_dict(a.state_dict())
+    assert b.memory.dtype == torch.bfloat16 and int(b.iteration) == 3 and len(b.memory) == 15
+    assert torch.equal(b.memory.embeddings, a.memory.embeddings.to(torch.bfloat16))
+    assert torch.equal(b.memory.labels, a.memory.labels)
