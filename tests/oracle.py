@@ -252,7 +252,8 @@ def evaluate(loss, params, x, y, r, z, ref_valid=None, self_index=None, weights=
 # S = 1 - pos_eps on same-label columns, and measures both in units of their gap.
 
 FIXED_GAP = 1e-3     # CONTRACT.md section 6
-MOVING_GAP = 2e-5    # far above fp32 rounding of S (~1e-7), yet drawable with thousands of pairs per row
+MOVING_GAP = 2e-5    # far above fp32 rounding of S (~1e-7), yet drawable with thousands of pairs per row;
+                     # a tenth of it beyond 2000 columns (the GPU sizes: near-ties of 2e-5 are certain there)
 _NONE = torch.zeros(0, dtype=torch.float64)
 
 
@@ -348,5 +349,6 @@ def decision_gap(loss, params, x, y, r, z, ref_valid=None, self_index=None, copi
     fixed, _ = boundaries(S, pos & judged, neg & judged, params)  # the copies' pairs left out
     fixed_all = [(S - (1 - params["pos_eps"])).abs()[valid & same & judged], fixed]
     gaps = [float(t.min()) / FIXED_GAP for t in fixed_all if t.numel()]
-    gaps += [float(moving.min()) / MOVING_GAP] if moving.numel() else []
+    moving_gap = MOVING_GAP if n <= 2000 else MOVING_GAP / 10
+    gaps += [float(moving.min()) / moving_gap] if moving.numel() else []
     return min(gaps, default=math.inf)
