@@ -419,3 +419,33 @@ def test_last_stats_has_every_key_every_step(xbm_backend):
     crit(x, y)
     assert int(crit.last_stats["memory_pos"]) > 0
 
+
+
+def test_a_step_checks_each_argument_once(monkeypatch):
+    """XBMLoss validates a step once (CONTRACT.md section 7; STYLE.md item 15): one check of
+    `embeddings` per step and no loss-parameter check after the constructor, also once the
+    memory has joined (in-batch loss, enqueue and memory loss)."""
+    import collections
+
+    from xbm_kernels import _validate
+    from xbm_kernels.registry import Param
+    crit = xk.XBMLoss(32, 8, loss="multi_similarity", backend="cpu")
+    calls = collections.Counter()
+    tensor, check = _validate.tensor, Param.check
+
+    def counting_tensor(name, *a, **k):
+        calls[name] += 1
+        return tensor(name, *a, **k)
+
+    def counting_check(self, *a, **k):
+        calls["param " + self.name] += 1
+        return check(self, *a, **k)
+
+    monkeypatch.setattr(_validate, "tensor", counting_tensor)
+    monkeypatch.setattr(Param, "check", counting_check)
+    g = torch.Generator().manual_seed(0)
+    for step in range(3):
+        calls.clear()
+        crit(torch.randn(6, 8, generator=g), torch.randint(0, 3, (6,), generator=g))
+        assert calls["embeddings"] == 1 and calls["labels"] == 1, (step, dict(calls))
+        assert not [k for k in calls if k.startswith("param ")], (step, dict(calls))

@@ -61,22 +61,27 @@ class CrossBatchMemory(nn.Module):
     def extra_repr(self):
         return f"size={self.size}, dim={self.dim}, dtype={self.dtype}, filled={self._num_filled}, ptr={self._ptr}"
 
-    def check_batch(self, embeddings, labels, mask=None):
+    def check_batch(self, embeddings, labels, mask=None, *, checked=False):
         """Validates an enqueue batch without changing anything; returns the number of rows
-        b that would be written (with a mask, counting it syncs on a GPU)."""
+        b that would be written (with a mask, counting it syncs on a GPU). checked=True: the
+        caller (XBMLoss) already checked the tensors' types, shapes, device and labels this
+        step; only what depends on the memory (the size, finiteness in its dtype) is left."""
         dev = self.embeddings.device
-        V.tensor("embeddings", embeddings, dim=2, floating=True, device=dev)
-        V.tensor("labels", labels, dim=1, integer=True, device=dev)
+        if not checked:
+            V.tensor("embeddings", embeddings, dim=2, floating=True, device=dev)
+            V.tensor("labels", labels, dim=1, integer=True, device=dev)
         b = embeddings.shape[0]
-        if embeddings.shape[1] != self.dim:
-            raise ValueError(f"embeddings: expected dim {self.dim} (the memory's), got {embeddings.shape[1]}")
-        if labels.shape[0] != b:
-            raise ValueError(f"labels: expected {b} labels (one per embedding), got {labels.shape[0]}")
-        V.labels_fit_int32("labels", labels)
+        if not checked:
+            if embeddings.shape[1] != self.dim:
+                raise ValueError(f"embeddings: expected dim {self.dim} (the memory's), got {embeddings.shape[1]}")
+            if labels.shape[0] != b:
+                raise ValueError(f"labels: expected {b} labels (one per embedding), got {labels.shape[0]}")
+            V.labels_fit_int32("labels", labels)
         if mask is not None:
-            V.tensor("mask", mask, dim=1, dtypes=(torch.bool,), device=dev)
-            if mask.shape[0] != b:
-                raise ValueError(f"mask: expected {b} entries (one per embedding), got {mask.shape[0]}")
+            if not checked:
+                V.tensor("mask", mask, dim=1, dtypes=(torch.bool,), device=dev)
+                if mask.shape[0] != b:
+                    raise ValueError(f"mask: expected {b} entries (one per embedding), got {mask.shape[0]}")
             b = int(mask.sum())
         if b > self.size:
             raise ValueError(f"embeddings: batch of {b} rows is larger than the memory (size {self.size})")

@@ -17,7 +17,7 @@ from torch import nn
 
 from . import _validate as V
 from . import backends
-from .losses import LOSSES, compute
+from .losses import LOSSES, run
 from .memory import CrossBatchMemory
 
 STAT_KEYS = ("in_batch_pos", "in_batch_neg", "memory_pos", "memory_neg")
@@ -111,8 +111,8 @@ class XBMLoss(nn.Module):
         embedding_dim = V.index("embedding_dim", embedding_dim, 1, V.MAX_ROWS)
         if loss not in LOSSES:
             raise ValueError(f"loss: unknown loss {loss!r}; available: {sorted(LOSSES)}")
-        # names and values validated now, not at the first step
-        LOSSES[loss].values(loss_kwargs, where=f"XBMLoss(loss={loss!r}): ")
+        # names and values validated once, now: the steps pass them on as they are
+        self._params = LOSSES[loss].values(loss_kwargs, where=f"XBMLoss(loss={loss!r}): ")
         if reduction not in V.REDUCTIONS:
             raise ValueError(f"reduction: expected one of {V.REDUCTIONS}, got {reduction!r}")
         if backend not in backends.NAMES + ("auto",):
@@ -173,14 +173,21 @@ class XBMLoss(nn.Module):
             self.iteration = self.iteration.reshape(()).to(torch.int64)
         self._iteration = int(self.iteration)
 
-    def _loss(self, x, y, ref, ref_labels, **kw):
-        return compute(self.loss_name, x, y, ref, ref_labels, reduction=self.reduction, backend=self.backend,
-                       **self.loss_kwargs, **kw)
+    def _loss(self, backend, x, y, ref, ref_labels, n, self_index):
+        """The loss on tensors _check_step() checked (run() validates nothing again)."""
+        return run(LOSSES[self.loss_name], self._params, backend, x, y, ref, ref_labels, n, self_index,
+                   self.reduction)
 
     def _check_step(self, embeddings, labels, enqueue_mask, distributed):
-        """The checks that do not need the memory to have joined: run at every step."""
+        """Every check of a step, once (CONTRACT.md section 7), whether or not the memory has
+        joined; returns the backend that runs the loss."""
         V.tensor("embeddings", embeddings, dim=2, floating=True)
         dev = embeddings.device
+        name = backends.resolve(self.backend, dev, self.loss_name)
+        allowed = V.FLOAT_DTYPES + ((torch.float64,) if name == "reference" else ())
+        if embeddings.dtype not in allowed:
+            raise TypeError(f"embeddings: expected dtype in {[str(d) for d in allowed]} (backend {name!r}), got "
+                            f"{embeddings.dtype}")
         if embeddings.shape[1] != self.memory.dim:
             raise ValueError(f"embeddings: expected dim {self.memory.dim} (embedding_dim), got {embeddings.shape[1]}")
         if self.memory.embeddings.device != dev:
@@ -190,6 +197,7 @@ class XBMLoss(nn.Module):
         B = embeddings.shape[0]
         if labels.shape[0] != B:
             raise ValueError(f"labels: expected {B} labels (one per embedding), got {labels.shape[0]}")
+        V.labels_fit_int32("labels", labels)
         if enqueue_mask is not None:
             V.tensor("enqueue_mask", enqueue_mask, dim=1, dtypes=(torch.bool,), device=dev)
             if enqueue_mask.shape[0] != B:
@@ -205,11 +213,12 @@ class XBMLoss(nn.Module):
             if b > size:
                 raise ValueError(f"embeddings: batch of {b} rows (enqueue_mask) is larger than the memory "
                                  f"(size {size})")
+        return name
 
     def forward(self, embeddings, labels, enqueue_mask=None):
         """Returns the XBM loss of the batch; `last_stats` gets the active pair counts."""
         distributed = self.gather_distributed and dist.is_available() and dist.is_initialized()
-        self._check_step(embeddings, labels, enqueue_mask, distributed)
+        name = self._check_step(embeddings, labels, enqueue_mask, distributed)
         dev = embeddings.device
         B = embeddings.shape[0]
         x = embeddings
@@ -220,14 +229,14 @@ class XBMLoss(nn.Module):
         # The batch is both sides of the in-batch loss; a view as the reference side keeps the
         # two inputs distinct tensors for torch.compile (autograd.Function rejects duplicates)
         # while the gradients of both sides still reach `embeddings`.
-        loss, counts = self._loss(x, labels, x.view_as(x), labels.view_as(labels), self_index=self_idx)
+        loss, counts = self._loss(name, x, labels, x.view_as(x), labels.view_as(labels), B, self_idx)
         use_memory = self._iteration >= self.start_iteration
         if use_memory:  # validate the enqueue before the step counter or the memory change
             if distributed:
                 gx, gy, gmask, offset = gather_batch(x.detach(), labels, enqueue_mask)
             else:
                 gx, gy, gmask, offset = x.detach(), labels, enqueue_mask, 0
-            b = self.memory.check_batch(gx, gy, gmask)
+            b = self.memory.check_batch(gx, gy, gmask, checked=True)
         pos, neg = counts[:, 0].sum(), counts[:, 1].sum()
         stats = {"in_batch_pos": pos, "in_batch_neg": neg}
         if use_memory:
@@ -238,8 +247,8 @@ class XBMLoss(nn.Module):
                 full = torch.full((gx.shape[0],), -1, dtype=torch.int64, device=dev)
                 full[gmask] = slots
                 self_index = full[offset:offset + B]
-            mem_loss, mcounts = self._loss(x, labels, self.memory.embeddings, self.memory.labels,
-                                           ref_valid=len(self.memory), self_index=self_index)
+            mem_loss, mcounts = self._loss(name, x, labels, self.memory.embeddings, self.memory.labels,
+                                           len(self.memory), self_index)
             loss = loss + self.weight * mem_loss
             stats.update(memory_pos=mcounts[:, 0].sum(), memory_neg=mcounts[:, 1].sum())
         else:
