@@ -1,6 +1,8 @@
-// Operator schemas for xbm_kernels. One schema per op; each device registers its kernels
-// with TORCH_LIBRARY_IMPL in its own file (csrc/cpu/*.cpp, csrc/cuda/*.cu). Python reaches
-// these only through torch.ops.xbm_kernels.<op>; fakes live in xbm_kernels/_ops.py.
+// The extension module of xbm_kernels. The op schemas are declared once, in Python, from the
+// loss registry (xbm_kernels/registry.py; defined with their fakes by xbm_kernels/_ops.py
+// before this library loads); each device registers its kernels with TORCH_LIBRARY_IMPL in
+// its own file (csrc/cpu/*.cpp, csrc/cuda/*.cu). Python reaches them only through
+// torch.ops.xbm_kernels.<op>.
 //
 // Conventions shared by every loss op:
 //   x (B, D) anchors, labels (B,) int32, ref (N, D) reference rows, ref_labels (N,) int32,
@@ -15,41 +17,9 @@
 #include <torch/library.h>
 
 extern "C" {
-// Importing xbm_kernels._C loads this library and runs the registrations below.
+// Importing xbm_kernels._C loads this library and runs the kernel registrations of csrc/.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }
-}
-
-TORCH_LIBRARY(xbm_kernels, m) {
-  m.def("enqueue_(Tensor(a!) memory, Tensor(b!) memory_labels, Tensor embeddings, Tensor labels, int ptr) -> Tensor");
-  m.def("contrastive_fwd(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor? self_index, "
-        "int ref_valid, float margin, float pos_eps, bool need_grad, bool allow_tf32) -> (Tensor, Tensor, Tensor)");
-  m.def("contrastive_bwd(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor? self_index, "
-        "int ref_valid, float margin, float pos_eps, Tensor grad_rows, bool allow_tf32) -> (Tensor, Tensor)");
-  m.def("contrastive_l2_fwd(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor? self_index, "
-        "int ref_valid, float pos_margin, float neg_margin, float pos_eps, bool need_grad, bool allow_tf32) "
-        "-> (Tensor, Tensor, Tensor)");
-  m.def("contrastive_l2_bwd(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor? self_index, "
-        "int ref_valid, float pos_margin, float neg_margin, float pos_eps, Tensor grad_rows, bool allow_tf32) "
-        "-> (Tensor, Tensor)");
-  m.def("multi_similarity_fwd(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor? self_index, "
-        "int ref_valid, float alpha, float beta, float base, float mining_margin, float pos_eps, bool mine, "
-        "bool skip_incomplete, bool need_grad, bool allow_tf32) -> (Tensor, Tensor, Tensor)");
-  m.def("multi_similarity_bwd(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor? self_index, "
-        "int ref_valid, float alpha, float beta, float base, float mining_margin, float pos_eps, bool mine, "
-        "bool skip_incomplete, Tensor grad_rows, bool allow_tf32) -> (Tensor, Tensor)");
-  m.def("triplet_fwd(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor? self_index, "
-        "int ref_valid, float margin, float pos_eps, bool need_grad, bool allow_tf32) -> (Tensor, Tensor, Tensor)");
-  m.def("triplet_bwd(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor? self_index, "
-        "int ref_valid, float margin, float pos_eps, Tensor grad_rows, bool allow_tf32) -> (Tensor, Tensor)");
-  m.def("supcon_fwd(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor? self_index, "
-        "int ref_valid, float temperature, float pos_eps, bool need_grad, bool allow_tf32) -> (Tensor, Tensor, Tensor)");
-  m.def("supcon_bwd(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor? self_index, "
-        "int ref_valid, float temperature, float pos_eps, Tensor grad_rows, bool allow_tf32) -> (Tensor, Tensor)");
-  m.def("ntxent_fwd(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor? self_index, "
-        "int ref_valid, float temperature, float pos_eps, bool need_grad, bool allow_tf32) -> (Tensor, Tensor, Tensor)");
-  m.def("ntxent_bwd(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor? self_index, "
-        "int ref_valid, float temperature, float pos_eps, Tensor grad_rows, bool allow_tf32) -> (Tensor, Tensor)");
 }

@@ -1,5 +1,6 @@
 """The op layer against the registry (xbm_kernels/registry.py, CONTRACT.md section 4): every
-op's schema is the registry's (C++ and Triton), every declared kernel is registered, and
+op's schema is the registry's (the C++ kernels' ops are defined from it in xbm_kernels/_ops.py,
+the Triton ops in triton/ops.py), every declared kernel is registered, and
 torch.library.opcheck (schema, fake, dispatcher consistency) passes for every op on every
 kernel backend and dtype; the public wrappers follow the registry; torch.compile traces
 every loss on every backend to the eager result (second derivatives: test_autograd.py)."""
