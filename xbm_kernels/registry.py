@@ -1,17 +1,20 @@
 """The loss registry: every loss is declared once, here.
 
-A declaration gives the loss's name, its parameters (defaults and the range where they mean
-something), the rule its "mean" reduction divides by, which kernel backends implement it
-and a one-paragraph description of the math (CONTRACT.md has the full contract). From it
-come: the op schemas of the Triton ops (and the check that the C++ schemas in
-csrc/xbm_ops.cpp agree), the fakes of every op, the backend tables, the public wrappers
-(`xk.contrastive_loss`, ...) with their signatures and docstrings, and the test tables.
+A declaration gives the loss's name, its parameters (defaults, the range where they mean
+something, kernel-only switch-off values), the rule its "mean" reduction divides by, which
+kernel backends implement it and a one-paragraph description of the math (CONTRACT.md has the
+full contract). From it come: the op schemas and fakes of every op (C++ ops in _ops.py,
+Triton ops in triton/ops.py), the backend tables, the public wrappers (`xk.contrastive_loss`,
+...) with their signatures and docstrings, parameter validation, and the tests' parameters
+(tests/conftest.py).
 
 Adding a loss: one `Loss(...)` entry below, its reference function in reference.py, its
-kernels (C++ schema + CPU/CUDA kernels, or a Triton module with `<name>_fwd_triton` and
-`<name>_bwd_triton`), its oracle in tests/oracle.py, one row in the tests' case table.
+kernels (CPU/CUDA kernels registered with TORCH_LIBRARY_IMPL under the registry's op names,
+and/or a Triton module with `<name>_fwd_triton` and `<name>_bwd_triton`), its CONTRACT.md
+section, its oracle and decision boundaries in tests/oracle.py, and a tests/test_<name>_rules.py
+only where it has a rule of its own.
 
-Every loss op shares one convention (csrc/xbm_ops.cpp):
+Every loss op shares one convention (Loss.schema; csrc/xbm_ops.cpp describes it for C++):
   <name>_fwd(x, labels, ref, ref_labels, self_index, ref_valid, *params, need_grad, allow_tf32)
       -> (loss_rows (B,) f32, grad (B, D) f32 = d(sum_i loss_i)/dx or (0,), counts (B, 2) i32)
   <name>_bwd(x, labels, ref, ref_labels, self_index, ref_valid, *params, grad_rows, allow_tf32)
