@@ -83,3 +83,23 @@ def test_reference_backend_differentiates_twice(loss, backend, device):
     fd = (penalty((e + step * direction).requires_grad_()) - penalty((e - step * direction).requires_grad_())) \
         / (2 * step)
     assert abs(float((h * direction).sum()) - float(fd)) <= 1e-4 * max(1.0, abs(float(fd)))
+
+
+@pytest.mark.kernels
+def test_jacobian_vector_product_by_the_double_backward_trick(loss, backend, device):
+    """torch.autograd.functional.jvp differentiates the vector-Jacobian product with respect to
+    the incoming gradient: first-order information, which the fused path gives exactly (the
+    reference backend's value); with the reference side requiring grad it raises instead."""
+    e, y, r, z = _data(device)
+    x = F.normalize(e, dim=1)
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(device)
+    f = lambda b: (lambda t: _loss(loss, b, t, y, r, z, reduction="none"))  # noqa: E731
+    expected = torch.autograd.functional.jvp(f("reference"), x, v)[1]
+    got = torch.autograd.functional.jvp(f(backend), x, v)[1]
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5), (got - expected).abs().max()
+    xx = x.clone().requires_grad_()
+    rows = _loss(loss, backend, xx, y, xx.view_as(xx), y, reduction="none", self_index=torch.arange(6, device=device))
+    w = torch.ones_like(rows, requires_grad=True)
+    g, = torch.autograd.grad(rows, xx, grad_outputs=w, create_graph=True)
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        torch.autograd.grad((g * v).sum(), w)

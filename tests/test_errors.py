@@ -34,3 +34,8 @@ def test_xbmloss_state_dict_moves_across_losses_and_memory_dtypes():
     assert b.memory.dtype == torch.bfloat16 and int(b.iteration) == 3 and len(b.memory) == 15
     assert torch.equal(b.memory.embeddings, a.memory.embeddings.to(torch.bfloat16))
     assert torch.equal(b.memory.labels, a.memory.labels)
+
+
+def test_xbmloss_memory_dtype_is_named_as_passed():
+    with pytest.raises(TypeError, match=r"^memory_dtype: "):
+        xk.XBMLoss(16, 8, memory_dtype=torch.int32)

@@ -31,8 +31,22 @@ COS, LP = distances.CosineSimilarity, distances.LpDistance
 
 
 class FixedPML(pml_cbm.CrossBatchMemory):
-    """PML 2.9's wrapper with its three bugs fixed, nothing else changed: self-pairs are the
-    pairs (a, curr_batch_idx[a]) for every batch size; an empty enqueue changes nothing."""
+    """PML 2.9's wrapper with its bugs fixed, nothing else changed: self-pairs are the pairs
+    (a, curr_batch_idx[a]) for every batch size; an empty enqueue changes nothing; a step
+    without anchors, or against an empty memory, has no pair and returns 0 (PML raises from
+    inside its miner, or returns NaN through an embedding regularizer)."""
+
+    def forward(self, embeddings, labels, indices_tuple=None, enqueue_mask=None):
+        anchors = len(embeddings) if enqueue_mask is None else int((~enqueue_mask).sum())
+        queued = len(embeddings) if enqueue_mask is None else int(enqueue_mask.sum())
+        empty = not self.has_been_filled and self.queue_idx == 0 and queued == 0
+        if anchors and not empty:
+            return super().forward(embeddings, labels, indices_tuple, enqueue_mask)
+        self.embedding_memory = self.embedding_memory.to(embeddings.device, embeddings.dtype)
+        self.label_memory = self.label_memory.to(labels.device, labels.dtype)
+        keep = slice(None) if enqueue_mask is None else enqueue_mask
+        self.add_to_memory(embeddings[keep], labels[keep], queued)
+        return embeddings.sum() * 0
 
     def add_to_memory(self, embeddings, labels, batch_size):
         if batch_size == 0:
@@ -484,3 +498,138 @@ def test_importing_xbm_kernels_does_not_need_pml():
             "import xbm_kernels.pml as p; print(len(p.fused_configurations()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "5"
+
+
+# --------------------------------------------------------------------------- found by a probe
+
+
+def _pair(make, steps, dtype=torch.float32, memory=8, ours_kw=None, pml_dtype=None):
+    """The last step's (loss, grad) through ours and FixedPML after the same earlier steps."""
+    out = []
+    for cls, dt in ((xpml.CrossBatchMemory, dtype), (FixedPML, pml_dtype or dtype)):
+        loss, miner = make()
+        kw = (ours_kw or {}) if cls is xpml.CrossBatchMemory else {}
+        m = cls(loss, steps[0][0].shape[1], memory, miner, **kw)
+        for x, y in steps[:-1]:
+            m(x.to(dt), y)
+        x = steps[-1][0].to(dt).clone().requires_grad_()
+        loss = m(x, steps[-1][1])
+        loss.backward()
+        out.append((loss.detach().double(), x.grad.double()))
+    return out
+
+
+def _triplet_batch_hard():
+    return losses.TripletMarginLoss(margin=1.0, distance=COS()), miners.BatchHardMiner(distance=COS())
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_triplet_anchor_with_an_exact_duplicate_in_the_batch(wrap):
+    """Two identical rows of one label: PML's argmin over the positives ties the anchor's copy
+    and the duplicate at S = 1 and picks the lower slot (the copy, then dropped); the step
+    runs PML's own loss, so the numbers are PML's."""
+    a, b, c = torch.tensor([1.0, 0.2, 0.1]), torch.tensor([0.1, 1.0, 0.3]), torch.tensor([0.5, 0.5, 0.7])
+    steps = ([(torch.stack([c, a, b]), torch.tensor([2, 0, 1])), (torch.stack([b, a, b]), torch.tensor([1, 0, 1]))]
+             if wrap else [(torch.stack([a, b, b, torch.tensor([0.9, 0.3, 0.0])]), torch.tensor([0, 1, 1, 0]))])
+    (lo, go), (lt, gt) = _pair(_triplet_batch_hard, steps, memory=4 if wrap else 8, pml_dtype=torch.float64)
+    assert abs(float(lo - lt)) <= 1e-6 and _err(go, gt) <= 1e-5
+
+
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "double"])
+def test_casting_the_wrapper_keeps_the_memory_and_its_normalised_copy_in_step(cast):
+    """model.half() with the wrapper inside: the memory keeps its dtype (CONTRACT.md section 2)
+    and the next step runs, as without the cast."""
+    g = torch.Generator().manual_seed(0)
+    x0, x1 = torch.randn(4, 4, generator=g), torch.randn(3, 4, generator=g)
+    y0, y1 = torch.tensor([0, 1, 0, 1]), torch.tensor([0, 1, 2])
+    ref = xpml.CrossBatchMemory(losses.SupConLoss(), 4, 8)
+    m = xpml.CrossBatchMemory(losses.SupConLoss(), 4, 8)
+    for w in (ref, m):
+        w(x0, y0)
+    getattr(m, cast)()
+    assert m.memory.dtype == torch.float32
+    assert float(m(x1, y1)) == float(ref(x1, y1))
+
+
+@pytest.mark.parametrize("how", ["memory.enqueue", "memory.load_state_dict", "memory.reset"])
+def test_rows_changed_through_the_public_memory_reach_the_fused_kernels(how):
+    g = torch.Generator().manual_seed(0)
+    x0, x1 = torch.randn(4, 4, generator=g), torch.randn(3, 4, generator=g)
+    y0, y1 = torch.tensor([0, 1, 0, 1]), torch.tensor([0, 1, 2])
+    extra, extra_y = torch.randn(4, 4, generator=g) * 3, torch.tensor([2, 2, 0, 1])
+    ours, theirs = xpml.CrossBatchMemory(losses.SupConLoss(), 4, 8), FixedPML(losses.SupConLoss(), 4, 8)
+    for w in (ours, theirs):
+        w(x0, y0)
+    if how == "memory.enqueue":
+        ours.memory.enqueue(extra, extra_y)
+        theirs.add_to_memory(extra, extra_y, 4)
+    elif how == "memory.reset":
+        ours.memory.reset()
+        theirs.reset_queue()
+    else:
+        other = xpml.CrossBatchMemory(losses.SupConLoss(), 4, 8)
+        other(extra, extra_y)
+        ours.memory.load_state_dict(other.memory.state_dict())
+        theirs.reset_queue()
+        theirs(extra, extra_y)
+    assert abs(float(ours(x1, y1)) - float(theirs(x1, y1))) <= 1e-6
+
+
+@pytest.mark.parametrize("name", ["multi_similarity+regularizer", "triplet-l2+batchhard", "nca", "supcon",
+                                  "triplet+batchhard"])
+@pytest.mark.parametrize("situation", ["empty batch", "all-False mask on an empty memory", "all-True mask"])
+def test_no_anchor_or_no_memory_gives_zero(name, situation):
+    make = {"multi_similarity+regularizer": lambda: (losses.MultiSimilarityLoss(
+                embedding_regularizer=regularizers.LpRegularizer()), None),
+            "triplet-l2+batchhard": lambda: (losses.TripletMarginLoss(), miners.BatchHardMiner()),
+            "nca": lambda: (losses.NCALoss(), None), "supcon": lambda: (losses.SupConLoss(), None),
+            "triplet+batchhard": _triplet_batch_hard}[name]
+    m = xpml.CrossBatchMemory(*make()[:1], D, MEMORY, make()[1])
+    x, y, _ = _batch(3, 5, torch.float32, zero_rows=False)
+    if situation == "empty batch":
+        out = m(x[:0].requires_grad_(), y[:0])
+    else:
+        mask = torch.full((5,), situation == "all-True mask")
+        xx = x.clone().requires_grad_()
+        out = m(xx, y, enqueue_mask=mask)
+        out.backward()
+        assert bool((xx.grad == 0).all())
+    assert float(out) == 0.0
+
+
+@pytest.mark.parametrize("scale", [1e-14, 1e-20])
+def test_rows_normalised_to_almost_zero_under_lp_distance(scale):
+    """A row of norm <= 1e-12 is ~0 after F.normalize, not a unit row: PML's loss runs."""
+    x, y, _ = _batch(4, 6, torch.float32, zero_rows=False)
+    x[1] *= scale
+    (lo, go), (lt, gt) = _pair(lambda: (losses.ContrastiveLoss(), None), [(x, y)])
+    assert abs(float(lo - lt)) <= 1e-6 * max(1.0, abs(float(lt))) and _err(go, gt) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["contrastive-cos", "multi_similarity+miner"])
+def test_float64_memory_gives_float64_numbers(name):
+    """memory_dtype=float64: PML's float64 numbers to 1e-12, the lonely anchors' copy term and
+    the cosine contrastive offsets included."""
+    make = CONFIGS[name][0]
+    g = torch.Generator().manual_seed(1)
+    steps = [(torch.randn(6, D, generator=g, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 7, 8]))
+             for _ in range(3)]
+    (lo, go), (lt, gt) = _pair(make, steps, dtype=torch.float64, memory=MEMORY,
+                               ours_kw=dict(memory_dtype=torch.float64))
+    assert abs(float(lo - lt)) <= 1e-12 * max(1.0, abs(float(lt))) and _err(go, gt) <= 1e-12
+
+
+def test_batch_hard_strategies_changed_between_steps():
+    loss, miner = _triplet_batch_hard()
+    m = xpml.CrossBatchMemory(loss, D, MEMORY, miner)
+    assert m.fused.startswith("triplet")
+    m.miner.pos_strategy = m.miner.EASY
+    assert m.fused is None
+
+
+def test_argument_names_for_labels_and_memory_dtype():
+    m = xpml.CrossBatchMemory(losses.SupConLoss(), D, MEMORY)
+    with pytest.raises(TypeError, match="^labels: "):
+        m(torch.randn(3, D), "abc")
+    with pytest.raises(TypeError, match="^memory_dtype: "):
+        xpml.CrossBatchMemory(losses.SupConLoss(), D, MEMORY, memory_dtype=torch.int32)

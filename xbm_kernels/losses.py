@@ -6,38 +6,43 @@ import inspect
 from typing import Tuple
 
 import torch
-import functools
 
 from . import _validate as V
 from . import backends
 from .registry import LOSSES, MEAN_OVER, Loss, docstring
 
-def _first_order_only(backward):
-    """Like torch.autograd.function.once_differentiable, but also when the incoming gradient
-    does not require grad (the usual `autograd.grad(loss, x, create_graph=True)`): with
-    create_graph the returned gradients lead to a node that raises when differentiated.
-    Each gradient is tied to its own input (x + 0 * a scalar of the input), so that node lies
-    on every path from a gradient penalty back to the inputs: `.backward()`,
-    `autograd.grad(..., inputs)` and a penalty through a normalisation all reach it, instead
-    of treating the gradient as a constant and silently adding nothing."""
-    @functools.wraps(backward)
-    def wrapper(ctx, *grads):
-        with torch.no_grad():
-            outputs = backward(ctx, *grads)
-        if not torch.is_grad_enabled():
-            return outputs
-        inputs = ctx.saved_tensors[:len(outputs)]  # forward saves its differentiable inputs first
-        live = [i for i, o in enumerate(outputs) if o is not None]
-        if not live:
-            return outputs
-        linked = [outputs[i].detach() + inputs[i].reshape(-1)[:1].sum().to(outputs[i].dtype) * 0 for i in live]
-        err = torch._C._functions.DelayedError(
-            b"xbm_kernels: the fused kernels compute first derivatives only, so they cannot differentiate twice "
-            b"(use backend='reference' for a gradient penalty)", len(linked))
-        wrapped = err(*linked)
-        wrapped = iter(wrapped if isinstance(wrapped, tuple) else (wrapped,))
-        return tuple(next(wrapped) if i in live else None for i in range(len(outputs)))
-    return wrapper
+def _first_order_only(outputs, inputs, grad_out=None):
+    """The gradients `outputs` (one per input of the Function, None for those without one),
+    made to raise when they are differentiated with respect to the Function's inputs: the
+    fused kernels compute first derivatives only. Each gradient gets + 0 through a node that
+    raises when backpropagated, tied to its own input (a scalar of it), so that node lies on
+    every path from a gradient penalty back to the inputs: `.backward()`,
+    `autograd.grad(..., inputs)`, through a normalisation. Without it the gradients would be
+    constants there and a penalty would silently add nothing. With `grad_out` (a backward
+    that is not differentiable in the incoming gradient either) the node is tied to it too;
+    otherwise the gradients are computed tracked in the incoming gradient, and the
+    double-backward trick of torch.autograd.functional.jvp (d grad / d grad_out, first-order
+    information) gives the true Jacobian-vector product."""
+    if not torch.is_grad_enabled():
+        return outputs
+    live = [i for i, o in enumerate(outputs) if o is not None]
+    if not live:
+        return outputs
+
+    def scalar(t):
+        return t.reshape(-1)[:1].sum()
+
+    links = [(scalar(inputs[i]) * 0).float() + (0 if grad_out is None else (scalar(grad_out) * 0).float())
+             for i in live]
+    err = torch._C._functions.DelayedError(
+        b"xbm_kernels: the fused kernels compute first derivatives only, so they cannot differentiate twice "
+        b"(use backend='reference' for a gradient penalty)", len(links))
+    wrapped = err(*links)
+    wrapped = iter(wrapped if isinstance(wrapped, tuple) else (wrapped,))
+    out = list(outputs)
+    for i in live:
+        out[i] = outputs[i] + next(wrapped).to(outputs[i].dtype)
+    return tuple(out)
 
 
 @torch.compiler.assume_constant_result  # a global setting: a constant for tracing
@@ -87,26 +92,28 @@ class _FusedLoss(torch.autograd.Function):
         return out, counts
 
     @staticmethod
-    @_first_order_only  # double backward raises instead of returning 0
     def backward(ctx, grad_out, _grad_counts):
+        # double backward raises instead of returning 0 (_first_order_only)
+        x, ref = ctx.saved_tensors[:2]
+        rest = ctx.saved_tensors[2:]
         if ctx.fused_grad:
-            _, _, grad, rows, counts = ctx.saved_tensors
+            grad, rows, counts = rest
         else:
-            x, ref, labels, ref_labels, self_index, rows, counts = ctx.saved_tensors
+            labels, ref_labels, self_index, rows, counts = rest
         g = grad_out.float()
         if ctx.reduction == "mean":
             g = g / _mean_denominator(ctx.spec, rows, counts)
         grad_rows = g.expand(rows.shape[0]) if ctx.reduction != "none" else g
-        grad_x = grad_ref = None
-        if ctx.fused_grad:
+        tail = (None,) * 8
+        if ctx.fused_grad:  # linear in grad_out, tracked: d/d grad_out is exact
             grad_x = (grad * grad_rows[:, None]).to(ctx.x_dtype)
-        else:
+            return _first_order_only((grad_x, None) + tail, (x, ref))
+        with torch.no_grad():  # the bwd op has no derivative of its own: tied to grad_out as well
             bwd = getattr(ctx.ops, f"{ctx.spec.name}_bwd")
             gx, gr = bwd(x, labels, ref, ref_labels, self_index, ctx.ref_valid, *ctx.params,
                          grad_rows.contiguous(), ctx.allow_tf32)
-            grad_x = gx.to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-            grad_ref = gr.to(ctx.ref_dtype)
-        return grad_x, grad_ref, None, None, None, None, None, None, None, None
+        grad_x = gx.to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        return _first_order_only((grad_x, gr.to(ctx.ref_dtype)) + tail, (x, ref), grad_out)
 
 
 def compute(loss, embeddings, labels, ref_embeddings, ref_labels, *, ref_valid=None, self_index=None,

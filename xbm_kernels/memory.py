@@ -50,6 +50,7 @@ class CrossBatchMemory(nn.Module):
         self.register_buffer("num_filled", torch.zeros((), dtype=torch.int64, device=device))
         self._ptr = 0
         self._num_filled = 0
+        self._version = 0  # +1 at every change of the rows (write, reset, load): caches beside it follow
 
     @property
     def dtype(self):
@@ -141,6 +142,7 @@ class CrossBatchMemory(nn.Module):
             slots = op(self.embeddings, self.labels, embeddings.detach(), labels, self._ptr)
         self._ptr = (self._ptr + b) % self.size
         self._num_filled = min(self.size, self._num_filled + b)
+        self._version += 1
         self.ptr.fill_(self._ptr)
         self.num_filled.fill_(self._num_filled)
         return slots
@@ -153,6 +155,7 @@ class CrossBatchMemory(nn.Module):
     @torch.no_grad()
     def reset(self):
         self._ptr = self._num_filled = 0
+        self._version += 1
         self.ptr.zero_()
         self.num_filled.zero_()
         self.labels.fill_(-1)
@@ -224,6 +227,7 @@ class CrossBatchMemory(nn.Module):
             if t.dtype != torch.int64 or t.dim():
                 setattr(self, name, t.reshape(()).to(torch.int64))
         self._ptr, self._num_filled = int(self.ptr), int(self.num_filled)
+        self._version += 1
 
     def _apply(self, fn, recurse=True):
         # Module.to(dtype) / .half() would cast the memory; it keeps its own dtype instead.

@@ -194,7 +194,8 @@ def _contrastive(loss, miner):
         def terms(step):
             pos_rows, pos_counts = step.run("contrastive", pos_p)
             neg_rows, neg_counts = step.run("contrastive", neg_p)
-            n_pos, n_neg = pos_counts[:, 0].sum(), neg_counts[:, 1].sum()
+            n_pos = pos_counts[:, 0].sum().to(pos_rows.dtype)
+            n_neg = neg_counts[:, 1].sum().to(neg_rows.dtype)
             return pos_rows.sum() - (1.0 - pm) * n_pos, n_pos, neg_rows.sum() - nm * n_neg, n_neg
         needs_nonzero_rows = None
     elif _is_plain(loss.distance, "LpDistance"):
@@ -264,7 +265,8 @@ def _mine_with_copies(step, rows, counts, params, alpha, base):
         return rows, counts
     x, slots = step.x[idx], step.self_index[idx]
     rows2, counts2 = step.run("multi_similarity", params, x=x, y=step.y[idx], self_index=None)
-    s_copy = (x.float() * step.mem[slots].float()).sum(1)
+    dtype = torch.promote_types(torch.promote_types(x.dtype, step.mem.dtype), torch.float32)
+    s_copy = (x.to(dtype) * step.mem[slots].to(dtype)).sum(1)
     mined = counts2[:, 0] > 0  # the copy is the anchor's only positive
     copy_term = F.softplus(-alpha * (s_copy - base)) / alpha
     rows2 = rows2 - torch.where(mined, copy_term, copy_term.new_zeros(()))
@@ -308,6 +310,7 @@ def _triplet(loss, miner):
     if not (_plain_loss(loss) and _avg_nonzero(loss.reducer) and not loss.swap and not loss.smooth_loss):
         return None
     if not (type(miner) is miners.BatchHardMiner and _is_plain(miner.distance, "CosineSimilarity")
+            and miner.pos_strategy == miner.HARD and miner.neg_strategy == miner.HARD
             and miner.allowed_pos_range is None and miner.allowed_neg_range is None):
         return None
     params = _params("triplet", margin=_number(loss.margin), pos_eps=-1.0)
@@ -320,10 +323,12 @@ def _triplet(loss, miner):
         rows, _ = step.run("triplet", params)
         return _mean_nonzero(rows)
 
-    # A zero anchor ties every column at S = 0, and PML's argmin over the positives may pick
-    # its copy (then dropped) where the kernel picks the lowest other column: such a step
-    # runs PML's own loss
+    # PML's argmin over the positives sees the anchor's copy, which the kernel never picks: they
+    # differ where the copy ties the hardest other positive, i.e. for an anchor whose row has an
+    # exact duplicate among its other positives, or a zero anchor (every S is 0). Such a step
+    # runs PML's own loss.
     fused.needs_nonzero_rows = "anchors"
+    fused.no_duplicate_copies = True
     return fused
 
 
@@ -413,13 +418,17 @@ class CrossBatchMemory(nn.Module):
         self.embedding_size = V.index("embedding_size", embedding_size, 1, V.MAX_ROWS)
         self.memory_size = V.index("memory_size", memory_size, 1, V.MAX_ROWS)
         self.backend, self.gather_distributed = backend, bool(gather_distributed)
-        # PML's rows, as given; the fused kernels read their normalised copy (built on the
-        # first fused step, then kept in step at every enqueue; not part of the state dict)
+        dtypes = V.FLOAT_DTYPES + (torch.float64,)
+        if memory_dtype not in dtypes:
+            raise TypeError(f"memory_dtype: expected one of {[str(d) for d in dtypes]}, got {memory_dtype}")
+        # PML's rows, as given. Beside them, for the fused kernels: the rows normalised, which
+        # rows are not unit after normalising (norm <= 1e-12) and a key of each row's bits (to
+        # find exact duplicates); built at the first fused step, then kept in step with the
+        # memory (its version counter); not part of the state dict.
         self.memory = _Memory(self.memory_size, self.embedding_size, dtype=memory_dtype, backend=backend,
-                              check_finite=check_finite, _dtypes=V.FLOAT_DTYPES + (torch.float64,))
-        self.register_buffer("_unit_rows", torch.zeros(0, self.embedding_size, dtype=memory_dtype), persistent=False)
-        self.register_buffer("_zero_rows", torch.zeros(0, dtype=torch.bool), persistent=False)
-        self._unit_ready = False
+                              check_finite=check_finite, _dtypes=dtypes)
+        self._unit = None  # (unit rows, not-unit flags, row keys) or None
+        self._unit_version = -1
 
     @property
     def fused(self):
@@ -434,10 +443,6 @@ class CrossBatchMemory(nn.Module):
         """Empties the memory (PML's name for it)."""
         self.memory.reset()
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self._unit_ready = False  # rebuilt from the loaded rows at the next fused step
-
     def _gathered(self, x, y, mask):
         """The batch all-gathered in rank order with gather_distributed, and this rank's offset."""
         if not (self.gather_distributed and dist.is_available() and dist.is_initialized()):
@@ -445,25 +450,57 @@ class CrossBatchMemory(nn.Module):
         return gather_batch(x, y, mask)
 
     @torch.no_grad()
-    def _unit_memory(self):
-        """The memory's filled rows normalised (the fused kernels' input), and which are zero."""
-        mem = self.memory.embeddings
-        n = len(self.memory)
-        if not self._unit_ready:
-            if self._unit_rows.shape != mem.shape or self._unit_rows.device != mem.device:
-                self._unit_rows = torch.zeros_like(mem)
-                self._zero_rows = torch.zeros(mem.shape[0], dtype=torch.bool, device=mem.device)
-            self._unit_rows[:n] = _unit(mem[:n])
-            self._zero_rows[:n] = (mem[:n] == 0).all(1)
-            self._unit_ready = True
-        return self._unit_rows, self._zero_rows
+    def _derived(self, rows):
+        """(unit rows, not-unit flags, keys) of raw rows: normalised as PML's distances do, in
+        the memory's dtype; a row of norm <= 1e-12 (F.normalize's eps) is not unit after it; the
+        key is an exact integer function of the row's bits (equal rows, equal keys)."""
+        unit = _unit(rows)
+        tiny = rows.float().norm(dim=1) <= 1e-12
+        bits = rows.contiguous().view({8: torch.int64, 4: torch.int32, 2: torch.int16}[rows.element_size()]).long()
+        coef = torch.arange(1, rows.shape[1] + 1, device=rows.device, dtype=torch.int64) * 2654435761 % (1 << 20)
+        keys = ((bits & 0xFFFF) * coef).sum(1) + (((bits >> 16) & 0xFFFF) * (coef + 1)).sum(1) * 7 \
+            + ((bits >> 32) * (coef + 3)).sum(1) * 13
+        return unit, tiny, keys
 
     @torch.no_grad()
-    def _update_unit(self, slots):
-        if self._unit_ready and slots.numel():
-            rows = self.memory.embeddings[slots]
-            self._unit_rows[slots] = _unit(rows)
-            self._zero_rows[slots] = (rows == 0).all(1)
+    def _unit_memory(self):
+        """The derived rows of the memory's filled prefix, rebuilt whenever the memory changed
+        other than through this module's own enqueue (memory.enqueue, load_state_dict, reset),
+        was cast or moved."""
+        mem = self.memory.embeddings
+        n = len(self.memory)
+        u = self._unit
+        if u is None or self._unit_version != self.memory._version or u[0].dtype != mem.dtype \
+                or u[0].device != mem.device or u[0].shape != mem.shape:
+            unit = torch.zeros_like(mem)
+            tiny = torch.zeros(mem.shape[0], dtype=torch.bool, device=mem.device)
+            keys = torch.zeros(mem.shape[0], dtype=torch.int64, device=mem.device)
+            unit[:n], tiny[:n], keys[:n] = self._derived(mem[:n])
+            self._unit, self._unit_version = (unit, tiny, keys), self.memory._version
+        return self._unit
+
+    @torch.no_grad()
+    def _write(self, gx, gy, gmask, b):
+        """The enqueue, keeping the derived rows in step when they were."""
+        u = self._unit
+        in_step = u is not None and self._unit_version == self.memory._version \
+            and u[0].dtype == self.memory.dtype and u[0].device == self.memory.embeddings.device
+        slots = self.memory.write_checked(gx, gy, gmask, b)
+        if in_step:
+            if slots.numel():
+                unit, tiny, keys = u
+                unit[slots], tiny[slots], keys[slots] = self._derived(self.memory.embeddings[slots])
+            self._unit_version = self.memory._version
+        return slots
+
+    def _has_duplicate_copies(self, keys, self_index, n):
+        """Whether some anchor's copy has an exact duplicate with its label elsewhere in the
+        memory (sorting the filled rows' (key, label) pairs: O(n log n))."""
+        combined = keys[:n] * 1000003 + self.memory.labels[:n].long()
+        sorted_keys, _ = combined.sort()
+        mine = combined[self_index]
+        same = torch.searchsorted(sorted_keys, mine, right=True) - torch.searchsorted(sorted_keys, mine)
+        return bool((same > 1).any())
 
     def forward(self, embeddings, labels, indices_tuple=None, enqueue_mask=None):
         if indices_tuple is not None and enqueue_mask is not None:
@@ -473,7 +510,13 @@ class CrossBatchMemory(nn.Module):
         if embeddings.shape[1] != self.embedding_size:
             raise ValueError(f"embeddings: expected dim {self.embedding_size} (embedding_size), got "
                              f"{embeddings.shape[1]}")
-        labels = V.tensor("labels", torch.as_tensor(labels, device=embeddings.device), dim=1, integer=True)
+        if not isinstance(labels, torch.Tensor):
+            try:
+                labels = torch.as_tensor(labels, device=embeddings.device)
+            except (TypeError, ValueError, RuntimeError):
+                raise TypeError(f"labels: expected a tensor or a sequence of integers, got {type(labels).__name__}") \
+                    from None
+        labels = V.tensor("labels", labels, dim=1, integer=True, device=embeddings.device)
         B = embeddings.shape[0]
         if labels.shape[0] != B:
             raise ValueError(f"labels: expected {B} labels (one per embedding), got {labels.shape[0]}")
@@ -488,23 +531,27 @@ class CrossBatchMemory(nn.Module):
             _check_indices_tuple(indices_tuple, B, n_after, embeddings.device)
         name, fused_fn = plan(self.loss, self.miner)  # the settings as they are at this call
         # everything is checked: the memory changes from here on
-        slots = self.memory.write_checked(gx, gy, gmask, b)
-        self._update_unit(slots)
+        slots = self._write(gx, gy, gmask, b)
         if enqueue_mask is not None:
             anchors, anchor_labels, self_index = embeddings[~enqueue_mask], labels[~enqueue_mask], None
         else:
             anchors, anchor_labels, self_index = embeddings, labels, slots[offset:offset + B]
         n = len(self.memory)
+        if anchors.shape[0] == 0 or n == 0:
+            # no anchor or no memory row: no pair, a loss of 0 (PML raises or returns NaN here)
+            return embeddings.sum() * 0
         if fused_fn is not None and indices_tuple is None:
-            unit, zero = self._unit_memory()
+            unit, tiny, keys = self._unit_memory()
             # 16-bit anchors are normalised in fp32 and enter the kernels as fp32 (the kernels take
             # fp32 anchors against any memory dtype): no second rounding of the anchors
             x = F.normalize(anchors.float(), dim=1) if anchors.dtype in (torch.float16, torch.bfloat16) \
                 else F.normalize(anchors, dim=1)
             rule = getattr(fused_fn, "needs_nonzero_rows", None)
-            zero_rows = rule is not None and bool((anchors.detach() == 0).all(1).any()
-                                                  | (rule == "anchors+memory" and zero[:n].any()))
-            if not zero_rows:
+            off_path = rule is not None and bool((anchors.detach().float().norm(dim=1) <= 1e-12).any()
+                                                 | (rule == "anchors+memory" and tiny[:n].any()))
+            if not off_path and getattr(fused_fn, "no_duplicate_copies", False) and self_index is not None:
+                off_path = self._has_duplicate_copies(keys, self_index, n)
+            if not off_path:
                 step = _Step(x, anchor_labels, unit, self.memory.labels, n, self_index, self.backend)
                 return fused_fn(step)
         return self._pml_loss(anchors, anchor_labels, self_index, n, indices_tuple)

@@ -109,6 +109,8 @@ class XBMLoss(nn.Module):
         super().__init__()
         memory_size = V.index("memory_size", memory_size, 1, V.MAX_ROWS)
         embedding_dim = V.index("embedding_dim", embedding_dim, 1, V.MAX_ROWS)
+        if memory_dtype not in V.FLOAT_DTYPES:
+            raise TypeError(f"memory_dtype: expected one of {[str(d) for d in V.FLOAT_DTYPES]}, got {memory_dtype}")
         if loss not in LOSSES:
             raise ValueError(f"loss: unknown loss {loss!r}; available: {sorted(LOSSES)}")
         # names and values validated once, now: the steps pass them on as they are
