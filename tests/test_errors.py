@@ -39,3 +39,13 @@ def test_xbmloss_state_dict_moves_across_losses_and_memory_dtypes():
 def test_xbmloss_memory_dtype_is_named_as_passed():
     with pytest.raises(TypeError, match=r"^memory_dtype: "):
         xk.XBMLoss(16, 8, memory_dtype=torch.int32)
+
+
+def test_an_unavailable_backend_says_why():
+    """backend='triton' without a GPU says that it needs one and what TRITON_INTERPRET is for."""
+    if "triton" in xk.available_backends():
+        pytest.skip("the Triton backend is available in this process")  # the interpreter process
+    x = torch.nn.functional.normalize(torch.randn(3, 4), dim=1)
+    with pytest.raises(ValueError, match=r"^backend: 'triton' is not available here \((triton is not installed|"
+                                         r"it runs on CUDA GPUs.*TRITON_INTERPRET=1)"):
+        xk.contrastive_loss(x, torch.arange(3), x, torch.arange(3), backend="triton")

@@ -1,10 +1,10 @@
 """xbm-kernels: fused Cross-Batch Memory losses for PyTorch.
 
     import xbm_kernels as xk
-    crit = xk.XBMLoss(memory_size=8192, embedding_dim=128)     # contrastive, margin 0.5
-    loss = crit(embeddings, labels)                             # in-batch + memory loss
+    crit = xk.XBMLoss(memory_size=8192, embedding_dim=128)     # multi-similarity (the default)
+    loss = crit(embeddings, labels)                             # in-batch + weight x memory loss
 """
-from . import _ops  # noqa: F401  (loads the C++ ops and their fakes)
+from . import _ops  # noqa: F401  (defines the ops and their fakes, loads the C++ kernels)
 from ._validate import set_value_checks
 from .backends import available_backends
 from .losses import PUBLIC as _PUBLIC_LOSSES

@@ -68,6 +68,29 @@ def _interpreter_works():
     return _INTERPRETER_OK[0]
 
 
+def _why_unusable(name):
+    """Why a backend is not usable here, as a parenthesised clause of an error message."""
+    if name in ("cpu", "cuda") and _ops.LOAD_ERROR:
+        return f" (extension failed to load: {_ops.LOAD_ERROR})"
+    if name == "cuda":
+        if not _HAS_CUDA_KERNELS:
+            return " (this build has no CUDA kernels: build with a CUDA torch and nvcc, or FORCE_CUDA=1)"
+        return " (no CUDA GPU of compute capability 8.0 or newer is visible)"
+    if name == "triton":
+        if not _HAS_TRITON:
+            return " (triton is not installed)"
+        if not torch.cuda.is_available() and not _INTERPRET:
+            return (" (it runs on CUDA GPUs, and none is visible; TRITON_INTERPRET=1, set before importing "
+                    "triton, runs it on CPU tensors through Triton's interpreter, for testing only: slow)")
+        return " (Triton's interpreter cannot run these kernels here: " + str(_common_problem()) + ")"
+    return ""
+
+
+def _common_problem():
+    from .triton import _common
+    return _common.interpreter_problem()
+
+
 def available_backends():
     """Backends usable on this machine, e.g. ["reference", "cpu", "triton", "cuda"]."""
     return [n for n in NAMES if _usable(n)]
@@ -114,8 +137,7 @@ def resolve(backend, device: torch.device, op: str = "enqueue") -> str:
                 return name
         return "reference"
     if not _usable(backend):
-        why = f" (extension failed to load: {_ops.LOAD_ERROR})" if backend in ("cpu", "cuda") and _ops.LOAD_ERROR \
-            else ""
+        why = _why_unusable(backend)
         raise ValueError(f"backend: {backend!r} is not available here{why}; available: {available_backends()}")
     devices = _devices(backend)
     if devices is not None and device.type not in devices:
