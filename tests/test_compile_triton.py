@@ -2,7 +2,7 @@
 does for the CUDA sources). CI runs the kernels under the interpreter, which executes them
 as Python and checks no types: a loop-carried variable that changes type, or a constexpr
 branch that only the compiler sees, fails only here. Every kernel, for fp32, 16-bit and
-split (fp32 anchors against a 16-bit memory) operands, multi-similarity's mining on and off.
+limbed (fp32 anchors against a 16-bit memory: 16-bit limbs) operands, multi-similarity's mining on and off.
 
 Runs in the main test process (TRITON_INTERPRET unset: the decorators then build compilable
 kernels); skipped under the interpreter or without Triton's NVIDIA backend."""
@@ -31,29 +31,29 @@ from xbm_kernels.triton import ntxent, supcon, triplet  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-# (x, ref) dtypes: fp32, 16-bit, split anchors (2 fp16 parts, 3 bf16 parts)
+# (x, ref) dtypes: fp32, 16-bit, fp32 anchors in 16-bit limbs (2 for fp16, 3 for bf16)
 OPERANDS = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16),
             "fp32-on-fp16": (torch.float32, torch.float16), "fp32-on-bf16": (torch.float32, torch.bfloat16)}
 KERNELS = {
     "contrastive_fwd": contrastive.contrastive_fwd_kernel,
-    "contrastive_reduce": contrastive.reduce_splits_kernel,
+    "sum_merge": _common.sum_merge_kernel,
     "contrastive_ref_grad": contrastive.contrastive_ref_grad_kernel,
     "contrastive_l2_fwd": contrastive_l2.contrastive_l2_fwd_kernel,
     "contrastive_l2_ref_grad": contrastive_l2.contrastive_l2_ref_grad_kernel,
-    "ms_stats": multi_similarity.ms_stats_kernel,
-    "ms_fwd": multi_similarity.ms_fwd_kernel,
-    "ms_finish": multi_similarity.ms_finish_kernel,
-    "ms_ref_grad": multi_similarity.ms_ref_grad_kernel,
+    "multi_similarity_stats": multi_similarity.multi_similarity_stats_kernel,
+    "multi_similarity_fwd": multi_similarity.multi_similarity_fwd_kernel,
+    "multi_similarity_merge": multi_similarity.multi_similarity_merge_kernel,
+    "multi_similarity_ref_grad": multi_similarity.multi_similarity_ref_grad_kernel,
     "supcon_fwd": supcon.supcon_fwd_kernel,
-    "supcon_finish": supcon.supcon_finish_kernel,
+    "supcon_merge": supcon.supcon_merge_kernel,
     "supcon_ref_grad": supcon.supcon_ref_grad_kernel,
     "ntxent_stats": ntxent.ntxent_stats_kernel,
-    "ntxent_lz": ntxent.ntxent_lz_kernel,
+    "ntxent_stats_merge": ntxent.ntxent_stats_merge_kernel,
     "ntxent_fwd": ntxent.ntxent_fwd_kernel,
-    "ntxent_finish": ntxent.ntxent_finish_kernel,
+    "ntxent_merge": ntxent.ntxent_merge_kernel,
     "ntxent_ref_grad": ntxent.ntxent_ref_grad_kernel,
     "triplet_hardest": triplet.triplet_hardest_kernel,
-    "triplet_finish": triplet.triplet_finish_kernel,
+    "triplet_merge": triplet.triplet_merge_kernel,
     "triplet_ref_grad": triplet.triplet_ref_grad_kernel,
     "enqueue": enqueue.enqueue_kernel,
 }
@@ -97,7 +97,7 @@ def _signature(fn, x_dtype, ref_dtype, constexprs):
 def _constexprs(x_dtype, ref_dtype, mine):
     c = dict(HAS_SELF_INDEX=True, NEED_GRAD=True, MINE=mine, SKIP_INCOMPLETE=False, PRECISION="ieee",
              BLOCK_D=64, BLOCK_B=16, BLOCK_K=32, ROWS=16, BLOCK_DC=64, BLOCK_R=16)
-    c.update(_common.operand_split(x_dtype, ref_dtype))
+    c.update(_common.operand_limbs(x_dtype, ref_dtype))
     return c
 
 

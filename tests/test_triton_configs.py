@@ -33,8 +33,8 @@ def test_split_plan_fills_the_device_and_covers_the_memory():
 
 def test_contrastive_config_pruning_for_hopper():
     """The contrastive tables prune to configs that fit."""
-    fwd = [triton.Config({"BLOCK_B": a, "BLOCK_K": b}, num_warps=w, num_stages=s) for a, b, w, s in tc._FWD_CONFIGS]
-    prune = tc._prune("BLOCK_B", "BLOCK_K", "B", 2048)
+    fwd = [triton.Config({"BLOCK_B": a, "BLOCK_K": b}, num_warps=w, num_stages=s) for a, b, w, s in _common.FWD_CONFIGS]
+    prune = tc._FWD_PRUNE
 
     def kept(B, D, dtype, precision="ieee"):
         nargs = dict(r_ptr=torch.empty(0, dtype=dtype), B=B)
@@ -47,7 +47,7 @@ def test_contrastive_config_pruning_for_hopper():
     assert len(kept(256, 128, torch.float32, "tf32")) > len(kept(256, 128, torch.float32))
     for D, dtype in ((512, torch.float32), (1024, torch.bfloat16)):
         configs = kept(256, D, dtype)
-        assert configs and all((s * k + b) * D * dtype.itemsize <= tc.SMEM_BUDGET for b, k, w, s in configs)
+        assert configs and all((s * k + b) * D * dtype.itemsize <= _common.SMEM_BUDGET for b, k, w, s in configs)
     assert kept(256, 4096, torch.float32) == [(16, 16, 4, 1)]  # nothing fits: the smallest
 
 

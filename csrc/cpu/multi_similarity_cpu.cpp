@@ -11,8 +11,8 @@
 // shift_n = beta (max_neg - base)), so pass 2 sums exp(a - shift) <= 1 with no running
 // maximum and accumulates the weighted rows sum w_j r_j for the gradient; it is scaled
 // once at the end by dl/dsum. Without mining the statistics are needed only for the shifts,
-// so ONE pass keeps them per partition as it goes (each tile's own min / max first, then
-// its weights) and rescales the partition's sums when a shift grows; partitions are
+// so ONE pass keeps them per split as it goes (each tile's own min / max first, then
+// its weights) and rescales the split's sums when a shift grows; splits are
 // brought to the common shift when merged. Mined-set membership is a constant for the
 // gradient. pos_eps may be negative (every same-label column a positive).
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -166,11 +166,11 @@ inline double shift_scale(float old_shift, float new_shift) {
   return old_shift == new_shift ? 1.0 : std::exp(double(old_shift) - double(new_shift));
 }
 
-// Scales row i of a partition's (B, D) accumulator (when there is one).
-inline void scale_row(const Tensor& parts, int64_t p, int64_t i, double scale) {
-  if (!parts.defined()) return;
-  const int64_t B = parts.size(1), D = parts.size(2);
-  float* row = parts.data_ptr<float>() + (p * B + i) * D;
+// Scales row i of a split's (B, D) accumulator (when there is one).
+inline void scale_row(const Tensor& splits, int64_t p, int64_t i, double scale) {
+  if (!splits.defined()) return;
+  const int64_t B = splits.size(1), D = splits.size(2);
+  float* row = splits.data_ptr<float>() + (p * B + i) * D;
   const float f = static_cast<float>(scale);
   for (int64_t d = 0; d < D; ++d) row[d] *= f;
 }
@@ -195,32 +195,32 @@ MsState ms_passes(const cpu::LossInputs& in, const MsParams& prm, bool accumulat
   const auto plan = cpu::plan_tiles(B, in.n);
   const auto f32 = in.x32.options();
   cpu::ScratchPool scratch(in, plan);
-  Tensor min_parts = at::full({plan.parts, B}, kInf, f32), max_parts = at::full({plan.parts, B}, -kInf, f32);
-  Tensor sp_parts = at::zeros({plan.parts, B}, f32.dtype(at::kDouble)), sn_parts = at::zeros_like(sp_parts);
-  Tensor count_parts = at::zeros({plan.parts, B, 2}, f32.dtype(at::kLong));
-  Tensor gp_parts, gn_parts;
+  Tensor min_splits = at::full({plan.splits, B}, kInf, f32), max_splits = at::full({plan.splits, B}, -kInf, f32);
+  Tensor sp_splits = at::zeros({plan.splits, B}, f32.dtype(at::kDouble)), sn_splits = at::zeros_like(sp_splits);
+  Tensor count_splits = at::zeros({plan.splits, B, 2}, f32.dtype(at::kLong));
+  Tensor gp_splits, gn_splits;
   if (accumulate) {
-    gp_parts = at::zeros({plan.parts, B, D}, f32);
-    gn_parts = at::zeros({plan.parts, B, D}, f32);
+    gp_splits = at::zeros({plan.splits, B, D}, f32);
+    gn_splits = at::zeros({plan.splits, B, D}, f32);
   }
   // The weights pass over one tile whose score tile s_tile is computed, against the given
-  // thresholds and shifts, into partition p's sums.
+  // thresholds and shifts, into split p's sums.
   auto weights = [&](int64_t p, int64_t c0, int64_t w, const Tensor& rt, Tensor& s_tile, const float* mine_min,
                      const float* mine_max, const float* sh_p, const float* sh_n) {
     Tensor n_tile = scratch[p].aux_tile(B, w);
     const auto tile_counts =
         ms_weights_tile(s_tile.data_ptr<float>(), n_tile.data_ptr<float>(), B, w, c0, in, prm, mine_min, mine_max,
-                        sh_p, sh_n, sp_parts[p].data_ptr<double>(), sn_parts[p].data_ptr<double>(),
-                        count_parts[p].data_ptr<int64_t>());
+                        sh_p, sh_n, sp_splits[p].data_ptr<double>(), sn_splits[p].data_ptr<double>(),
+                        count_splits[p].data_ptr<int64_t>());
     if (accumulate) {
-      cpu::add_sparse_rows(s_tile, rt, gp_parts[p], tile_counts[0]);  // mined positives: usually few
-      cpu::add_sparse_rows(n_tile, rt, gn_parts[p], tile_counts[1]);
+      cpu::add_sparse_rows(s_tile, rt, gp_splits[p], tile_counts[0]);  // mined positives: usually few
+      cpu::add_sparse_rows(n_tile, rt, gn_splits[p], tile_counts[1]);
     }
   };
   MsState st;
   auto merge_stats = [&]() {
-    st.min_pos = std::get<0>(min_parts.min(0)).contiguous();  // min/max are exact: any order
-    st.max_neg = std::get<0>(max_parts.max(0)).contiguous();
+    st.min_pos = std::get<0>(min_splits.min(0)).contiguous();  // min/max are exact: any order
+    st.max_neg = std::get<0>(max_splits.max(0)).contiguous();
     st.shift_p = at::empty_like(st.min_pos);
     st.shift_n = at::empty_like(st.max_neg);
     ms_shifts(prm, st.min_pos.data_ptr<float>(), st.max_neg.data_ptr<float>(), B, st.shift_p.data_ptr<float>(),
@@ -229,8 +229,8 @@ MsState ms_passes(const cpu::LossInputs& in, const MsParams& prm, bool accumulat
   if (prm.mine) {
     cpu::for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
       Tensor s_tile = scratch[p].similarity(in.x32, scratch[p].ref_tile(in.ref, c0, w));
-      ms_stats_tile(s_tile.data_ptr<float>(), B, w, c0, in, prm.pos_thr, min_parts[p].data_ptr<float>(),
-                    max_parts[p].data_ptr<float>());
+      ms_stats_tile(s_tile.data_ptr<float>(), B, w, c0, in, prm.pos_thr, min_splits[p].data_ptr<float>(),
+                    max_splits[p].data_ptr<float>());
     });
     merge_stats();
     const float* min_pos = st.min_pos.data_ptr<float>();
@@ -243,26 +243,27 @@ MsState ms_passes(const cpu::LossInputs& in, const MsParams& prm, bool accumulat
       weights(p, c0, w, rt, s_tile, min_pos, max_neg, sh_p, sh_n);
     });
   } else {
-    // the shifts each partition has summed with so far
-    Tensor part_shift_p = at::full({plan.parts, B}, -kInf, f32), part_shift_n = at::full({plan.parts, B}, -kInf, f32);
+    // the shifts each split has summed with so far
+    Tensor split_shift_p = at::full({plan.splits, B}, -kInf, f32);
+    Tensor split_shift_n = at::full({plan.splits, B}, -kInf, f32);
     const Tensor no_min = at::full({B}, -kInf, f32), no_max = at::full({B}, kInf, f32);
     cpu::for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
       Tensor rt = scratch[p].ref_tile(in.ref, c0, w);
       Tensor s_tile = scratch[p].similarity(in.x32, rt);
-      float* mn = min_parts[p].data_ptr<float>();
-      float* mx = max_parts[p].data_ptr<float>();
+      float* mn = min_splits[p].data_ptr<float>();
+      float* mx = max_splits[p].data_ptr<float>();
       ms_stats_tile(s_tile.data_ptr<float>(), B, w, c0, in, prm.pos_thr, mn, mx);
-      float* sh_p = part_shift_p[p].data_ptr<float>();
-      float* sh_n = part_shift_n[p].data_ptr<float>();
-      double* sp = sp_parts[p].data_ptr<double>();
-      double* sn = sn_parts[p].data_ptr<double>();
-      for (int64_t i = 0; i < B; ++i) {  // bring the partition's sums to the grown shifts
+      float* sh_p = split_shift_p[p].data_ptr<float>();
+      float* sh_n = split_shift_n[p].data_ptr<float>();
+      double* sp = sp_splits[p].data_ptr<double>();
+      double* sn = sn_splits[p].data_ptr<double>();
+      for (int64_t i = 0; i < B; ++i) {  // bring the split's sums to the grown shifts
         const float new_p = prm.shift_p(mn[i]), new_n = prm.shift_n(mx[i]);
         if (new_p != sh_p[i]) {
           if (sh_p[i] != -kInf) {  // from -inf: nothing summed yet
             const double scale = shift_scale(sh_p[i], new_p);
             sp[i] *= scale;
-            scale_row(gp_parts, p, i, scale);
+            scale_row(gp_splits, p, i, scale);
           }
           sh_p[i] = new_p;
         }
@@ -270,7 +271,7 @@ MsState ms_passes(const cpu::LossInputs& in, const MsParams& prm, bool accumulat
           if (sh_n[i] != -kInf) {
             const double scale = shift_scale(sh_n[i], new_n);
             sn[i] *= scale;
-            scale_row(gn_parts, p, i, scale);
+            scale_row(gn_splits, p, i, scale);
           }
           sh_n[i] = new_n;
         }
@@ -278,29 +279,29 @@ MsState ms_passes(const cpu::LossInputs& in, const MsParams& prm, bool accumulat
       weights(p, c0, w, rt, s_tile, no_min.data_ptr<float>(), no_max.data_ptr<float>(), sh_p, sh_n);
     });
     merge_stats();
-    // Every partition's sums to the common shift (in place; then summed in order below).
+    // Every split's sums to the common shift (in place; then summed in order below).
     const float* shp = st.shift_p.data_ptr<float>();
     const float* shn = st.shift_n.data_ptr<float>();
-    for (int64_t p = 0; p < plan.parts; ++p) {
-      const float* psh_p = part_shift_p[p].data_ptr<float>();
-      const float* psh_n = part_shift_n[p].data_ptr<float>();
-      double* sp = sp_parts[p].data_ptr<double>();
-      double* sn = sn_parts[p].data_ptr<double>();
+    for (int64_t p = 0; p < plan.splits; ++p) {
+      const float* psh_p = split_shift_p[p].data_ptr<float>();
+      const float* psh_n = split_shift_n[p].data_ptr<float>();
+      double* sp = sp_splits[p].data_ptr<double>();
+      double* sn = sn_splits[p].data_ptr<double>();
       for (int64_t i = 0; i < B; ++i) {
         const double scale_p = shift_scale(psh_p[i], shp[i]), scale_n = shift_scale(psh_n[i], shn[i]);
         sp[i] *= scale_p;
         sn[i] *= scale_n;
-        if (scale_p != 1.0) scale_row(gp_parts, p, i, scale_p);
-        if (scale_n != 1.0) scale_row(gn_parts, p, i, scale_n);
+        if (scale_p != 1.0) scale_row(gp_splits, p, i, scale_p);
+        if (scale_n != 1.0) scale_row(gn_splits, p, i, scale_n);
       }
     }
   }
-  st.sum_p = cpu::sum_parts(sp_parts);
-  st.sum_n = cpu::sum_parts(sn_parts);
-  st.counts = cpu::sum_parts(count_parts);
+  st.sum_p = cpu::sum_splits(sp_splits);
+  st.sum_n = cpu::sum_splits(sn_splits);
+  st.counts = cpu::sum_splits(count_splits);
   if (accumulate) {
-    st.grad_p = cpu::sum_parts(gp_parts);
-    st.grad_n = cpu::sum_parts(gn_parts);
+    st.grad_p = cpu::sum_splits(gp_splits);
+    st.grad_n = cpu::sum_splits(gn_splits);
   }
   return st;
 }
@@ -388,8 +389,8 @@ std::tuple<Tensor, Tensor> multi_similarity_bwd_cpu(const Tensor& x, const Tenso
   // Last pass: C = g (factor_p W_p + factor_n W_n); dX = C R, dR_tile = C^T X.
   const auto plan = cpu::plan_tiles(in.B, in.n);
   const auto f64 = loss.options().dtype(at::kDouble);
-  Tensor sp_scratch = at::zeros({plan.parts, in.B}, f64), sn_scratch = at::zeros({plan.parts, in.B}, f64);
-  Tensor count_scratch = at::zeros({plan.parts, in.B, 2}, f64.dtype(at::kLong));
+  Tensor sp_scratch = at::zeros({plan.splits, in.B}, f64), sn_scratch = at::zeros({plan.splits, in.B}, f64);
+  Tensor count_scratch = at::zeros({plan.splits, in.B, 2}, f64.dtype(at::kLong));
   const auto thresholds = mining_thresholds(prm, st);
   const float* mine_min = thresholds.first.data_ptr<float>();
   const float* mine_max = thresholds.second.data_ptr<float>();

@@ -81,9 +81,9 @@ void find_matches(int64_t B, int64_t w, int64_t c0, const cpu::LossInputs& in, T
   }
 }
 
-// Pass 1, per partition: running max m of s over the negatives, sum of exp(s - m) (f64),
+// Pass 1, per split: running max m of s over the negatives, sum of exp(s - m) (f64),
 // |N_i|, and (accumulate) G = sum exp(s - m) r.
-struct NegParts {
+struct NegSplits {
   Tensor m, sum, count;  // (P, B) f32, f64, int64
   Tensor g;              // (P, B, D) f32 or undefined
 };
@@ -164,15 +164,15 @@ float neg_row_with_self(float* row, int64_t w, int64_t self_col, const int32_t* 
   return rescale;
 }
 
-NegParts negatives_pass(const cpu::LossInputs& in, const cpu::TilePlan& plan, float inv_tau, bool accumulate) {
+NegSplits negatives_pass(const cpu::LossInputs& in, const cpu::TilePlan& plan, float inv_tau, bool accumulate) {
   const int64_t B = in.B, D = in.D;
   const auto f32 = in.x32.options();
-  NegParts st;
-  st.m = at::full({plan.parts, B}, -kInf, f32);
-  st.sum = at::zeros({plan.parts, B}, f32.dtype(at::kDouble));
-  st.count = at::zeros({plan.parts, B}, f32.dtype(at::kLong));
-  if (accumulate) st.g = at::zeros({plan.parts, B, D}, f32);
-  Tensor rescale = at::empty({plan.parts, B}, f32);
+  NegSplits st;
+  st.m = at::full({plan.splits, B}, -kInf, f32);
+  st.sum = at::zeros({plan.splits, B}, f32.dtype(at::kDouble));
+  st.count = at::zeros({plan.splits, B}, f32.dtype(at::kLong));
+  if (accumulate) st.g = at::zeros({plan.splits, B, D}, f32);
+  Tensor rescale = at::empty({plan.splits, B}, f32);
   cpu::ScratchPool scratch(in, plan);
   const int32_t* y = in.y_ptr();
   cpu::for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
@@ -201,14 +201,14 @@ struct NegRows {
   Tensor g;      // (B, D) f32 sum_N softmax_n r_n (0 without negatives), if accumulated
 };
 
-// Merges the partitions in order.
-NegRows merge_negatives(const NegParts& st) {
+// Merges the splits in order.
+NegRows merge_negatives(const NegSplits& st) {
   Tensor m = std::get<0>(st.m.max(0));  // exact in any order
   Tensor scale = at::exp(st.m - m.unsqueeze(0)).nan_to_num_(0.f);  // -inf - -inf rows: 0
-  Tensor sum = cpu::sum_parts(st.sum * scale.to(at::kDouble));
+  Tensor sum = cpu::sum_splits(st.sum * scale.to(at::kDouble));
   NegRows out;
   out.lz = (m.to(at::kDouble) + sum.log()).contiguous();  // log 0 = -inf without negatives
-  out.count = cpu::sum_parts(st.count);
+  out.count = cpu::sum_splits(st.count);
   if (st.g.defined()) {
     Tensor g = st.g[0].mul(scale[0].unsqueeze(1));
     for (int64_t p = 1; p < st.g.size(0); ++p) g.add_(st.g[p].mul(scale[p].unsqueeze(1)));
@@ -227,23 +227,23 @@ inline void positive_pair(double lz, float v, float inv_tau, double& loss, doubl
   weight += d >= 0 ? 1.0 / (1.0 + e) : e / (1.0 + e);  // sigmoid(d)
 }
 
-// Pass 2, per partition: the loss rows, w_i, |P_i| and (accumulate) sum_p sigmoid(.) r_p.
-struct PosParts {
+// Pass 2, per split: the loss rows, w_i, |P_i| and (accumulate) sum_p sigmoid(.) r_p.
+struct PosSplits {
   Tensor loss, w, count;  // (P, B) f64, f64, int64
   Tensor gpos;            // (P, B, D) f32 or undefined
 };
 
-PosParts positives_pass(const cpu::LossInputs& in, const cpu::TilePlan& plan, const double* lz, float inv_tau,
+PosSplits positives_pass(const cpu::LossInputs& in, const cpu::TilePlan& plan, const double* lz, float inv_tau,
                         float pos_thr, bool accumulate) {
   const int64_t B = in.B, D = in.D;
   const auto f32 = in.x32.options();
-  PosParts st;
-  st.loss = at::zeros({plan.parts, B}, f32.dtype(at::kDouble));
+  PosSplits st;
+  st.loss = at::zeros({plan.splits, B}, f32.dtype(at::kDouble));
   st.w = at::zeros_like(st.loss);
-  st.count = at::zeros({plan.parts, B}, f32.dtype(at::kLong));
-  if (accumulate) st.gpos = at::zeros({plan.parts, B, D}, f32);
+  st.count = at::zeros({plan.splits, B}, f32.dtype(at::kLong));
+  if (accumulate) st.gpos = at::zeros({plan.splits, B, D}, f32);
   cpu::ScratchPool scratch(in, plan);
-  std::vector<TileMatches> matches(plan.parts);
+  std::vector<TileMatches> matches(plan.splits);
   const float* x = in.x32.data_ptr<float>();
   const int32_t* y = in.y_ptr();
   cpu::for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
@@ -310,15 +310,15 @@ struct NtxentRows {
 NtxentRows ntxent_rows(const cpu::LossInputs& in, float inv_tau, float pos_thr, bool need_grad) {
   const auto plan = cpu::plan_tiles(in.B, in.n);
   const NegRows neg = merge_negatives(negatives_pass(in, plan, inv_tau, need_grad));
-  const PosParts pos = positives_pass(in, plan, neg.lz.data_ptr<double>(), inv_tau, pos_thr, need_grad);
+  const PosSplits pos = positives_pass(in, plan, neg.lz.data_ptr<double>(), inv_tau, pos_thr, need_grad);
   NtxentRows out;
-  out.loss = cpu::sum_parts(pos.loss).to(at::kFloat);
+  out.loss = cpu::sum_splits(pos.loss).to(at::kFloat);
   out.lz = neg.lz;
-  out.w = cpu::sum_parts(pos.w);
-  out.counts = at::stack({cpu::sum_parts(pos.count), neg.count}, 1);
+  out.w = cpu::sum_splits(pos.w);
+  out.counts = at::stack({cpu::sum_splits(pos.count), neg.count}, 1);
   if (need_grad) {
     // (1/tau) (w_i G_i - sum_p sigmoid(.) r_p)
-    out.grad = neg.g.mul_(out.w.to(at::kFloat).unsqueeze(1)).sub_(cpu::sum_parts(pos.gpos)).mul_(inv_tau);
+    out.grad = neg.g.mul_(out.w.to(at::kFloat).unsqueeze(1)).sub_(cpu::sum_splits(pos.gpos)).mul_(inv_tau);
   }
   return out;
 }
@@ -359,7 +359,7 @@ std::tuple<Tensor, Tensor> ntxent_bwd_cpu(const Tensor& x, const Tensor& labels,
   const double* wt = rows.w.data_ptr<double>();
   const float* x32 = in.x32.data_ptr<float>();
   const int32_t* y = in.y_ptr();
-  std::vector<TileMatches> matches(cpu::plan_tiles(B, in.n).parts);
+  std::vector<TileMatches> matches(cpu::plan_tiles(B, in.n).splits);
   return cpu::coefficient_backward(in, ref.size(0), [&](int64_t p, int64_t c0, int64_t w, Tensor& c,
                                                         cpu::TileScratch& scratch) {
     TileMatches& mt = matches[p];

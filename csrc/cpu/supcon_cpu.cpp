@@ -5,7 +5,7 @@
 // numerator G = sum exp(S/tau - m) r rescaled when m grows) plus the positives' row sum,
 // so the memory is read once and the gradient comes out of the forward (the FlashAttention-
 // style alternative, a backward that recomputes S, reads the memory twice for the same
-// FLOPs). Partitions merge their (m, s, G) in order. The reference-side gradient (in-batch
+// FLOPs). Splits merge their (m, s, G) in order. The reference-side gradient (in-batch
 // loss) recomputes: pass 1 for LSE, pass 2 for C = softmax - [pos]/|P|, dX = C R, dR = C^T X.
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
@@ -23,8 +23,8 @@ namespace {
 using at::Tensor;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-// Per partition running state of each row.
-struct SupconParts {
+// Per split running state of each row.
+struct SupconSplits {
   Tensor m, s;        // (P, B) f32 running max of S/tau, f64 sum of exp(S/tau - m)
   Tensor pos_sum;     // (P, B) f64 sum of positive S / tau (fp32 products)
   Tensor counts;      // (P, B, 2) int64 |P_i|, |N_i|
@@ -141,20 +141,20 @@ int64_t supcon_tile(float* s, float* pos_tile, int64_t B, int64_t w, int64_t c0,
   return tile_pos;
 }
 
-SupconParts supcon_pass(const cpu::LossInputs& in, const cpu::TilePlan& plan, float inv_tau, float pos_thr,
+SupconSplits supcon_pass(const cpu::LossInputs& in, const cpu::TilePlan& plan, float inv_tau, float pos_thr,
                         bool accumulate) {
   const int64_t B = in.B, D = in.D;
   const auto f32 = in.x32.options();
-  SupconParts st;
-  st.m = at::full({plan.parts, B}, -kInf, f32);
-  st.s = at::zeros({plan.parts, B}, f32.dtype(at::kDouble));
+  SupconSplits st;
+  st.m = at::full({plan.splits, B}, -kInf, f32);
+  st.s = at::zeros({plan.splits, B}, f32.dtype(at::kDouble));
   st.pos_sum = at::zeros_like(st.s);
-  st.counts = at::zeros({plan.parts, B, 2}, f32.dtype(at::kLong));
+  st.counts = at::zeros({plan.splits, B, 2}, f32.dtype(at::kLong));
   if (accumulate) {
-    st.g = at::zeros({plan.parts, B, D}, f32);
-    st.gpos = at::zeros({plan.parts, B, D}, f32);
+    st.g = at::zeros({plan.splits, B, D}, f32);
+    st.gpos = at::zeros({plan.splits, B, D}, f32);
   }
-  Tensor rescale = at::empty({plan.parts, B}, f32);
+  Tensor rescale = at::empty({plan.splits, B}, f32);
   cpu::ScratchPool scratch(in, plan);
   cpu::for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
     Tensor rt = scratch[p].ref_tile(in.ref, c0, w);
@@ -180,19 +180,19 @@ struct SupconRows {
   Tensor gpos;     // (B, D) f32 sum of positive rows, if accumulated
 };
 
-// Merges the partitions in order and finishes each row.
-SupconRows supcon_merge(const SupconParts& st, float inv_tau) {
+// Merges the splits in order and finishes each row.
+SupconRows supcon_merge(const SupconSplits& st, float inv_tau) {
   const int64_t P = st.m.size(0);
   Tensor m = std::get<0>(st.m.max(0));  // exact in any order
   Tensor scale = at::exp(st.m - m.unsqueeze(0)).nan_to_num_(0.f);  // -inf - -inf rows: 0
   Tensor s = (st.s * scale.to(at::kDouble));
-  Tensor sum = cpu::sum_parts(s);
+  Tensor sum = cpu::sum_splits(s);
   SupconRows out;
-  out.counts = cpu::sum_parts(st.counts);
+  out.counts = cpu::sum_splits(st.counts);
   Tensor n_pos = out.counts.select(1, 0);
   Tensor has_pos = n_pos.gt(0);
   Tensor lse = (m.to(at::kDouble) + sum.log());
-  Tensor mean_pos = cpu::sum_parts(st.pos_sum) / n_pos.clamp_min(1).to(at::kDouble);
+  Tensor mean_pos = cpu::sum_splits(st.pos_sum) / n_pos.clamp_min(1).to(at::kDouble);
   Tensor zero = at::zeros({}, lse.options());
   // log(s) + (m - mean_P S / tau) rather than lse - mean: no cancellation of two large terms,
   // >= 0 (m is the largest S / tau, from the same fp32 products as the positives' sum), and
@@ -208,7 +208,7 @@ SupconRows supcon_merge(const SupconParts& st, float inv_tau) {
     Tensor inv_sum = at::where(has_pos, sum.reciprocal(), zero).to(at::kFloat).unsqueeze(1);
     Tensor inv_np = at::where(has_pos, n_pos.clamp_min(1).to(at::kDouble).reciprocal(), zero).to(at::kFloat);
     out.g = g.mul_(inv_sum);
-    out.gpos = cpu::sum_parts(st.gpos).mul_(inv_np.unsqueeze(1));
+    out.gpos = cpu::sum_splits(st.gpos).mul_(inv_np.unsqueeze(1));
   }
   return out;
 }

@@ -1,8 +1,8 @@
 // Shared machinery of the fused CPU loss kernels: the reference rows are streamed in
 // column tiles; per tile a small fp32 GEMM writes S_tile = X R_tile^T into a buffer that
 // fits in cache, a loss-specific epilogue runs over it, and (optionally) the same tile of
-// R is reused for the gradient. Tiles are split into P contiguous partitions, one
-// accumulator set per partition, combined in partition order: the result is the same on
+// R is reused for the gradient. Tiles are grouped into P splits (contiguous column ranges), one
+// accumulator set per split, combined in split order: the result is the same on
 // every run with the same thread count. Nothing here is proportional to B x N.
 #pragma once
 
@@ -23,7 +23,7 @@ namespace cpu {
 struct TilePlan {
   int64_t cols;    // columns per tile
   int64_t tiles;   // number of tiles covering [0, n)
-  int64_t parts;   // partitions (each owns a contiguous range of tiles)
+  int64_t splits;   // splits (each owns a contiguous range of tiles)
 };
 
 inline TilePlan plan_tiles(int64_t B, int64_t n) {
@@ -31,8 +31,8 @@ inline TilePlan plan_tiles(int64_t B, int64_t n) {
   int64_t cols = std::max<int64_t>(64, std::min<int64_t>(1024, (int64_t{1} << 16) / std::max<int64_t>(B, 1)));
   cols = (cols + 15) / 16 * 16;
   const int64_t tiles = n > 0 ? (n + cols - 1) / cols : 0;
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tiles));
-  return {cols, tiles, parts};
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tiles));
+  return {cols, tiles, splits};
 }
 
 // One worker's scratch: the score tile, an optional second tile of the same size (losses
@@ -68,14 +68,14 @@ struct TileScratch {
   }
 };
 
-// Runs fn(part, tile_begin_col, width) over every tile, partitions in parallel.
+// Runs fn(split, tile_begin_col, width) over every tile, splits in parallel.
 template <typename Fn>
 void for_each_tile(const TilePlan& plan, int64_t n, const Fn& fn) {
-  at::parallel_for(0, plan.parts, 1, [&](int64_t p0, int64_t p1) {
+  at::parallel_for(0, plan.splits, 1, [&](int64_t p0, int64_t p1) {
     // Dispatch state is thread-local: worker threads must also stay below autograd.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     for (int64_t p = p0; p < p1; ++p) {
-      const int64_t t0 = p * plan.tiles / plan.parts, t1 = (p + 1) * plan.tiles / plan.parts;
+      const int64_t t0 = p * plan.tiles / plan.splits, t1 = (p + 1) * plan.tiles / plan.splits;
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t c0 = t * plan.cols;
         fn(p, c0, std::min(plan.cols, n - c0));
@@ -112,22 +112,22 @@ inline LossInputs prepare_inputs(const at::Tensor& x, const at::Tensor& labels, 
   return in;
 }
 
-// Lazily built per-partition scratch.
+// Lazily built per-split scratch.
 struct ScratchPool {
-  std::vector<std::unique_ptr<TileScratch>> parts;
+  std::vector<std::unique_ptr<TileScratch>> splits;
   const LossInputs& in;
   int64_t cols;
-  ScratchPool(const LossInputs& in_, const TilePlan& plan) : parts(plan.parts), in(in_), cols(plan.cols) {}
+  ScratchPool(const LossInputs& in_, const TilePlan& plan) : splits(plan.splits), in(in_), cols(plan.cols) {}
   TileScratch& operator[](int64_t p) {
-    if (!parts[p]) parts[p] = std::make_unique<TileScratch>(in.B, in.D, cols, in.ref);
-    return *parts[p];
+    if (!splits[p]) splits[p] = std::make_unique<TileScratch>(in.B, in.D, cols, in.ref);
+    return *splits[p];
   }
 };
 
-// Sum of a (P, ...) tensor over its first dim, in partition order (deterministic).
-inline at::Tensor sum_parts(const at::Tensor& parts) {
-  at::Tensor out = parts.select(0, 0).clone();
-  for (int64_t p = 1; p < parts.size(0); ++p) out.add_(parts.select(0, p));
+// Sum of a (P, ...) tensor over its first dim, in split order (deterministic).
+inline at::Tensor sum_splits(const at::Tensor& splits) {
+  at::Tensor out = splits.select(0, 0).clone();
+  for (int64_t p = 1; p < splits.size(0); ++p) out.add_(splits.select(0, p));
   return out;
 }
 
@@ -159,24 +159,24 @@ inline void add_sparse_rows(const at::Tensor& c, const at::Tensor& rt, at::Tenso
 // The reference-side backward shared by the losses whose gradient is a coefficient matrix:
 // per tile, to_coefficients(p, c0, w, tile, scratch) turns the score tile S (B x w) into
 // G = diag(dL/dl) dl/dS in place; then dX += G R_tile and dR[c0:c0+w] = G^T X (tiles own
-// disjoint rows of dR, so only dX needs a partition reduction). Returns (dX, dR) in fp32.
+// disjoint rows of dR, so only dX needs a split reduction). Returns (dX, dR) in fp32.
 template <typename Fn>
 std::tuple<at::Tensor, at::Tensor> coefficient_backward(const LossInputs& in, int64_t ref_rows,
                                                         const Fn& to_coefficients) {
   const auto plan = plan_tiles(in.B, in.n);
   const auto f32 = in.x32.options();
-  at::Tensor grad_parts = at::zeros({plan.parts, in.B, in.D}, f32);
+  at::Tensor grad_splits = at::zeros({plan.splits, in.B, in.D}, f32);
   at::Tensor grad_ref = at::zeros({ref_rows, in.D}, f32);  // rows >= ref_valid get no gradient
   ScratchPool scratch(in, plan);
   for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
     at::Tensor rt = scratch[p].ref_tile(in.ref, c0, w);
     at::Tensor c = scratch[p].similarity(in.x32, rt);
     to_coefficients(p, c0, w, c, scratch[p]);
-    grad_parts[p].addmm_(c, rt);
+    grad_splits[p].addmm_(c, rt);
     at::Tensor gr = grad_ref.narrow(0, c0, w);
     at::mm_out(gr, c.t(), in.x32);
   });
-  return {sum_parts(grad_parts), grad_ref};
+  return {sum_splits(grad_splits), grad_ref};
 }
 
 // The two passes of a loss whose coefficient dl_i/dS_ij depends on that pair alone
@@ -190,21 +190,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_forward(const LossInputs
                                                                 const Epilogue& epilogue) {
   const auto plan = plan_tiles(in.B, in.n);
   const auto f32 = in.x32.options();
-  at::Tensor loss_parts = at::zeros({plan.parts, in.B}, f32.dtype(at::kDouble));
-  at::Tensor count_parts = at::zeros({plan.parts, in.B, 2}, f32.dtype(at::kLong));
-  at::Tensor grad_parts = need_grad ? at::zeros({plan.parts, in.B, in.D}, f32) : at::Tensor();
+  at::Tensor loss_splits = at::zeros({plan.splits, in.B}, f32.dtype(at::kDouble));
+  at::Tensor count_splits = at::zeros({plan.splits, in.B, 2}, f32.dtype(at::kLong));
+  at::Tensor grad_splits = need_grad ? at::zeros({plan.splits, in.B, in.D}, f32) : at::Tensor();
   ScratchPool scratch(in, plan);
   for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
     at::Tensor rt = scratch[p].ref_tile(in.ref, c0, w);
     at::Tensor st = scratch[p].similarity(in.x32, rt);
-    const int64_t active = epilogue(st.data_ptr<float>(), c0, w, loss_parts[p].data_ptr<double>(),
-                                    count_parts[p].data_ptr<int64_t>());
+    const int64_t active = epilogue(st.data_ptr<float>(), c0, w, loss_splits[p].data_ptr<double>(),
+                                    count_splits[p].data_ptr<int64_t>());
     // Few active pairs in the tile (the hard negatives are few, or a term is switched off):
     // row adds instead of the GEMM.
-    if (need_grad) add_sparse_rows(st, rt, grad_parts[p], active);
+    if (need_grad) add_sparse_rows(st, rt, grad_splits[p], active);
   });
-  at::Tensor grad = need_grad ? sum_parts(grad_parts) : at::empty({0}, f32);
-  return {sum_parts(loss_parts).to(at::kFloat), grad, sum_parts(count_parts).to(at::kInt)};
+  at::Tensor grad = need_grad ? sum_splits(grad_splits) : at::empty({0}, f32);
+  return {sum_splits(loss_splits).to(at::kFloat), grad, sum_splits(count_splits).to(at::kInt)};
 }
 
 // Backward: C recomputed per tile, row i scaled by grad_rows[i]; (dX, dR) as
@@ -215,8 +215,8 @@ std::tuple<at::Tensor, at::Tensor> pairwise_backward(const LossInputs& in, int64
   TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == in.B, "grad_rows: expected shape (", in.B, ",)");
   const at::Tensor g_col = grad_rows.to(at::kFloat).contiguous().unsqueeze(1);
   const auto plan = plan_tiles(in.B, in.n);
-  at::Tensor loss_scratch = at::zeros({plan.parts, in.B}, in.x32.options().dtype(at::kDouble));
-  at::Tensor count_scratch = at::zeros({plan.parts, in.B, 2}, in.x32.options().dtype(at::kLong));
+  at::Tensor loss_scratch = at::zeros({plan.splits, in.B}, in.x32.options().dtype(at::kDouble));
+  at::Tensor count_scratch = at::zeros({plan.splits, in.B, 2}, in.x32.options().dtype(at::kLong));
   return coefficient_backward(in, ref_rows, [&](int64_t p, int64_t c0, int64_t w, at::Tensor& c, TileScratch&) {
     epilogue(c.data_ptr<float>(), c0, w, loss_scratch[p].data_ptr<double>(), count_scratch[p].data_ptr<int64_t>());
     c.mul_(g_col);  // row i of C scaled by dL/dl_i

@@ -2,7 +2,7 @@
 //   l_i = max(0, max_{N_i} S_ij - min_{P_i} S_ij + margin), 0 if P_i or N_i is empty.
 // One pass streams the reference for the hardest positive and negative per row (value and
 // column; the lowest column wins ties, within a tile by scanning in order and across
-// partitions by merging in column order). The gradient is then two gathered rows:
+// splits by merging in column order). The gradient is then two gathered rows:
 // dl_i/dx_i = r_an - r_ap for active rows.
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
@@ -92,21 +92,21 @@ Hardest find_hardest(const cpu::LossInputs& in, float pos_thr) {
   const auto plan = cpu::plan_tiles(B, in.n);
   const auto f32 = in.x32.options();
   cpu::ScratchPool scratch(in, plan);
-  Tensor pv = at::full({plan.parts, B}, kInf, f32), nv = at::full({plan.parts, B}, -kInf, f32);
-  Tensor pi = at::full({plan.parts, B}, -1, f32.dtype(at::kLong)), ni = at::full({plan.parts, B}, -1, pi.options());
+  Tensor pv = at::full({plan.splits, B}, kInf, f32), nv = at::full({plan.splits, B}, -kInf, f32);
+  Tensor pi = at::full({plan.splits, B}, -1, f32.dtype(at::kLong)), ni = at::full({plan.splits, B}, -1, pi.options());
   cpu::for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
     Tensor st = scratch[p].similarity(in.x32, scratch[p].ref_tile(in.ref, c0, w));
     hardest_tile(st.data_ptr<float>(), B, w, c0, in, pos_thr, pv[p].data_ptr<float>(), pi[p].data_ptr<int64_t>(),
                  nv[p].data_ptr<float>(), ni[p].data_ptr<int64_t>());
   });
-  // Partitions hold increasing column ranges: merging in order with strict comparisons
+  // Splits hold increasing column ranges: merging in order with strict comparisons
   // keeps the lowest column among equal values.
   Hardest h{pv[0].clone(), nv[0].clone(), pi[0].clone(), ni[0].clone()};
   float* hpv = h.pos_val.data_ptr<float>();
   float* hnv = h.neg_val.data_ptr<float>();
   int64_t* hpi = h.pos_idx.data_ptr<int64_t>();
   int64_t* hni = h.neg_idx.data_ptr<int64_t>();
-  for (int64_t p = 1; p < plan.parts; ++p) {
+  for (int64_t p = 1; p < plan.splits; ++p) {
     const float* ppv = pv[p].data_ptr<float>();
     const float* pnv = nv[p].data_ptr<float>();
     const int64_t* ppi = pi[p].data_ptr<int64_t>();

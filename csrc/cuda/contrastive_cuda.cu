@@ -6,9 +6,9 @@
 // way), C goes to shared memory in the operand dtype (exact: -1/0/+1) and dX += C R_tile
 // reuses the staged tile. csrc/cuda/README.md describes the tiling.
 //
-// fp32 anchors against a 16-bit reference are split on the host into 16-bit parts,
-// x = hi + mid (+ lo) (2 parts for fp16, 3 for bf16: an fp32 mantissa), staged side by
-// side; each S-step runs one mma per part on the R chunk staged once, so S keeps fp32
+// fp32 anchors against a 16-bit reference are cut on the host into 16-bit limbs,
+// x = hi + mid (+ lo) (2 limbs for fp16, 3 for bf16: an fp32 mantissa), staged side by
+// side; each S-step runs one mma per limb on the R chunk staged once, so S keeps fp32
 // accuracy (the reference backend's product is fp32) instead of the 1e-4 .. 1e-3 of x
 // rounded to 16 bits. C stays exact (-1/0/+1).
 //
@@ -62,11 +62,11 @@ struct Traits {
 };
 
 struct Params {
-  const char* q;  // (q_parts, M, D) CTA rows: anchors (in parts), or reference rows when transposed
+  const char* q;  // (q_limbs, M, D) CTA rows: anchors (in limbs), or reference rows when transposed
   const char* k;  // (ncols, D) streamed columns: reference rows, or anchors when transposed
   int64_t M, ncols, D, row_bytes;
-  int q_parts;           // 16-bit parts of each CTA row, summed in S (1: the row itself)
-  int64_t q_part_bytes;  // M * row_bytes: from one part to the next
+  int q_limbs;           // 16-bit limbs of each CTA row, summed in S (1: the row itself)
+  int64_t q_limb_bytes;  // M * row_bytes: from one limb to the next
   const int32_t* q_lab;
   const int32_t* k_lab;
   const int64_t* self_index;  // null: none
@@ -81,7 +81,7 @@ struct Params {
   int64_t tiles;     // column tiles covering [0, ncols)
   int nk;            // D-chunks per row
   int lookahead;     // loads in flight ahead of the one being consumed (2 or 3)
-  int nbuf, xbuf;    // chunk slots for the streamed tile / chunk groups (q_parts slots each) for the CTA rows
+  int nbuf, xbuf;    // chunk slots for the streamed tile / chunk groups (q_limbs slots each) for the CTA rows
   int r_resident;    // all nk chunks of a tile stay staged until its dX is done
   int x_resident;    // the CTA rows' chunks are loaded once and stay
   int vec_ok;        // 16-byte aligned rows: cp.async; otherwise element loads
@@ -294,12 +294,12 @@ template <Math kM, int kND>
 __global__ void __launch_bounds__(kThreads, kND == Traits<kM>::kNdSmall ? 2 : 1)
     contrastive_tiles_kernel(const Params p) {
   using Tr = Traits<kM>;
-  constexpr int kMaxParts = Tr::k16 ? 3 : 1;  // fp32 rows are never split
+  constexpr int kMaxLimbs = Tr::k16 ? 3 : 1;  // fp32 rows never come in limbs
   extern __shared__ __align__(16) unsigned char smem[];
   const bool want_dx = p.dx != nullptr;
   unsigned char* r_ring = smem;
   unsigned char* x_ring = r_ring + p.nbuf * kBN * kPitch;
-  unsigned char* c_tile = x_ring + p.xbuf * p.q_parts * kBM * kPitch;
+  unsigned char* c_tile = x_ring + p.xbuf * p.q_limbs * kBM * kPitch;
   double* red_loss = reinterpret_cast<double*>(c_tile + (want_dx ? kBM * Tr::kCPitch : 0));  // [2][kBM]
   int* red_cnt = reinterpret_cast<int*>(red_loss + 2 * kBM);                                  // [2][kBM][2]
 
@@ -324,9 +324,9 @@ __global__ void __launch_bounds__(kThreads, kND == Traits<kM>::kNdSmall ? 2 : 1)
     if (s_load && (!p.x_resident || tr == 0)) {
       const int64_t xs = p.x_resident ? idx : (tr * p.nk + idx) % p.xbuf;
 #pragma unroll
-      for (int pt = 0; pt < kMaxParts; ++pt) {
-        if (pt >= p.q_parts) break;
-        load_chunk<kM>(x_ring + (xs * p.q_parts + pt) * (kBM * kPitch), p.q + pt * p.q_part_bytes, row0, p.M,
+      for (int pt = 0; pt < kMaxLimbs; ++pt) {
+        if (pt >= p.q_limbs) break;
+        load_chunk<kM>(x_ring + (xs * p.q_limbs + pt) * (kBM * kPitch), p.q + pt * p.q_limb_bytes, row0, p.M,
                        chunk, p);
       }
     }
@@ -392,15 +392,15 @@ __global__ void __launch_bounds__(kThreads, kND == Traits<kM>::kNdSmall ? 2 : 1)
       issue_upto(q + p.lookahead);
       const int64_t xs = p.x_resident ? k : (tr * p.nk + k) % p.xbuf;
 #pragma unroll
-      for (int pt = 0; pt < kMaxParts; ++pt) {  // the parts of x against the same R chunk
-        if (pt >= p.q_parts) break;
-        s_chunk<kM>(acc_s, x_ring + (xs * p.q_parts + pt) * (kBM * kPitch) + 16 * wm_s * kPitch,
+      for (int pt = 0; pt < kMaxLimbs; ++pt) {  // the limbs of x against the same R chunk
+        if (pt >= p.q_limbs) break;
+        s_chunk<kM>(acc_s, x_ring + (xs * p.q_limbs + pt) * (kBM * kPitch) + 16 * wm_s * kPitch,
                     r_ring + (q % p.nbuf) * (kBN * kPitch) + 32 * wn_s * kPitch, lane);
       }
     }
 
     // Epilogue: masks, loss, counts and C, all in registers.
-    float part[2] = {0.f, 0.f};
+    float partial[2] = {0.f, 0.f};
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt) {
       float cv[2][2];
@@ -417,7 +417,7 @@ __global__ void __launch_bounds__(kThreads, kND == Traits<kM>::kNdSmall ? 2 : 1)
           const bool same = row_lab[h] == col_lab[nt][c];
           const bool pos = valid && same && s < p.pos_thr;
           const bool neg = valid && !same && s > p.margin;
-          part[h] += pos ? 1.f - s : (neg ? s : 0.f);
+          partial[h] += pos ? 1.f - s : (neg ? s : 0.f);
           npos[h] += pos;
           nneg[h] += neg;
           cv[h][c] = ((float)neg - (float)pos) * cscale;
@@ -430,8 +430,8 @@ __global__ void __launch_bounds__(kThreads, kND == Traits<kM>::kNdSmall ? 2 : 1)
                            cv[h][0], cv[h][1]);
       }
     }
-    loss_acc[0] += part[0];
-    loss_acc[1] += part[1];
+    loss_acc[0] += partial[0];
+    loss_acc[1] += partial[1];
 
     if (want_dx) {
       if (p.r_resident) {  // the tile's chunks are all staged: no barrier between dX steps
@@ -518,8 +518,8 @@ __global__ void __launch_bounds__(kThreads, kND == Traits<kM>::kNdSmall ? 2 : 1)
 }
 
 // Second stage, fixed order over the splits: per-row loss (double partials) and counts.
-__global__ void finalize_rows_kernel(const double* loss_ws, const int32_t* cnt_ws, int splits, int64_t M,
-                                     float* loss, int32_t* counts) {
+__global__ void contrastive_merge_rows_kernel(const double* loss_ws, const int32_t* cnt_ws, int splits,
+                                              int64_t M, float* loss, int32_t* counts) {
   const int64_t row = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (row >= M) return;
   double s = 0.0;
@@ -537,7 +537,7 @@ __global__ void finalize_rows_kernel(const double* loss_ws, const int32_t* cnt_w
 }
 
 // Second stage for dX: out[e] = sum over splits in order of ws[s][e].
-__global__ void sum_splits_kernel(const float* ws, int splits, int64_t n, float* out) {
+__global__ void contrastive_merge_grad_kernel(const float* ws, int splits, int64_t n, float* out) {
   for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += (int64_t)gridDim.x * blockDim.x) {
     float s = ws[e];
     for (int sp = 1; sp < splits; ++sp) s += ws[sp * n + e];
@@ -555,7 +555,7 @@ struct Plan {
 };
 
 struct Job {  // one launch of the tile kernel: rows q against streamed columns k
-  Tensor q, k;  // same dtype, contiguous; q is (parts, M, D) when the rows are split into parts
+  Tensor q, k;  // same dtype, contiguous; q is (limbs, M, D) when the rows come in limbs
   int64_t ncols;
   const int32_t* q_lab;
   const int32_t* k_lab;
@@ -597,13 +597,13 @@ void launch_tiles(Params p, const Plan& plan, const Job& job, cudaStream_t strea
   kernel<<<grid, kThreads, plan.smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (ws_rows) {
-    finalize_rows_kernel<<<(unsigned)ceil_div(M, 256), 256, 0, stream>>>(p.loss_ws, p.cnt_ws, plan.splits, M,
-                                                                        job.loss, job.counts);
+    contrastive_merge_rows_kernel<<<(unsigned)ceil_div(M, 256), 256, 0, stream>>>(p.loss_ws, p.cnt_ws, plan.splits,
+                                                                                 M, job.loss, job.counts);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (job.dx && plan.splits > 1 && M * D > 0) {
     const int64_t blocks = std::min<int64_t>(ceil_div(M * D, 256), 65536);
-    sum_splits_kernel<<<(unsigned)blocks, 256, 0, stream>>>(p.dx, plan.splits, M * D, job.dx);
+    contrastive_merge_grad_kernel<<<(unsigned)blocks, 256, 0, stream>>>(p.dx, plan.splits, M * D, job.dx);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -612,7 +612,7 @@ template <Math kM>
 void run_job(const Job& job, int device, cudaStream_t stream) {
   using Tr = Traits<kM>;
   const int64_t M = job.q.size(-2), D = job.q.size(-1);
-  const int q_parts = job.q.dim() == 3 ? (int)job.q.size(0) : 1;
+  const int q_limbs = job.q.dim() == 3 ? (int)job.q.size(0) : 1;
   const bool want_dx = job.dx != nullptr;
   int sms = 0, smem_optin = 0, smem_sm = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
@@ -626,8 +626,8 @@ void run_job(const Job& job, int device, cudaStream_t stream) {
   p.ncols = job.ncols;
   p.D = D;
   p.row_bytes = D * Tr::kEsz;
-  p.q_parts = q_parts;
-  p.q_part_bytes = M * p.row_bytes;
+  p.q_limbs = q_limbs;
+  p.q_limb_bytes = M * p.row_bytes;
   p.q_lab = job.q_lab;
   p.k_lab = job.k_lab;
   p.self_index = job.self_index;
@@ -653,7 +653,7 @@ void run_job(const Job& job, int device, cudaStream_t stream) {
   // The small variant stays within half an SM so two CTAs fit.
   const size_t c_bytes = want_dx ? (size_t)kBM * Tr::kCPitch : 0;
   auto bytes = [&](int nbuf, int xbuf) {
-    return (size_t)(nbuf * kBN + xbuf * q_parts * kBM) * kPitch + c_bytes + kRedBytes;
+    return (size_t)(nbuf * kBN + xbuf * q_limbs * kBM) * kPitch + c_bytes + kRedBytes;
   };
   const size_t full = (size_t)std::max(smem_optin, 48 * 1024);
   const size_t half = std::min(full, (size_t)std::max(smem_sm / 2 - 1024, 0));
@@ -704,9 +704,9 @@ void run(const Job& job, bool allow_tf32, int device, cudaStream_t stream) {
 }
 
 struct Prepared {
-  Tensor xq, ref, y, z, self_idx;  // x in the operand dtype ((parts, B, D) when split); all contiguous
-  Tensor x;                        // x as given (contiguous), for the fp32 transposed pass of split anchors
-  bool split;                      // x is another dtype than a 16-bit ref: xq holds its 16-bit parts
+  Tensor xq, ref, y, z, self_idx;  // x in the operand dtype ((limbs, B, D) when limbed); all contiguous
+  Tensor x;                        // x as given (contiguous), for the fp32 transposed pass of anchors in limbs
+  bool limbed;                     // x is another dtype than a 16-bit ref: xq holds its 16-bit limbs
   int64_t B, D, n;
   const int64_t* self_ptr() const { return self_idx.defined() ? self_idx.data_ptr<int64_t>() : nullptr; }
 };
@@ -728,16 +728,16 @@ Prepared prepare(const Tensor& x, const Tensor& labels, const Tensor& ref, const
   in.ref = ref.detach().contiguous();
   in.x = x.detach().contiguous();
   // 16-bit memory: the anchors feed the tensor cores in its dtype: as they are when they
-  // have it, else as 16-bit parts hi + mid (+ lo), each the rounding of what the previous
-  // ones leave (exact in fp32), 2 parts for fp16 (22 bits), 3 for bf16 (24).
-  in.split = rt != at::kFloat && x.scalar_type() != rt;
-  if (in.split) {
-    const int parts = rt == at::kHalf ? 2 : 3;
+  // have it, else as 16-bit limbs hi + mid (+ lo), each the rounding of what the previous
+  // ones leave (exact in fp32), 2 limbs for fp16 (22 bits), 3 for bf16 (24).
+  in.limbed = rt != at::kFloat && x.scalar_type() != rt;
+  if (in.limbed) {
+    const int limbs = rt == at::kHalf ? 2 : 3;
     Tensor rest = in.x.to(at::kFloat);
     std::vector<Tensor> xs;
-    for (int k = 0; k < parts; ++k) {
+    for (int k = 0; k < limbs; ++k) {
       xs.push_back(rest.to(rt));
-      if (k + 1 < parts) rest = rest.sub(xs.back().to(at::kFloat));
+      if (k + 1 < limbs) rest = rest.sub(xs.back().to(at::kFloat));
     }
     in.xq = at::stack(xs);
   } else {
@@ -797,10 +797,10 @@ std::tuple<Tensor, Tensor> contrastive_bwd_cuda(const Tensor& x, const Tensor& l
     run(jx, allow_tf32, dev, stream);
   }
   if (in.n > 0) {  // grad_ref_j = sum_i g_i c_ij x_i: the transposed problem over the first n rows
-    // Split anchors (fp32 x, a 16-bit ref that requires grad: rare) run it in fp32, so S
+    // Anchors in limbs (fp32 x, a 16-bit ref that requires grad: rare) run it in fp32, so S
     // and the product with x keep fp32 accuracy.
-    const Tensor ref_rows = in.split ? in.ref.narrow(0, 0, in.n).to(at::kFloat) : in.ref.narrow(0, 0, in.n);
-    const Tensor cols = in.split ? in.x.to(at::kFloat) : in.xq;
+    const Tensor ref_rows = in.limbed ? in.ref.narrow(0, 0, in.n).to(at::kFloat) : in.ref.narrow(0, 0, in.n);
+    const Tensor cols = in.limbed ? in.x.to(at::kFloat) : in.xq;
     Job jr{ref_rows, cols, in.B, in.z.data_ptr<int32_t>(), in.y.data_ptr<int32_t>(), in.self_ptr(), true,
            nullptr, g.data_ptr<float>(), m, thr, nullptr, nullptr, grad_ref.data_ptr<float>()};
     run(jr, allow_tf32, dev, stream);

@@ -1,6 +1,13 @@
-"""Helpers shared by the Triton launchers: interpreter detection, device facts, argument
-checks for direct op calls. Launchers call torch.cuda only for CUDA tensors, so the same
-code runs under TRITON_INTERPRET=1 on CPU tensors."""
+"""The machinery shared by the Triton loss modules (which import only this module):
+interpreter detection, device facts, argument checks for direct op calls, the autotune
+tables and their prune, the split plan of the split-K grid, the merge kernel of the losses
+whose splits simply add up, and the tile helpers (16-bit limbs of fp32 operands, score
+tiles, pair sets). Launchers call torch.cuda only for CUDA tensors, so the same code runs
+under TRITON_INTERPRET=1 on CPU tensors.
+
+Words: a *split* is a contiguous range of reference columns that one program streams (its
+partial results are combined in split order by a *merge* kernel); a *limb* is a 16-bit
+piece of an fp32 operand (limbs16)."""
 import contextlib
 import functools
 import os
@@ -137,33 +144,49 @@ def bucket(v: int) -> int:
 
 SMEM_BUDGET = 200 * 1024
 
-# (BLOCK_B, BLOCK_K, num_warps, num_stages) for forward kernels holding two fp32 (B x D)
-# accumulators (multi-similarity, supcon): without contrastive's 64 x 128 and 128 x 64
-# tiles, which spill kilobytes there (ptxas for sm_90 at D = 128, bf16).
+# (BLOCK_B, BLOCK_K, num_warps, num_stages) of the forward kernels (a tile of BLOCK_B anchors
+# streams its split in tiles of BLOCK_K reference rows), chosen for Hopper (H100: 228 KB
+# shared memory per SM, 64K registers). Small BLOCK_B serves small batches against a big
+# memory. The registers hold the fp32 dX tile plus loop-invariant broadcasts of labels and
+# self indices: compiled for sm_90, 64-row tiles spill with 4 warps at D = 128, hence 8.
+# The last entries are for large D (fp32 rows of 512+), where only small tiles fit.
+FWD_CONFIGS = [(16, 64, 4, 3), (16, 128, 8, 3), (32, 64, 8, 3), (32, 128, 8, 3), (64, 64, 8, 3),
+               (64, 64, 8, 4), (64, 128, 8, 3), (128, 64, 8, 3), (16, 32, 4, 2), (16, 16, 4, 1)]
+# The same for forward kernels holding two fp32 (B x D) accumulators (multi-similarity,
+# supcon, ntxent) or one and a coefficient tile in limbs (contrastive_l2): without the
+# 64 x 128 and 128 x 64 tiles, which spill kilobytes there (ptxas for sm_90 at D = 128, bf16).
 TWO_ACC_FWD_CONFIGS = [(16, 64, 4, 3), (16, 128, 8, 3), (32, 64, 8, 3), (32, 128, 8, 3), (64, 32, 8, 3),
                        (64, 64, 8, 3), (64, 64, 8, 4), (16, 32, 4, 2), (16, 16, 4, 1)]
+# (BLOCK_K reference rows per program, BLOCK_B anchors per step, num_warps, num_stages) of the
+# reference-side gradient kernels (each program owns a tile of reference rows).
+REF_CONFIGS = [(16, 64, 4, 3), (32, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 64, 8, 3),
+               (64, 128, 8, 2), (16, 16, 4, 1)]
+# The interpreter runs one config (no benchmarking); tiles small enough for test shapes.
+INTERP_FWD = (16, 32, 1, 1)
+INTERP_REF = (32, 16, 1, 1)
 
 
-def autotune_configs(table, interp_config, first, second):
-    """triton.Configs from rows (first, second, num_warps, num_stages). The interpreter runs
-    one config (no benchmarking): `interp_config`, tiles small enough for test shapes."""
-    rows = [interp_config] if interpreting() else table
+def autotune_configs(table, first="BLOCK_B", second="BLOCK_K"):
+    """triton.Configs from rows (first, second, num_warps, num_stages): a forward table by
+    default, REF_CONFIGS with first="BLOCK_K", second="BLOCK_B". The interpreter runs one
+    config (no benchmarking): INTERP_FWD or INTERP_REF."""
+    rows = [INTERP_FWD if first == "BLOCK_B" else INTERP_REF] if interpreting() else table
     return [triton.Config({first: a, second: b}, num_warps=w, num_stages=s) for a, b, w, s in rows]
 
 
-def prune_configs(rows_name, cols_name, count_name, ieee_fp32_tile, acc_tiles=1, fp32_product_when_split=False):
+def prune_configs(rows_name, cols_name, count_name, ieee_fp32_tile, acc_tiles=1, fp32_product_when_limbed=False):
     """Drops configs whose fp32 register tiles (acc_tiles of rows x BLOCK_D: accumulators,
     plus one for kernels that build a weight matrix per tile) would not fit in registers,
     whose pipelined tiles would not fit in shared memory, or whose row tile far exceeds the
     rows there are. IEEE fp32 dots run on FMA units and spill kilobytes beyond
     ieee_fp32_tile (rows x cols, measured on sm_90), so those are dropped too; with
-    fp32_product_when_split the kernel takes one for split anchors too (ref_grad_acc). Keeps
+    fp32_product_when_limbed the kernel takes one for anchors in limbs too (ref_grad_acc). Keeps
     the config needing least shared memory when nothing fits (very large D)."""
     def prune(configs, nargs, **kwargs):
         bd = kwargs["BLOCK_D"]
         esize = nargs["r_ptr"].element_size()
         count = nargs[count_name]
-        fp32_dot = esize == 4 or (fp32_product_when_split and kwargs.get("X_PARTS", 1) > 1)
+        fp32_dot = esize == 4 or (fp32_product_when_limbed and kwargs.get("X_LIMBS", 1) > 1)
         fma = fp32_dot and kwargs["PRECISION"] == "ieee"
 
         def smem(c):  # the streamed tiles, pipelined, plus the resident one
@@ -180,7 +203,7 @@ def prune_configs(rows_name, cols_name, count_name, ieee_fp32_tile, acc_tiles=1,
 # --------------------------------------------------------------------------- split-K
 
 
-def split_plan(B: int, n: int, device: torch.device, table, interp_config, splits=None):
+def split_plan(B: int, n: int, device: torch.device, table, splits=None):
     """(splits, cols_per_split) for a grid of (B tiles) x (splits) over n reference columns:
     enough programs to fill the device, each split a whole number of the largest column
     tile of `table` (rows: BLOCK_B, BLOCK_K, ...). Does not depend on the autotuned config,
@@ -188,7 +211,7 @@ def split_plan(B: int, n: int, device: torch.device, table, interp_config, split
     if splits is not None:
         cols = triton.cdiv(max(n, 1), splits)
         return triton.cdiv(max(n, 1), cols), cols
-    table = [interp_config] if interpreting() else table
+    table = [INTERP_FWD] if interpreting() else table
     kmax = max(c[1] for c in table)
     nominal_b = 16 if interpreting() else 64
     tiles = triton.cdiv(n, kmax)
@@ -200,41 +223,68 @@ def split_plan(B: int, n: int, device: torch.device, table, interp_config, split
     return triton.cdiv(n, cols), cols
 
 
-def finish_rows(D: int) -> int:
-    """Rows per program of the second-stage kernels, which hold (rows, BLOCK_D) fp32 tiles."""
+def merge_rows(D: int) -> int:
+    """Rows per program of the merge kernels, which hold (rows, BLOCK_D) fp32 tiles."""
     return max(1, min(64, 4096 // block_d(D)))
+
+
+@triton.jit
+def sum_merge_kernel(loss_ws, counts_ws, grad_ws, loss_ptr, counts_ptr, grad_ptr, B, D, splits,
+                     NEED_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The merge of the losses whose splits simply add up (contrastive, contrastive_l2):
+    loss, counts and dX summed over the splits in split order."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)
+    dims = tl.arange(0, BLOCK_D)
+    gmask = row_ok[:, None] & (dims < D)[None, :]
+    pair = tl.arange(0, 2)
+    cmask = row_ok[:, None] & (pair < 2)[None, :]
+    loss = tl.zeros([ROWS], dtype=tl.float32)
+    counts = tl.zeros([ROWS, 2], dtype=tl.int32)
+    grad = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    for p in range(0, splits):  # split order, always: the result does not depend on timing
+        base = p * B + rows64
+        loss += tl.load(loss_ws + base, mask=row_ok, other=0.0)
+        counts += tl.load(counts_ws + 2 * base[:, None] + pair[None, :], mask=cmask, other=0)
+        if NEED_GRAD:
+            grad += tl.load(grad_ws + base[:, None] * D + dims[None, :], mask=gmask, other=0.0)
+    tl.store(loss_ptr + rows64, loss, mask=row_ok)
+    tl.store(counts_ptr + 2 * rows64[:, None] + pair[None, :], counts, mask=cmask)
+    if NEED_GRAD:
+        tl.store(grad_ptr + rows64[:, None] * D + dims[None, :], grad, mask=gmask)
 
 
 # --------------------------------------------------------------------------- tile helpers
 
 
-def operand_split(x_dtype: torch.dtype, ref_dtype: torch.dtype) -> dict:
+def operand_limbs(x_dtype: torch.dtype, ref_dtype: torch.dtype) -> dict:
     """The kernels' constexprs for how fp32 values enter products with a 16-bit reference.
 
-    X_PARTS: the anchors in S = X R^T. 1: x in ref's dtype (the same dtype, or an fp32
+    X_LIMBS: the anchors in S = X R^T. 1: x in ref's dtype (the same dtype, or an fp32
     reference). Anchors of another dtype than a 16-bit reference (fp32 anchors, a bf16
-    memory) are split into 16-bit parts, x = hi + mid / LO_SCALE (+ lo / LO_SCALE^2), one
+    memory) are cut into 16-bit limbs, x = hi + mid / LO_SCALE (+ lo / LO_SCALE^2), one
     tensor-core product each with the tile of R read once: fp16 needs 2 (11 + 11 bits),
     bf16 3 (8 + 8 + 8 bits) to hold an fp32 mantissa; rounding x instead costs 1e-4 (fp16)
     to 1e-3 (bf16) in S, hundreds of times the fp32 product the reference backend computes.
-    W_PARTS: the same for fp32 weights (softmax, mining) times R in the gradient: 2 when
-    all inputs are 16-bit (the reference backend then computes in 16 bits), else X_PARTS.
-    LO_SCALE: the anchors' low parts are scaled by 2^12 for fp16, where they would otherwise
-    be subnormal (S's error halves, measured); 1 for bf16. The weights' parts are not
+    W_LIMBS: the same for fp32 weights (softmax, mining) times R in the gradient: 2 when
+    all inputs are 16-bit (the reference backend then computes in 16 bits), else X_LIMBS.
+    LO_SCALE: the anchors' low limbs are scaled by 2^12 for fp16, where they would otherwise
+    be subnormal (S's error halves, measured); 1 for bf16. The weights' limbs are not
     scaled (dot_acc)."""
     if ref_dtype == torch.float32:
-        return dict(X_PARTS=1, W_PARTS=1, LO_SCALE=1.0)
+        return dict(X_LIMBS=1, W_LIMBS=1, LO_SCALE=1.0)
     scale = 4096.0 if ref_dtype == torch.float16 else 1.0
     if x_dtype == ref_dtype:
-        return dict(X_PARTS=1, W_PARTS=2, LO_SCALE=scale)
-    parts = 2 if ref_dtype == torch.float16 else 3
-    return dict(X_PARTS=parts, W_PARTS=parts, LO_SCALE=scale)
+        return dict(X_LIMBS=1, W_LIMBS=2, LO_SCALE=scale)
+    limbs = 2 if ref_dtype == torch.float16 else 3
+    return dict(X_LIMBS=limbs, W_LIMBS=limbs, LO_SCALE=scale)
 
 
 @triton.jit
-def split16(v, dtype: tl.constexpr, PARTS: tl.constexpr, LO_SCALE: tl.constexpr):
+def limbs16(v, dtype: tl.constexpr, LIMBS: tl.constexpr, LO_SCALE: tl.constexpr):
     """fp32 v as (hi, mid, lo) in `dtype`: v ~ hi + mid / LO_SCALE + lo / LO_SCALE^2 (lo
-    only with PARTS == 3; unused parts are copies of the last one). Each residual is exact
+    only with LIMBS == 3; unused limbs are copies of the last one). Each residual is exact
     in fp32 (a value minus its own rounding)."""
     hi = v.to(dtype)
     rest = v - hi.to(tl.float32)
@@ -242,7 +292,7 @@ def split16(v, dtype: tl.constexpr, PARTS: tl.constexpr, LO_SCALE: tl.constexpr)
         rest = rest * LO_SCALE
     mid = rest.to(dtype)
     lo = mid
-    if PARTS == 3:
+    if LIMBS == 3:
         rest = rest - mid.to(tl.float32)
         if LO_SCALE != 1.0:
             rest = rest * LO_SCALE
@@ -251,15 +301,15 @@ def split16(v, dtype: tl.constexpr, PARTS: tl.constexpr, LO_SCALE: tl.constexpr)
 
 
 @triton.jit
-def dot_low(mid, lo, m, acc, PARTS: tl.constexpr, LO_SCALE: tl.constexpr):
-    """acc + (mid / LO_SCALE + lo / LO_SCALE^2) @ m: the low parts' products (PARTS >= 2)."""
+def dot_low(mid, lo, m, acc, LIMBS: tl.constexpr, LO_SCALE: tl.constexpr):
+    """acc + (mid / LO_SCALE + lo / LO_SCALE^2) @ m: the low limbs' products (LIMBS >= 2)."""
     if LO_SCALE == 1.0:
         acc = tl.dot(mid, m, acc)
-        if PARTS == 3:
+        if LIMBS == 3:
             acc = tl.dot(lo, m, acc)
     else:
         low = tl.dot(mid, m)
-        if PARTS == 3:
+        if LIMBS == 3:
             low += tl.dot(lo, m) * (1.0 / LO_SCALE)
         acc += low * (1.0 / LO_SCALE)
     return acc
@@ -267,9 +317,9 @@ def dot_low(mid, lo, m, acc, PARTS: tl.constexpr, LO_SCALE: tl.constexpr):
 
 @triton.jit
 def anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D, dtype: tl.constexpr,
-                HAS_SELF_INDEX: tl.constexpr, X_PARTS: tl.constexpr, LO_SCALE: tl.constexpr):
-    """A tile of anchors as loaded and as the operand parts of S (operand_split: x in
-    `dtype`, the reference's, or split into 16-bit parts), their labels and self columns
+                HAS_SELF_INDEX: tl.constexpr, X_LIMBS: tl.constexpr, LO_SCALE: tl.constexpr):
+    """A tile of anchors as loaded and as the operand limbs of S (operand_limbs: x in
+    `dtype`, the reference's, or cut into 16-bit limbs), their labels and self columns
     (rows as a placeholder without self_index)."""
     x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :],
                 other=0.0)
@@ -277,28 +327,28 @@ def anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D, dtype: tl.c
     self_col = rows
     if HAS_SELF_INDEX:
         self_col = tl.load(si_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
-    if X_PARTS == 1:
+    if X_LIMBS == 1:
         x_hi = x.to(dtype)
         x_mid = x_hi
         x_lo = x_hi
     else:
-        x_hi, x_mid, x_lo = split16(x.to(tl.float32), dtype, X_PARTS, LO_SCALE)
+        x_hi, x_mid, x_lo = limbs16(x.to(tl.float32), dtype, X_LIMBS, LO_SCALE)
     return x, x_hi, x_mid, x_lo, yi, self_col
 
 
 @triton.jit
-def scores(x_hi, x_mid, x_lo, r, PRECISION: tl.constexpr, X_PARTS: tl.constexpr, LO_SCALE: tl.constexpr):
-    """S = X R^T (rows x cols, fp32) from anchor_tile's parts and rows of R."""
+def scores(x_hi, x_mid, x_lo, r, PRECISION: tl.constexpr, X_LIMBS: tl.constexpr, LO_SCALE: tl.constexpr):
+    """S = X R^T (rows x cols, fp32) from anchor_tile's limbs and rows of R."""
     rt = tl.trans(r)
     s = tl.dot(x_hi, rt, input_precision=PRECISION)
-    if X_PARTS > 1:
-        s = dot_low(x_mid, x_lo, rt, s, X_PARTS, LO_SCALE)
+    if X_LIMBS > 1:
+        s = dot_low(x_mid, x_lo, rt, s, X_LIMBS, LO_SCALE)
     return s
 
 
 @triton.jit
 def memory_tile(x_hi, x_mid, x_lo, r_ptr, z_ptr, k0, col_end, dims, dim_ok, D, PRECISION: tl.constexpr,
-                BLOCK_K: tl.constexpr, X_PARTS: tl.constexpr, LO_SCALE: tl.constexpr):
+                BLOCK_K: tl.constexpr, X_LIMBS: tl.constexpr, LO_SCALE: tl.constexpr):
     """Columns k0 .. k0 + BLOCK_K of a split ending at col_end: their column indices and
     mask, their rows of R (BLOCK_K x BLOCK_D, kept for the gradient product), labels, and
     the score tile S = X R^T accumulated in fp32 (BLOCK_B x BLOCK_K)."""
@@ -307,7 +357,7 @@ def memory_tile(x_hi, x_mid, x_lo, r_ptr, z_ptr, k0, col_end, dims, dim_ok, D, P
     r = tl.load(r_ptr + cols.to(tl.int64)[:, None] * D + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :],
                 other=0.0)
     zj = tl.load(z_ptr + cols, mask=col_ok, other=0)
-    s = scores(x_hi, x_mid, x_lo, r, PRECISION, X_PARTS, LO_SCALE)
+    s = scores(x_hi, x_mid, x_lo, r, PRECISION, X_LIMBS, LO_SCALE)
     return cols, col_ok, r, zj, s
 
 
@@ -327,6 +377,13 @@ def reference_block(r_ptr, z_ptr, n, D, BLOCK_D: tl.constexpr, BLOCK_K: tl.const
 
 
 @triton.jit
+def log1p(u):
+    # log(1 + u) accurate for small u (Goldberg): the rounding of 1 + u cancels in the ratio
+    w = 1.0 + u
+    return tl.where(w == 1.0, u, tl.log(w) * (u / tl.where(w == 1.0, 1.0, w - 1.0)))
+
+
+@triton.jit
 def pair_sets(s, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX: tl.constexpr):
     """Masks of a (rows x cols) tile of S: valid V (j < ref_valid, not self), positives P
     (same label, S < 1 - pos_eps) and negatives N (other label); CONTRACT.md section 1."""
@@ -339,30 +396,30 @@ def pair_sets(s, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX
 
 
 @triton.jit
-def dot_acc(c, m, acc, PARTS: tl.constexpr, PRECISION: tl.constexpr):
-    """acc + c @ m for fp32 coefficients c and a tile m (16-bit or fp32). PARTS > 1 (m is
-    16-bit and c is not exact in 16 bits): c goes in as PARTS 16-bit parts (split16), one
+def dot_acc(c, m, acc, LIMBS: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + c @ m for fp32 coefficients c and a tile m (16-bit or fp32). LIMBS > 1 (m is
+    16-bit and c is not exact in 16 bits): c goes in as LIMBS 16-bit limbs (limbs16), one
     tensor-core product each, keeping ~fp32 accuracy. Unscaled: the weights here are at most
-    1 (or g), so a subnormal fp16 low part's absolute error (< 2^-25) is far below the result's
+    1 (or g), so a subnormal fp16 low limb's absolute error (< 2^-25) is far below the result's
     fp32 resolution, and the low products accumulate into acc (no extra register tile).
-    PARTS == 1: c is cast to m's dtype (exact for 0/1 masks, or m is fp32)."""
-    if PARTS == 1:
+    LIMBS == 1: c is cast to m's dtype (exact for 0/1 masks, or m is fp32)."""
+    if LIMBS == 1:
         acc = tl.dot(c.to(m.dtype), m, acc, input_precision=PRECISION)
     else:
-        hi, mid, lo = split16(c, m.dtype, PARTS, 1.0)
+        hi, mid, lo = limbs16(c, m.dtype, LIMBS, 1.0)
         acc = tl.dot(hi, m, acc)
-        acc = dot_low(mid, lo, m, acc, PARTS, 1.0)
+        acc = dot_low(mid, lo, m, acc, LIMBS, 1.0)
     return acc
 
 
 @triton.jit
-def ref_grad_acc(ct, x, x_hi, acc, X_PARTS: tl.constexpr, W_PARTS: tl.constexpr, PRECISION: tl.constexpr):
+def ref_grad_acc(ct, x, x_hi, acc, X_LIMBS: tl.constexpr, W_LIMBS: tl.constexpr, PRECISION: tl.constexpr):
     """acc + C^T X for the reference-side gradient (ct = C^T, fp32; x as loaded and in the
-    operand dtype). Anchors split for S (another dtype than a 16-bit reference: rare, the
+    operand dtype). Anchors in limbs for S (another dtype than a 16-bit reference: rare, the
     reference then requires grad in another dtype than the anchors) take an fp32 product;
     otherwise dot_acc on the operand tile."""
-    if X_PARTS > 1:
+    if X_LIMBS > 1:
         acc = tl.dot(ct, x.to(tl.float32), acc, input_precision=PRECISION)
     else:
-        acc = dot_acc(ct, x_hi, acc, W_PARTS, PRECISION)
+        acc = dot_acc(ct, x_hi, acc, W_LIMBS, PRECISION)
     return acc

@@ -11,9 +11,9 @@
 Forward: one pass over the reference rows. Per tile of R: S = X R^T, the masks, the loss
 and active-pair counts, then dX += C R with the tile of R already loaded. The grid is
 (B tiles) x (K splits), B fastest so programs running together share tiles of R in L2.
-Each split writes partial loss / counts / dX to a workspace; a second kernel adds the
-splits in split order (deterministic, no atomics). With one split the first kernel writes
-the outputs directly.
+Each split writes partial loss / counts / dX to a workspace; a merge kernel
+(_common.sum_merge_kernel) adds the splits in split order (deterministic, no atomics). With
+one split the first kernel writes the outputs directly.
 
 Backward to both sides (the in-batch loss), with g_i = dL/dl_i:
     grad_x   = g * (C R)     the forward kernel's dX, each row scaled by g_i afterwards
@@ -23,8 +23,8 @@ Backward to both sides (the in-batch loss), with g_i = dL/dl_i:
 Rows of grad_ref at and beyond ref_valid are zero.
 
 dtypes: 16-bit memories feed the tensor cores: x in the memory's dtype when it is that
-dtype, split into 16-bit parts when it is not (fp32 anchors against a bf16 memory: one
-product per part, so S keeps fp32 accuracy; _common.operand_split); fp32 references compute
+dtype, cut into 16-bit limbs when it is not (fp32 anchors against a bf16 memory: one
+product per limb, so S keeps fp32 accuracy; _common.operand_limbs); fp32 references compute
 in fp32, as IEEE fp32 or TF32 as allow_tf32 says. Accumulators are fp32; pointer offsets
 are int64.
 """
@@ -35,30 +35,8 @@ import triton.language as tl
 from . import _common
 from ._common import anchor_tile, dot_acc, memory_tile, pair_sets, ref_grad_acc, reference_block, scores
 
-# (BLOCK_B, BLOCK_K, num_warps, num_stages), chosen for Hopper (H100: 228 KB shared memory
-# per SM, 64K registers). Small BLOCK_B serves small batches against a big memory. The
-# registers hold the fp32 dX tile plus loop-invariant broadcasts of labels and self
-# indices: compiled for sm_90, 64-row tiles spill with 4 warps at D = 128, hence 8.
-# The last entries are for large D (fp32 rows of 512+), where only small tiles fit.
-_FWD_CONFIGS = [(16, 64, 4, 3), (16, 128, 8, 3), (32, 64, 8, 3), (32, 128, 8, 3), (64, 64, 8, 3),
-                (64, 64, 8, 4), (64, 128, 8, 3), (128, 64, 8, 3), (16, 32, 4, 2), (16, 16, 4, 1)]
-# (BLOCK_K reference rows per program, BLOCK_B anchors per step, num_warps, num_stages).
-_REF_CONFIGS = [(16, 64, 4, 3), (32, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 64, 8, 3),
-                (64, 128, 8, 2), (16, 16, 4, 1)]
-# The interpreter runs one config (no benchmarking); tiles small enough for test shapes.
-_INTERP_FWD = (16, 32, 1, 1)
-_INTERP_REF = (32, 16, 1, 1)
-
-SMEM_BUDGET = _common.SMEM_BUDGET
-_prune = _common.prune_configs
-_REF_PRUNE = _prune("BLOCK_K", "BLOCK_B", "n", 1024, fp32_product_when_split=True)
-
-
-def _configs(table, first, second):
-    return _common.autotune_configs(table, _INTERP_FWD if first == "BLOCK_B" else _INTERP_REF, first, second)
-
-
-_bucket = _common.bucket
+_FWD_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 2048)
+_REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 1024, fp32_product_when_limbed=True)
 
 
 @triton.jit
@@ -68,14 +46,14 @@ def _pair_masks(s, yi, zj, rows, cols, row_ok, col_ok, self_col, margin, pos_thr
     return pos, neg & (s > margin)
 
 
-@triton.autotune(configs=_configs(_FWD_CONFIGS, "BLOCK_B", "BLOCK_K"),
-                 key=["D", "B_BUCKET", "COLS_BUCKET", "NEED_GRAD", "PRECISION", "X_PARTS"],
-                 prune_configs_by={"early_config_prune": _prune("BLOCK_B", "BLOCK_K", "B", 2048)})
+@triton.autotune(configs=_common.autotune_configs(_common.FWD_CONFIGS),
+                 key=["D", "B_BUCKET", "COLS_BUCKET", "NEED_GRAD", "PRECISION", "X_LIMBS"],
+                 prune_configs_by={"early_config_prune": _FWD_PRUNE})
 @triton.jit
 def contrastive_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, loss_ptr, counts_ptr, grad_ptr,
                            B, D, n, cols_per_split, margin, pos_thr, B_BUCKET, COLS_BUCKET,
                            HAS_SELF_INDEX: tl.constexpr, NEED_GRAD: tl.constexpr, PRECISION: tl.constexpr,
-                           X_PARTS: tl.constexpr, W_PARTS: tl.constexpr, LO_SCALE: tl.constexpr,
+                           X_LIMBS: tl.constexpr, W_LIMBS: tl.constexpr, LO_SCALE: tl.constexpr,
                            BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -86,7 +64,7 @@ def contrastive_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, loss_ptr, counts_
     dim_ok = dims < D
 
     x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
-                                                      r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_PARTS, LO_SCALE)
+                                                      r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_LIMBS, LO_SCALE)
 
     loss = tl.zeros([BLOCK_B], dtype=tl.float32)
     npos = tl.zeros([BLOCK_B], dtype=tl.int32)
@@ -97,7 +75,7 @@ def contrastive_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, loss_ptr, counts_
     col_end = tl.minimum(col_start + cols_per_split, n)
     for k0 in range(col_start, col_end, BLOCK_K):
         cols, col_ok, r, zj, s = memory_tile(x_hi, x_mid, x_lo, r_ptr, z_ptr, k0, col_end, dims, dim_ok, D,
-                                             PRECISION, BLOCK_K, X_PARTS, LO_SCALE)
+                                             PRECISION, BLOCK_K, X_LIMBS, LO_SCALE)
         pos, neg = _pair_masks(s, yi, zj, rows, cols, row_ok, col_ok, self_col, margin, pos_thr, HAS_SELF_INDEX)
         loss += tl.sum(tl.where(pos, 1.0 - s, tl.where(neg, s, 0.0)), axis=1)
         npos += tl.sum(pos.to(tl.int32), axis=1)
@@ -114,39 +92,14 @@ def contrastive_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, loss_ptr, counts_
         tl.store(grad_ptr + out[:, None] * D + dims[None, :], acc, mask=row_ok[:, None] & dim_ok[None, :])
 
 
-@triton.jit
-def reduce_splits_kernel(loss_ws, counts_ws, grad_ws, loss_ptr, counts_ptr, grad_ptr, B, D, splits,
-                         NEED_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    row_ok = rows < B
-    rows64 = rows.to(tl.int64)
-    dims = tl.arange(0, BLOCK_D)
-    gmask = row_ok[:, None] & (dims < D)[None, :]
-    pair = tl.arange(0, 2)
-    cmask = row_ok[:, None] & (pair < 2)[None, :]
-    loss = tl.zeros([ROWS], dtype=tl.float32)
-    counts = tl.zeros([ROWS, 2], dtype=tl.int32)
-    grad = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
-    for p in range(0, splits):  # split order, always: the result does not depend on timing
-        base = p * B + rows64
-        loss += tl.load(loss_ws + base, mask=row_ok, other=0.0)
-        counts += tl.load(counts_ws + 2 * base[:, None] + pair[None, :], mask=cmask, other=0)
-        if NEED_GRAD:
-            grad += tl.load(grad_ws + base[:, None] * D + dims[None, :], mask=gmask, other=0.0)
-    tl.store(loss_ptr + rows64, loss, mask=row_ok)
-    tl.store(counts_ptr + 2 * rows64[:, None] + pair[None, :], counts, mask=cmask)
-    if NEED_GRAD:
-        tl.store(grad_ptr + rows64[:, None] * D + dims[None, :], grad, mask=gmask)
-
-
-@triton.autotune(configs=_configs(_REF_CONFIGS, "BLOCK_K", "BLOCK_B"),
-                 key=["D", "B_BUCKET", "N_BUCKET", "PRECISION", "X_PARTS"],
+@triton.autotune(configs=_common.autotune_configs(_common.REF_CONFIGS, "BLOCK_K", "BLOCK_B"),
+                 key=["D", "B_BUCKET", "N_BUCKET", "PRECISION", "X_LIMBS"],
                  prune_configs_by={"early_config_prune": _REF_PRUNE})
 @triton.jit
 def contrastive_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, g_ptr, gref_ptr,
                                 B, D, n, margin, pos_thr, B_BUCKET, N_BUCKET,
-                                HAS_SELF_INDEX: tl.constexpr, PRECISION: tl.constexpr, X_PARTS: tl.constexpr,
-                                W_PARTS: tl.constexpr, LO_SCALE: tl.constexpr,
+                                HAS_SELF_INDEX: tl.constexpr, PRECISION: tl.constexpr, X_LIMBS: tl.constexpr,
+                                W_LIMBS: tl.constexpr, LO_SCALE: tl.constexpr,
                                 BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
     cols, col_ok, dims, dim_ok, col_off, r, zj = reference_block(r_ptr, z_ptr, n, D, BLOCK_D, BLOCK_K)
     acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
@@ -154,29 +107,25 @@ def contrastive_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, g_ptr, gref_
         rows = b0 + tl.arange(0, BLOCK_B)
         row_ok = rows < B
         x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
-                                                         r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_PARTS, LO_SCALE)
+                                                         r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_LIMBS, LO_SCALE)
         g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
-        s = scores(x_hi, x_mid, x_lo, r, PRECISION, X_PARTS, LO_SCALE)
+        s = scores(x_hi, x_mid, x_lo, r, PRECISION, X_LIMBS, LO_SCALE)
         pos, neg = _pair_masks(s, yi, zj, rows, cols, row_ok, col_ok, self_col, margin, pos_thr, HAS_SELF_INDEX)
         cg = tl.trans((neg.to(tl.float32) - pos.to(tl.float32)) * g[:, None])
-        acc = ref_grad_acc(cg, x, x_hi, acc, X_PARTS, W_PARTS, PRECISION)  # g C: not exact in 16 bits
+        acc = ref_grad_acc(cg, x, x_hi, acc, X_LIMBS, W_LIMBS, PRECISION)  # g C: not exact in 16 bits
     tl.store(gref_ptr + col_off, acc, mask=col_ok[:, None] & dim_ok[None, :])
 
 
 def split_plan(B: int, n: int, device: torch.device, splits=None):
     """(splits, cols_per_split) of the forward grid; see _common.split_plan."""
-    return _common.split_plan(B, n, device, _FWD_CONFIGS, _INTERP_FWD, splits)
-
-
-_precision = _common.precision
-_prepare = _common.prepare_loss_inputs
+    return _common.split_plan(B, n, device, _common.FWD_CONFIGS, splits)
 
 
 def contrastive_fwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, margin, pos_eps, need_grad,
                            allow_tf32, splits=None):
     """(loss_rows (B,) f32, grad (B, D) f32 or (0,) when not need_grad, counts (B, 2) int32).
     `splits` overrides the split plan (tests)."""
-    x, labels, ref, ref_labels, si = _prepare(x, labels, ref, ref_labels, self_index, ref_valid)
+    x, labels, ref, ref_labels, si = _common.prepare_loss_inputs(x, labels, ref, ref_labels, self_index, ref_valid)
     B, D = x.shape
     dev = x.device
     f32 = dict(dtype=torch.float32, device=dev)
@@ -197,12 +146,12 @@ def contrastive_fwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, ma
     with _common.device_guard(x):
         contrastive_fwd_kernel[grid](
             x, labels, ref, ref_labels, si if si is not None else labels, loss_ws, counts_ws, grad_ws,
-            B, D, ref_valid, cols, float(margin), 1.0 - float(pos_eps), _bucket(B), _bucket(cols),
-            HAS_SELF_INDEX=si is not None, NEED_GRAD=bool(need_grad), PRECISION=_precision(allow_tf32),
-            BLOCK_D=BLOCK_D, **_common.operand_split(x.dtype, ref.dtype))
+            B, D, ref_valid, cols, float(margin), 1.0 - float(pos_eps), _common.bucket(B), _common.bucket(cols),
+            HAS_SELF_INDEX=si is not None, NEED_GRAD=bool(need_grad), PRECISION=_common.precision(allow_tf32),
+            BLOCK_D=BLOCK_D, **_common.operand_limbs(x.dtype, ref.dtype))
         if splits > 1:
-            rows = _common.finish_rows(D)
-            reduce_splits_kernel[(triton.cdiv(B, rows),)](
+            rows = _common.merge_rows(D)
+            _common.sum_merge_kernel[(triton.cdiv(B, rows),)](
                 loss_ws, counts_ws, grad_ws, loss, counts, grad, B, D, splits,
                 NEED_GRAD=bool(need_grad), ROWS=rows, BLOCK_D=BLOCK_D, num_warps=4)
     return loss, grad, counts
@@ -211,7 +160,7 @@ def contrastive_fwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, ma
 def contrastive_bwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, margin, pos_eps, grad_rows,
                            allow_tf32):
     """(grad_x (B, D) f32, grad_ref (N, D) f32) for the loss sum_i grad_rows[i] l_i."""
-    x, labels, ref, ref_labels, si = _prepare(x, labels, ref, ref_labels, self_index, ref_valid)
+    x, labels, ref, ref_labels, si = _common.prepare_loss_inputs(x, labels, ref, ref_labels, self_index, ref_valid)
     B, D = x.shape
     N = ref.shape[0]
     g = _common.check_grad_rows(grad_rows, B, x.device)
@@ -225,7 +174,7 @@ def contrastive_bwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, ma
     with _common.device_guard(x):
         contrastive_ref_grad_kernel[grid](
             x, labels, ref, ref_labels, si if si is not None else labels, g, grad_ref,
-            B, D, ref_valid, float(margin), 1.0 - float(pos_eps), _bucket(B), _bucket(ref_valid),
-            HAS_SELF_INDEX=si is not None, PRECISION=_precision(allow_tf32), BLOCK_D=_common.block_d(D),
-            **_common.operand_split(x.dtype, ref.dtype))
+            B, D, ref_valid, float(margin), 1.0 - float(pos_eps), _common.bucket(B), _common.bucket(ref_valid),
+            HAS_SELF_INDEX=si is not None, PRECISION=_common.precision(allow_tf32), BLOCK_D=_common.block_d(D),
+            **_common.operand_limbs(x.dtype, ref.dtype))
     return grad_x, grad_ref

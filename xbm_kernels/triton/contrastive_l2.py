@@ -11,7 +11,7 @@ section 1), Triton kernels.
 The coefficient depends on its own pair only, so the structure is contrastive.py's: one
 pass over the reference rows, per tile S = X R^T, the masks, loss and active-pair counts,
 then dX += C R with the tile of R already loaded. Grid (B tiles) x (K splits); each split
-writes partial loss / counts / dX to a workspace and contrastive.reduce_splits_kernel adds
+writes partial loss / counts / dX to a workspace and _common.sum_merge_kernel adds
 them in split order (deterministic, no atomics); one split writes the outputs directly.
 A switched-off term (neg_margin <= 0, or pos_eps >= 2 so that no column is a positive)
 simply has no active pairs.
@@ -22,7 +22,7 @@ Backward to both sides, with g_i = dL/dl_i:
 Rows of grad_ref at and beyond ref_valid are zero.
 
 dtypes as in contrastive.py; 1/d is not exact in 16 bits, so with a 16-bit reference the
-coefficients enter the tensor cores in 16-bit parts (_common.dot_acc).
+coefficients enter the tensor cores in 16-bit limbs (_common.dot_acc).
 """
 import torch
 import triton
@@ -31,14 +31,13 @@ import triton.language as tl
 from . import _common
 from ._common import anchor_tile, dot_acc, memory_tile, pair_sets, ref_grad_acc, reference_block, scores
 from ._common import TWO_ACC_FWD_CONFIGS as _FWD_CONFIGS
-from .contrastive import _INTERP_FWD, _INTERP_REF, _REF_CONFIGS, reduce_splits_kernel
 
-# Register tiles: dX plus the tile's coefficients (in 16-bit parts with a 16-bit reference),
+# Register tiles: dX plus the tile's coefficients (in 16-bit limbs with a 16-bit reference),
 # so the two-accumulator kernels' table: contrastive's 64 x 128 and 128 x 64 tiles spill 200 to
-# 400 bytes here (ptxas for sm_90 at D = 128, bf16 and split anchors; 32-row tiles none).
+# 400 bytes here (ptxas for sm_90 at D = 128, bf16 and anchors in limbs; 32-row tiles none).
 # IEEE fp32 tiles up to 32 x 64 do not spill (the same measure).
 _FWD_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 2048, acc_tiles=2)
-_REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 256, acc_tiles=3, fp32_product_when_split=True)
+_REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 256, acc_tiles=3, fp32_product_when_limbed=True)
 
 
 @triton.jit
@@ -56,14 +55,14 @@ def _coefficients(s, yi, zj, cols, row_ok, col_ok, self_col, pos_margin, neg_mar
     return act_p, act_n, term, c
 
 
-@triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS, _INTERP_FWD, "BLOCK_B", "BLOCK_K"),
-                 key=["D", "B_BUCKET", "COLS_BUCKET", "NEED_GRAD", "PRECISION", "X_PARTS"],
+@triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS),
+                 key=["D", "B_BUCKET", "COLS_BUCKET", "NEED_GRAD", "PRECISION", "X_LIMBS"],
                  prune_configs_by={"early_config_prune": _FWD_PRUNE})
 @triton.jit
 def contrastive_l2_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, loss_ptr, counts_ptr, grad_ptr,
                               B, D, n, cols_per_split, pos_margin, neg_margin, pos_thr, B_BUCKET, COLS_BUCKET,
                               HAS_SELF_INDEX: tl.constexpr, NEED_GRAD: tl.constexpr, PRECISION: tl.constexpr,
-                              X_PARTS: tl.constexpr, W_PARTS: tl.constexpr, LO_SCALE: tl.constexpr,
+                              X_LIMBS: tl.constexpr, W_LIMBS: tl.constexpr, LO_SCALE: tl.constexpr,
                               BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -74,7 +73,7 @@ def contrastive_l2_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, loss_ptr, coun
     dim_ok = dims < D
 
     x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
-                                                      r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_PARTS, LO_SCALE)
+                                                      r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_LIMBS, LO_SCALE)
 
     loss = tl.zeros([BLOCK_B], dtype=tl.float32)
     npos = tl.zeros([BLOCK_B], dtype=tl.int32)
@@ -85,14 +84,14 @@ def contrastive_l2_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, loss_ptr, coun
     col_end = tl.minimum(col_start + cols_per_split, n)
     for k0 in range(col_start, col_end, BLOCK_K):
         cols, col_ok, r, zj, s = memory_tile(x_hi, x_mid, x_lo, r_ptr, z_ptr, k0, col_end, dims, dim_ok, D,
-                                             PRECISION, BLOCK_K, X_PARTS, LO_SCALE)
+                                             PRECISION, BLOCK_K, X_LIMBS, LO_SCALE)
         act_p, act_n, term, c = _coefficients(s, yi, zj, cols, row_ok, col_ok, self_col, pos_margin, neg_margin,
                                               pos_thr, HAS_SELF_INDEX)
         loss += tl.sum(term, axis=1)
         npos += tl.sum(act_p.to(tl.int32), axis=1)
         nneg += tl.sum(act_n.to(tl.int32), axis=1)
         if NEED_GRAD:
-            acc = dot_acc(c, r, acc, W_PARTS, PRECISION)
+            acc = dot_acc(c, r, acc, W_LIMBS, PRECISION)
 
     out = pid_s.to(tl.int64) * B + rows64  # row of this split's slice of the workspace
     tl.store(loss_ptr + out, loss, mask=row_ok)
@@ -102,14 +101,14 @@ def contrastive_l2_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, loss_ptr, coun
         tl.store(grad_ptr + out[:, None] * D + dims[None, :], acc, mask=row_ok[:, None] & dim_ok[None, :])
 
 
-@triton.autotune(configs=_common.autotune_configs(_REF_CONFIGS, _INTERP_REF, "BLOCK_K", "BLOCK_B"),
-                 key=["D", "B_BUCKET", "N_BUCKET", "PRECISION", "X_PARTS"],
+@triton.autotune(configs=_common.autotune_configs(_common.REF_CONFIGS, "BLOCK_K", "BLOCK_B"),
+                 key=["D", "B_BUCKET", "N_BUCKET", "PRECISION", "X_LIMBS"],
                  prune_configs_by={"early_config_prune": _REF_PRUNE})
 @triton.jit
 def contrastive_l2_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, g_ptr, gref_ptr,
                                    B, D, n, pos_margin, neg_margin, pos_thr, B_BUCKET, N_BUCKET,
-                                   HAS_SELF_INDEX: tl.constexpr, PRECISION: tl.constexpr, X_PARTS: tl.constexpr,
-                                   W_PARTS: tl.constexpr, LO_SCALE: tl.constexpr,
+                                   HAS_SELF_INDEX: tl.constexpr, PRECISION: tl.constexpr, X_LIMBS: tl.constexpr,
+                                   W_LIMBS: tl.constexpr, LO_SCALE: tl.constexpr,
                                    BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
     cols, col_ok, dims, dim_ok, col_off, r, zj = reference_block(r_ptr, z_ptr, n, D, BLOCK_D, BLOCK_K)
     acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
@@ -117,18 +116,18 @@ def contrastive_l2_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, g_ptr, gr
         rows = b0 + tl.arange(0, BLOCK_B)
         row_ok = rows < B
         x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
-                                                         r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_PARTS, LO_SCALE)
+                                                         r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_LIMBS, LO_SCALE)
         g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
-        s = scores(x_hi, x_mid, x_lo, r, PRECISION, X_PARTS, LO_SCALE)
+        s = scores(x_hi, x_mid, x_lo, r, PRECISION, X_LIMBS, LO_SCALE)
         _, _, _, c = _coefficients(s, yi, zj, cols, row_ok, col_ok, self_col, pos_margin, neg_margin, pos_thr,
                                    HAS_SELF_INDEX)
-        acc = ref_grad_acc(tl.trans(c * g[:, None]), x, x_hi, acc, X_PARTS, W_PARTS, PRECISION)
+        acc = ref_grad_acc(tl.trans(c * g[:, None]), x, x_hi, acc, X_LIMBS, W_LIMBS, PRECISION)
     tl.store(gref_ptr + col_off, acc, mask=col_ok[:, None] & dim_ok[None, :])
 
 
 def split_plan(B: int, n: int, device: torch.device, splits=None):
     """(splits, cols_per_split) of the forward grid; see _common.split_plan."""
-    return _common.split_plan(B, n, device, _FWD_CONFIGS, _INTERP_FWD, splits)
+    return _common.split_plan(B, n, device, _FWD_CONFIGS, splits)
 
 
 def _scalars(pos_margin, neg_margin, pos_eps):
@@ -164,10 +163,10 @@ def contrastive_l2_fwd_triton(x, labels, ref, ref_labels, self_index, ref_valid,
             x, labels, ref, ref_labels, si if si is not None else labels, loss_ws, counts_ws, grad_ws,
             B, D, ref_valid, cols, *_scalars(pos_margin, neg_margin, pos_eps), _common.bucket(B),
             _common.bucket(cols), HAS_SELF_INDEX=si is not None, NEED_GRAD=bool(need_grad),
-            PRECISION=_common.precision(allow_tf32), BLOCK_D=BLOCK_D, **_common.operand_split(x.dtype, ref.dtype))
+            PRECISION=_common.precision(allow_tf32), BLOCK_D=BLOCK_D, **_common.operand_limbs(x.dtype, ref.dtype))
         if splits > 1:
-            rows = _common.finish_rows(D)
-            reduce_splits_kernel[(triton.cdiv(B, rows),)](
+            rows = _common.merge_rows(D)
+            _common.sum_merge_kernel[(triton.cdiv(B, rows),)](
                 loss_ws, counts_ws, grad_ws, loss, counts, grad, B, D, splits,
                 NEED_GRAD=bool(need_grad), ROWS=rows, BLOCK_D=BLOCK_D, num_warps=4)
     return loss, grad, counts
@@ -191,5 +190,5 @@ def contrastive_l2_bwd_triton(x, labels, ref, ref_labels, self_index, ref_valid,
             x, labels, ref, ref_labels, si if si is not None else labels, g, grad_ref,
             B, D, ref_valid, *_scalars(pos_margin, neg_margin, pos_eps), _common.bucket(B),
             _common.bucket(ref_valid), HAS_SELF_INDEX=si is not None, PRECISION=_common.precision(allow_tf32),
-            BLOCK_D=_common.block_d(D), **_common.operand_split(x.dtype, ref.dtype))
+            BLOCK_D=_common.block_d(D), **_common.operand_limbs(x.dtype, ref.dtype))
     return grad_x, grad_ref

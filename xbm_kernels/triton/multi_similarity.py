@@ -7,7 +7,7 @@
     skip_incomplete: l_i = 0 (counts 0) unless P_i, N_i, P~_i and N~_i are all non-empty;
     otherwise each term is 0 when its own mined set is empty (log(1 + empty sum)).
 
-With mine, pass 1 (stats kernel) streams the reference for min positive / max negative per
+With mine, pass 1 (the stats kernel) streams the reference for min positive / max negative per
 row; each split writes its own and the exact min / max merge in any order (one torch
 reduction). They give each sum's largest exponent in advance, shift_p = -alpha (min_pos -
 base), shift_n = beta (max_neg - base) (the extreme pair of a set is mined whenever any of
@@ -16,7 +16,7 @@ w = exp(a - shift) <= 1 with no running maximum, accumulating the weighted rows
 Gp = sum w_p r and Gn = sum w_n r for the gradient. Without mine there is no pass 1: the
 forward kernel keeps a running maximum per sum instead (shift = max so far; the sums and
 G rescaled by exp(old - new) when it grows, as FlashAttention). Each split writes its
-(shift, sum, G) and a finish kernel merges the splits in split order (deterministic),
+(shift, sum, G) and a merge kernel combines the splits in split order (deterministic),
 rescaling to the largest shift (a no-op with mine: every split has the same), and scales once:
     dl_i/dx_i = fp_i Gp + fn_i Gn,  fp = -1 / (exp(-shift_p) + sum_p),  fn = 1 / (exp(-shift_n) + sum_n)
 (fp, fn = 0 for a term that is switched off). Mined-set membership is a constant for the gradient.
@@ -26,22 +26,21 @@ C^T X with C_ij = g_i (fp_i w_p,ij + fn_i w_n,ij), a kernel where each program o
 reference rows and streams the anchors with their forward statistics.
 
 dtypes as in contrastive.py; the weights are not exact in 16 bits, so with a 16-bit
-reference they enter the tensor cores in 16-bit parts (_common.dot_acc).
+reference they enter the tensor cores in 16-bit limbs (_common.dot_acc).
 """
 import torch
 import triton
 import triton.language as tl
 
 from . import _common
-from ._common import anchor_tile, dot_acc, memory_tile, pair_sets, ref_grad_acc, reference_block, scores
+from ._common import anchor_tile, dot_acc, log1p, memory_tile, pair_sets, ref_grad_acc, reference_block, scores
 from ._common import TWO_ACC_FWD_CONFIGS as _FWD_CONFIGS
-from .contrastive import _INTERP_FWD, _INTERP_REF, _REF_CONFIGS
 
 _STATS_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 2048)
 # Register tiles: Gp and Gn plus the tile's weights; IEEE fp32 (FMA) dots spill beyond 16 x 32
 # (ptxas for sm_90). The reference-side kernels hold one accumulator and the weights (hi, lo).
 _FWD_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 512, acc_tiles=3)
-_REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 256, acc_tiles=3, fp32_product_when_split=True)
+_REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 256, acc_tiles=3, fp32_product_when_limbed=True)
 
 
 @triton.jit
@@ -76,28 +75,28 @@ def _running_max(m, a, mined):
     return m_new, shift, tl.exp(m - shift)
 
 
-@triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS, _INTERP_FWD, "BLOCK_B", "BLOCK_K"),
-                 key=["D", "B_BUCKET", "COLS_BUCKET", "PRECISION", "X_PARTS"],
+@triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS),
+                 key=["D", "B_BUCKET", "COLS_BUCKET", "PRECISION", "X_LIMBS"],
                  prune_configs_by={"early_config_prune": _STATS_PRUNE})
 @triton.jit
-def ms_stats_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ws, B, D, n, cols_per_split, pos_thr,
-                    B_BUCKET, COLS_BUCKET, HAS_SELF_INDEX: tl.constexpr, PRECISION: tl.constexpr,
-                    X_PARTS: tl.constexpr, LO_SCALE: tl.constexpr,
-                    BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+def multi_similarity_stats_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ws, B, D, n, cols_per_split, pos_thr,
+                                  B_BUCKET, COLS_BUCKET, HAS_SELF_INDEX: tl.constexpr, PRECISION: tl.constexpr,
+                                  X_LIMBS: tl.constexpr, LO_SCALE: tl.constexpr,
+                                  BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_s = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < D
     x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
-                                                      r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_PARTS, LO_SCALE)
+                                                      r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_LIMBS, LO_SCALE)
     min_pos = tl.full([BLOCK_B], float("inf"), tl.float32)
     max_neg = tl.full([BLOCK_B], float("-inf"), tl.float32)
     col_start = pid_s * cols_per_split
     col_end = tl.minimum(col_start + cols_per_split, n)
     for k0 in range(col_start, col_end, BLOCK_K):
         cols, col_ok, r, zj, sim = memory_tile(x_hi, x_mid, x_lo, r_ptr, z_ptr, k0, col_end, dims, dim_ok, D,
-                                               PRECISION, BLOCK_K, X_PARTS, LO_SCALE)
+                                               PRECISION, BLOCK_K, X_LIMBS, LO_SCALE)
         _, pos, neg = pair_sets(sim, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX)
         min_pos = tl.minimum(min_pos, tl.min(tl.where(pos, sim, float("inf")), axis=1))
         max_neg = tl.maximum(max_neg, tl.max(tl.where(neg, sim, float("-inf")), axis=1))
@@ -106,15 +105,16 @@ def ms_stats_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ws, B, D, n, cols_
     tl.store(stats_ws + stat + B, max_neg, mask=row_ok)
 
 
-@triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS, _INTERP_FWD, "BLOCK_B", "BLOCK_K"),
-                 key=["D", "B_BUCKET", "COLS_BUCKET", "NEED_GRAD", "PRECISION", "X_PARTS", "MINE"],
+@triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS),
+                 key=["D", "B_BUCKET", "COLS_BUCKET", "NEED_GRAD", "PRECISION", "X_LIMBS", "MINE"],
                  prune_configs_by={"early_config_prune": _FWD_PRUNE})
 @triton.jit
-def ms_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ptr, sums_ws, counts_ws, gp_ws, gn_ws,
-                  B, D, n, cols_per_split, alpha, beta, base, mining_margin, pos_thr, B_BUCKET, COLS_BUCKET,
-                  HAS_SELF_INDEX: tl.constexpr, MINE: tl.constexpr, NEED_GRAD: tl.constexpr,
-                  PRECISION: tl.constexpr, X_PARTS: tl.constexpr, W_PARTS: tl.constexpr, LO_SCALE: tl.constexpr,
-                  BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+def multi_similarity_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ptr, sums_ws, counts_ws, gp_ws, gn_ws, B, D,
+                                n, cols_per_split, alpha, beta, base, mining_margin, pos_thr, B_BUCKET, COLS_BUCKET,
+                                HAS_SELF_INDEX: tl.constexpr, MINE: tl.constexpr, NEED_GRAD: tl.constexpr,
+                                PRECISION: tl.constexpr, X_LIMBS: tl.constexpr, W_LIMBS: tl.constexpr,
+                                LO_SCALE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr,
+                                BLOCK_K: tl.constexpr):
     pid_s = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
@@ -122,7 +122,7 @@ def ms_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ptr, sums_ws, counts
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < D
     x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
-                                                      r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_PARTS, LO_SCALE)
+                                                      r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_LIMBS, LO_SCALE)
     if MINE:  # the largest exponents, known from pass 1 (-inf for rows whose set is empty)
         min_pos = tl.load(stats_ptr + rows64, mask=row_ok, other=float("inf"))
         max_neg = tl.load(stats_ptr + B + rows64, mask=row_ok, other=float("-inf"))
@@ -143,7 +143,7 @@ def ms_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ptr, sums_ws, counts
     col_end = tl.minimum(col_start + cols_per_split, n)
     for k0 in range(col_start, col_end, BLOCK_K):
         cols, col_ok, r, zj, sim = memory_tile(x_hi, x_mid, x_lo, r_ptr, z_ptr, k0, col_end, dims, dim_ok, D,
-                                               PRECISION, BLOCK_K, X_PARTS, LO_SCALE)
+                                               PRECISION, BLOCK_K, X_LIMBS, LO_SCALE)
         _, pos, neg = pair_sets(sim, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX)
         mined_p, mined_n = _mined_sets(sim, pos, neg, min_pos, max_neg, mining_margin, MINE)
         if MINE:
@@ -162,8 +162,8 @@ def ms_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ptr, sums_ws, counts
         npos += tl.sum(mined_p.to(tl.int32), axis=1)
         nneg += tl.sum(mined_n.to(tl.int32), axis=1)
         if NEED_GRAD:
-            gp = dot_acc(wp, r, gp, W_PARTS, PRECISION)
-            gn = dot_acc(wn, r, gn, W_PARTS, PRECISION)
+            gp = dot_acc(wp, r, gp, W_LIMBS, PRECISION)
+            gn = dot_acc(wn, r, gn, W_LIMBS, PRECISION)
     out = pid_s.to(tl.int64) * B + rows64
     stat = pid_s.to(tl.int64) * 4 * B + rows64  # sums_ws is (splits, 4, B): sum_p, sum_n, shift_p, shift_n
     tl.store(sums_ws + stat, sum_p, mask=row_ok)
@@ -179,24 +179,18 @@ def ms_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ptr, sums_ws, counts
 
 
 @triton.jit
-def _log1p(u):
-    # log(1 + u) accurate for small u (Goldberg): the rounding of 1 + u cancels in the ratio
-    w = 1.0 + u
-    return tl.where(w == 1.0, u, tl.log(w) * (u / tl.where(w == 1.0, 1.0, w - 1.0)))
-
-
-@triton.jit
 def _log1p_shifted(s, shift):
     # log(1 + s e^shift) without overflow
     pos = shift > 0
     return tl.where(pos, shift + tl.log(tl.exp(-tl.where(pos, shift, 0.0)) + s),
-                    _log1p(s * tl.exp(tl.where(pos, 0.0, shift))))
+                    log1p(s * tl.exp(tl.where(pos, 0.0, shift))))
 
 
 @triton.jit
-def ms_finish_kernel(stats_ptr, sums_ws, counts_ws, gp_ws, gn_ws, loss_ptr, counts_ptr, grad_ptr, rowstats_ptr,
-                     B, D, splits, alpha, beta, MINE: tl.constexpr, SKIP_INCOMPLETE: tl.constexpr,
-                     NEED_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+def multi_similarity_merge_kernel(stats_ptr, sums_ws, counts_ws, gp_ws, gn_ws, loss_ptr, counts_ptr, grad_ptr,
+                                  rowstats_ptr, B, D, splits, alpha, beta, MINE: tl.constexpr,
+                                  SKIP_INCOMPLETE: tl.constexpr, NEED_GRAD: tl.constexpr, ROWS: tl.constexpr,
+                                  BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < B
     rows64 = rows.to(tl.int64)
@@ -262,22 +256,22 @@ def ms_finish_kernel(stats_ptr, sums_ws, counts_ws, gp_ws, gn_ws, loss_ptr, coun
         tl.store(grad_ptr + rows64[:, None] * D + dims[None, :], fp[:, None] * gp + fn[:, None] * gn, mask=gmask)
 
 
-@triton.autotune(configs=_common.autotune_configs(_REF_CONFIGS, _INTERP_REF, "BLOCK_K", "BLOCK_B"),
-                 key=["D", "B_BUCKET", "N_BUCKET", "PRECISION", "X_PARTS", "MINE"],
+@triton.autotune(configs=_common.autotune_configs(_common.REF_CONFIGS, "BLOCK_K", "BLOCK_B"),
+                 key=["D", "B_BUCKET", "N_BUCKET", "PRECISION", "X_LIMBS", "MINE"],
                  prune_configs_by={"early_config_prune": _REF_PRUNE})
 @triton.jit
-def ms_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, rowstats_ptr, g_ptr, gref_ptr,
-                       B, D, n, alpha, beta, base, mining_margin, pos_thr, B_BUCKET, N_BUCKET,
-                       HAS_SELF_INDEX: tl.constexpr, MINE: tl.constexpr, PRECISION: tl.constexpr,
-                       X_PARTS: tl.constexpr, W_PARTS: tl.constexpr, LO_SCALE: tl.constexpr,
-                       BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
+def multi_similarity_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, rowstats_ptr, g_ptr, gref_ptr,
+                                     B, D, n, alpha, beta, base, mining_margin, pos_thr, B_BUCKET, N_BUCKET,
+                                     HAS_SELF_INDEX: tl.constexpr, MINE: tl.constexpr, PRECISION: tl.constexpr,
+                                     X_LIMBS: tl.constexpr, W_LIMBS: tl.constexpr, LO_SCALE: tl.constexpr,
+                                     BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
     cols, col_ok, dims, dim_ok, col_off, r, zj = reference_block(r_ptr, z_ptr, n, D, BLOCK_D, BLOCK_K)
     acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
     for b0 in range(0, B, BLOCK_B):
         rows = b0 + tl.arange(0, BLOCK_B)
         row_ok = rows < B
         x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
-                                                         r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_PARTS, LO_SCALE)
+                                                         r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_LIMBS, LO_SCALE)
         st = rowstats_ptr + 6 * rows.to(tl.int64)
         min_pos = tl.load(st, mask=row_ok, other=float("inf"))
         max_neg = tl.load(st + 1, mask=row_ok, other=float("-inf"))
@@ -286,12 +280,12 @@ def ms_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, rowstats_ptr, g_ptr, 
         g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
         cp = g * tl.load(st + 4, mask=row_ok, other=0.0)  # 0 for terms that are off
         cn = g * tl.load(st + 5, mask=row_ok, other=0.0)
-        sim = scores(x_hi, x_mid, x_lo, r, PRECISION, X_PARTS, LO_SCALE)
+        sim = scores(x_hi, x_mid, x_lo, r, PRECISION, X_LIMBS, LO_SCALE)
         _, pos, neg = pair_sets(sim, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX)
         mined_p, mined_n = _mined_sets(sim, pos, neg, min_pos, max_neg, mining_margin, MINE)
         wp, wn = _weights(sim, mined_p, mined_n, shift_p, shift_n, alpha, beta, base)
         c = wp * cp[:, None] + wn * cn[:, None]
-        acc = ref_grad_acc(tl.trans(c), x, x_hi, acc, X_PARTS, W_PARTS, PRECISION)
+        acc = ref_grad_acc(tl.trans(c), x, x_hi, acc, X_LIMBS, W_LIMBS, PRECISION)
     tl.store(gref_ptr + col_off, acc, mask=col_ok[:, None] & dim_ok[None, :])
 
 
@@ -311,33 +305,34 @@ def _forward(x, labels, ref, ref_labels, si, ref_valid, alpha, beta, base, minin
     if B == 0:
         return loss, grad, counts, rowstats
     mine = bool(mine)
-    splits, cols = _common.split_plan(B, ref_valid, dev, _FWD_CONFIGS, _INTERP_FWD, splits)
+    splits, cols = _common.split_plan(B, ref_valid, dev, _FWD_CONFIGS, splits)
     sums_ws = torch.empty(splits, 4, B, **f32)
     counts_ws = torch.empty(splits, B, 2, dtype=torch.int32, device=dev)
     gp_ws = torch.empty(splits, B, D, **f32) if need_grad else grad
     gn_ws = torch.empty(splits, B, D, **f32) if need_grad else grad
     prm = (float(alpha), float(beta), float(base))
     pos_thr = 1.0 - float(pos_eps)  # > 1 for a negative pos_eps: every same-label column is a positive
-    split = _common.operand_split(x.dtype, ref.dtype)
+    limbs = _common.operand_limbs(x.dtype, ref.dtype)
     common = dict(HAS_SELF_INDEX=si is not None, PRECISION=_common.precision(allow_tf32),
-                  BLOCK_D=_common.block_d(D), X_PARTS=split["X_PARTS"], LO_SCALE=split["LO_SCALE"])
+                  BLOCK_D=_common.block_d(D), X_LIMBS=limbs["X_LIMBS"], LO_SCALE=limbs["LO_SCALE"])
     si_arg = si if si is not None else labels
     grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), splits)  # noqa: E731
     with _common.device_guard(x):
         if mine:
             stats_ws = torch.empty(splits, 2, B, **f32)
-            ms_stats_kernel[grid](x, labels, ref, ref_labels, si_arg, stats_ws, B, D, ref_valid, cols, pos_thr,
-                                  _common.bucket(B), _common.bucket(cols), **common)
+            multi_similarity_stats_kernel[grid](
+                x, labels, ref, ref_labels, si_arg, stats_ws, B, D, ref_valid, cols, pos_thr, _common.bucket(B),
+                _common.bucket(cols), **common)
             # min / max are exact: merging the splits in any order gives the same statistics
             stats = torch.stack([stats_ws[:, 0].amin(0), stats_ws[:, 1].amax(0)])
         else:
             stats = sums_ws  # not read
-        ms_fwd_kernel[grid](x, labels, ref, ref_labels, si_arg, stats, sums_ws, counts_ws, gp_ws, gn_ws,
-                            B, D, ref_valid, cols, *prm, float(mining_margin), pos_thr, _common.bucket(B),
-                            _common.bucket(cols), MINE=mine, NEED_GRAD=bool(need_grad), W_PARTS=split["W_PARTS"],
-                            **common)
-        rows = _common.finish_rows(D)
-        ms_finish_kernel[(triton.cdiv(B, rows),)](
+        multi_similarity_fwd_kernel[grid](
+            x, labels, ref, ref_labels, si_arg, stats, sums_ws, counts_ws, gp_ws, gn_ws, B, D, ref_valid, cols, *prm,
+            float(mining_margin), pos_thr, _common.bucket(B), _common.bucket(cols), MINE=mine,
+            NEED_GRAD=bool(need_grad), W_LIMBS=limbs["W_LIMBS"], **common)
+        rows = _common.merge_rows(D)
+        multi_similarity_merge_kernel[(triton.cdiv(B, rows),)](
             stats, sums_ws, counts_ws, gp_ws, gn_ws, loss, counts, grad, rowstats, B, D, splits, prm[0], prm[1],
             MINE=mine, SKIP_INCOMPLETE=bool(skip_incomplete), NEED_GRAD=bool(need_grad), ROWS=rows,
             BLOCK_D=common["BLOCK_D"], num_warps=4)
@@ -367,10 +362,10 @@ def multi_similarity_bwd_triton(x, labels, ref, ref_labels, self_index, ref_vali
         return grad_x, grad_ref
     grid = lambda meta: (triton.cdiv(ref_valid, meta["BLOCK_K"]),)  # noqa: E731
     with _common.device_guard(x):
-        ms_ref_grad_kernel[grid](
+        multi_similarity_ref_grad_kernel[grid](
             x, labels, ref, ref_labels, si if si is not None else labels, rowstats, g, grad_ref,
             B, D, ref_valid, float(alpha), float(beta), float(base), float(mining_margin), 1.0 - float(pos_eps),
             _common.bucket(B), _common.bucket(ref_valid), HAS_SELF_INDEX=si is not None, MINE=bool(mine),
             PRECISION=_common.precision(allow_tf32), BLOCK_D=_common.block_d(D),
-            **_common.operand_split(x.dtype, ref.dtype))
+            **_common.operand_limbs(x.dtype, ref.dtype))
     return grad_x, grad_ref

@@ -12,7 +12,7 @@ exp(t - m)); each split writes its (m, sum) and a merge kernel combines them in 
 order into LZ (deterministic). Pass 2 (forward kernel) recomputes S per tile with LZ known:
 the loss terms, counts and w_i, and for the gradient the weighted rows
 Gp = sum_P sigmoid(LZ - t_ip) r_p and Gn = sum_N exp(t_in - LZ) r_n (weights <= 1, no
-running maximum). Each split writes its (loss, w, counts, Gp, Gn); a finish kernel adds the
+running maximum). Each split writes its (loss, w, counts, Gp, Gn); a merge kernel adds the
 splits in split order and scales once:
     dl_i/dx_i = 1/tau (w_i Gn - Gp)
 
@@ -21,30 +21,28 @@ C^T X with C_ij = g_i dl_i/dS_ij from the per-row LZ and w, a kernel where each 
 a tile of reference rows and streams the anchors.
 
 dtypes as in contrastive.py; the weights are not exact in 16 bits, so with a 16-bit
-reference they enter the tensor cores in 16-bit parts (_common.dot_acc).
+reference they enter the tensor cores in 16-bit limbs (_common.dot_acc).
 """
 import torch
 import triton
 import triton.language as tl
 
 from . import _common
-from ._common import anchor_tile, dot_acc, memory_tile, pair_sets, ref_grad_acc, reference_block, scores
+from ._common import anchor_tile, dot_acc, log1p, memory_tile, pair_sets, ref_grad_acc, reference_block, scores
 from ._common import TWO_ACC_FWD_CONFIGS as _FWD_CONFIGS
-from .contrastive import _INTERP_FWD, _INTERP_REF, _REF_CONFIGS
-from .multi_similarity import _log1p
 
 _STATS_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 2048)
 # Register tiles: Gp and Gn plus the tile's weights; IEEE fp32 (FMA) dots spill beyond 16 x 32
 # (ptxas for sm_90, as multi_similarity's). The reference-side kernel holds one accumulator and
 # the weights (hi, lo).
 _FWD_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 512, acc_tiles=3)
-_REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 256, acc_tiles=3, fp32_product_when_split=True)
+_REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 256, acc_tiles=3, fp32_product_when_limbed=True)
 
 
 @triton.jit
 def _softplus(u):
     # log(1 + e^u) = max(u, 0) + log1p(e^-|u|); 0 at u = -inf (no negatives)
-    return tl.maximum(u, 0.0) + _log1p(tl.exp(-tl.abs(u)))
+    return tl.maximum(u, 0.0) + log1p(tl.exp(-tl.abs(u)))
 
 
 @triton.jit
@@ -65,13 +63,13 @@ def _pair_weights(sim, pos, neg, lz, inv_tau):
     return sp, en, term
 
 
-@triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS, _INTERP_FWD, "BLOCK_B", "BLOCK_K"),
-                 key=["D", "B_BUCKET", "COLS_BUCKET", "PRECISION", "X_PARTS"],
+@triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS),
+                 key=["D", "B_BUCKET", "COLS_BUCKET", "PRECISION", "X_LIMBS"],
                  prune_configs_by={"early_config_prune": _STATS_PRUNE})
 @triton.jit
 def ntxent_stats_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ws, B, D, n, cols_per_split, inv_tau, pos_thr,
                         B_BUCKET, COLS_BUCKET, HAS_SELF_INDEX: tl.constexpr, PRECISION: tl.constexpr,
-                        X_PARTS: tl.constexpr, LO_SCALE: tl.constexpr,
+                        X_LIMBS: tl.constexpr, LO_SCALE: tl.constexpr,
                         BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_s = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -79,14 +77,14 @@ def ntxent_stats_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ws, B, D, n, c
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < D
     x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
-                                                      r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_PARTS, LO_SCALE)
+                                                      r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_LIMBS, LO_SCALE)
     m = tl.full([BLOCK_B], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_B], dtype=tl.float32)
     col_start = pid_s * cols_per_split
     col_end = tl.minimum(col_start + cols_per_split, n)
     for k0 in range(col_start, col_end, BLOCK_K):
         cols, col_ok, r, zj, sim = memory_tile(x_hi, x_mid, x_lo, r_ptr, z_ptr, k0, col_end, dims, dim_ok, D,
-                                               PRECISION, BLOCK_K, X_PARTS, LO_SCALE)
+                                               PRECISION, BLOCK_K, X_LIMBS, LO_SCALE)
         _, _, neg = pair_sets(sim, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX)
         t = tl.where(neg, sim * inv_tau, float("-inf"))
         m_new = tl.maximum(m, tl.max(t, axis=1))
@@ -100,7 +98,7 @@ def ntxent_stats_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ws, B, D, n, c
 
 
 @triton.jit
-def ntxent_lz_kernel(stats_ws, lz_ptr, B, splits, ROWS: tl.constexpr):
+def ntxent_stats_merge_kernel(stats_ws, lz_ptr, B, splits, ROWS: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < B
     rows64 = rows.to(tl.int64)
@@ -118,14 +116,14 @@ def ntxent_lz_kernel(stats_ws, lz_ptr, B, splits, ROWS: tl.constexpr):
     tl.store(lz_ptr + rows64, lz, mask=row_ok)
 
 
-@triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS, _INTERP_FWD, "BLOCK_B", "BLOCK_K"),
-                 key=["D", "B_BUCKET", "COLS_BUCKET", "NEED_GRAD", "PRECISION", "X_PARTS"],
+@triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS),
+                 key=["D", "B_BUCKET", "COLS_BUCKET", "NEED_GRAD", "PRECISION", "X_LIMBS"],
                  prune_configs_by={"early_config_prune": _FWD_PRUNE})
 @triton.jit
 def ntxent_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, lz_ptr, sums_ws, counts_ws, gp_ws, gn_ws,
                       B, D, n, cols_per_split, inv_tau, pos_thr, B_BUCKET, COLS_BUCKET,
                       HAS_SELF_INDEX: tl.constexpr, NEED_GRAD: tl.constexpr, PRECISION: tl.constexpr,
-                      X_PARTS: tl.constexpr, W_PARTS: tl.constexpr, LO_SCALE: tl.constexpr,
+                      X_LIMBS: tl.constexpr, W_LIMBS: tl.constexpr, LO_SCALE: tl.constexpr,
                       BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_s = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -134,7 +132,7 @@ def ntxent_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, lz_ptr, sums_ws, count
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < D
     x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
-                                                      r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_PARTS, LO_SCALE)
+                                                      r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_LIMBS, LO_SCALE)
     lz = tl.load(lz_ptr + rows64, mask=row_ok, other=float("-inf"))
     loss = tl.zeros([BLOCK_B], dtype=tl.float32)
     w = tl.zeros([BLOCK_B], dtype=tl.float32)
@@ -146,7 +144,7 @@ def ntxent_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, lz_ptr, sums_ws, count
     col_end = tl.minimum(col_start + cols_per_split, n)
     for k0 in range(col_start, col_end, BLOCK_K):
         cols, col_ok, r, zj, sim = memory_tile(x_hi, x_mid, x_lo, r_ptr, z_ptr, k0, col_end, dims, dim_ok, D,
-                                               PRECISION, BLOCK_K, X_PARTS, LO_SCALE)
+                                               PRECISION, BLOCK_K, X_LIMBS, LO_SCALE)
         _, pos, neg = pair_sets(sim, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX)
         sp, en, term = _pair_weights(sim, pos, neg, lz, inv_tau)
         loss += tl.sum(term, axis=1)
@@ -154,8 +152,8 @@ def ntxent_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, lz_ptr, sums_ws, count
         npos += tl.sum(pos.to(tl.int32), axis=1)
         nneg += tl.sum(neg.to(tl.int32), axis=1)
         if NEED_GRAD:
-            gp = dot_acc(sp, r, gp, W_PARTS, PRECISION)
-            gn = dot_acc(en, r, gn, W_PARTS, PRECISION)
+            gp = dot_acc(sp, r, gp, W_LIMBS, PRECISION)
+            gn = dot_acc(en, r, gn, W_LIMBS, PRECISION)
     out = pid_s.to(tl.int64) * B + rows64
     stat = pid_s.to(tl.int64) * 2 * B + rows64  # sums_ws is (splits, 2, B): loss, w
     tl.store(sums_ws + stat, loss, mask=row_ok)
@@ -169,8 +167,8 @@ def ntxent_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, lz_ptr, sums_ws, count
 
 
 @triton.jit
-def ntxent_finish_kernel(sums_ws, counts_ws, gp_ws, gn_ws, loss_ptr, counts_ptr, grad_ptr, w_ptr,
-                         B, D, splits, inv_tau, NEED_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+def ntxent_merge_kernel(sums_ws, counts_ws, gp_ws, gn_ws, loss_ptr, counts_ptr, grad_ptr, w_ptr,
+                        B, D, splits, inv_tau, NEED_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < B
     rows64 = rows.to(tl.int64)
@@ -201,14 +199,14 @@ def ntxent_finish_kernel(sums_ws, counts_ws, gp_ws, gn_ws, loss_ptr, counts_ptr,
         tl.store(grad_ptr + rows64[:, None] * D + dims[None, :], grad, mask=gmask)
 
 
-@triton.autotune(configs=_common.autotune_configs(_REF_CONFIGS, _INTERP_REF, "BLOCK_K", "BLOCK_B"),
-                 key=["D", "B_BUCKET", "N_BUCKET", "PRECISION", "X_PARTS"],
+@triton.autotune(configs=_common.autotune_configs(_common.REF_CONFIGS, "BLOCK_K", "BLOCK_B"),
+                 key=["D", "B_BUCKET", "N_BUCKET", "PRECISION", "X_LIMBS"],
                  prune_configs_by={"early_config_prune": _REF_PRUNE})
 @triton.jit
 def ntxent_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, lz_ptr, gp_ptr, gn_ptr, gref_ptr,
                            B, D, n, inv_tau, pos_thr, B_BUCKET, N_BUCKET,
-                           HAS_SELF_INDEX: tl.constexpr, PRECISION: tl.constexpr, X_PARTS: tl.constexpr,
-                           W_PARTS: tl.constexpr, LO_SCALE: tl.constexpr,
+                           HAS_SELF_INDEX: tl.constexpr, PRECISION: tl.constexpr, X_LIMBS: tl.constexpr,
+                           W_LIMBS: tl.constexpr, LO_SCALE: tl.constexpr,
                            BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
     cols, col_ok, dims, dim_ok, col_off, r, zj = reference_block(r_ptr, z_ptr, n, D, BLOCK_D, BLOCK_K)
     acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
@@ -216,15 +214,15 @@ def ntxent_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, lz_ptr, gp_ptr, g
         rows = b0 + tl.arange(0, BLOCK_B)
         row_ok = rows < B
         x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
-                                                         r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_PARTS, LO_SCALE)
+                                                         r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_LIMBS, LO_SCALE)
         lz = tl.load(lz_ptr + rows, mask=row_ok, other=float("-inf"))
         cp = tl.load(gp_ptr + rows, mask=row_ok, other=0.0)  # g / tau
         cn = tl.load(gn_ptr + rows, mask=row_ok, other=0.0)  # g w / tau
-        sim = scores(x_hi, x_mid, x_lo, r, PRECISION, X_PARTS, LO_SCALE)
+        sim = scores(x_hi, x_mid, x_lo, r, PRECISION, X_LIMBS, LO_SCALE)
         _, pos, neg = pair_sets(sim, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX)
         sp, en, _ = _pair_weights(sim, pos, neg, lz, inv_tau)
         c = en * cn[:, None] - sp * cp[:, None]
-        acc = ref_grad_acc(tl.trans(c), x, x_hi, acc, X_PARTS, W_PARTS, PRECISION)
+        acc = ref_grad_acc(tl.trans(c), x, x_hi, acc, X_LIMBS, W_LIMBS, PRECISION)
     tl.store(gref_ptr + col_off, acc, mask=col_ok[:, None] & dim_ok[None, :])
 
 
@@ -242,7 +240,7 @@ def _forward(x, labels, ref, ref_labels, si, ref_valid, temperature, pos_eps, ne
     grad = torch.empty(B, D, **f32) if need_grad else torch.empty(0, **f32)
     if B == 0:
         return loss, grad, counts, lz, w
-    splits, cols = _common.split_plan(B, ref_valid, dev, _FWD_CONFIGS, _INTERP_FWD, splits)
+    splits, cols = _common.split_plan(B, ref_valid, dev, _FWD_CONFIGS, splits)
     stats_ws = torch.empty(splits, 2, B, **f32)
     sums_ws = torch.empty(splits, 2, B, **f32)
     counts_ws = torch.empty(splits, B, 2, dtype=torch.int32, device=dev)
@@ -250,20 +248,20 @@ def _forward(x, labels, ref, ref_labels, si, ref_valid, temperature, pos_eps, ne
     gn_ws = torch.empty(splits, B, D, **f32) if need_grad else grad
     inv_tau = 1.0 / float(temperature)
     pos_thr = 1.0 - float(pos_eps)  # > 1 for a negative pos_eps: every same-label column is a positive
-    split = _common.operand_split(x.dtype, ref.dtype)
+    limbs = _common.operand_limbs(x.dtype, ref.dtype)
     common = dict(HAS_SELF_INDEX=si is not None, PRECISION=_common.precision(allow_tf32),
-                  BLOCK_D=_common.block_d(D), X_PARTS=split["X_PARTS"], LO_SCALE=split["LO_SCALE"])
+                  BLOCK_D=_common.block_d(D), X_LIMBS=limbs["X_LIMBS"], LO_SCALE=limbs["LO_SCALE"])
     si_arg = si if si is not None else labels
-    rows = _common.finish_rows(D)
+    rows = _common.merge_rows(D)
     grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), splits)  # noqa: E731
     with _common.device_guard(x):
         ntxent_stats_kernel[grid](x, labels, ref, ref_labels, si_arg, stats_ws, B, D, ref_valid, cols, inv_tau,
                                   pos_thr, _common.bucket(B), _common.bucket(cols), **common)
-        ntxent_lz_kernel[(triton.cdiv(B, rows),)](stats_ws, lz, B, splits, ROWS=rows, num_warps=4)
+        ntxent_stats_merge_kernel[(triton.cdiv(B, rows),)](stats_ws, lz, B, splits, ROWS=rows, num_warps=4)
         ntxent_fwd_kernel[grid](x, labels, ref, ref_labels, si_arg, lz, sums_ws, counts_ws, gp_ws, gn_ws,
                                 B, D, ref_valid, cols, inv_tau, pos_thr, _common.bucket(B), _common.bucket(cols),
-                                NEED_GRAD=bool(need_grad), W_PARTS=split["W_PARTS"], **common)
-        ntxent_finish_kernel[(triton.cdiv(B, rows),)](
+                                NEED_GRAD=bool(need_grad), W_LIMBS=limbs["W_LIMBS"], **common)
+        ntxent_merge_kernel[(triton.cdiv(B, rows),)](
             sums_ws, counts_ws, gp_ws, gn_ws, loss, counts, grad, w, B, D, splits, inv_tau,
             NEED_GRAD=bool(need_grad), ROWS=rows, BLOCK_D=common["BLOCK_D"], num_warps=4)
     return loss, grad, counts, lz, w
@@ -299,5 +297,5 @@ def ntxent_bwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, tempera
             x, labels, ref, ref_labels, si if si is not None else labels, lz, gp, gn, grad_ref,
             B, D, ref_valid, inv_tau, 1.0 - float(pos_eps), _common.bucket(B), _common.bucket(ref_valid),
             HAS_SELF_INDEX=si is not None, PRECISION=_common.precision(allow_tf32), BLOCK_D=_common.block_d(D),
-            **_common.operand_split(x.dtype, ref.dtype))
+            **_common.operand_limbs(x.dtype, ref.dtype))
     return grad_x, grad_ref

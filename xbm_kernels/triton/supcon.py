@@ -11,7 +11,7 @@ numerator G = sum exp(t - m) r (rescaled by exp(m_old - m_new) when m grows), pl
 positives' sum of S, their row sum Gpos and the counts. The memory is read once and the
 gradient comes out of the forward (as the CPU kernel does). The grid is (B tiles) x
 (K splits); each split writes its (m, s, sum_P S, counts, G, Gpos) to a workspace and a
-second kernel merges them in split order (deterministic) and finishes each row:
+merge kernel combines them in split order (deterministic) and finishes each row:
     m = max_p m_p,  s = sum_p s_p exp(m_p - m),  G = sum_p G_p exp(m_p - m).
 
 Backward to both sides (the in-batch loss), with g_i = dL/dl_i:
@@ -21,7 +21,7 @@ Backward to both sides (the in-batch loss), with g_i = dL/dl_i:
                anchors, using the forward's per-row LSE (no two programs write one row).
 
 dtypes as in contrastive.py; softmax weights are not exact in 16 bits, so with a 16-bit
-reference they enter the tensor cores in 16-bit parts (_common.dot_acc).
+reference they enter the tensor cores in 16-bit limbs (_common.dot_acc).
 """
 import torch
 import triton
@@ -30,22 +30,21 @@ import triton.language as tl
 from . import _common
 from ._common import anchor_tile, dot_acc, memory_tile, pair_sets, ref_grad_acc, reference_block, scores
 from ._common import TWO_ACC_FWD_CONFIGS as _FWD_CONFIGS
-from .contrastive import _INTERP_FWD, _INTERP_REF, _REF_CONFIGS
 
 # Register tiles: G and Gpos plus the tile's weights; IEEE fp32 (FMA) dots spill beyond 16 x 32
 # (ptxas for sm_90). The reference-side kernels hold one accumulator and the weights (hi, lo).
 _FWD_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 512, acc_tiles=3)
-_REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 256, acc_tiles=3, fp32_product_when_split=True)
+_REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 256, acc_tiles=3, fp32_product_when_limbed=True)
 
 
-@triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS, _INTERP_FWD, "BLOCK_B", "BLOCK_K"),
-                 key=["D", "B_BUCKET", "COLS_BUCKET", "NEED_GRAD", "PRECISION", "X_PARTS"],
+@triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS),
+                 key=["D", "B_BUCKET", "COLS_BUCKET", "NEED_GRAD", "PRECISION", "X_LIMBS"],
                  prune_configs_by={"early_config_prune": _FWD_PRUNE})
 @triton.jit
 def supcon_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ws, counts_ws, g_ws, gpos_ws,
                       B, D, n, cols_per_split, inv_tau, pos_thr, B_BUCKET, COLS_BUCKET,
                       HAS_SELF_INDEX: tl.constexpr, NEED_GRAD: tl.constexpr, PRECISION: tl.constexpr,
-                      X_PARTS: tl.constexpr, W_PARTS: tl.constexpr, LO_SCALE: tl.constexpr,
+                      X_LIMBS: tl.constexpr, W_LIMBS: tl.constexpr, LO_SCALE: tl.constexpr,
                       BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -56,7 +55,7 @@ def supcon_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ws, counts_ws, g
     dim_ok = dims < D
 
     x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
-                                                      r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_PARTS, LO_SCALE)
+                                                      r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_LIMBS, LO_SCALE)
 
     m = tl.full([BLOCK_B], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_B], dtype=tl.float32)
@@ -70,7 +69,7 @@ def supcon_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ws, counts_ws, g
     col_end = tl.minimum(col_start + cols_per_split, n)
     for k0 in range(col_start, col_end, BLOCK_K):
         cols, col_ok, r, zj, sim = memory_tile(x_hi, x_mid, x_lo, r_ptr, z_ptr, k0, col_end, dims, dim_ok, D,
-                                               PRECISION, BLOCK_K, X_PARTS, LO_SCALE)
+                                               PRECISION, BLOCK_K, X_LIMBS, LO_SCALE)
         valid, pos, neg = pair_sets(sim, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX)
         t = tl.where(valid, sim * inv_tau, float("-inf"))
         m_new = tl.maximum(m, tl.max(t, axis=1))
@@ -85,7 +84,7 @@ def supcon_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ws, counts_ws, g
         npos += tl.sum(pos.to(tl.int32), axis=1)
         nneg += tl.sum(neg.to(tl.int32), axis=1)
         if NEED_GRAD:
-            g = dot_acc(e, r, g * scale[:, None], W_PARTS, PRECISION)
+            g = dot_acc(e, r, g * scale[:, None], W_LIMBS, PRECISION)
             gpos = dot_acc(pos.to(tl.float32), r, gpos, 1, PRECISION)
 
     out = pid_s.to(tl.int64) * B + rows64  # row of this split's slice of the workspaces
@@ -102,9 +101,9 @@ def supcon_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ws, counts_ws, g
 
 
 @triton.jit
-def supcon_finish_kernel(stats_ws, counts_ws, g_ws, gpos_ws, loss_ptr, counts_ptr, grad_ptr, lse_ptr,
-                         B, D, splits, inv_tau,
-                         NEED_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+def supcon_merge_kernel(stats_ws, counts_ws, g_ws, gpos_ws, loss_ptr, counts_ptr, grad_ptr, lse_ptr,
+                        B, D, splits, inv_tau,
+                        NEED_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < B
     rows64 = rows.to(tl.int64)
@@ -148,14 +147,14 @@ def supcon_finish_kernel(stats_ws, counts_ws, g_ws, gpos_ws, loss_ptr, counts_pt
         tl.store(grad_ptr + rows64[:, None] * D + dims[None, :], tl.where(has_pos[:, None], grad, 0.0), mask=gmask)
 
 
-@triton.autotune(configs=_common.autotune_configs(_REF_CONFIGS, _INTERP_REF, "BLOCK_K", "BLOCK_B"),
-                 key=["D", "B_BUCKET", "N_BUCKET", "PRECISION", "X_PARTS"],
+@triton.autotune(configs=_common.autotune_configs(_common.REF_CONFIGS, "BLOCK_K", "BLOCK_B"),
+                 key=["D", "B_BUCKET", "N_BUCKET", "PRECISION", "X_LIMBS"],
                  prune_configs_by={"early_config_prune": _REF_PRUNE})
 @triton.jit
 def supcon_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, lse_ptr, ga_ptr, gp_ptr, gref_ptr,
                            B, D, n, inv_tau, pos_thr, B_BUCKET, N_BUCKET,
-                           HAS_SELF_INDEX: tl.constexpr, PRECISION: tl.constexpr, X_PARTS: tl.constexpr,
-                           W_PARTS: tl.constexpr, LO_SCALE: tl.constexpr,
+                           HAS_SELF_INDEX: tl.constexpr, PRECISION: tl.constexpr, X_LIMBS: tl.constexpr,
+                           W_LIMBS: tl.constexpr, LO_SCALE: tl.constexpr,
                            BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
     cols, col_ok, dims, dim_ok, col_off, r, zj = reference_block(r_ptr, z_ptr, n, D, BLOCK_D, BLOCK_K)
     acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
@@ -163,15 +162,15 @@ def supcon_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, lse_ptr, ga_ptr, 
         rows = b0 + tl.arange(0, BLOCK_B)
         row_ok = rows < B
         x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
-                                                         r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_PARTS, LO_SCALE)
+                                                         r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_LIMBS, LO_SCALE)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf"))
         ga = tl.load(ga_ptr + rows, mask=row_ok, other=0.0)  # g / tau, 0 for rows without positives
         gp = tl.load(gp_ptr + rows, mask=row_ok, other=0.0)  # g / (tau |P|)
-        sim = scores(x_hi, x_mid, x_lo, r, PRECISION, X_PARTS, LO_SCALE)
+        sim = scores(x_hi, x_mid, x_lo, r, PRECISION, X_LIMBS, LO_SCALE)
         valid, pos, _ = pair_sets(sim, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX)
         e = tl.where(valid, tl.exp(sim * inv_tau - lse[:, None]), 0.0)
         c = e * ga[:, None] - tl.where(pos, gp[:, None], 0.0)
-        acc = ref_grad_acc(tl.trans(c), x, x_hi, acc, X_PARTS, W_PARTS, PRECISION)
+        acc = ref_grad_acc(tl.trans(c), x, x_hi, acc, X_LIMBS, W_LIMBS, PRECISION)
     tl.store(gref_ptr + col_off, acc, mask=col_ok[:, None] & dim_ok[None, :])
 
 
@@ -188,7 +187,7 @@ def _forward(x, labels, ref, ref_labels, si, ref_valid, temperature, pos_eps, ne
     grad = torch.empty(B, D, **f32) if need_grad else torch.empty(0, **f32)
     if B == 0:
         return loss, grad, counts, lse
-    splits, cols = _common.split_plan(B, ref_valid, dev, _FWD_CONFIGS, _INTERP_FWD, splits)
+    splits, cols = _common.split_plan(B, ref_valid, dev, _FWD_CONFIGS, splits)
     stats_ws = torch.empty(splits, 3, B, **f32)
     counts_ws = torch.empty(splits, B, 2, dtype=torch.int32, device=dev)
     g_ws = torch.empty(splits, B, D, **f32) if need_grad else grad
@@ -201,9 +200,9 @@ def _forward(x, labels, ref, ref_labels, si, ref_valid, temperature, pos_eps, ne
             x, labels, ref, ref_labels, si if si is not None else labels, stats_ws, counts_ws, g_ws, gpos_ws,
             B, D, ref_valid, cols, inv_tau, 1.0 - float(pos_eps), _common.bucket(B), _common.bucket(cols),
             HAS_SELF_INDEX=si is not None, NEED_GRAD=bool(need_grad), PRECISION=_common.precision(allow_tf32),
-            BLOCK_D=BLOCK_D, **_common.operand_split(x.dtype, ref.dtype))
-        rows = _common.finish_rows(D)
-        supcon_finish_kernel[(triton.cdiv(B, rows),)](
+            BLOCK_D=BLOCK_D, **_common.operand_limbs(x.dtype, ref.dtype))
+        rows = _common.merge_rows(D)
+        supcon_merge_kernel[(triton.cdiv(B, rows),)](
             stats_ws, counts_ws, g_ws, gpos_ws, loss, counts, grad, lse, B, D, splits, inv_tau,
             NEED_GRAD=bool(need_grad), ROWS=rows, BLOCK_D=BLOCK_D, num_warps=4)
     return loss, grad, counts, lse
@@ -240,5 +239,5 @@ def supcon_bwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, tempera
             x, labels, ref, ref_labels, si if si is not None else labels, lse, ga, gp, grad_ref,
             B, D, ref_valid, inv_tau, 1.0 - float(pos_eps), _common.bucket(B), _common.bucket(ref_valid),
             HAS_SELF_INDEX=si is not None, PRECISION=_common.precision(allow_tf32), BLOCK_D=_common.block_d(D),
-            **_common.operand_split(x.dtype, ref.dtype))
+            **_common.operand_limbs(x.dtype, ref.dtype))
     return grad_x, grad_ref

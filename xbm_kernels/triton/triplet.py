@@ -8,7 +8,7 @@ One pass streams the reference for the hardest positive and negative per row, va
 column. Ties keep the lowest column everywhere: within a tile by taking the smallest
 column among those equal to the tile's extreme, across tiles of a split (increasing
 columns) and across splits (merged in split order) by replacing only on a strictly better
-value. A finish kernel merges the splits, applies the hinge and gathers the two rows of
+value. A merge kernel combines the splits, applies the hinge and gathers the two rows of
 the gradient.
 
 Backward to both sides, with g_i = dL/dl_i: grad_x = g * (r_an - r_ap); grad_ref gets
@@ -21,8 +21,8 @@ import triton
 import triton.language as tl
 
 from . import _common
+from ._common import FWD_CONFIGS as _FWD_CONFIGS
 from ._common import anchor_tile, memory_tile, pair_sets
-from .contrastive import _FWD_CONFIGS, _INTERP_FWD
 
 _PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 2048)
 # Reference-side scatter: 64 rows x 64 anchors x 64-column chunks of D, 4 warps: no spills
@@ -30,13 +30,13 @@ _PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 2048)
 _REF_BLOCK_K, _REF_BLOCK_B, _REF_CHUNK_D = 64, 64, 64
 
 
-@triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS, _INTERP_FWD, "BLOCK_B", "BLOCK_K"),
-                 key=["D", "B_BUCKET", "COLS_BUCKET", "PRECISION", "X_PARTS"],
+@triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS),
+                 key=["D", "B_BUCKET", "COLS_BUCKET", "PRECISION", "X_LIMBS"],
                  prune_configs_by={"early_config_prune": _PRUNE})
 @triton.jit
 def triplet_hardest_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, val_ws, idx_ws, B, D, n, cols_per_split, pos_thr,
                            B_BUCKET, COLS_BUCKET, HAS_SELF_INDEX: tl.constexpr, PRECISION: tl.constexpr,
-                           X_PARTS: tl.constexpr, LO_SCALE: tl.constexpr,
+                           X_LIMBS: tl.constexpr, LO_SCALE: tl.constexpr,
                            BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_s = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -45,7 +45,7 @@ def triplet_hardest_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, val_ws, idx_ws, B
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < D
     x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
-                                                      r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_PARTS, LO_SCALE)
+                                                      r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_LIMBS, LO_SCALE)
 
     pos_val = tl.full([BLOCK_B], float("inf"), tl.float32)
     neg_val = tl.full([BLOCK_B], float("-inf"), tl.float32)
@@ -55,7 +55,7 @@ def triplet_hardest_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, val_ws, idx_ws, B
     col_end = tl.minimum(col_start + cols_per_split, n)
     for k0 in range(col_start, col_end, BLOCK_K):
         cols, col_ok, r, zj, sim = memory_tile(x_hi, x_mid, x_lo, r_ptr, z_ptr, k0, col_end, dims, dim_ok, D,
-                                               PRECISION, BLOCK_K, X_PARTS, LO_SCALE)
+                                               PRECISION, BLOCK_K, X_LIMBS, LO_SCALE)
         _, pos, neg = pair_sets(sim, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX)
         sp = tl.where(pos, sim, float("inf"))
         tile_pos = tl.min(sp, axis=1)
@@ -77,8 +77,8 @@ def triplet_hardest_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, val_ws, idx_ws, B
 
 
 @triton.jit
-def triplet_finish_kernel(val_ws, idx_ws, r_ptr, loss_ptr, counts_ptr, grad_ptr, chosen_ptr, B, D, splits, margin,
-                          NEED_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+def triplet_merge_kernel(val_ws, idx_ws, r_ptr, loss_ptr, counts_ptr, grad_ptr, chosen_ptr, B, D, splits, margin,
+                         NEED_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < B
     rows64 = rows.to(tl.int64)
@@ -151,20 +151,20 @@ def _forward(x, labels, ref, ref_labels, si, ref_valid, margin, pos_eps, need_gr
     grad = torch.empty(B, D, **f32) if need_grad else torch.empty(0, **f32)
     if B == 0:
         return loss, grad, counts, chosen
-    splits, cols = _common.split_plan(B, ref_valid, dev, _FWD_CONFIGS, _INTERP_FWD, splits)
+    splits, cols = _common.split_plan(B, ref_valid, dev, _FWD_CONFIGS, splits)
     val_ws = torch.empty(splits, 2, B, **f32)
     idx_ws = torch.empty(splits, 2, B, dtype=torch.int32, device=dev)
     BLOCK_D = _common.block_d(D)
-    split = _common.operand_split(x.dtype, ref.dtype)
+    limbs = _common.operand_limbs(x.dtype, ref.dtype)
     grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), splits)  # noqa: E731
     with _common.device_guard(x):
         triplet_hardest_kernel[grid](
             x, labels, ref, ref_labels, si if si is not None else labels, val_ws, idx_ws, B, D, ref_valid, cols,
             1.0 - float(pos_eps), _common.bucket(B), _common.bucket(cols), HAS_SELF_INDEX=si is not None,
-            PRECISION=_common.precision(allow_tf32), BLOCK_D=BLOCK_D, X_PARTS=split["X_PARTS"],
-            LO_SCALE=split["LO_SCALE"])
-        rows = _common.finish_rows(D)
-        triplet_finish_kernel[(triton.cdiv(B, rows),)](
+            PRECISION=_common.precision(allow_tf32), BLOCK_D=BLOCK_D, X_LIMBS=limbs["X_LIMBS"],
+            LO_SCALE=limbs["LO_SCALE"])
+        rows = _common.merge_rows(D)
+        triplet_merge_kernel[(triton.cdiv(B, rows),)](
             val_ws, idx_ws, ref, loss, counts, grad, chosen, B, D, splits, float(margin),
             NEED_GRAD=bool(need_grad), ROWS=rows, BLOCK_D=BLOCK_D, num_warps=4)
     return loss, grad, counts, chosen
