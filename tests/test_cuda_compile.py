@@ -25,7 +25,9 @@ ARCHS = {
 NVCC = shutil.which("nvcc")
 TIMEOUT_S = 600
 
-pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH: CUDA sources not compile-checked")
+# slow: two minutes of nvcc on a 2-core machine; CI runs it in its `-m slow` pass (.ci/run)
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH: CUDA sources not compile-checked")]
 
 # What CMake generates for a CUDA build of torch (c10/cuda/impl/cuda_cmake_macros.h.in).
 CMAKE_MACROS_SHIM = "#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n"
