@@ -1,14 +1,19 @@
 """The Triton launchers' planning, checked without running a kernel (CONTRACT.md section 5): the
-split plan covers the memory and fills the device, and the GPU autotune tables prune to
-configurations that fit sm_90's shared memory and registers (the interpreter runs one fixed
-configuration, so only these tests see the GPU tables)."""
+split plan covers the memory and fills the device, and every autotune table prunes to
+configurations that launch on sm_90 (shared memory within 227 KB, limbs of fp32 anchors
+counted), prefers ones that do not spill, and says when none launches. The interpreter runs one
+fixed configuration, so these tests run in the main process (TRITON_INTERPRET unset).
+tests/test_compile_triton.py compiles what the prunes keep and checks the model."""
 import importlib.util
+import os
 
 import pytest
 import torch
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    pytest.skip("TRITON_INTERPRET=1: the tables are the interpreter's one config here", allow_module_level=True)
 
 import triton  # noqa: E402
 
@@ -18,8 +23,27 @@ from xbm_kernels.triton import contrastive_l2 as tl2  # noqa: E402
 from xbm_kernels.triton import multi_similarity as tms  # noqa: E402
 from xbm_kernels.triton import ntxent as tnx  # noqa: E402
 from xbm_kernels.triton import supcon as tsc  # noqa: E402
+from xbm_kernels.triton import triplet as ttr  # noqa: E402
 
 DEVICE = torch.device("cuda")  # the plans for a GPU (the SM count is asked only on a real device)
+MODULES = {"contrastive": tc, "contrastive_l2": tl2, "multi_similarity": tms, "ntxent": tnx, "supcon": tsc,
+           "triplet": ttr}
+DIMS = (3, 17, 100, 128, 130, 256, 512, 1024, 2048, 4096)
+OPERANDS = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16),
+            "fp16": (torch.float16, torch.float16), "fp32-on-fp16": (torch.float32, torch.float16),
+            "fp32-on-bf16": (torch.float32, torch.bfloat16)}
+
+
+def _kernels():
+    for loss_name, m in MODULES.items():
+        for k in m.KERNELS:
+            yield pytest.param(loss_name, k, id=k.fn.__name__)
+
+
+def _kept(kernel, D, x_dtype, ref_dtype, count=4096, precision="ieee"):
+    nargs = {"x_ptr": torch.empty(0, dtype=x_dtype), "r_ptr": torch.empty(0, dtype=ref_dtype), "B": count, "n": count}
+    return kernel.early_config_prune(kernel.configs, nargs, BLOCK_D=_common.block_d(D), PRECISION=precision,
+                                     **_common.operand_limbs(x_dtype, ref_dtype))
 
 
 def test_split_plan_fills_the_device_and_covers_the_memory():
@@ -31,63 +55,66 @@ def test_split_plan_fills_the_device_and_covers_the_memory():
     assert tl2.split_plan(1, 5, device)[0] == 1
 
 
-def test_contrastive_config_pruning_for_hopper():
-    """The contrastive tables prune to configs that fit."""
-    fwd = [triton.Config({"BLOCK_B": a, "BLOCK_K": b}, num_warps=w, num_stages=s) for a, b, w, s in _common.FWD_CONFIGS]
-    prune = tc._FWD_PRUNE
-
-    def kept(B, D, dtype, precision="ieee"):
-        nargs = dict(r_ptr=torch.empty(0, dtype=dtype), B=B)
-        return [(c.kwargs["BLOCK_B"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
-                for c in prune(fwd, nargs, BLOCK_D=D, PRECISION=precision)]
-
-    assert len(kept(256, 128, torch.bfloat16)) >= 6
-    assert all(b == 16 for b, *_ in kept(3, 128, torch.bfloat16))  # 3 anchors: no 64-row tiles
-    assert all(b * k <= 2048 for b, k, *_ in kept(256, 128, torch.float32))  # FMA dots: small tiles
-    assert len(kept(256, 128, torch.float32, "tf32")) > len(kept(256, 128, torch.float32))
-    for D, dtype in ((512, torch.float32), (1024, torch.bfloat16)):
-        configs = kept(256, D, dtype)
-        assert configs and all((s * k + b) * D * dtype.itemsize <= _common.SMEM_BUDGET for b, k, w, s in configs)
-    assert kept(256, 4096, torch.float32) == [(16, 16, 4, 1)]  # nothing fits: the smallest
+@pytest.mark.parametrize("loss_name,kernel", list(_kernels()))
+def test_every_kept_config_fits_sm90_shared_memory(loss_name, kernel):
+    """Kept configs fit in 227 KB by the model (anchors' limbs counted); a shape keeps none only when
+    none fits, and then launch_problem says so (the launcher and backend='auto' ask it)."""
+    for D in DIMS:
+        for name, (x_dtype, ref_dtype) in OPERANDS.items():
+            for precision in ("ieee", "tf32"):
+                kept = _kept(kernel, D, x_dtype, ref_dtype, precision=precision)
+                problem = _common.launch_problem((kernel,), loss_name, D, x_dtype, ref_dtype)
+                assert bool(kept) == (problem is None), (D, name, precision, kept, problem)
+                if problem:
+                    assert f"D = {D}" in problem and "227 KB" in problem
+    # wide fp32 rows do not fit (256 KB at D = 2048 for one 16 x 16 tile), 16-bit ones at D = 1024 do
+    assert _common.launch_problem((kernel,), loss_name, 4096, torch.float32, torch.float32)
+    assert not _common.launch_problem((kernel,), loss_name, 1024, torch.bfloat16, torch.bfloat16)
 
 
-
-def test_two_accumulator_config_pruning_for_hopper():
-    """multi_similarity and supcon: three fp32 (rows x D) register tiles per program, small IEEE fp32 tiles."""
-    table = [triton.Config({"BLOCK_B": a, "BLOCK_K": b}, num_warps=w, num_stages=s)
-             for a, b, w, s in _common.TWO_ACC_FWD_CONFIGS]
-
-    def kept(prune, B, D, dtype, precision="ieee"):
-        nargs = dict(r_ptr=torch.empty(0, dtype=dtype), B=B)
-        return [(c.kwargs["BLOCK_B"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
-                for c in prune(table, nargs, BLOCK_D=D, PRECISION=precision)]
-
-    for prune in (tms._FWD_PRUNE, tsc._FWD_PRUNE):
-        bf16 = kept(prune, 256, 128, torch.bfloat16)
-        assert len(bf16) >= 5 and all(3 * b * 128 <= w * 32 * 128 for b, _, w, _ in bf16)
-        assert all(b * k <= 512 for b, k, *_ in kept(prune, 256, 128, torch.float32))
-        assert len(kept(prune, 256, 128, torch.float32, "tf32")) > len(kept(prune, 256, 128, torch.float32))
-        assert all(b == 16 for b, *_ in kept(prune, 3, 128, torch.bfloat16))  # 3 anchors: 16-row tiles
-        assert kept(prune, 256, 512, torch.bfloat16) == [(16, 16, 4, 1)]  # nothing fits: the smallest
+def test_the_shared_memory_model_counts_limbs():
+    """fp32 anchors against a bf16 memory are staged as three 16-bit limbs: a 128 x 64 tile at
+    D = 256 that fits in bf16 does not fit with limbs (issue 25's 295 KB case), and is dropped."""
+    bf16 = _common.smem_bytes(128, 64, 3, 256, _common.operand_bytes(2, 2, 1), 2)
+    limbed = _common.smem_bytes(128, 64, 3, 256, _common.operand_bytes(4, 2, 3), 2)
+    assert limbed > _common.SMEM_LIMIT > bf16
+    kept = _kept(tc.contrastive_fwd_kernel, 256, torch.float32, torch.bfloat16)
+    assert kept and (128, 64, 8, 3) not in [(c.kwargs["BLOCK_B"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+                                            for c in kept]
 
 
+@pytest.mark.parametrize("loss_name,kernel", list(_kernels()))
+def test_small_batches_keep_small_row_tiles_and_ieee_fp32_small_tiles(loss_name, kernel):
+    rows_name = list(kernel.configs[0].kwargs)[0]
+    for D in (17, 128, 256):
+        few = _kept(kernel, D, torch.bfloat16, torch.bfloat16, count=3)
+        assert few and all(c.kwargs[rows_name] == 16 for c in few), (D, few)
+        ieee = _kept(kernel, D, torch.float32, torch.float32)
+        tf32 = _kept(kernel, D, torch.float32, torch.float32, precision="tf32")
+        assert len(tf32) >= len(ieee) >= 1
 
-def test_new_loss_config_pruning_for_hopper():
-    """contrastive_l2 keeps up to 32 x 64 IEEE fp32 tiles, ntxent (two accumulators and the
-    weights) 16 x 32, as multi_similarity (ptxas at D = 128 measured them free of large spills)."""
-    table = [triton.Config({"BLOCK_B": a, "BLOCK_K": b}, num_warps=w, num_stages=s)
-             for a, b, w, s in _common.TWO_ACC_FWD_CONFIGS]
 
-    def kept(prune, B, D, dtype, precision="ieee"):
-        nargs = dict(r_ptr=torch.empty(0, dtype=dtype), B=B)
-        return [(c.kwargs["BLOCK_B"], c.kwargs["BLOCK_K"]) for c in prune(table, nargs, BLOCK_D=D, PRECISION=precision)]
+def test_wide_rows_fall_back_to_one_config_and_wgmma_tiles_serve_512():
+    """Where every tile spills, one config (the least shared memory) is kept, not the table; at
+    D = 512 in bf16 the contrastive kernel keeps a 64-row (wgmma) tile."""
+    kept = _kept(tsc.supcon_fwd_kernel, 1024, torch.bfloat16, torch.bfloat16)
+    assert len(kept) == 1
+    rows = [c.kwargs["BLOCK_B"] for c in _kept(tc.contrastive_fwd_kernel, 512, torch.bfloat16, torch.bfloat16)]
+    assert 64 in rows
 
-    assert tl2._FWD_CONFIGS is _common.TWO_ACC_FWD_CONFIGS  # no 64 x 128 or 128 x 64 tiles
-    l2_fp32 = kept(tl2._FWD_PRUNE, 256, 128, torch.float32)
-    assert (32, 64) in l2_fp32 and all(b * k <= 2048 for b, k in l2_fp32)
-    assert all(b * k <= 512 for b, k in kept(tnx._FWD_PRUNE, 256, 128, torch.float32))
-    for prune, tiles in ((tl2._FWD_PRUNE, 2), (tnx._FWD_PRUNE, 3)):
-        bf16 = kept(prune, 256, 128, torch.bfloat16)
-        assert len(bf16) >= 5 and all(tiles * b * 128 <= 8 * 32 * 128 for b, _ in bf16)
-        assert len(kept(prune, 256, 128, torch.float32, "tf32")) > len(kept(prune, 256, 128, torch.float32))
 
+def test_heuristic_mode_keeps_the_first_fitting_config(monkeypatch):
+    """XBM_KERNELS_AUTOTUNE=0: one config per shape (no benchmarking), the table's first that fits."""
+    full = _kept(tc.contrastive_fwd_kernel, 128, torch.bfloat16, torch.bfloat16)
+    monkeypatch.setenv("XBM_KERNELS_AUTOTUNE", "0")
+    assert not _common.autotune_enabled()
+    one = _kept(tc.contrastive_fwd_kernel, 128, torch.bfloat16, torch.bfloat16)
+    assert len(full) > 1 and one == full[:1]
+
+
+def test_a_filling_memory_retunes_at_most_three_times():
+    """The autotune key of the streamed columns changes at most 3 times while a memory fills
+    from one batch to 10^6 rows (powers of two would retune 14 times)."""
+    keys = {_common.cols_bucket(n) for n in range(64, 10 ** 6 + 1, 64)}
+    assert len(keys) <= 3
+    assert len({_common.bucket(n) for n in range(64, 10 ** 6 + 1, 64)}) > 10

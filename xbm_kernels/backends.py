@@ -125,15 +125,29 @@ def supports(backend: str, op: str) -> bool:
     return op in _CXX_LOSSES[backend]
 
 
-def resolve(backend, device: torch.device, op: str = "enqueue") -> str:
+def _triton_launch_problem(op, dim, dtypes):
+    """Why the Triton kernels of loss `op` cannot launch for rows of `dim` with (anchor, reference)
+    `dtypes` (they hold whole rows in one tile: wide rows exceed sm_90's shared memory), or None."""
+    if op == "enqueue" or dim is None or dtypes is None or op not in _TRITON_LOSSES:
+        return None
+    from .triton import ops as triton_ops
+    return triton_ops.launch_problem(op, int(dim), *dtypes)
+
+
+def resolve(backend, device: torch.device, op: str = "enqueue", dim=None, dtypes=None) -> str:
     """The backend to run `op` (a loss name or "enqueue") for tensors on `device`;
-    raises naming `backend` when it is unusable."""
+    raises naming `backend` when it is unusable. With the row width `dim` and the (anchor,
+    reference) `dtypes`, `auto` passes over Triton for a shape its kernels cannot launch
+    (fp32 rows beyond 1024: the next is `cuda` for the contrastive loss, the only backend
+    whose kernel launches there, else `reference`), and an explicit "triton" raises."""
     if not isinstance(backend, str) or backend not in NAMES + ("auto",):
         raise ValueError(f"backend: expected 'auto' or one of {list(NAMES)}, got {backend!r}")
     if backend == "auto":
         order = ("cpu",) if device.type == "cpu" else ("triton", "cuda")
         for name in order:
             if _usable(name) and device.type in _devices(name) and supports(name, op):
+                if name == "triton" and _triton_launch_problem(op, dim, dtypes):
+                    continue
                 return name
         return "reference"
     if not _usable(backend):
@@ -144,6 +158,9 @@ def resolve(backend, device: torch.device, op: str = "enqueue") -> str:
         raise ValueError(f"backend: {backend!r} runs on {'/'.join(devices)} tensors, got tensors on {device}")
     if not supports(backend, op):
         raise ValueError(f"backend: {backend!r} has no {op} kernel; use 'auto' or 'reference'")
+    problem = _triton_launch_problem(op, dim, dtypes) if backend == "triton" else None
+    if problem:
+        raise ValueError(f"backend: {problem}; use 'auto' or 'reference'")
     return backend
 
 

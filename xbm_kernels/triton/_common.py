@@ -10,6 +10,7 @@ partial results are combined in split order by a *merge* kernel); a *limb* is a 
 piece of an fp32 operand (limbs16)."""
 import contextlib
 import functools
+import inspect
 import os
 import warnings
 
@@ -136,22 +137,38 @@ def precision(allow_tf32: bool) -> str:
 
 
 def bucket(v: int) -> int:
-    # Autotune keys: re-tune per power of two, not per size (a filling memory grows every step).
+    # Autotune keys: re-tune per power of two, not per size.
     return triton.next_power_of_2(max(int(v), 1))
 
 
-# --------------------------------------------------------------------------- autotuning
+def cols_bucket(v: int) -> int:
+    """Autotune key of the columns a program streams (a split, or the reference rows): three
+    classes (up to 2048, up to 64K, more), not powers of two, so that a filling memory retunes
+    at most 3 times instead of 6-12 (the best tile changes with how long a program streams,
+    not with each doubling)."""
+    v = int(v)
+    return 0 if v <= 2048 else 1 if v <= 65536 else 2
 
-SMEM_BUDGET = 200 * 1024
+
+# Persist autotune results across processes where this Triton's autotune takes cache_results
+# (3.9 does: a JSON file in Triton's cache, keyed on the Triton version, the kernel source, the
+# tuning key and the configs left after the prune; an older Triton without it retunes).
+AUTOTUNE_OPTIONS = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters \
+    else {}
+
+
+# --------------------------------------------------------------------------- autotuning
 
 # (BLOCK_B, BLOCK_K, num_warps, num_stages) of the forward kernels (a tile of BLOCK_B anchors
 # streams its split in tiles of BLOCK_K reference rows), chosen for Hopper (H100: 228 KB
 # shared memory per SM, 64K registers). Small BLOCK_B serves small batches against a big
 # memory. The registers hold the fp32 dX tile plus loop-invariant broadcasts of labels and
 # self indices: compiled for sm_90, 64-row tiles spill with 4 warps at D = 128, hence 8.
-# The last entries are for large D (fp32 rows of 512+), where only small tiles fit.
+# The last entries are for large D: 64-row tiles with 8 or 16 warps (wgmma on 16-bit rows of
+# 512-1024), then small tiles (fp32 rows of 512+).
 FWD_CONFIGS = [(16, 64, 4, 3), (16, 128, 8, 3), (32, 64, 8, 3), (32, 128, 8, 3), (64, 64, 8, 3),
-               (64, 64, 8, 4), (64, 128, 8, 3), (128, 64, 8, 3), (16, 32, 4, 2), (16, 16, 4, 1)]
+               (64, 64, 8, 4), (64, 128, 8, 3), (128, 64, 8, 3), (64, 32, 8, 2), (64, 16, 16, 2),
+               (16, 32, 4, 2), (16, 16, 4, 1)]
 # The same for forward kernels holding two fp32 (B x D) accumulators (multi-similarity,
 # supcon, ntxent) or one and a coefficient tile in limbs (contrastive_l2): without the
 # 64 x 128 and 128 x 64 tiles, which spill kilobytes there (ptxas for sm_90 at D = 128, bf16).
@@ -174,30 +191,128 @@ def autotune_configs(table, first="BLOCK_B", second="BLOCK_K"):
     return [triton.Config({first: a, second: b}, num_warps=w, num_stages=s) for a, b, w, s in rows]
 
 
-def prune_configs(rows_name, cols_name, count_name, ieee_fp32_tile, acc_tiles=1, fp32_product_when_limbed=False):
-    """Drops configs whose fp32 register tiles (acc_tiles of rows x BLOCK_D: accumulators,
-    plus one for kernels that build a weight matrix per tile) would not fit in registers,
-    whose pipelined tiles would not fit in shared memory, or whose row tile far exceeds the
-    rows there are. IEEE fp32 dots run on FMA units and spill kilobytes beyond
-    ieee_fp32_tile (rows x cols, measured on sm_90), so those are dropped too; with
-    fp32_product_when_limbed the kernel takes one for anchors in limbs too (ref_grad_acc). Keeps
-    the config needing least shared memory when nothing fits (very large D)."""
+SMEM_LIMIT = 227 * 1024  # the most shared memory one program may opt into on sm_90
+
+
+def operand_bytes(x_dtype_size: int, ref_dtype_size: int, x_limbs: int) -> int:
+    """Bytes per element of the anchors as a dot operand: their 16-bit limbs, x cast to a
+    16-bit reference's dtype, or fp32."""
+    if x_limbs > 1:
+        return 2 * x_limbs
+    return ref_dtype_size
+
+
+def smem_bytes(rows, cols, stages, block_d, resident_bytes, streamed_bytes):
+    """Shared memory of a kernel whose dot operands are a resident (rows x BLOCK_D) tile and
+    a streamed (cols x BLOCK_D) tile that Triton pipelines over max(stages - 1, 1) buffers,
+    plus the layout-conversion scratch of the (rows x cols) fp32 score tile. Within a few
+    KB of what Triton 3.9 reports for sm_90 (tests/test_compile_triton.py checks the bound)."""
+    return (max(stages - 1, 1) * cols * streamed_bytes + rows * resident_bytes) * block_d + 4 * rows * cols + 2048
+
+
+def register_words(rows, cols, warps, block_d, acc_tiles, temps, resident_bytes, streamed_bytes, wgmma):
+    """32-bit registers per thread for the fp32 (rows x BLOCK_D) accumulators, `temps` fp32
+    (rows x cols) tiles of the epilogue (scores, weights, masks) and, on mma.sync, the dot
+    operands held in registers (wgmma reads them from shared memory)."""
+    words = acc_tiles * rows * block_d + temps * rows * cols
+    if not wgmma:
+        words += (rows * resident_bytes + cols * streamed_bytes) * block_d // 4
+    return words / (warps * 32)
+
+
+def prune_configs(rows_name, cols_name, count_name, ieee_fp32_tile, acc_tiles=1, temps=3,
+                  fp32_product_when_limbed=False):
+    """The early prune of a kernel's autotune table. rows_name is the resident tile (anchors
+    in the forward kernels, reference rows in the reference-side ones), cols_name the
+    streamed one. Drops configs that cannot launch (shared memory over SMEM_LIMIT, counting
+    the anchors' 16-bit limbs: smem_bytes), that spill (register_words over what ptxas for
+    sm_90 fits without spills, calibrated on ptxas' counts: 100 words with wgmma, i.e. 16-bit
+    operands and 64-row tiles; with mma.sync, operands included, 224 with 4 warps and 96 with
+    8, whose small row tiles replicate operands across warps), whose row tile far
+    exceeds the rows there are, and IEEE fp32 dots (FMA units) beyond ieee_fp32_tile (rows x
+    cols). With fp32_product_when_limbed the kernel also takes an fp32 product of the
+    anchors when they come in limbs (ref_grad_acc).
+
+    Where every config spills (wide rows) keeps the one needing least shared memory, which
+    runs, slowly; returns [] when none fits in shared memory: the launcher then raises
+    (launch_problem() says so beforehand, and backend="auto" does not pick Triton). Without
+    autotuning
+    (autotune_enabled() False) returns the first config that fits: the tables are in order
+    of preference."""
+    anchors_resident = rows_name == "BLOCK_B"
+
+    def sizes(nargs, kwargs):
+        limbs = kwargs.get("X_LIMBS", 1)
+        r_size = nargs["r_ptr"].element_size()
+        x_bytes = operand_bytes(nargs["x_ptr"].element_size(), r_size, limbs)
+        fp32_dot = r_size == 4 or (fp32_product_when_limbed and limbs > 1)
+        if fp32_product_when_limbed and limbs > 1:
+            x_bytes += 4
+        resident, streamed = (x_bytes, r_size) if anchors_resident else (r_size, x_bytes)
+        return resident, streamed, fp32_dot, r_size == 2
+
+    def no_spills(c, bd, resident, streamed, fp32_dot, sixteen, precision):
+        rows, cols = c.kwargs[rows_name], c.kwargs[cols_name]
+        wgmma = sixteen and not fp32_dot and rows % 64 == 0 and c.num_warps % 4 == 0
+        words = register_words(rows, cols, c.num_warps, bd, acc_tiles, temps, resident, streamed, wgmma)
+        budget = 100 if wgmma else (224 if c.num_warps <= 4 else 96)
+        return words <= budget and not (fp32_dot and precision == "ieee" and rows * cols > ieee_fp32_tile)
+
+    def smem(c, bd, resident, streamed):
+        return smem_bytes(c.kwargs[rows_name], c.kwargs[cols_name], c.num_stages, bd, resident, streamed)
+
     def prune(configs, nargs, **kwargs):
+        if interpreting():  # one config, no shared memory or registers to fit
+            return configs
         bd = kwargs["BLOCK_D"]
-        esize = nargs["r_ptr"].element_size()
-        count = nargs[count_name]
-        fp32_dot = esize == 4 or (fp32_product_when_limbed and kwargs.get("X_LIMBS", 1) > 1)
-        fma = fp32_dot and kwargs["PRECISION"] == "ieee"
-
-        def smem(c):  # the streamed tiles, pipelined, plus the resident one
-            return (max(c.num_stages, 1) * c.kwargs[cols_name] + c.kwargs[rows_name]) * bd * esize
-
-        out = [c for c in configs
-               if acc_tiles * c.kwargs[rows_name] * bd <= c.num_warps * 32 * 128 and smem(c) <= SMEM_BUDGET
-               and c.kwargs[rows_name] <= max(16, triton.next_power_of_2(count))
-               and not (fma and c.kwargs[rows_name] * c.kwargs[cols_name] > ieee_fp32_tile)]
-        return out or [min(configs, key=smem)]
+        resident, streamed, fp32_dot, sixteen = sizes(nargs, kwargs)
+        launch = [c for c in configs if smem(c, bd, resident, streamed) <= SMEM_LIMIT]
+        out = [c for c in launch if no_spills(c, bd, resident, streamed, fp32_dot, sixteen, kwargs["PRECISION"])]
+        if not out and launch:  # wide rows: every tile spills; the one needing least shared memory
+            out = [min(launch, key=lambda c: smem(c, bd, resident, streamed))]
+        bound = max(16, triton.next_power_of_2(nargs[count_name]))  # no row tile far beyond the rows there are
+        out = [c for c in out if c.kwargs[rows_name] <= bound] or sorted(out, key=lambda c: c.kwargs[rows_name])[:1]
+        return out if autotune_enabled() else out[:1]
     return prune
+
+
+@functools.lru_cache(maxsize=None)
+def _kept_anywhere(kernel, bd, x_dtype, ref_dtype):
+    prune = kernel.early_config_prune
+    nargs = {"x_ptr": torch.empty(0, dtype=x_dtype), "r_ptr": torch.empty(0, dtype=ref_dtype), "B": 1 << 20,
+             "n": 1 << 20}
+    return bool(prune(kernel.configs, nargs, BLOCK_D=bd, PRECISION="ieee", **operand_limbs(x_dtype, ref_dtype)))
+
+
+def launch_problem(kernels, loss: str, D: int, x_dtype: torch.dtype, ref_dtype: torch.dtype):
+    """None when every autotuned kernel of a loss keeps a configuration for rows of D
+    (fp32 products: on FMA units or TF32 alike); otherwise why not, in words. The kernels
+    hold whole rows in one tile, so wide rows exhaust sm_90's shared memory."""
+    if interpreting():
+        return None
+    bd = block_d(D)
+    for k in kernels:
+        if not _kept_anywhere(k, bd, x_dtype, ref_dtype):
+            name = k.fn.__name__ if hasattr(k, "fn") else str(k)
+            return (f"the triton backend cannot launch {loss} for rows of D = {D} ({str(x_dtype)[6:]} anchors, "
+                    f"{str(ref_dtype)[6:]} reference): {name} holds whole rows and no configuration fits in sm_90's "
+                    f"{SMEM_LIMIT // 1024} KB of shared memory")
+    return None
+
+
+def require_launchable(kernels, loss, x, ref):
+    """Raises a ValueError naming the shape when launch_problem() finds one."""
+    problem = launch_problem(tuple(kernels), loss, x.shape[1], x.dtype, ref.dtype)
+    if problem:
+        raise ValueError(f"x: {problem}; use backend='auto' (it picks one that runs), 'reference', or 'cuda' for "
+                         f"the contrastive loss")
+
+
+def autotune_enabled() -> bool:
+    """False under the interpreter (one config anyway) or with XBM_KERNELS_AUTOTUNE=0: each
+    kernel then runs the first configuration of its table that fits, with no benchmarking
+    (short runs and tests: no 25-35 compiles on the first step)."""
+    return not interpreting() and os.environ.get("XBM_KERNELS_AUTOTUNE", "1") != "0"
 
 
 # --------------------------------------------------------------------------- split-K

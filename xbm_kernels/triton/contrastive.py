@@ -48,7 +48,7 @@ def _pair_masks(s, yi, zj, rows, cols, row_ok, col_ok, self_col, margin, pos_thr
 
 @triton.autotune(configs=_common.autotune_configs(_common.FWD_CONFIGS),
                  key=["D", "B_BUCKET", "COLS_BUCKET", "NEED_GRAD", "PRECISION", "X_LIMBS"],
-                 prune_configs_by={"early_config_prune": _FWD_PRUNE})
+                 prune_configs_by={"early_config_prune": _FWD_PRUNE}, **_common.AUTOTUNE_OPTIONS)
 @triton.jit
 def contrastive_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, loss_ptr, counts_ptr, grad_ptr,
                            B, D, n, cols_per_split, margin, pos_thr, B_BUCKET, COLS_BUCKET,
@@ -94,7 +94,7 @@ def contrastive_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, loss_ptr, counts_
 
 @triton.autotune(configs=_common.autotune_configs(_common.REF_CONFIGS, "BLOCK_K", "BLOCK_B"),
                  key=["D", "B_BUCKET", "N_BUCKET", "PRECISION", "X_LIMBS"],
-                 prune_configs_by={"early_config_prune": _REF_PRUNE})
+                 prune_configs_by={"early_config_prune": _REF_PRUNE}, **_common.AUTOTUNE_OPTIONS)
 @triton.jit
 def contrastive_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, g_ptr, gref_ptr,
                                 B, D, n, margin, pos_thr, B_BUCKET, N_BUCKET,
@@ -116,6 +116,10 @@ def contrastive_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, g_ptr, gref_
     tl.store(gref_ptr + col_off, acc, mask=col_ok[:, None] & dim_ok[None, :])
 
 
+# The autotuned kernels: launch_problem() asks their prunes whether a shape can launch.
+KERNELS = (contrastive_fwd_kernel, contrastive_ref_grad_kernel)
+
+
 def split_plan(B: int, n: int, device: torch.device, splits=None):
     """(splits, cols_per_split) of the forward grid; see _common.split_plan."""
     return _common.split_plan(B, n, device, _common.FWD_CONFIGS, splits)
@@ -126,6 +130,7 @@ def contrastive_fwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, ma
     """(loss_rows (B,) f32, grad (B, D) f32 or (0,) when not need_grad, counts (B, 2) int32).
     `splits` overrides the split plan (tests)."""
     x, labels, ref, ref_labels, si = _common.prepare_loss_inputs(x, labels, ref, ref_labels, self_index, ref_valid)
+    _common.require_launchable(KERNELS, "contrastive", x, ref)
     B, D = x.shape
     dev = x.device
     f32 = dict(dtype=torch.float32, device=dev)
@@ -146,7 +151,7 @@ def contrastive_fwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, ma
     with _common.device_guard(x):
         contrastive_fwd_kernel[grid](
             x, labels, ref, ref_labels, si if si is not None else labels, loss_ws, counts_ws, grad_ws,
-            B, D, ref_valid, cols, float(margin), 1.0 - float(pos_eps), _common.bucket(B), _common.bucket(cols),
+            B, D, ref_valid, cols, float(margin), 1.0 - float(pos_eps), _common.bucket(B), _common.cols_bucket(cols),
             HAS_SELF_INDEX=si is not None, NEED_GRAD=bool(need_grad), PRECISION=_common.precision(allow_tf32),
             BLOCK_D=BLOCK_D, **_common.operand_limbs(x.dtype, ref.dtype))
         if splits > 1:
@@ -161,6 +166,7 @@ def contrastive_bwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, ma
                            allow_tf32):
     """(grad_x (B, D) f32, grad_ref (N, D) f32) for the loss sum_i grad_rows[i] l_i."""
     x, labels, ref, ref_labels, si = _common.prepare_loss_inputs(x, labels, ref, ref_labels, self_index, ref_valid)
+    _common.require_launchable(KERNELS, "contrastive", x, ref)
     B, D = x.shape
     N = ref.shape[0]
     g = _common.check_grad_rows(grad_rows, B, x.device)
@@ -174,7 +180,7 @@ def contrastive_bwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, ma
     with _common.device_guard(x):
         contrastive_ref_grad_kernel[grid](
             x, labels, ref, ref_labels, si if si is not None else labels, g, grad_ref,
-            B, D, ref_valid, float(margin), 1.0 - float(pos_eps), _common.bucket(B), _common.bucket(ref_valid),
+            B, D, ref_valid, float(margin), 1.0 - float(pos_eps), _common.bucket(B), _common.cols_bucket(ref_valid),
             HAS_SELF_INDEX=si is not None, PRECISION=_common.precision(allow_tf32), BLOCK_D=_common.block_d(D),
             **_common.operand_limbs(x.dtype, ref.dtype))
     return grad_x, grad_ref

@@ -36,8 +36,9 @@ from ._common import TWO_ACC_FWD_CONFIGS as _FWD_CONFIGS
 # so the two-accumulator kernels' table: contrastive's 64 x 128 and 128 x 64 tiles spill 200 to
 # 400 bytes here (ptxas for sm_90 at D = 128, bf16 and anchors in limbs; 32-row tiles none).
 # IEEE fp32 tiles up to 32 x 64 do not spill (the same measure).
-_FWD_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 2048, acc_tiles=2)
-_REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 256, acc_tiles=3, fp32_product_when_limbed=True)
+_FWD_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 2048, acc_tiles=1, temps=6)
+_REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 256, acc_tiles=1, temps=6,
+                                    fp32_product_when_limbed=True)
 
 
 @triton.jit
@@ -57,7 +58,7 @@ def _coefficients(s, yi, zj, cols, row_ok, col_ok, self_col, pos_margin, neg_mar
 
 @triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS),
                  key=["D", "B_BUCKET", "COLS_BUCKET", "NEED_GRAD", "PRECISION", "X_LIMBS"],
-                 prune_configs_by={"early_config_prune": _FWD_PRUNE})
+                 prune_configs_by={"early_config_prune": _FWD_PRUNE}, **_common.AUTOTUNE_OPTIONS)
 @triton.jit
 def contrastive_l2_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, loss_ptr, counts_ptr, grad_ptr,
                               B, D, n, cols_per_split, pos_margin, neg_margin, pos_thr, B_BUCKET, COLS_BUCKET,
@@ -103,7 +104,7 @@ def contrastive_l2_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, loss_ptr, coun
 
 @triton.autotune(configs=_common.autotune_configs(_common.REF_CONFIGS, "BLOCK_K", "BLOCK_B"),
                  key=["D", "B_BUCKET", "N_BUCKET", "PRECISION", "X_LIMBS"],
-                 prune_configs_by={"early_config_prune": _REF_PRUNE})
+                 prune_configs_by={"early_config_prune": _REF_PRUNE}, **_common.AUTOTUNE_OPTIONS)
 @triton.jit
 def contrastive_l2_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, g_ptr, gref_ptr,
                                    B, D, n, pos_margin, neg_margin, pos_thr, B_BUCKET, N_BUCKET,
@@ -125,6 +126,10 @@ def contrastive_l2_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, g_ptr, gr
     tl.store(gref_ptr + col_off, acc, mask=col_ok[:, None] & dim_ok[None, :])
 
 
+# The autotuned kernels: launch_problem() asks their prunes whether a shape can launch.
+KERNELS = (contrastive_l2_fwd_kernel, contrastive_l2_ref_grad_kernel)
+
+
 def split_plan(B: int, n: int, device: torch.device, splits=None):
     """(splits, cols_per_split) of the forward grid; see _common.split_plan."""
     return _common.split_plan(B, n, device, _FWD_CONFIGS, splits)
@@ -141,6 +146,7 @@ def contrastive_l2_fwd_triton(x, labels, ref, ref_labels, self_index, ref_valid,
     """(loss_rows (B,) f32, grad (B, D) f32 or (0,) when not need_grad, counts (B, 2) int32).
     `splits` overrides the split plan (tests)."""
     x, labels, ref, ref_labels, si = _common.prepare_loss_inputs(x, labels, ref, ref_labels, self_index, ref_valid)
+    _common.require_launchable(KERNELS, "contrastive_l2", x, ref)
     B, D = x.shape
     dev = x.device
     f32 = dict(dtype=torch.float32, device=dev)
@@ -162,7 +168,7 @@ def contrastive_l2_fwd_triton(x, labels, ref, ref_labels, self_index, ref_valid,
         contrastive_l2_fwd_kernel[grid](
             x, labels, ref, ref_labels, si if si is not None else labels, loss_ws, counts_ws, grad_ws,
             B, D, ref_valid, cols, *_scalars(pos_margin, neg_margin, pos_eps), _common.bucket(B),
-            _common.bucket(cols), HAS_SELF_INDEX=si is not None, NEED_GRAD=bool(need_grad),
+            _common.cols_bucket(cols), HAS_SELF_INDEX=si is not None, NEED_GRAD=bool(need_grad),
             PRECISION=_common.precision(allow_tf32), BLOCK_D=BLOCK_D, **_common.operand_limbs(x.dtype, ref.dtype))
         if splits > 1:
             rows = _common.merge_rows(D)
@@ -176,6 +182,7 @@ def contrastive_l2_bwd_triton(x, labels, ref, ref_labels, self_index, ref_valid,
                               grad_rows, allow_tf32):
     """(grad_x (B, D) f32, grad_ref (N, D) f32) for the loss sum_i grad_rows[i] l_i."""
     x, labels, ref, ref_labels, si = _common.prepare_loss_inputs(x, labels, ref, ref_labels, self_index, ref_valid)
+    _common.require_launchable(KERNELS, "contrastive_l2", x, ref)
     B, D = x.shape
     g = _common.check_grad_rows(grad_rows, B, x.device)
     _, grad, _ = contrastive_l2_fwd_triton(x, labels, ref, ref_labels, si, ref_valid, pos_margin, neg_margin,
@@ -189,6 +196,6 @@ def contrastive_l2_bwd_triton(x, labels, ref, ref_labels, self_index, ref_valid,
         contrastive_l2_ref_grad_kernel[grid](
             x, labels, ref, ref_labels, si if si is not None else labels, g, grad_ref,
             B, D, ref_valid, *_scalars(pos_margin, neg_margin, pos_eps), _common.bucket(B),
-            _common.bucket(ref_valid), HAS_SELF_INDEX=si is not None, PRECISION=_common.precision(allow_tf32),
+            _common.cols_bucket(ref_valid), HAS_SELF_INDEX=si is not None, PRECISION=_common.precision(allow_tf32),
             BLOCK_D=_common.block_d(D), **_common.operand_limbs(x.dtype, ref.dtype))
     return grad_x, grad_ref

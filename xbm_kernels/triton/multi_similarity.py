@@ -36,11 +36,12 @@ from . import _common
 from ._common import anchor_tile, dot_acc, log1p, memory_tile, pair_sets, ref_grad_acc, reference_block, scores
 from ._common import TWO_ACC_FWD_CONFIGS as _FWD_CONFIGS
 
-_STATS_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 2048)
+_STATS_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 2048, acc_tiles=0, temps=4)
 # Register tiles: Gp and Gn plus the tile's weights; IEEE fp32 (FMA) dots spill beyond 16 x 32
 # (ptxas for sm_90). The reference-side kernels hold one accumulator and the weights (hi, lo).
-_FWD_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 512, acc_tiles=3)
-_REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 256, acc_tiles=3, fp32_product_when_limbed=True)
+_FWD_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 512, acc_tiles=2, temps=6)
+_REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 256, acc_tiles=1, temps=6,
+                                    fp32_product_when_limbed=True)
 
 
 @triton.jit
@@ -77,7 +78,7 @@ def _running_max(m, a, mined):
 
 @triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS),
                  key=["D", "B_BUCKET", "COLS_BUCKET", "PRECISION", "X_LIMBS"],
-                 prune_configs_by={"early_config_prune": _STATS_PRUNE})
+                 prune_configs_by={"early_config_prune": _STATS_PRUNE}, **_common.AUTOTUNE_OPTIONS)
 @triton.jit
 def multi_similarity_stats_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ws, B, D, n, cols_per_split, pos_thr,
                                   B_BUCKET, COLS_BUCKET, HAS_SELF_INDEX: tl.constexpr, PRECISION: tl.constexpr,
@@ -107,7 +108,7 @@ def multi_similarity_stats_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ws, 
 
 @triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS),
                  key=["D", "B_BUCKET", "COLS_BUCKET", "NEED_GRAD", "PRECISION", "X_LIMBS", "MINE"],
-                 prune_configs_by={"early_config_prune": _FWD_PRUNE})
+                 prune_configs_by={"early_config_prune": _FWD_PRUNE}, **_common.AUTOTUNE_OPTIONS)
 @triton.jit
 def multi_similarity_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ptr, sums_ws, counts_ws, gp_ws, gn_ws, B, D,
                                 n, cols_per_split, alpha, beta, base, mining_margin, pos_thr, B_BUCKET, COLS_BUCKET,
@@ -258,7 +259,7 @@ def multi_similarity_merge_kernel(stats_ptr, sums_ws, counts_ws, gp_ws, gn_ws, l
 
 @triton.autotune(configs=_common.autotune_configs(_common.REF_CONFIGS, "BLOCK_K", "BLOCK_B"),
                  key=["D", "B_BUCKET", "N_BUCKET", "PRECISION", "X_LIMBS", "MINE"],
-                 prune_configs_by={"early_config_prune": _REF_PRUNE})
+                 prune_configs_by={"early_config_prune": _REF_PRUNE}, **_common.AUTOTUNE_OPTIONS)
 @triton.jit
 def multi_similarity_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, rowstats_ptr, g_ptr, gref_ptr,
                                      B, D, n, alpha, beta, base, mining_margin, pos_thr, B_BUCKET, N_BUCKET,
@@ -287,6 +288,10 @@ def multi_similarity_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, rowstat
         c = wp * cp[:, None] + wn * cn[:, None]
         acc = ref_grad_acc(tl.trans(c), x, x_hi, acc, X_LIMBS, W_LIMBS, PRECISION)
     tl.store(gref_ptr + col_off, acc, mask=col_ok[:, None] & dim_ok[None, :])
+
+
+# The autotuned kernels: launch_problem() asks their prunes whether a shape can launch.
+KERNELS = (multi_similarity_stats_kernel, multi_similarity_fwd_kernel, multi_similarity_ref_grad_kernel)
 
 
 def _forward(x, labels, ref, ref_labels, si, ref_valid, alpha, beta, base, mining_margin, pos_eps, mine,
@@ -322,14 +327,14 @@ def _forward(x, labels, ref, ref_labels, si, ref_valid, alpha, beta, base, minin
             stats_ws = torch.empty(splits, 2, B, **f32)
             multi_similarity_stats_kernel[grid](
                 x, labels, ref, ref_labels, si_arg, stats_ws, B, D, ref_valid, cols, pos_thr, _common.bucket(B),
-                _common.bucket(cols), **common)
+                _common.cols_bucket(cols), **common)
             # min / max are exact: merging the splits in any order gives the same statistics
             stats = torch.stack([stats_ws[:, 0].amin(0), stats_ws[:, 1].amax(0)])
         else:
             stats = sums_ws  # not read
         multi_similarity_fwd_kernel[grid](
             x, labels, ref, ref_labels, si_arg, stats, sums_ws, counts_ws, gp_ws, gn_ws, B, D, ref_valid, cols, *prm,
-            float(mining_margin), pos_thr, _common.bucket(B), _common.bucket(cols), MINE=mine,
+            float(mining_margin), pos_thr, _common.bucket(B), _common.cols_bucket(cols), MINE=mine,
             NEED_GRAD=bool(need_grad), W_LIMBS=limbs["W_LIMBS"], **common)
         rows = _common.merge_rows(D)
         multi_similarity_merge_kernel[(triton.cdiv(B, rows),)](
@@ -344,6 +349,7 @@ def multi_similarity_fwd_triton(x, labels, ref, ref_labels, self_index, ref_vali
     """(loss_rows (B,) f32, grad (B, D) f32 or (0,) when not need_grad, counts (B, 2) int32).
     `splits` overrides the split plan (tests)."""
     x, labels, ref, ref_labels, si = _common.prepare_loss_inputs(x, labels, ref, ref_labels, self_index, ref_valid)
+    _common.require_launchable(KERNELS, "multi_similarity", x, ref)
     return _forward(x, labels, ref, ref_labels, si, ref_valid, alpha, beta, base, mining_margin, pos_eps, mine,
                     skip_incomplete, need_grad, allow_tf32, splits)[:3]
 
@@ -352,6 +358,7 @@ def multi_similarity_bwd_triton(x, labels, ref, ref_labels, self_index, ref_vali
                                 pos_eps, mine, skip_incomplete, grad_rows, allow_tf32):
     """(grad_x (B, D) f32, grad_ref (N, D) f32) for the loss sum_i grad_rows[i] l_i."""
     x, labels, ref, ref_labels, si = _common.prepare_loss_inputs(x, labels, ref, ref_labels, self_index, ref_valid)
+    _common.require_launchable(KERNELS, "multi_similarity", x, ref)
     B, D = x.shape
     g = _common.check_grad_rows(grad_rows, B, x.device)
     _, grad, _, rowstats = _forward(x, labels, ref, ref_labels, si, ref_valid, alpha, beta, base, mining_margin,
@@ -365,7 +372,7 @@ def multi_similarity_bwd_triton(x, labels, ref, ref_labels, self_index, ref_vali
         multi_similarity_ref_grad_kernel[grid](
             x, labels, ref, ref_labels, si if si is not None else labels, rowstats, g, grad_ref,
             B, D, ref_valid, float(alpha), float(beta), float(base), float(mining_margin), 1.0 - float(pos_eps),
-            _common.bucket(B), _common.bucket(ref_valid), HAS_SELF_INDEX=si is not None, MINE=bool(mine),
+            _common.bucket(B), _common.cols_bucket(ref_valid), HAS_SELF_INDEX=si is not None, MINE=bool(mine),
             PRECISION=_common.precision(allow_tf32), BLOCK_D=_common.block_d(D),
             **_common.operand_limbs(x.dtype, ref.dtype))
     return grad_x, grad_ref

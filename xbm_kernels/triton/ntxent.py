@@ -31,12 +31,13 @@ from . import _common
 from ._common import anchor_tile, dot_acc, log1p, memory_tile, pair_sets, ref_grad_acc, reference_block, scores
 from ._common import TWO_ACC_FWD_CONFIGS as _FWD_CONFIGS
 
-_STATS_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 2048)
+_STATS_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 2048, acc_tiles=0, temps=4)
 # Register tiles: Gp and Gn plus the tile's weights; IEEE fp32 (FMA) dots spill beyond 16 x 32
 # (ptxas for sm_90, as multi_similarity's). The reference-side kernel holds one accumulator and
 # the weights (hi, lo).
-_FWD_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 512, acc_tiles=3)
-_REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 256, acc_tiles=3, fp32_product_when_limbed=True)
+_FWD_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 512, acc_tiles=2, temps=6)
+_REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 256, acc_tiles=1, temps=6,
+                                    fp32_product_when_limbed=True)
 
 
 @triton.jit
@@ -65,7 +66,7 @@ def _pair_weights(sim, pos, neg, lz, inv_tau):
 
 @triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS),
                  key=["D", "B_BUCKET", "COLS_BUCKET", "PRECISION", "X_LIMBS"],
-                 prune_configs_by={"early_config_prune": _STATS_PRUNE})
+                 prune_configs_by={"early_config_prune": _STATS_PRUNE}, **_common.AUTOTUNE_OPTIONS)
 @triton.jit
 def ntxent_stats_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ws, B, D, n, cols_per_split, inv_tau, pos_thr,
                         B_BUCKET, COLS_BUCKET, HAS_SELF_INDEX: tl.constexpr, PRECISION: tl.constexpr,
@@ -118,7 +119,7 @@ def ntxent_stats_merge_kernel(stats_ws, lz_ptr, B, splits, ROWS: tl.constexpr):
 
 @triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS),
                  key=["D", "B_BUCKET", "COLS_BUCKET", "NEED_GRAD", "PRECISION", "X_LIMBS"],
-                 prune_configs_by={"early_config_prune": _FWD_PRUNE})
+                 prune_configs_by={"early_config_prune": _FWD_PRUNE}, **_common.AUTOTUNE_OPTIONS)
 @triton.jit
 def ntxent_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, lz_ptr, sums_ws, counts_ws, gp_ws, gn_ws,
                       B, D, n, cols_per_split, inv_tau, pos_thr, B_BUCKET, COLS_BUCKET,
@@ -201,7 +202,7 @@ def ntxent_merge_kernel(sums_ws, counts_ws, gp_ws, gn_ws, loss_ptr, counts_ptr, 
 
 @triton.autotune(configs=_common.autotune_configs(_common.REF_CONFIGS, "BLOCK_K", "BLOCK_B"),
                  key=["D", "B_BUCKET", "N_BUCKET", "PRECISION", "X_LIMBS"],
-                 prune_configs_by={"early_config_prune": _REF_PRUNE})
+                 prune_configs_by={"early_config_prune": _REF_PRUNE}, **_common.AUTOTUNE_OPTIONS)
 @triton.jit
 def ntxent_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, lz_ptr, gp_ptr, gn_ptr, gref_ptr,
                            B, D, n, inv_tau, pos_thr, B_BUCKET, N_BUCKET,
@@ -224,6 +225,10 @@ def ntxent_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, lz_ptr, gp_ptr, g
         c = en * cn[:, None] - sp * cp[:, None]
         acc = ref_grad_acc(tl.trans(c), x, x_hi, acc, X_LIMBS, W_LIMBS, PRECISION)
     tl.store(gref_ptr + col_off, acc, mask=col_ok[:, None] & dim_ok[None, :])
+
+
+# The autotuned kernels: launch_problem() asks their prunes whether a shape can launch.
+KERNELS = (ntxent_stats_kernel, ntxent_fwd_kernel, ntxent_ref_grad_kernel)
 
 
 def _forward(x, labels, ref, ref_labels, si, ref_valid, temperature, pos_eps, need_grad, allow_tf32, splits):
@@ -256,10 +261,10 @@ def _forward(x, labels, ref, ref_labels, si, ref_valid, temperature, pos_eps, ne
     grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), splits)  # noqa: E731
     with _common.device_guard(x):
         ntxent_stats_kernel[grid](x, labels, ref, ref_labels, si_arg, stats_ws, B, D, ref_valid, cols, inv_tau,
-                                  pos_thr, _common.bucket(B), _common.bucket(cols), **common)
+                                  pos_thr, _common.bucket(B), _common.cols_bucket(cols), **common)
         ntxent_stats_merge_kernel[(triton.cdiv(B, rows),)](stats_ws, lz, B, splits, ROWS=rows, num_warps=4)
         ntxent_fwd_kernel[grid](x, labels, ref, ref_labels, si_arg, lz, sums_ws, counts_ws, gp_ws, gn_ws,
-                                B, D, ref_valid, cols, inv_tau, pos_thr, _common.bucket(B), _common.bucket(cols),
+                                B, D, ref_valid, cols, inv_tau, pos_thr, _common.bucket(B), _common.cols_bucket(cols),
                                 NEED_GRAD=bool(need_grad), W_LIMBS=limbs["W_LIMBS"], **common)
         ntxent_merge_kernel[(triton.cdiv(B, rows),)](
             sums_ws, counts_ws, gp_ws, gn_ws, loss, counts, grad, w, B, D, splits, inv_tau,
@@ -272,6 +277,7 @@ def ntxent_fwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, tempera
     """(loss_rows (B,) f32, grad (B, D) f32 or (0,) when not need_grad, counts (B, 2) int32).
     `splits` overrides the split plan (tests)."""
     x, labels, ref, ref_labels, si = _common.prepare_loss_inputs(x, labels, ref, ref_labels, self_index, ref_valid)
+    _common.require_launchable(KERNELS, "ntxent", x, ref)
     return _forward(x, labels, ref, ref_labels, si, ref_valid, temperature, pos_eps, need_grad, allow_tf32,
                     splits)[:3]
 
@@ -280,6 +286,7 @@ def ntxent_bwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, tempera
                       allow_tf32):
     """(grad_x (B, D) f32, grad_ref (N, D) f32) for the loss sum_i grad_rows[i] l_i."""
     x, labels, ref, ref_labels, si = _common.prepare_loss_inputs(x, labels, ref, ref_labels, self_index, ref_valid)
+    _common.require_launchable(KERNELS, "ntxent", x, ref)
     B, D = x.shape
     g = _common.check_grad_rows(grad_rows, B, x.device)
     _, grad, _, lz, w = _forward(x, labels, ref, ref_labels, si, ref_valid, temperature, pos_eps, True, allow_tf32,
@@ -295,7 +302,7 @@ def ntxent_bwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, tempera
     with _common.device_guard(x):
         ntxent_ref_grad_kernel[grid](
             x, labels, ref, ref_labels, si if si is not None else labels, lz, gp, gn, grad_ref,
-            B, D, ref_valid, inv_tau, 1.0 - float(pos_eps), _common.bucket(B), _common.bucket(ref_valid),
+            B, D, ref_valid, inv_tau, 1.0 - float(pos_eps), _common.bucket(B), _common.cols_bucket(ref_valid),
             HAS_SELF_INDEX=si is not None, PRECISION=_common.precision(allow_tf32), BLOCK_D=_common.block_d(D),
             **_common.operand_limbs(x.dtype, ref.dtype))
     return grad_x, grad_ref

@@ -41,3 +41,11 @@ for _loss in LOSSES.values():
 
 
 OPS = getattr(torch.ops, NAMESPACE)
+
+
+def launch_problem(loss: str, D: int, x_dtype: torch.dtype, ref_dtype: torch.dtype):
+    """None when the Triton kernels of `loss` launch for rows of D with these dtypes on sm_90;
+    otherwise why not (backends.resolve keeps backend="auto" off Triton for such shapes)."""
+    from . import _common
+    module = importlib.import_module(f"{__package__}.{loss}")
+    return _common.launch_problem(module.KERNELS, loss, D, x_dtype, ref_dtype)

@@ -33,13 +33,14 @@ from ._common import TWO_ACC_FWD_CONFIGS as _FWD_CONFIGS
 
 # Register tiles: G and Gpos plus the tile's weights; IEEE fp32 (FMA) dots spill beyond 16 x 32
 # (ptxas for sm_90). The reference-side kernels hold one accumulator and the weights (hi, lo).
-_FWD_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 512, acc_tiles=3)
-_REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 256, acc_tiles=3, fp32_product_when_limbed=True)
+_FWD_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 512, acc_tiles=2, temps=6)
+_REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 256, acc_tiles=1, temps=6,
+                                    fp32_product_when_limbed=True)
 
 
 @triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS),
                  key=["D", "B_BUCKET", "COLS_BUCKET", "NEED_GRAD", "PRECISION", "X_LIMBS"],
-                 prune_configs_by={"early_config_prune": _FWD_PRUNE})
+                 prune_configs_by={"early_config_prune": _FWD_PRUNE}, **_common.AUTOTUNE_OPTIONS)
 @triton.jit
 def supcon_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ws, counts_ws, g_ws, gpos_ws,
                       B, D, n, cols_per_split, inv_tau, pos_thr, B_BUCKET, COLS_BUCKET,
@@ -149,7 +150,7 @@ def supcon_merge_kernel(stats_ws, counts_ws, g_ws, gpos_ws, loss_ptr, counts_ptr
 
 @triton.autotune(configs=_common.autotune_configs(_common.REF_CONFIGS, "BLOCK_K", "BLOCK_B"),
                  key=["D", "B_BUCKET", "N_BUCKET", "PRECISION", "X_LIMBS"],
-                 prune_configs_by={"early_config_prune": _REF_PRUNE})
+                 prune_configs_by={"early_config_prune": _REF_PRUNE}, **_common.AUTOTUNE_OPTIONS)
 @triton.jit
 def supcon_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, lse_ptr, ga_ptr, gp_ptr, gref_ptr,
                            B, D, n, inv_tau, pos_thr, B_BUCKET, N_BUCKET,
@@ -172,6 +173,10 @@ def supcon_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, lse_ptr, ga_ptr, 
         c = e * ga[:, None] - tl.where(pos, gp[:, None], 0.0)
         acc = ref_grad_acc(tl.trans(c), x, x_hi, acc, X_LIMBS, W_LIMBS, PRECISION)
     tl.store(gref_ptr + col_off, acc, mask=col_ok[:, None] & dim_ok[None, :])
+
+
+# The autotuned kernels: launch_problem() asks their prunes whether a shape can launch.
+KERNELS = (supcon_fwd_kernel, supcon_ref_grad_kernel)
 
 
 def _forward(x, labels, ref, ref_labels, si, ref_valid, temperature, pos_eps, need_grad, allow_tf32, splits):
@@ -198,7 +203,7 @@ def _forward(x, labels, ref, ref_labels, si, ref_valid, temperature, pos_eps, ne
     with _common.device_guard(x):
         supcon_fwd_kernel[grid](
             x, labels, ref, ref_labels, si if si is not None else labels, stats_ws, counts_ws, g_ws, gpos_ws,
-            B, D, ref_valid, cols, inv_tau, 1.0 - float(pos_eps), _common.bucket(B), _common.bucket(cols),
+            B, D, ref_valid, cols, inv_tau, 1.0 - float(pos_eps), _common.bucket(B), _common.cols_bucket(cols),
             HAS_SELF_INDEX=si is not None, NEED_GRAD=bool(need_grad), PRECISION=_common.precision(allow_tf32),
             BLOCK_D=BLOCK_D, **_common.operand_limbs(x.dtype, ref.dtype))
         rows = _common.merge_rows(D)
@@ -213,6 +218,7 @@ def supcon_fwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, tempera
     """(loss_rows (B,) f32, grad (B, D) f32 or (0,) when not need_grad, counts (B, 2) int32).
     `splits` overrides the split plan (tests)."""
     x, labels, ref, ref_labels, si = _common.prepare_loss_inputs(x, labels, ref, ref_labels, self_index, ref_valid)
+    _common.require_launchable(KERNELS, "supcon", x, ref)
     return _forward(x, labels, ref, ref_labels, si, ref_valid, temperature, pos_eps, need_grad, allow_tf32,
                     splits)[:3]
 
@@ -221,6 +227,7 @@ def supcon_bwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, tempera
                       allow_tf32):
     """(grad_x (B, D) f32, grad_ref (N, D) f32) for the loss sum_i grad_rows[i] l_i."""
     x, labels, ref, ref_labels, si = _common.prepare_loss_inputs(x, labels, ref, ref_labels, self_index, ref_valid)
+    _common.require_launchable(KERNELS, "supcon", x, ref)
     B, D = x.shape
     g = _common.check_grad_rows(grad_rows, B, x.device)
     _, grad, counts, lse = _forward(x, labels, ref, ref_labels, si, ref_valid, temperature, pos_eps, True,
@@ -237,7 +244,7 @@ def supcon_bwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, tempera
     with _common.device_guard(x):
         supcon_ref_grad_kernel[grid](
             x, labels, ref, ref_labels, si if si is not None else labels, lse, ga, gp, grad_ref,
-            B, D, ref_valid, inv_tau, 1.0 - float(pos_eps), _common.bucket(B), _common.bucket(ref_valid),
+            B, D, ref_valid, inv_tau, 1.0 - float(pos_eps), _common.bucket(B), _common.cols_bucket(ref_valid),
             HAS_SELF_INDEX=si is not None, PRECISION=_common.precision(allow_tf32), BLOCK_D=_common.block_d(D),
             **_common.operand_limbs(x.dtype, ref.dtype))
     return grad_x, grad_ref

@@ -24,7 +24,7 @@ from . import _common
 from ._common import FWD_CONFIGS as _FWD_CONFIGS
 from ._common import anchor_tile, memory_tile, pair_sets
 
-_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 2048)
+_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 2048, acc_tiles=0, temps=4)
 # Reference-side scatter: 64 rows x 64 anchors x 64-column chunks of D, 4 warps: no spills
 # for sm_90 (128-column chunks of the fp32 product spill).
 _REF_BLOCK_K, _REF_BLOCK_B, _REF_CHUNK_D = 64, 64, 64
@@ -32,7 +32,7 @@ _REF_BLOCK_K, _REF_BLOCK_B, _REF_CHUNK_D = 64, 64, 64
 
 @triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS),
                  key=["D", "B_BUCKET", "COLS_BUCKET", "PRECISION", "X_LIMBS"],
-                 prune_configs_by={"early_config_prune": _PRUNE})
+                 prune_configs_by={"early_config_prune": _PRUNE}, **_common.AUTOTUNE_OPTIONS)
 @triton.jit
 def triplet_hardest_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, val_ws, idx_ws, B, D, n, cols_per_split, pos_thr,
                            B_BUCKET, COLS_BUCKET, HAS_SELF_INDEX: tl.constexpr, PRECISION: tl.constexpr,
@@ -140,6 +140,10 @@ def triplet_ref_grad_kernel(x_ptr, chosen_ptr, g_ptr, gref_ptr, B, D, N,
     tl.store(gref_ptr + cols.to(tl.int64)[:, None] * D + dims[None, :], acc, mask=col_ok[:, None] & dim_ok[None, :])
 
 
+# The autotuned kernels: launch_problem() asks their prunes whether a shape can launch.
+KERNELS = (triplet_hardest_kernel,)
+
+
 def _forward(x, labels, ref, ref_labels, si, ref_valid, margin, pos_eps, need_grad, allow_tf32, splits):
     """The op's outputs plus the chosen columns (B, 2) int32 (ap, an; -1 for inactive rows)."""
     B, D = x.shape
@@ -160,7 +164,7 @@ def _forward(x, labels, ref, ref_labels, si, ref_valid, margin, pos_eps, need_gr
     with _common.device_guard(x):
         triplet_hardest_kernel[grid](
             x, labels, ref, ref_labels, si if si is not None else labels, val_ws, idx_ws, B, D, ref_valid, cols,
-            1.0 - float(pos_eps), _common.bucket(B), _common.bucket(cols), HAS_SELF_INDEX=si is not None,
+            1.0 - float(pos_eps), _common.bucket(B), _common.cols_bucket(cols), HAS_SELF_INDEX=si is not None,
             PRECISION=_common.precision(allow_tf32), BLOCK_D=BLOCK_D, X_LIMBS=limbs["X_LIMBS"],
             LO_SCALE=limbs["LO_SCALE"])
         rows = _common.merge_rows(D)
@@ -175,12 +179,14 @@ def triplet_fwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, margin
     """(loss_rows (B,) f32, grad (B, D) f32 or (0,) when not need_grad, counts (B, 2) int32).
     `splits` overrides the split plan (tests)."""
     x, labels, ref, ref_labels, si = _common.prepare_loss_inputs(x, labels, ref, ref_labels, self_index, ref_valid)
+    _common.require_launchable(KERNELS, "triplet", x, ref)
     return _forward(x, labels, ref, ref_labels, si, ref_valid, margin, pos_eps, need_grad, allow_tf32, splits)[:3]
 
 
 def triplet_bwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, margin, pos_eps, grad_rows, allow_tf32):
     """(grad_x (B, D) f32, grad_ref (N, D) f32) for the loss sum_i grad_rows[i] l_i."""
     x, labels, ref, ref_labels, si = _common.prepare_loss_inputs(x, labels, ref, ref_labels, self_index, ref_valid)
+    _common.require_launchable(KERNELS, "triplet", x, ref)
     B, D = x.shape
     N = ref.shape[0]
     g = _common.check_grad_rows(grad_rows, B, x.device)
