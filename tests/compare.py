@@ -56,3 +56,23 @@ def assert_equal_counts(actual, expected, what="counts"):
         bad = (actual != expected).any(1).nonzero().flatten()[:5].tolist() if actual.shape == expected.shape else []
         raise AssertionError(f"{what}: differ at rows {bad}: got {actual[bad].tolist() if bad else actual.shape}, "
                              f"expected {expected[bad].tolist() if bad else expected.shape}")
+
+
+def snapshot(module):
+    """Everything a failed call must leave as it was: the state dict (copied), the memories'
+    host counters and an XBMLoss's step."""
+    import xbm_kernels as xk
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    host = {name: (m._ptr, m._num_filled) for name, m in module.named_modules() if isinstance(m, xk.CrossBatchMemory)}
+    if isinstance(module, xk.XBMLoss):
+        host["step"] = module._iteration
+    return state, host
+
+
+def assert_unchanged(module, snap):
+    state, host = snapshot(module)
+    before_state, before_host = snap
+    assert set(state) == set(before_state)
+    for k, v in state.items():
+        assert v.dtype == before_state[k].dtype and torch.equal(v, before_state[k]), f"{k} changed"
+    assert host == before_host

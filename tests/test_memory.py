@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 
 import xbm_kernels as xk
 
+from compare import assert_unchanged, snapshot
+
 MEM_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -46,21 +48,6 @@ def _assert_same(mem, model, truncates=False):
             assert torch.equal(emb.float(), want)
         assert lab.tolist() == model.labels[:model.filled]
 
-
-
-def _snapshot(module):
-    state = {k: v.clone() for k, v in module.state_dict().items()}
-    host = {name: (m._ptr, m._num_filled) for name, m in module.named_modules() if isinstance(m, xk.CrossBatchMemory)}
-    return state, host
-
-
-def _assert_unchanged(module, snap):
-    state, host = _snapshot(module)
-    before_state, before_host = snap
-    assert set(state) == set(before_state)
-    for k, v in state.items():
-        assert v.dtype == before_state[k].dtype and torch.equal(v, before_state[k]), f"{k} changed"
-    assert host == before_host
 
 
 # --------------------------------------------------------------------------- the ring
@@ -288,10 +275,10 @@ BAD_MEMORY_STATES = list(_bad_memory_states())
 @pytest.mark.parametrize("what,state", BAD_MEMORY_STATES, ids=[c for c, _ in BAD_MEMORY_STATES])
 def test_memory_failed_load_changes_nothing(what, state, strict):
     mem = _filled_memory()
-    snap = _snapshot(mem)
+    snap = snapshot(mem)
     with pytest.raises((ValueError, TypeError), match="state_dict"):
         mem.load_state_dict(state, strict=strict)
-    _assert_unchanged(mem, snap)
+    assert_unchanged(mem, snap)
 
 
 def test_memory_load_casts_a_checkpoint_of_another_dtype_and_keeps_its_own():
@@ -317,18 +304,18 @@ def test_memory_load_of_an_overflowing_checkpoint_changes_nothing():
     state["embeddings"] = state["embeddings"].clone()
     state["embeddings"][2, 1] = 1e5  # finite in fp32, inf in the fp16 memory
     mem = _filled_memory(dtype=torch.float16)
-    snap = _snapshot(mem)
+    snap = snapshot(mem)
     with pytest.raises(ValueError, match="state_dict"):
         mem.load_state_dict(state)
-    _assert_unchanged(mem, snap)
+    assert_unchanged(mem, snap)
 
 
 def test_memory_strict_false_without_its_entries_changes_nothing():
     mem = _filled_memory()
-    snap = _snapshot(mem)
+    snap = snapshot(mem)
     result = mem.load_state_dict({}, strict=False)
     assert sorted(result.missing_keys) == ["embeddings", "labels", "num_filled", "ptr"]
-    _assert_unchanged(mem, snap)
+    assert_unchanged(mem, snap)
 
 
 
@@ -436,13 +423,13 @@ OVERFLOW = [(torch.float16, 1e5), (torch.float16, -7e4), (torch.bfloat16, 3.4e38
 def test_enqueue_rejects_values_that_overflow_the_memory_dtype(mem_dtype, value, masked, mem_backend):
     mem = xk.CrossBatchMemory(10, 4, dtype=mem_dtype, backend=mem_backend)
     mem.enqueue(torch.randn(3, 4), torch.arange(3))
-    snap = _snapshot(mem)
+    snap = snapshot(mem)
     x = torch.randn(4, 4)
     x[2, 1] = value
     mask = torch.tensor([True, False, True, True]) if masked else None
     with pytest.raises(ValueError, match=rf"embeddings: 1 row\(s\) .*{mem_dtype}"):
         mem.enqueue(x, torch.arange(4), mask=mask)
-    _assert_unchanged(mem, snap)
+    assert_unchanged(mem, snap)
 
 
 @pytest.mark.parametrize("mem_dtype,value", [(torch.float16, 65504.0), (torch.float16, 65519.0), (torch.bfloat16, 3.3e38),

@@ -13,7 +13,7 @@ import xbm_kernels as xk
 from xbm_kernels import xbm as xbm_module
 
 import cases
-from compare import FP32, assert_close
+from compare import FP32, assert_close, assert_unchanged, snapshot
 from oracle import contrastive_oracle
 
 BACKENDS = ["reference", "cpu"]
@@ -24,23 +24,6 @@ def _batches(n, B=12, D=16, classes=5):
     c = cases.Case("xbm-steps", B * n, B * n, D, classes, None, "in-batch", noise=0.07)
     d = cases.draw_case(c, "contrastive", cases.variants("contrastive")["defaults"], seed=100)
     return [(d.x[s * B:(s + 1) * B], d.y[s * B:(s + 1) * B]) for s in range(n)]
-
-
-def _snapshot(module):
-    state = {k: v.clone() for k, v in module.state_dict().items()}
-    host = {name: (m._ptr, m._num_filled) for name, m in module.named_modules() if isinstance(m, xk.CrossBatchMemory)}
-    if isinstance(module, xk.XBMLoss):
-        host["step"] = module._iteration
-    return state, host
-
-
-def _assert_unchanged(module, snap):
-    state, host = _snapshot(module)
-    before_state, before_host = snap
-    assert set(state) == set(before_state)
-    for k, v in state.items():
-        assert v.dtype == before_state[k].dtype and torch.equal(v, before_state[k]), f"{k} changed"
-    assert host == before_host
 
 
 def _expected(x, y, mem_x, mem_y, slots, weight):
@@ -265,31 +248,31 @@ BAD_XBM_STATES = list(_bad_xbm_states())
 @pytest.mark.parametrize("what,state", BAD_XBM_STATES, ids=[c for c, _ in BAD_XBM_STATES])
 def test_xbm_failed_load_changes_nothing(what, state, strict):
     crit = _trained_xbm(16, steps=1)
-    snap = _snapshot(crit)
+    snap = snapshot(crit)
     with pytest.raises((ValueError, TypeError), match="state_dict"):
         crit.load_state_dict(state, strict=strict)
-    _assert_unchanged(crit, snap)
+    assert_unchanged(crit, snap)
 
 
 def test_xbm_failed_load_inside_a_model_changes_nothing():
     model = torch.nn.Module()
     model.crit = _trained_xbm(16, steps=1)
     state = {"crit." + k: v for k, v in _trained_xbm(8).state_dict().items()}
-    snap = _snapshot(model.crit)
+    snap = snapshot(model.crit)
     with pytest.raises(ValueError, match=r"state_dict: 'crit\.memory\.embeddings'"):
         model.load_state_dict(state)
-    _assert_unchanged(model.crit, snap)
+    assert_unchanged(model.crit, snap)
 
 
 def test_xbm_loss_rejects_overflow_into_an_fp16_memory_without_changing_state():
     crit = xk.XBMLoss(32, 4, memory_dtype=torch.float16, normalize=False)
     crit(F.normalize(torch.randn(6, 4), dim=1), torch.arange(6) % 3)
-    snap = _snapshot(crit)
+    snap = snapshot(crit)
     x = F.normalize(torch.randn(6, 4), dim=1)
     x[3, 2] = 1e5
     with pytest.raises(ValueError, match=r"embeddings: 1 row\(s\)"):
         crit(x, torch.arange(6) % 3)
-    _assert_unchanged(crit, snap)
+    assert_unchanged(crit, snap)
 
 
 FIRST_STEP = [
@@ -310,11 +293,11 @@ FIRST_STEP = [
 def test_configuration_errors_surface_at_the_first_step(kw, make, exc, msg):
     crit = xk.XBMLoss(**{"memory_size": 8, **kw}, embedding_dim=4, start_iteration=5)
     x, y = F.normalize(torch.randn(16, 4), dim=1), torch.arange(16) % 4
-    snap = _snapshot(crit)
+    snap = snapshot(crit)
     args = make(x, y)
     with pytest.raises(exc, match=msg):
         crit(args[0], args[1], enqueue_mask=args[2])
-    _assert_unchanged(crit, snap)
+    assert_unchanged(crit, snap)
 
 
 def test_masked_batch_larger_than_the_memory_is_fine_when_few_rows_are_enqueued():
@@ -333,10 +316,10 @@ def test_gathered_batch_is_checked_against_the_memory_before_it_joins(monkeypatc
     monkeypatch.setattr(xbm_module.dist, "is_available", lambda: True)
     monkeypatch.setattr(xbm_module.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(xbm_module.dist, "get_world_size", lambda *a: 2)
-    snap = _snapshot(crit)
+    snap = snapshot(crit)
     with pytest.raises(ValueError, match=r"embeddings: .*2 ranks x 12 rows.*larger than the memory \(size 16\)"):
         crit(x, y)
-    _assert_unchanged(crit, snap)
+    assert_unchanged(crit, snap)
 
 
 NORMALIZE_CASES = [(loss, "reference") for loss in sorted(xk.LOSSES)] + [("contrastive", b) for b in BACKENDS
