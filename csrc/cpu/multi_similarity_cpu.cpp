@@ -228,7 +228,7 @@ MsState ms_passes(const cpu::LossInputs& in, const MsParams& prm, bool accumulat
   };
   if (prm.mine) {
     cpu::for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
-      Tensor s_tile = scratch[p].similarity(in.x32, scratch[p].ref_tile(in.ref, c0, w));
+      Tensor s_tile = scratch[p].similarity(in, c0, w);
       ms_stats_tile(s_tile.data_ptr<float>(), B, w, c0, in, prm.pos_thr, min_splits[p].data_ptr<float>(),
                     max_splits[p].data_ptr<float>());
     });
@@ -239,7 +239,7 @@ MsState ms_passes(const cpu::LossInputs& in, const MsParams& prm, bool accumulat
     const float* sh_n = st.shift_n.data_ptr<float>();
     cpu::for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
       Tensor rt = scratch[p].ref_tile(in.ref, c0, w);
-      Tensor s_tile = scratch[p].similarity(in.x32, rt);
+      Tensor s_tile = scratch[p].similarity(in, c0, w);
       weights(p, c0, w, rt, s_tile, min_pos, max_neg, sh_p, sh_n);
     });
   } else {
@@ -249,7 +249,7 @@ MsState ms_passes(const cpu::LossInputs& in, const MsParams& prm, bool accumulat
     const Tensor no_min = at::full({B}, -kInf, f32), no_max = at::full({B}, kInf, f32);
     cpu::for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
       Tensor rt = scratch[p].ref_tile(in.ref, c0, w);
-      Tensor s_tile = scratch[p].similarity(in.x32, rt);
+      Tensor s_tile = scratch[p].similarity(in, c0, w);
       float* mn = min_splits[p].data_ptr<float>();
       float* mx = max_splits[p].data_ptr<float>();
       ms_stats_tile(s_tile.data_ptr<float>(), B, w, c0, in, prm.pos_thr, mn, mx);

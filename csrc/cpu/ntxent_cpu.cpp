@@ -177,7 +177,7 @@ NegSplits negatives_pass(const cpu::LossInputs& in, const cpu::TilePlan& plan, f
   const int32_t* y = in.y_ptr();
   cpu::for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
     Tensor rt = scratch[p].ref_tile(in.ref, c0, w);
-    Tensor e = scratch[p].similarity(in.x32, rt);
+    Tensor e = scratch[p].similarity(in, c0, w);
     float* ep = e.data_ptr<float>();
     float* m = st.m[p].data_ptr<float>();
     double* sum = st.sum[p].data_ptr<double>();
@@ -275,7 +275,7 @@ PosSplits positives_pass(const cpu::LossInputs& in, const cpu::TilePlan& plan, c
       }
       return;
     }
-    Tensor s = scratch[p].similarity(in.x32, rt);
+    Tensor s = scratch[p].similarity(in, c0, w);
     Tensor c = scratch[p].aux_tile(B, w);
     const float* sp = s.data_ptr<float>();
     float* cp = c.data_ptr<float>();

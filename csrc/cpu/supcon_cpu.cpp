@@ -158,7 +158,7 @@ SupconSplits supcon_pass(const cpu::LossInputs& in, const cpu::TilePlan& plan, f
   cpu::ScratchPool scratch(in, plan);
   cpu::for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
     Tensor rt = scratch[p].ref_tile(in.ref, c0, w);
-    Tensor e = scratch[p].similarity(in.x32, rt);
+    Tensor e = scratch[p].similarity(in, c0, w);
     Tensor pos = scratch[p].aux_tile(B, w);
     const int64_t npos = supcon_tile(e.data_ptr<float>(), accumulate ? pos.data_ptr<float>() : nullptr, B, w, c0,
                                      in, inv_tau, pos_thr, st.m[p].data_ptr<float>(), st.s[p].data_ptr<double>(),

@@ -1,6 +1,7 @@
 // Shared machinery of the fused CPU loss kernels: the reference rows are streamed in
-// column tiles; per tile a small fp32 GEMM writes S_tile = X R_tile^T into a buffer that
-// fits in cache, a loss-specific epilogue runs over it, and (optionally) the same tile of
+// column tiles; per tile a small GEMM with fp32 accumulation and fp32 output writes
+// S_tile = X R_tile^T into a buffer that fits in cache (16-bit products where the anchors
+// and the memory share a 16-bit dtype and the CPU multiplies it fast, see gemm16_enabled), a loss-specific epilogue runs over it, and (optionally) the same tile of
 // R is reused for the gradient. Tiles are grouped into P splits (contiguous column ranges), one
 // accumulator set per split, combined in split order: the result is the same on
 // every run with the same thread count. Nothing here is proportional to B x N.
@@ -9,9 +10,12 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <vector>
 
@@ -35,35 +39,80 @@ inline TilePlan plan_tiles(int64_t B, int64_t n) {
   return {cols, tiles, splits};
 }
 
+// Whether S tiles of 16-bit anchors against a memory of the same 16-bit dtype use 16-bit
+// products with fp32 accumulation and fp32 output (exact products: a bf16 or fp16 product
+// fits in fp32, so S is the same fp32 accumulation of the same values as the fp32 GEMM's,
+// in another order, and is never rounded to 16 bits). Decided at run time: ATen's
+// cpublas::could_pack is true where oneDNN finds AMX for that dtype (AMX-BF16 from
+// Sapphire Rapids on, AMX-FP16 from Granite Rapids on); there the 16-bit GEMM measured
+// 2-2.5x the fp32 one on the tile shapes used here. Elsewhere (AVX2 or AVX-512 without AMX,
+// the AMD EPYC CI machine, aarch64) the 16-bit GEMM was not measured faster, or falls back
+// to a slow kernel, so the tiles keep today's fp32 GEMM on an fp32 copy of the tile.
+// XBM_CPU_GEMM16=0 forces the fp32 GEMM (benchmarks compare the two in one process).
+inline bool gemm16_enabled(at::ScalarType t) {
+  if (t != at::kBFloat16 && t != at::kHalf) return false;
+  const char* env = std::getenv("XBM_CPU_GEMM16");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  return at::native::cpublas::could_pack(t);
+}
+
+// C (M x N, fp32, row stride ldc) = A (M x K, row stride lda) B (K x N, row stride ldb), A and B
+// 16-bit row-major, products accumulated in fp32; C += when add_c. ATen's brgemm without the
+// VNNI layout is its plain 16-bit-input, fp32-output GEMM.
+inline void gemm16(int64_t M, int64_t N, int64_t K, const at::Tensor& a, int64_t lda, const at::Tensor& b,
+                   int64_t ldb, float* c, int64_t ldc, bool add_c) {
+  if (a.scalar_type() == at::kBFloat16) {
+    at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add_c, a.data_ptr<at::BFloat16>(), b.data_ptr<at::BFloat16>(),
+                                c, /*is_vnni=*/false);
+  } else {
+    at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add_c, a.data_ptr<at::Half>(), b.data_ptr<at::Half>(), c,
+                                /*is_vnni=*/false);
+  }
+}
+
 // One worker's scratch: the score tile, an optional second tile of the same size (losses
-// with two coefficient sets), and, for non-fp32 references, an fp32 copy of R_tile.
+// with two coefficient sets), for non-fp32 references an fp32 copy of R_tile, and for the
+// 16-bit GEMM R_tile transposed.
 struct TileScratch {
   at::Tensor scores;  // (B * cols,) f32
   at::Tensor aux;     // (B * cols,) f32
   at::Tensor ref32;   // (cols, D) f32, or undefined when ref is already fp32
-  TileScratch(int64_t B, int64_t D, int64_t cols, const at::Tensor& ref) {
+  at::Tensor ref16t;  // (D * cols,) 16-bit: R_tile^T row-major, or undefined without gemm16
+  TileScratch(int64_t B, int64_t D, int64_t cols, const at::Tensor& ref, bool gemm16) {
     auto opts = ref.options().dtype(at::kFloat);
     scores = at::empty({B * cols}, opts);
     aux = at::empty({B * cols}, opts);
     if (ref.scalar_type() != at::kFloat) ref32 = at::empty({cols, D}, opts);
+    if (gemm16) ref16t = at::empty({D * cols}, ref.options());
   }
   at::Tensor aux_tile(int64_t B, int64_t w) { return aux.narrow(0, 0, B * w).view({B, w}); }
   at::Tensor current_ref;  // the tile ref_tile returned last (epilogues that read R rows)
-  // fp32 view of ref rows [c0, c0 + w)
+  int64_t current_c0 = -1, current_w = -1;
+  // fp32 view of ref rows [c0, c0 + w); converted once per tile however often it is asked for
   at::Tensor ref_tile(const at::Tensor& ref, int64_t c0, int64_t w) {
+    if (c0 == current_c0 && w == current_w) return current_ref;
     at::Tensor rt = ref.narrow(0, c0, w);
     if (ref32.defined()) {
       rt = ref32.narrow(0, 0, w);
       rt.copy_(ref.narrow(0, c0, w));
     }
     current_ref = rt;
+    current_c0 = c0;
+    current_w = w;
     return rt;
   }
-  // S_tile = X R_tile^T, (B, w) fp32, living in `scores`
-  at::Tensor similarity(const at::Tensor& x32, const at::Tensor& rt) {
-    const int64_t B = x32.size(0), w = rt.size(0);
-    at::Tensor st = scores.narrow(0, 0, B * w).view({B, w});
-    at::mm_out(st, x32, rt.t());
+  // S_tile = X R_tile^T for ref rows [c0, c0 + w), (B, w) fp32, living in `scores`.
+  template <typename Inputs>
+  at::Tensor similarity(const Inputs& in, int64_t c0, int64_t w) {
+    at::Tensor st = scores.narrow(0, 0, in.B * w).view({in.B, w});
+    if (in.x16.defined()) {
+      // The GEMM takes B row-major as K x N: R_tile transposed into (D, w).
+      at::Tensor rt16 = ref16t.narrow(0, 0, in.D * w).view({in.D, w});
+      rt16.copy_(in.ref.narrow(0, c0, w).t());
+      gemm16(in.B, w, in.D, in.x16, in.D, rt16, w, st.data_ptr<float>(), w, /*add_c=*/false);
+    } else {
+      at::mm_out(st, in.x32, ref_tile(in.ref, c0, w).t());
+    }
     return st;
   }
 };
@@ -87,6 +136,7 @@ void for_each_tile(const TilePlan& plan, int64_t n, const Fn& fn) {
 // The loss ops' inputs in the layout the kernels read: fp32 anchors, contiguous rows.
 struct LossInputs {
   at::Tensor x32, ref, y, z, self_idx;
+  at::Tensor x16;  // the anchors in the memory's 16-bit dtype where gemm16_enabled, else undefined
   int64_t B, D, n;
   const int64_t* self_ptr() const { return self_idx.defined() ? self_idx.data_ptr<int64_t>() : nullptr; }
   const int32_t* y_ptr() const { return y.data_ptr<int32_t>(); }
@@ -106,6 +156,8 @@ inline LossInputs prepare_inputs(const at::Tensor& x, const at::Tensor& labels, 
   in.y = labels.contiguous();
   in.z = ref_labels.contiguous();
   if (self_index.has_value()) in.self_idx = self_index->contiguous();
+  // fp32 anchors against a 16-bit memory keep the fp32 GEMM: their products need fp32.
+  if (x.scalar_type() == ref.scalar_type() && gemm16_enabled(ref.scalar_type())) in.x16 = x.detach().contiguous();
   in.B = x.size(0);
   in.D = x.size(1);
   in.n = ref_valid;
@@ -119,7 +171,7 @@ struct ScratchPool {
   int64_t cols;
   ScratchPool(const LossInputs& in_, const TilePlan& plan) : splits(plan.splits), in(in_), cols(plan.cols) {}
   TileScratch& operator[](int64_t p) {
-    if (!splits[p]) splits[p] = std::make_unique<TileScratch>(in.B, in.D, cols, in.ref);
+    if (!splits[p]) splits[p] = std::make_unique<TileScratch>(in.B, in.D, cols, in.ref, in.x16.defined());
     return *splits[p];
   }
 };
@@ -169,8 +221,8 @@ std::tuple<at::Tensor, at::Tensor> coefficient_backward(const LossInputs& in, in
   at::Tensor grad_ref = at::zeros({ref_rows, in.D}, f32);  // rows >= ref_valid get no gradient
   ScratchPool scratch(in, plan);
   for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
+    at::Tensor c = scratch[p].similarity(in, c0, w);
     at::Tensor rt = scratch[p].ref_tile(in.ref, c0, w);
-    at::Tensor c = scratch[p].similarity(in.x32, rt);
     to_coefficients(p, c0, w, c, scratch[p]);
     grad_splits[p].addmm_(c, rt);
     at::Tensor gr = grad_ref.narrow(0, c0, w);
@@ -195,13 +247,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_forward(const LossInputs
   at::Tensor grad_splits = need_grad ? at::zeros({plan.splits, in.B, in.D}, f32) : at::Tensor();
   ScratchPool scratch(in, plan);
   for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
-    at::Tensor rt = scratch[p].ref_tile(in.ref, c0, w);
-    at::Tensor st = scratch[p].similarity(in.x32, rt);
+    at::Tensor st = scratch[p].similarity(in, c0, w);
     const int64_t active = epilogue(st.data_ptr<float>(), c0, w, loss_splits[p].data_ptr<double>(),
                                     count_splits[p].data_ptr<int64_t>());
     // Few active pairs in the tile (the hard negatives are few, or a term is switched off):
     // row adds instead of the GEMM.
-    if (need_grad) add_sparse_rows(st, rt, grad_splits[p], active);
+    if (need_grad) add_sparse_rows(st, scratch[p].ref_tile(in.ref, c0, w), grad_splits[p], active);
   });
   at::Tensor grad = need_grad ? sum_splits(grad_splits) : at::empty({0}, f32);
   return {sum_splits(loss_splits).to(at::kFloat), grad, sum_splits(count_splits).to(at::kInt)};

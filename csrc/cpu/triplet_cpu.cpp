@@ -95,7 +95,7 @@ Hardest find_hardest(const cpu::LossInputs& in, float pos_thr) {
   Tensor pv = at::full({plan.splits, B}, kInf, f32), nv = at::full({plan.splits, B}, -kInf, f32);
   Tensor pi = at::full({plan.splits, B}, -1, f32.dtype(at::kLong)), ni = at::full({plan.splits, B}, -1, pi.options());
   cpu::for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
-    Tensor st = scratch[p].similarity(in.x32, scratch[p].ref_tile(in.ref, c0, w));
+    Tensor st = scratch[p].similarity(in, c0, w);
     hardest_tile(st.data_ptr<float>(), B, w, c0, in, pos_thr, pv[p].data_ptr<float>(), pi[p].data_ptr<int64_t>(),
                  nv[p].data_ptr<float>(), ni[p].data_ptr<int64_t>());
   });
