@@ -121,3 +121,60 @@ def test_kernel_compiles_for_sm90(name, operands, mine):
     src = ASTSource(fn=fn, signature=sig, constexprs=used)
     compiled = triton.compile(src, target=TARGET, options=dict(num_warps=4, num_stages=2))
     assert compiled.asm.get("cubin"), f"{name}: no cubin"
+
+
+# --------------------------------------------------------------------------- resources on sm_90
+# Every (kernel, configuration) the launchers' prunes keep, compiled for sm_90: within 227 KB of
+# shared memory (and within the prune's model of it, which must not under-estimate), and without
+# register spills wherever the prune had a choice (where every tile spills, wide rows, it keeps
+# one config, which runs slowly; backend="auto" prefers the CUDA kernel there for the contrastive
+# loss). The fast subset: the widest rows and two common ones; the full table is marked slow.
+
+import sys  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+import sm90  # noqa: E402  (a helper module, not a test file)
+
+FAST = [("contrastive_fwd", 128, "bf16"), ("supcon_fwd", 256, "fp32-on-bf16"), ("contrastive_fwd", 2048, "bf16"),
+        ("supcon_fwd", 1024, "fp32"), ("multi_similarity_fwd-mine", 512, "bf16")]
+
+
+def _resource_cases(slow):
+    for name in sm90.autotuned_kernels():
+        for operands in sm90.OPERANDS:
+            for D in sm90.DIMS:
+                fast = (name, D, operands) in FAST
+                if fast != slow:
+                    yield pytest.param(name, D, operands, id=f"{name}-D{D}-{operands}",
+                                       marks=[pytest.mark.slow] if slow else [])
+
+
+def _check_resources(name, D, operands):
+    if sm90.cuobjdump() is None:
+        pytest.skip("no cuobjdump (Triton's or the CUDA toolkit's) to read the registers")
+    kernel, _ = sm90.autotuned_kernels()[name]
+    kept = sm90.kept_configs(kernel, D, operands)
+    if not kept:
+        assert _common.launch_problem((kernel,), name, D, *sm90.OPERANDS[operands][:2]), "kept nothing, said nothing"
+        return
+    bad = []
+    for config in kept:
+        shared, regs, spill = sm90.measure(name, D, operands, config)
+        label = (config.kwargs, config.num_warps, config.num_stages)
+        if shared > sm90.SMEM_LIMIT:
+            bad.append(f"{label}: {shared} B of shared memory")
+        if spill and len(kept) > 1:
+            bad.append(f"{label}: {spill} B of spills per thread ({regs} registers)")
+    assert not bad, f"{name} D={D} {operands}: " + "; ".join(bad)
+
+
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+@pytest.mark.parametrize("name,D,operands", list(_resource_cases(slow=False)))
+def test_kept_configs_launch_without_spills_on_sm90(name, D, operands):
+    _check_resources(name, D, operands)
+
+
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+@pytest.mark.parametrize("name,D,operands", list(_resource_cases(slow=True)))
+def test_kept_configs_launch_without_spills_on_sm90_every_shape(name, D, operands):
+    _check_resources(name, D, operands)

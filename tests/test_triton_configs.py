@@ -94,13 +94,14 @@ def test_small_batches_keep_small_row_tiles_and_ieee_fp32_small_tiles(loss_name,
         assert len(tf32) >= len(ieee) >= 1
 
 
-def test_wide_rows_fall_back_to_one_config_and_wgmma_tiles_serve_512():
+def test_wide_rows_fall_back_to_one_config_and_64_row_tiles_serve_16_bit_rows():
     """Where every tile spills, one config (the least shared memory) is kept, not the table; at
-    D = 512 in bf16 the contrastive kernel keeps a 64-row (wgmma) tile."""
+    D = 128 in bf16 the contrastive kernel keeps a 64-row (wgmma) tile, at 512 more than one."""
     kept = _kept(tsc.supcon_fwd_kernel, 1024, torch.bfloat16, torch.bfloat16)
     assert len(kept) == 1
-    rows = [c.kwargs["BLOCK_B"] for c in _kept(tc.contrastive_fwd_kernel, 512, torch.bfloat16, torch.bfloat16)]
+    rows = [c.kwargs["BLOCK_B"] for c in _kept(tc.contrastive_fwd_kernel, 128, torch.bfloat16, torch.bfloat16)]
     assert 64 in rows
+    assert len(_kept(tc.contrastive_fwd_kernel, 512, torch.bfloat16, torch.bfloat16)) > 1
 
 
 def test_heuristic_mode_keeps_the_first_fitting_config(monkeypatch):

@@ -164,11 +164,11 @@ AUTOTUNE_OPTIONS = {"cache_results": True} if "cache_results" in inspect.signatu
 # shared memory per SM, 64K registers). Small BLOCK_B serves small batches against a big
 # memory. The registers hold the fp32 dX tile plus loop-invariant broadcasts of labels and
 # self indices: compiled for sm_90, 64-row tiles spill with 4 warps at D = 128, hence 8.
-# The last entries are for large D: 64-row tiles with 8 or 16 warps (wgmma on 16-bit rows of
-# 512-1024), then small tiles (fp32 rows of 512+).
+# The last entries are for large D: a 64 x 32 tile with 8 warps (wgmma on 16-bit rows of 512),
+# then small tiles (fp32 rows of 512+).
 FWD_CONFIGS = [(16, 64, 4, 3), (16, 128, 8, 3), (32, 64, 8, 3), (32, 128, 8, 3), (64, 64, 8, 3),
-               (64, 64, 8, 4), (64, 128, 8, 3), (128, 64, 8, 3), (64, 32, 8, 2), (64, 16, 16, 2),
-               (16, 32, 4, 2), (16, 16, 4, 1)]
+               (64, 64, 8, 4), (64, 128, 8, 3), (128, 64, 8, 3), (64, 32, 8, 2), (16, 32, 4, 2),
+               (16, 16, 4, 1)]
 # The same for forward kernels holding two fp32 (B x D) accumulators (multi-similarity,
 # supcon, ntxent) or one and a coefficient tile in limbs (contrastive_l2): without the
 # 64 x 128 and 128 x 64 tiles, which spill kilobytes there (ptxas for sm_90 at D = 128, bf16).
@@ -226,9 +226,9 @@ def prune_configs(rows_name, cols_name, count_name, ieee_fp32_tile, acc_tiles=1,
     in the forward kernels, reference rows in the reference-side ones), cols_name the
     streamed one. Drops configs that cannot launch (shared memory over SMEM_LIMIT, counting
     the anchors' 16-bit limbs: smem_bytes), that spill (register_words over what ptxas for
-    sm_90 fits without spills, calibrated on ptxas' counts: 100 words with wgmma, i.e. 16-bit
-    operands and 64-row tiles; with mma.sync, operands included, 224 with 4 warps and 96 with
-    8, whose small row tiles replicate operands across warps), whose row tile far
+    sm_90 fits without spills, calibrated on ptxas' counts under Triton 3.9: 64 words with
+    wgmma, i.e. 16-bit operands and 64-row tiles; with mma.sync, operands included, 200 with
+    4 warps and 64 with 8, whose small row tiles replicate operands across warps), whose row tile far
     exceeds the rows there are, and IEEE fp32 dots (FMA units) beyond ieee_fp32_tile (rows x
     cols). With fp32_product_when_limbed the kernel also takes an fp32 product of the
     anchors when they come in limbs (ref_grad_acc).
@@ -255,7 +255,7 @@ def prune_configs(rows_name, cols_name, count_name, ieee_fp32_tile, acc_tiles=1,
         rows, cols = c.kwargs[rows_name], c.kwargs[cols_name]
         wgmma = sixteen and not fp32_dot and rows % 64 == 0 and c.num_warps % 4 == 0
         words = register_words(rows, cols, c.num_warps, bd, acc_tiles, temps, resident, streamed, wgmma)
-        budget = 100 if wgmma else (224 if c.num_warps <= 4 else 96)
+        budget = 64 if wgmma else (200 if c.num_warps <= 4 else 64)
         return words <= budget and not (fp32_dot and precision == "ieee" and rows * cols > ieee_fp32_tile)
 
     def smem(c, bd, resident, streamed):
