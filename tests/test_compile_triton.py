@@ -163,7 +163,7 @@ def _check_resources(name, D, operands):
         label = (config.kwargs, config.num_warps, config.num_stages)
         if shared > sm90.SMEM_LIMIT:
             bad.append(f"{label}: {shared} B of shared memory")
-        if spill and len(kept) > 1:
+        if spill > 8 and len(kept) > 1:  # 8 B of stack: a call frame or one word, not a slow kernel
             bad.append(f"{label}: {spill} B of spills per thread ({regs} registers)")
     assert not bad, f"{name} D={D} {operands}: " + "; ".join(bad)
 
