@@ -205,7 +205,7 @@ MsState ms_passes(const cpu::LossInputs& in, const MsParams& prm, bool accumulat
   }
   // The weights pass over one tile whose score tile s_tile is computed, against the given
   // thresholds and shifts, into split p's sums.
-  auto weights = [&](int64_t p, int64_t c0, int64_t w, const Tensor& rt, Tensor& s_tile, const float* mine_min,
+  auto weights = [&](int64_t p, int64_t c0, int64_t w, Tensor& s_tile, const float* mine_min,
                      const float* mine_max, const float* sh_p, const float* sh_n) {
     Tensor n_tile = scratch[p].aux_tile(B, w);
     const auto tile_counts =
@@ -213,8 +213,8 @@ MsState ms_passes(const cpu::LossInputs& in, const MsParams& prm, bool accumulat
                         sh_p, sh_n, sp_splits[p].data_ptr<double>(), sn_splits[p].data_ptr<double>(),
                         count_splits[p].data_ptr<int64_t>());
     if (accumulate) {
-      cpu::add_sparse_rows(s_tile, rt, gp_splits[p], tile_counts[0]);  // mined positives: usually few
-      cpu::add_sparse_rows(n_tile, rt, gn_splits[p], tile_counts[1]);
+      cpu::add_sparse_rows(scratch[p], in, s_tile, c0, gp_splits[p], tile_counts[0]);  // mined positives: usually few
+      cpu::add_sparse_rows(scratch[p], in, n_tile, c0, gn_splits[p], tile_counts[1]);
     }
   };
   MsState st;
@@ -238,9 +238,8 @@ MsState ms_passes(const cpu::LossInputs& in, const MsParams& prm, bool accumulat
     const float* sh_p = st.shift_p.data_ptr<float>();
     const float* sh_n = st.shift_n.data_ptr<float>();
     cpu::for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
-      Tensor rt = scratch[p].ref_tile(in.ref, c0, w);
       Tensor s_tile = scratch[p].similarity(in, c0, w);
-      weights(p, c0, w, rt, s_tile, min_pos, max_neg, sh_p, sh_n);
+      weights(p, c0, w, s_tile, min_pos, max_neg, sh_p, sh_n);
     });
   } else {
     // the shifts each split has summed with so far
@@ -248,7 +247,6 @@ MsState ms_passes(const cpu::LossInputs& in, const MsParams& prm, bool accumulat
     Tensor split_shift_n = at::full({plan.splits, B}, -kInf, f32);
     const Tensor no_min = at::full({B}, -kInf, f32), no_max = at::full({B}, kInf, f32);
     cpu::for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
-      Tensor rt = scratch[p].ref_tile(in.ref, c0, w);
       Tensor s_tile = scratch[p].similarity(in, c0, w);
       float* mn = min_splits[p].data_ptr<float>();
       float* mx = max_splits[p].data_ptr<float>();
@@ -276,7 +274,7 @@ MsState ms_passes(const cpu::LossInputs& in, const MsParams& prm, bool accumulat
           sh_n[i] = new_n;
         }
       }
-      weights(p, c0, w, rt, s_tile, no_min.data_ptr<float>(), no_max.data_ptr<float>(), sh_p, sh_n);
+      weights(p, c0, w, s_tile, no_min.data_ptr<float>(), no_max.data_ptr<float>(), sh_p, sh_n);
     });
     merge_stats();
     // Every split's sums to the common shift (in place; then summed in order below).

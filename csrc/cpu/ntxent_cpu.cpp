@@ -176,7 +176,6 @@ NegSplits negatives_pass(const cpu::LossInputs& in, const cpu::TilePlan& plan, f
   cpu::ScratchPool scratch(in, plan);
   const int32_t* y = in.y_ptr();
   cpu::for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
-    Tensor rt = scratch[p].ref_tile(in.ref, c0, w);
     Tensor e = scratch[p].similarity(in, c0, w);
     float* ep = e.data_ptr<float>();
     float* m = st.m[p].data_ptr<float>();
@@ -190,7 +189,7 @@ NegSplits negatives_pass(const cpu::LossInputs& in, const cpu::TilePlan& plan, f
                   ? neg_row(ep + i * w, w, z, y[i], inv_tau, m[i], sum[i], count[i])
                   : neg_row_with_self(ep + i * w, w, self_col, z, y[i], inv_tau, m[i], sum[i], count[i]);
     }
-    if (accumulate) st.g[p].mul_(rescale[p].unsqueeze(1)).addmm_(e, rt);
+    if (accumulate) scratch[p].add_product(in, e, c0, w, st.g[p].mul_(rescale[p].unsqueeze(1)));
   });
   return st;
 }
@@ -295,7 +294,7 @@ PosSplits positives_pass(const cpu::LossInputs& in, const cpu::TilePlan& plan, c
         cp[i * w + j] = static_cast<float>(sig);
       }
     }
-    if (gpos) cpu::add_sparse_rows(c, rt, st.gpos[p], npos);
+    if (gpos) cpu::add_sparse_rows(scratch[p], in, c, c0, st.gpos[p], npos);
   });
   return st;
 }

@@ -157,7 +157,6 @@ SupconSplits supcon_pass(const cpu::LossInputs& in, const cpu::TilePlan& plan, f
   Tensor rescale = at::empty({plan.splits, B}, f32);
   cpu::ScratchPool scratch(in, plan);
   cpu::for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
-    Tensor rt = scratch[p].ref_tile(in.ref, c0, w);
     Tensor e = scratch[p].similarity(in, c0, w);
     Tensor pos = scratch[p].aux_tile(B, w);
     const int64_t npos = supcon_tile(e.data_ptr<float>(), accumulate ? pos.data_ptr<float>() : nullptr, B, w, c0,
@@ -165,8 +164,8 @@ SupconSplits supcon_pass(const cpu::LossInputs& in, const cpu::TilePlan& plan, f
                                      st.pos_sum[p].data_ptr<double>(), st.counts[p].data_ptr<int64_t>(),
                                      rescale[p].data_ptr<float>());
     if (accumulate) {
-      st.g[p].mul_(rescale[p].unsqueeze(1)).addmm_(e, rt);
-      cpu::add_sparse_rows(pos, rt, st.gpos[p], npos);  // positives: usually few
+      scratch[p].add_product(in, e, c0, w, st.g[p].mul_(rescale[p].unsqueeze(1)));
+      cpu::add_sparse_rows(scratch[p], in, pos, c0, st.gpos[p], npos);  // positives: usually few
     }
   });
   return st;

@@ -57,18 +57,66 @@ inline bool gemm16_enabled(at::ScalarType t) {
 }
 
 // C (M x N, fp32, row stride ldc) = A (M x K, row stride lda) B (K x N, row stride ldb), A and B
-// 16-bit row-major, products accumulated in fp32; C += when add_c. ATen's brgemm without the
-// VNNI layout is its plain 16-bit-input, fp32-output GEMM.
-inline void gemm16(int64_t M, int64_t N, int64_t K, const at::Tensor& a, int64_t lda, const at::Tensor& b,
+// row-major in the 16-bit dtype t, products accumulated in fp32; C += when add_c. ATen's
+// brgemm without the VNNI layout is its plain 16-bit-input, fp32-output GEMM.
+inline void gemm16(at::ScalarType t, int64_t M, int64_t N, int64_t K, const void* a, int64_t lda, const void* b,
                    int64_t ldb, float* c, int64_t ldc, bool add_c) {
-  if (a.scalar_type() == at::kBFloat16) {
-    at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add_c, a.data_ptr<at::BFloat16>(), b.data_ptr<at::BFloat16>(),
-                                c, /*is_vnni=*/false);
+  if (t == at::kBFloat16) {
+    at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add_c, static_cast<const at::BFloat16*>(a),
+                                static_cast<const at::BFloat16*>(b), c, /*is_vnni=*/false);
   } else {
-    at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add_c, a.data_ptr<at::Half>(), b.data_ptr<at::Half>(), c,
-                                /*is_vnni=*/false);
+    at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add_c, static_cast<const at::Half*>(a),
+                                static_cast<const at::Half*>(b), c, /*is_vnni=*/false);
   }
 }
+
+// Coefficients c[0, n) as 16-bit limbs for a 16-bit GEMM: hi = c rounded to the dtype,
+// lo = (c - hi) rounded to it. Returns 0 when every c equals its hi (lo not needed: the
+// product is exact, e.g. the -1/0/+1 of the contrastive loss), 1 when hi + lo carry c
+// (bf16 only: lo holds the next 8 bits, so hi + lo is within 2^-17 |c|, far below the bf16
+// rounding of the returned gradient), 2 when they cannot (a non-finite value, an overflow,
+// or an inexact fp16 coefficient, whose lo could fall in fp16's subnormals): keep fp32.
+inline int split_limbs(at::ScalarType t, const float* c, int64_t n, void* hi_, void* lo_) {
+  if (t == at::kBFloat16) {
+    uint16_t* hi = static_cast<uint16_t*>(hi_);
+    uint16_t* lo = static_cast<uint16_t*>(lo_);
+    uint32_t inexact = 0, bad = 0;
+    for (int64_t k = 0; k < n; ++k) {  // round to nearest even by integer arithmetic (vectorises)
+      uint32_t u;
+      std::memcpy(&u, c + k, 4);
+      const uint32_t h = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+      bad |= static_cast<uint32_t>((u & 0x7F800000u) == 0x7F800000u) |
+             static_cast<uint32_t>((h & 0x7F800000u) == 0x7F800000u);
+      float hf;
+      std::memcpy(&hf, &h, 4);
+      const float d = c[k] - hf;  // exact (Sterbenz)
+      uint32_t ud;
+      std::memcpy(&ud, &d, 4);
+      inexact |= static_cast<uint32_t>((ud & 0x7FFFFFFFu) != 0);
+      hi[k] = static_cast<uint16_t>(h >> 16);
+      lo[k] = static_cast<uint16_t>((ud + 0x7FFFu + ((ud >> 16) & 1u)) >> 16);
+    }
+    return bad ? 2 : (inexact ? 1 : 0);
+  }
+  at::Half* hi = static_cast<at::Half*>(hi_);
+  for (int64_t k = 0; k < n; ++k) {
+    hi[k] = at::Half(c[k]);
+    if (static_cast<float>(hi[k]) != c[k]) return 2;
+  }
+  return 0;
+}
+
+// The loss ops' inputs in the layout the kernels read: fp32 anchors, contiguous rows.
+struct LossInputs {
+  at::Tensor x32, ref, y, z, self_idx;
+  at::Tensor x16;  // the anchors in the memory's 16-bit dtype where gemm16_enabled, else undefined
+  int64_t B, D, n;
+  const int64_t* self_ptr() const { return self_idx.defined() ? self_idx.data_ptr<int64_t>() : nullptr; }
+  const int32_t* y_ptr() const { return y.data_ptr<int32_t>(); }
+  const int32_t* z_ptr() const { return z.data_ptr<int32_t>(); }
+  // The column of anchor i's own copy, or -1.
+  int64_t self_col(int64_t i) const { return self_idx.defined() ? self_idx.data_ptr<int64_t>()[i] : -1; }
+};
 
 // One worker's scratch: the score tile, an optional second tile of the same size (losses
 // with two coefficient sets), for non-fp32 references an fp32 copy of R_tile, and for the
@@ -78,12 +126,16 @@ struct TileScratch {
   at::Tensor aux;     // (B * cols,) f32
   at::Tensor ref32;   // (cols, D) f32, or undefined when ref is already fp32
   at::Tensor ref16t;  // (D * cols,) 16-bit: R_tile^T row-major, or undefined without gemm16
+  at::Tensor limbs;   // (2, B * cols) 16-bit: a coefficient tile's hi and lo limbs, likewise
   TileScratch(int64_t B, int64_t D, int64_t cols, const at::Tensor& ref, bool gemm16) {
     auto opts = ref.options().dtype(at::kFloat);
     scores = at::empty({B * cols}, opts);
     aux = at::empty({B * cols}, opts);
     if (ref.scalar_type() != at::kFloat) ref32 = at::empty({cols, D}, opts);
-    if (gemm16) ref16t = at::empty({D * cols}, ref.options());
+    if (gemm16) {
+      ref16t = at::empty({D * cols}, ref.options());
+      limbs = at::empty({2, B * cols}, ref.options());
+    }
   }
   at::Tensor aux_tile(int64_t B, int64_t w) { return aux.narrow(0, 0, B * w).view({B, w}); }
   at::Tensor current_ref;  // the tile ref_tile returned last (epilogues that read R rows)
@@ -102,18 +154,36 @@ struct TileScratch {
     return rt;
   }
   // S_tile = X R_tile^T for ref rows [c0, c0 + w), (B, w) fp32, living in `scores`.
-  template <typename Inputs>
-  at::Tensor similarity(const Inputs& in, int64_t c0, int64_t w) {
+  at::Tensor similarity(const LossInputs& in, int64_t c0, int64_t w) {
     at::Tensor st = scores.narrow(0, 0, in.B * w).view({in.B, w});
     if (in.x16.defined()) {
       // The GEMM takes B row-major as K x N: R_tile transposed into (D, w).
       at::Tensor rt16 = ref16t.narrow(0, 0, in.D * w).view({in.D, w});
       rt16.copy_(in.ref.narrow(0, c0, w).t());
-      gemm16(in.B, w, in.D, in.x16, in.D, rt16, w, st.data_ptr<float>(), w, /*add_c=*/false);
+      gemm16(in.ref.scalar_type(), in.B, w, in.D, in.x16.data_ptr(), in.D, rt16.data_ptr(), w, st.data_ptr<float>(), w,
+             /*add_c=*/false);
     } else {
       at::mm_out(st, in.x32, ref_tile(in.ref, c0, w).t());
     }
     return st;
+  }
+  // out (B, D) fp32 += C R_tile for a (B, w) fp32 coefficient tile C of ref rows [c0, c0 + w):
+  // with gemm16, C's limbs times the 16-bit rows where split_limbs allows, else fp32.
+  void add_product(const LossInputs& in, const at::Tensor& c, int64_t c0, int64_t w, at::Tensor out) {
+    if (in.x16.defined()) {
+      const at::ScalarType t = in.ref.scalar_type();
+      void* hi = limbs[0].data_ptr();
+      void* lo = limbs[1].data_ptr();
+      const int parts = split_limbs(t, c.data_ptr<float>(), in.B * w, hi, lo);
+      if (parts < 2) {
+        TORCH_INTERNAL_ASSERT(out.is_contiguous() && c.is_contiguous());
+        const void* r = static_cast<const char*>(in.ref.data_ptr()) + c0 * in.D * in.ref.element_size();
+        gemm16(t, in.B, in.D, w, hi, w, r, in.D, out.data_ptr<float>(), in.D, /*add_c=*/true);
+        if (parts == 1) gemm16(t, in.B, in.D, w, lo, w, r, in.D, out.data_ptr<float>(), in.D, /*add_c=*/true);
+        return;
+      }
+    }
+    out.addmm_(c, ref_tile(in.ref, c0, w));
   }
 };
 
@@ -132,18 +202,6 @@ void for_each_tile(const TilePlan& plan, int64_t n, const Fn& fn) {
     }
   });
 }
-
-// The loss ops' inputs in the layout the kernels read: fp32 anchors, contiguous rows.
-struct LossInputs {
-  at::Tensor x32, ref, y, z, self_idx;
-  at::Tensor x16;  // the anchors in the memory's 16-bit dtype where gemm16_enabled, else undefined
-  int64_t B, D, n;
-  const int64_t* self_ptr() const { return self_idx.defined() ? self_idx.data_ptr<int64_t>() : nullptr; }
-  const int32_t* y_ptr() const { return y.data_ptr<int32_t>(); }
-  const int32_t* z_ptr() const { return z.data_ptr<int32_t>(); }
-  // The column of anchor i's own copy, or -1.
-  int64_t self_col(int64_t i) const { return self_idx.defined() ? self_idx.data_ptr<int64_t>()[i] : -1; }
-};
 
 inline LossInputs prepare_inputs(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& ref,
                                  const at::Tensor& ref_labels, const c10::optional<at::Tensor>& self_index,
@@ -188,14 +246,16 @@ inline at::Tensor sum_splits(const at::Tensor& splits) {
 // 2 D flops per nonzero instead of the 2 B w D of a GEMM; tiles denser than 1/32 take the
 // GEMM (the row adds run several times below the GEMM's flop rate, so the cut-off is kept
 // low). Both add in a fixed order.
-inline void add_sparse_rows(const at::Tensor& c, const at::Tensor& rt, at::Tensor out, int64_t nonzeros) {
-  const int64_t B = c.size(0), w = c.size(1), D = rt.size(1);
+inline void add_sparse_rows(TileScratch& scratch, const LossInputs& in, const at::Tensor& c, int64_t c0,
+                            at::Tensor out, int64_t nonzeros) {
+  const int64_t B = c.size(0), w = c.size(1), D = in.D;
   if (nonzeros * 32 > B * w) {
-    out.addmm_(c, rt);
+    scratch.add_product(in, c, c0, w, out);
     return;
   }
+  if (nonzeros == 0) return;
   const float* cp = c.data_ptr<float>();
-  const float* r = rt.data_ptr<float>();
+  const float* r = scratch.ref_tile(in.ref, c0, w).data_ptr<float>();
   float* o = out.data_ptr<float>();
   for (int64_t i = 0; i < B; ++i) {
     for (int64_t j = 0; j < w; ++j) {
@@ -224,7 +284,7 @@ std::tuple<at::Tensor, at::Tensor> coefficient_backward(const LossInputs& in, in
     at::Tensor c = scratch[p].similarity(in, c0, w);
     at::Tensor rt = scratch[p].ref_tile(in.ref, c0, w);
     to_coefficients(p, c0, w, c, scratch[p]);
-    grad_splits[p].addmm_(c, rt);
+    scratch[p].add_product(in, c, c0, w, grad_splits[p]);
     at::Tensor gr = grad_ref.narrow(0, c0, w);
     at::mm_out(gr, c.t(), in.x32);
   });
@@ -252,7 +312,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_forward(const LossInputs
                                     count_splits[p].data_ptr<int64_t>());
     // Few active pairs in the tile (the hard negatives are few, or a term is switched off):
     // row adds instead of the GEMM.
-    if (need_grad) add_sparse_rows(st, scratch[p].ref_tile(in.ref, c0, w), grad_splits[p], active);
+    if (need_grad) add_sparse_rows(scratch[p], in, st, c0, grad_splits[p], active);
   });
   at::Tensor grad = need_grad ? sum_splits(grad_splits) : at::empty({0}, f32);
   return {sum_splits(loss_splits).to(at::kFloat), grad, sum_splits(count_splits).to(at::kInt)};
