@@ -65,7 +65,7 @@ def test_no_statistics_pass_without_mining(backend, device, monkeypatch):
     params = cases.variants("multi_similarity")[variant]
     args = (d.x, d.y.int(), d.r, d.z.int(), d.self_index, d.ref_valid, *params.values())
     rows_e, _, _, counts_e = cases.expected(cases.PARTIAL, "multi_similarity", variant)
-    monkeypatch.setattr(tms, "ms_stats_kernel", _NotLaunched())
+    monkeypatch.setattr(tms, "multi_similarity_stats_kernel", _NotLaunched())
     rows, _, counts = tms.multi_similarity_fwd_triton(*args, True, False)
     assert_close(rows, rows_e, FP32, "rows")
     assert_equal_counts(counts, counts_e)
