@@ -52,3 +52,22 @@ def test_the_launcher_refuses_before_launching():
     with pytest.raises(ValueError, match="D = 2048"):
         supcon._common.require_launchable(supcon.KERNELS, "supcon", x, x)
     supcon._common.require_launchable(supcon.KERNELS, "supcon", x[:, :1024], x[:, :1024])  # fp32 1024: launches
+
+
+def test_the_public_losses_and_xbmloss_give_auto_the_shape(monkeypatch):
+    """xk.<loss>_loss and XBMLoss pass the row width and the operand dtypes to resolve(), so that
+    `auto` can pass over a Triton kernel that cannot launch for them."""
+    import xbm_kernels as xk
+    seen = []
+    real = backends.resolve
+
+    def spy(backend, device, op="enqueue", dim=None, dtypes=None):
+        seen.append((op, dim, dtypes))
+        return real(backend, device, op, dim=dim, dtypes=dtypes)
+
+    monkeypatch.setattr(backends, "resolve", spy)
+    x = torch.nn.functional.normalize(torch.randn(4, 6), dim=1)
+    xk.supcon_loss(x, torch.arange(4), x.to(BF16), torch.arange(4))
+    assert ("supcon", 6, (F32, BF16)) in seen
+    xk.XBMLoss(16, 6, loss="triplet", memory_dtype=BF16)(x, torch.arange(4))
+    assert ("triplet", 6, (F32, BF16)) in seen

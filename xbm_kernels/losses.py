@@ -132,7 +132,10 @@ def compute(loss, embeddings, labels, ref_embeddings, ref_labels, *, ref_valid=N
 def check_inputs(spec, embeddings, labels, ref_embeddings, ref_labels, ref_valid, self_index, reduction, backend):
     """Validates the tensors and picks the backend; returns (backend, ref_valid as int, self_index)."""
     V.tensor("embeddings", embeddings)
-    name = backends.resolve(backend, embeddings.device, spec.name)
+    # the shape lets `auto` pass over a Triton kernel that cannot launch for it (backends.resolve)
+    dim = embeddings.shape[-1] if embeddings.dim() == 2 else None
+    dtypes = (embeddings.dtype, ref_embeddings.dtype) if isinstance(ref_embeddings, torch.Tensor) else None
+    name = backends.resolve(backend, embeddings.device, spec.name, dim=dim, dtypes=dtypes)
     n, self_index = V.loss_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_valid, self_index, reduction,
                                   allow_fp64=(name == "reference"))
     return name, n, self_index

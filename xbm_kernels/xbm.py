@@ -185,7 +185,8 @@ class XBMLoss(nn.Module):
         joined; returns the backend that runs the loss."""
         V.tensor("embeddings", embeddings, dim=2, floating=True)
         dev = embeddings.device
-        name = backends.resolve(self.backend, dev, self.loss_name)
+        name = backends.resolve(self.backend, dev, self.loss_name, dim=embeddings.shape[1],
+                                dtypes=(embeddings.dtype, self.memory.dtype))
         allowed = V.FLOAT_DTYPES + ((torch.float64,) if name == "reference" else ())
         if embeddings.dtype not in allowed:
             raise TypeError(f"embeddings: expected dtype in {[str(d) for d in allowed]} (backend {name!r}), got "
