@@ -49,3 +49,30 @@ def test_an_unavailable_backend_says_why():
     with pytest.raises(ValueError, match=r"^backend: 'triton' is not available here \((triton is not installed|"
                                          r"it runs on CUDA GPUs.*TRITON_INTERPRET=1)"):
         xk.contrastive_loss(x, torch.arange(3), x, torch.arange(3), backend="triton")
+
+
+def test_fp32_on_a_gpu_kernel_warns_once_about_the_fma_units(monkeypatch):
+    """Issue 25 item 6: the warning a GPU user sees once (simulated: a tensor that says it is
+    on CUDA); none for the CPU backend, a bf16 memory, or TF32 allowed."""
+    from xbm_kernels import losses
+
+    class OnCuda:
+        def __init__(self, dtype):
+            self.dtype, self.device = dtype, torch.device("cuda")
+
+    monkeypatch.setattr(losses, "_FMA_WARNED", [])
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        losses._warn_fp32_on_fma("cpu", OnCuda(torch.float32), OnCuda(torch.float32))
+        losses._warn_fp32_on_fma("triton", OnCuda(torch.float32), OnCuda(torch.bfloat16))
+        assert not caught
+        losses._warn_fp32_on_fma("triton", OnCuda(torch.float32), OnCuda(torch.float32))
+        losses._warn_fp32_on_fma("cuda", OnCuda(torch.float32), OnCuda(torch.float32))
+    assert len(caught) == 1 and "set_float32_matmul_precision('high')" in str(caught[0].message)
+    monkeypatch.setattr(losses, "_FMA_WARNED", [])
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        losses._warn_fp32_on_fma("triton", OnCuda(torch.float32), OnCuda(torch.float32))
+    assert not caught

@@ -141,6 +141,25 @@ def check_inputs(spec, embeddings, labels, ref_embeddings, ref_labels, ref_valid
     return name, n, self_index
 
 
+_FMA_WARNED = []
+
+
+def _warn_fp32_on_fma(backend, x, ref):
+    """Once per process: fp32 rows on a GPU kernel under the default float32 matmul precision
+    ("highest") multiply in IEEE fp32 on the FMA units, several times slower than the tensor
+    cores (CONTRACT.md section 5). Not while torch.compile traces."""
+    if _FMA_WARNED or backend not in ("triton", "cuda") or x.device.type != "cuda" \
+            or torch.compiler.is_compiling():
+        return
+    if x.dtype == torch.float32 and ref.dtype == torch.float32 and not _allow_tf32():
+        _FMA_WARNED.append(True)
+        import warnings
+        warnings.warn("xbm_kernels: float32 embeddings and memory on a GPU run in IEEE fp32 on the FMA units "
+                      "(torch.get_float32_matmul_precision() is 'highest'); for the tensor cores use a bfloat16 "
+                      "memory (memory_dtype=torch.bfloat16) or torch.set_float32_matmul_precision('high') (TF32). "
+                      "This warning is shown once.", stacklevel=3)
+
+
 def run(spec, params, backend, embeddings, labels, ref_embeddings, ref_labels, n, self_index, reduction):
     """The loss after check_inputs(); `params` in schema order (already validated, or chosen by
     the caller: the PML drop-in uses values outside the public ranges to switch a term off)."""
@@ -149,6 +168,7 @@ def run(spec, params, backend, embeddings, labels, ref_embeddings, ref_labels, n
         rows, counts = spec.reference(embeddings, labels, ref_embeddings, ref_labels, ref_valid=n, self_index=si,
                                       **dict(zip(spec.defaults, params)))
         return _reduce(spec, rows, counts, reduction), counts
+    _warn_fp32_on_fma(backend, embeddings, ref_embeddings)
     y = labels.to(torch.int32)
     z = ref_labels.to(torch.int32)
     si = None if self_index is None else self_index.to(torch.int64).contiguous()
