@@ -146,7 +146,7 @@ def _resource_cases(slow):
                 fast = (name, D, operands) in FAST
                 if fast != slow:
                     yield pytest.param(name, D, operands, id=f"{name}-D{D}-{operands}",
-                                       marks=[pytest.mark.slow] if slow else [])
+                                       marks=[pytest.mark.slow, pytest.mark.sm90_table] if slow else [])
 
 
 def _check_resources(name, D, operands):
