@@ -29,8 +29,9 @@ except ImportError as exc:  # an older or newer Triton without these entry point
 from xbm_kernels.triton import _common, contrastive, contrastive_l2, enqueue, multi_similarity  # noqa: E402
 from xbm_kernels.triton import ntxent, supcon, triplet  # noqa: E402
 
+import sm90  # noqa: E402  (a helper module, not a test file: conftest puts tests/ on sys.path)
+
 TARGET = GPUTarget("cuda", 90, 32)
-TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # (x, ref) dtypes: fp32, 16-bit, fp32 anchors in 16-bit limbs (2 for fp16, 3 for bf16)
 OPERANDS = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16),
             "fp32-on-fp16": (torch.float32, torch.float16), "fp32-on-bf16": (torch.float32, torch.bfloat16)}
@@ -57,11 +58,6 @@ KERNELS = {
     "triplet_ref_grad": triplet.triplet_ref_grad_kernel,
     "enqueue": enqueue.enqueue_kernel,
 }
-FLOAT_SCALARS = {"alpha", "beta", "base", "mining_margin", "pos_thr", "margin", "inv_tau", "pos_margin",
-                 "neg_margin"}
-INT32_POINTERS = {"y_ptr", "z_ptr", "counts_ws", "counts_ptr", "idx_ws", "chosen_ptr", "mem_labels_ptr",
-                  "labels_ptr"}
-INT64_POINTERS = {"si_ptr", "slots_ptr"}
 
 
 def _jit_function(kernel):
@@ -71,27 +67,9 @@ def _jit_function(kernel):
 
 
 def _signature(fn, x_dtype, ref_dtype, constexprs):
-    sig = {}
-    for p in fn.params:
-        name = p.name
-        if p.is_constexpr:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr") or name.endswith("_ws"):
-            if name in INT32_POINTERS:
-                sig[name] = "*i32"
-            elif name in INT64_POINTERS:
-                sig[name] = "*i64"
-            elif name in ("x_ptr", "emb_ptr"):
-                sig[name] = "*" + TRITON_DTYPE[x_dtype]
-            elif name in ("r_ptr", "mem_ptr"):
-                sig[name] = "*" + TRITON_DTYPE[ref_dtype]
-            else:
-                sig[name] = "*fp32"
-        else:
-            sig[name] = "fp32" if name in FLOAT_SCALARS else "i32"
     missing = [p.name for p in fn.params if p.is_constexpr and p.name not in constexprs]
     assert not missing, f"{fn.__name__}: no test value for constexpr {missing}"
-    return sig
+    return sm90.signature(fn, x_dtype, ref_dtype)
 
 
 def _constexprs(x_dtype, ref_dtype, mine):
@@ -130,10 +108,6 @@ def test_kernel_compiles_for_sm90(name, operands, mine):
 # one config, which runs slowly; backend="auto" prefers the CUDA kernel there for the contrastive
 # loss). The fast subset: the widest rows and two common ones; the full table is marked slow.
 
-import sys  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(__file__))
-import sm90  # noqa: E402  (a helper module, not a test file)
 
 FAST = [("contrastive_fwd", 128, "bf16"), ("supcon_fwd", 256, "fp32-on-bf16"), ("contrastive_fwd", 2048, "bf16"),
         ("supcon_fwd", 1024, "fp32"), ("multi_similarity_fwd-mine", 512, "bf16")]
