@@ -122,60 +122,46 @@ inline bool vnni_enabled(at::ScalarType t) {
   return t == at::kBFloat16 ? bf16 : f16;
 }
 
-// fp32 values c[0, n) as a sum of 16-bit limbs for a 16-bit GEMM: limb 0 = c rounded to the
-// dtype, limb 1 = the remainder rounded, limb 2 = what is left, written at out + l * stride.
-// In bf16 three limbs carry every normal fp32 value exactly (8 + 8 + 8 significand bits),
-// so a product with them is exact and the GEMM is the fp32 accumulation of exact products,
-// as the fp32 GEMM's (in another order). Returns the number of limbs needed (1: every c is
-// exact in the dtype, e.g. the -1/0/+1 of the contrastive loss or anchors already 16-bit; 2;
-// 3), or 0 when limbs cannot carry c exactly: a non-finite value, an overflow, a remainder
-// below bf16's normal range (AMX reads 16-bit subnormals as 0), or in fp16 (whose narrow
-// range would put remainders in its subnormals) any value not exact in one limb. The caller
-// then keeps fp32.
-inline int split_limbs(at::ScalarType t, const float* c, int64_t n, uint16_t* out, int64_t stride) {
+// Coefficients c[0, n) as 16-bit limbs for a 16-bit GEMM: hi = c rounded to the dtype,
+// lo = (c - hi) rounded to it. Returns 0 when every c equals its hi (lo not needed: the
+// product is exact, e.g. the -1/0/+1 of the contrastive loss), 1 when hi + lo carry c
+// (bf16 only: lo holds the next 8 bits, so hi + lo is within 2^-17 |c|, far below the bf16
+// rounding of the returned gradient), 2 when they cannot (a non-finite value, an overflow,
+// or an inexact fp16 coefficient, whose lo could fall in fp16's subnormals): keep fp32.
+inline int split_limbs(at::ScalarType t, const float* c, int64_t n, void* hi_, void* lo_) {
   if (t == at::kBFloat16) {
-    uint16_t* l0 = out;
-    uint16_t* l1 = out + stride;
-    uint16_t* l2 = out + 2 * stride;
-    uint32_t need2 = 0, need3 = 0, bad = 0;
-    auto bits = [](float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; };
-    auto value = [](uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; };
-    // round to nearest even by integer arithmetic (vectorises)
-    auto round16 = [](uint32_t u) { return (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u; };
-    for (int64_t k = 0; k < n; ++k) {
-      const uint32_t u = bits(c[k]);
-      const uint32_t h = round16(u);
-      const float d1 = c[k] - value(h);  // exact (Sterbenz), as are d2 and d3
-      const uint32_t m = round16(bits(d1));
-      const float d2 = d1 - value(m);
-      const uint32_t l = round16(bits(d2));
-      const float d3 = d2 - value(l);
+    uint16_t* hi = static_cast<uint16_t*>(hi_);
+    uint16_t* lo = static_cast<uint16_t*>(lo_);
+    uint32_t inexact = 0, bad = 0;
+    for (int64_t k = 0; k < n; ++k) {  // round to nearest even by integer arithmetic (vectorises)
+      uint32_t u;
+      std::memcpy(&u, c + k, 4);
+      const uint32_t h = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
       bad |= static_cast<uint32_t>((u & 0x7F800000u) == 0x7F800000u) |
-             static_cast<uint32_t>((h & 0x7F800000u) == 0x7F800000u) | static_cast<uint32_t>(d3 != 0.f) |
-             static_cast<uint32_t>(d2 != 0.f && (l & 0x7F800000u) == 0);  // a subnormal last limb
-      need2 |= static_cast<uint32_t>(d1 != 0.f);
-      need3 |= static_cast<uint32_t>(d2 != 0.f);
-      l0[k] = static_cast<uint16_t>(h >> 16);
-      l1[k] = static_cast<uint16_t>(m >> 16);
-      l2[k] = static_cast<uint16_t>(l >> 16);
+             static_cast<uint32_t>((h & 0x7F800000u) == 0x7F800000u);
+      float hf;
+      std::memcpy(&hf, &h, 4);
+      const float d = c[k] - hf;  // exact (Sterbenz)
+      uint32_t ud;
+      std::memcpy(&ud, &d, 4);
+      inexact |= static_cast<uint32_t>((ud & 0x7FFFFFFFu) != 0);
+      hi[k] = static_cast<uint16_t>(h >> 16);
+      lo[k] = static_cast<uint16_t>((ud + 0x7FFFu + ((ud >> 16) & 1u)) >> 16);
     }
-    return bad ? 0 : (need3 ? 3 : (need2 ? 2 : 1));
+    return bad ? 2 : (inexact ? 1 : 0);
   }
+  at::Half* hi = static_cast<at::Half*>(hi_);
   for (int64_t k = 0; k < n; ++k) {
-    const at::Half h(c[k]);
-    if (static_cast<float>(h) != c[k]) return 0;
-    std::memcpy(out + k, &h, 2);
+    hi[k] = at::Half(c[k]);
+    if (static_cast<float>(hi[k]) != c[k]) return 2;
   }
-  return 1;
+  return 0;
 }
 
 // The loss ops' inputs in the layout the kernels read: fp32 anchors, contiguous rows.
 struct LossInputs {
   at::Tensor x32, ref, y, z, self_idx;
-  // Where gemm16_enabled: the anchors as x_limbs 16-bit limbs in the memory's dtype,
-  // (x_limbs, B, D) (one for 16-bit anchors, up to three for fp32 anchors); else undefined.
-  at::Tensor x16;
-  int64_t x_limbs = 0;
+  at::Tensor x16;  // the anchors in the memory's 16-bit dtype where gemm16_enabled, else undefined
   bool vnni = false;  // with x16: B operands packed for the AMX micro-kernel (vnni_enabled)
   int64_t B, D, n;
   const int64_t* self_ptr() const { return self_idx.defined() ? self_idx.data_ptr<int64_t>() : nullptr; }
@@ -193,7 +179,7 @@ struct TileScratch {
   at::Tensor aux;     // (B * cols,) f32
   at::Tensor ref32;   // (cols, D) f32, or undefined when ref is already fp32
   at::Tensor ref16t;  // (D * cols,) 16-bit: R_tile^T row-major, or undefined without gemm16
-  at::Tensor limbs;   // (3, B * cols) 16-bit: a coefficient tile's limbs, likewise
+  at::Tensor limbs;   // (2, B * cols) 16-bit: a coefficient tile's hi and lo limbs, likewise
   TileScratch(int64_t B, int64_t D, int64_t cols, const at::Tensor& ref, bool gemm16) {
     auto opts = ref.options().dtype(at::kFloat);
     scores = at::empty({B * cols}, opts);
@@ -201,7 +187,7 @@ struct TileScratch {
     if (ref.scalar_type() != at::kFloat) ref32 = at::empty({cols, D}, opts);
     if (gemm16) {
       ref16t = at::empty({D * cols}, ref.options());
-      limbs = at::empty({3, B * cols}, ref.options());
+      limbs = at::empty({2, B * cols}, ref.options());
     }
   }
   at::Tensor aux_tile(int64_t B, int64_t w) { return aux.narrow(0, 0, B * w).view({B, w}); }
@@ -233,35 +219,30 @@ struct TileScratch {
       if (full > 0) {
         uint16_t* packed = static_cast<uint16_t*>(ref16t.data_ptr());
         pack_vnni_rt(static_cast<const uint16_t*>(in.ref.data_ptr()) + c0 * D, full, D, packed);
-        for (int64_t l = 0; l < in.x_limbs; ++l)
-          for (int64_t j0 = 0; j0 < full; j0 += 64)
-            gemm16(t, true, B, 64, D, x_limb(in, l), D, packed + j0 * D, 64, sp + j0, w, /*add_c=*/l > 0);
+        for (int64_t j0 = 0; j0 < full; j0 += 64)
+          gemm16(t, true, B, 64, D, in.x16.data_ptr(), D, packed + j0 * D, 64, sp + j0, w, /*add_c=*/false);
         at::native::cpublas::brgemm_release(true);
       }
       if (full < w) {
         at::Tensor rt16 = ref16t.narrow(0, 0, D * (w - full)).view({D, w - full});
         rt16.copy_(in.ref.narrow(0, c0 + full, w - full).t());
-        for (int64_t l = 0; l < in.x_limbs; ++l)
-          gemm16(t, false, B, w - full, D, x_limb(in, l), D, rt16.data_ptr(), w - full, sp + full, w,
-                 /*add_c=*/l > 0);
+        gemm16(t, false, B, w - full, D, in.x16.data_ptr(), D, rt16.data_ptr(), w - full, sp + full, w,
+               /*add_c=*/false);
       }
     } else {
       at::mm_out(st, in.x32, ref_tile(in.ref, c0, w).t());
     }
     return st;
   }
-  static const uint16_t* x_limb(const LossInputs& in, int64_t l) {
-    return static_cast<const uint16_t*>(in.x16.data_ptr()) + l * in.B * in.D;
-  }
   // out (B, D) fp32 += C R_tile for a (B, w) fp32 coefficient tile C of ref rows [c0, c0 + w):
-  // with gemm16, C's limbs times the 16-bit rows where split_limbs can carry C, else fp32.
+  // with gemm16, C's limbs times the 16-bit rows where split_limbs allows, else fp32.
   void add_product(const LossInputs& in, const at::Tensor& c, int64_t c0, int64_t w, at::Tensor out) {
     if (in.x16.defined()) {
       const at::ScalarType t = in.ref.scalar_type();
-      uint16_t* cl = static_cast<uint16_t*>(limbs.data_ptr());
-      const int64_t stride = limbs.size(1);
-      const int parts = split_limbs(t, c.data_ptr<float>(), in.B * w, cl, stride);
-      if (parts > 0) {
+      void* hi = limbs[0].data_ptr();
+      void* lo = limbs[1].data_ptr();
+      const int parts = split_limbs(t, c.data_ptr<float>(), in.B * w, hi, lo);
+      if (parts < 2) {
         TORCH_INTERNAL_ASSERT(out.is_contiguous() && c.is_contiguous());
         const int64_t B = in.B, D = in.D;
         const uint16_t* r = static_cast<const uint16_t*>(in.ref.data_ptr()) + c0 * D;
@@ -271,14 +252,14 @@ struct TileScratch {
         if (full > 0) {
           uint16_t* packed = static_cast<uint16_t*>(ref16t.data_ptr());
           pack_vnni_r(r, w, D, full, packed);
-          for (int l = 0; l < parts; ++l)
+          for (int limb = 0; limb <= parts; ++limb)
             for (int64_t d0 = 0; d0 < full; d0 += 64)
-              gemm16(t, true, B, 64, w, cl + l * stride, w, packed + d0 * w, 64, o + d0, D, /*add_c=*/true);
+              gemm16(t, true, B, 64, w, limb ? lo : hi, w, packed + d0 * w, 64, o + d0, D, /*add_c=*/true);
           at::native::cpublas::brgemm_release(true);
         }
         if (full < D)
-          for (int l = 0; l < parts; ++l)
-            gemm16(t, false, B, D - full, w, cl + l * stride, w, r + full, D, o + full, D, /*add_c=*/true);
+          for (int limb = 0; limb <= parts; ++limb)
+            gemm16(t, false, B, D - full, w, limb ? lo : hi, w, r + full, D, o + full, D, /*add_c=*/true);
         return;
       }
     }
@@ -313,27 +294,14 @@ inline LossInputs prepare_inputs(const at::Tensor& x, const at::Tensor& labels, 
   in.y = labels.contiguous();
   in.z = ref_labels.contiguous();
   if (self_index.has_value()) in.self_idx = self_index->contiguous();
+  // fp32 anchors against a 16-bit memory keep the fp32 GEMM: their products need fp32.
+  if (x.scalar_type() == ref.scalar_type() && gemm16_enabled(ref.scalar_type())) {
+    in.x16 = x.detach().contiguous();
+    in.vnni = vnni_enabled(ref.scalar_type());
+  }
   in.B = x.size(0);
   in.D = x.size(1);
   in.n = ref_valid;
-  const at::ScalarType t = ref.scalar_type();
-  if (gemm16_enabled(t)) {
-    if (x.scalar_type() == t) {
-      in.x16 = x.detach().contiguous();
-      in.x_limbs = 1;
-    } else if (x.scalar_type() == at::kFloat && t == at::kBFloat16) {
-      // fp32 anchors against a bf16 memory: as (up to) three bf16 limbs they are carried
-      // exactly, so S keeps the fp32 anchors' accuracy (an fp16 memory keeps the fp32 GEMM).
-      at::Tensor limbs = at::empty({3, in.B, in.D}, ref.options());
-      const int k = split_limbs(t, in.x32.data_ptr<float>(), in.B * in.D, static_cast<uint16_t*>(limbs.data_ptr()),
-                                in.B * in.D);
-      if (k > 0) {
-        in.x16 = limbs;
-        in.x_limbs = k;
-      }
-    }
-    if (in.x16.defined()) in.vnni = vnni_enabled(t);
-  }
   return in;
 }
 
