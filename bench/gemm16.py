@@ -14,6 +14,9 @@ Prints medians over the rounds in ms, and writes a CSV with --csv.
 
     python bench/gemm16.py                      # (256, 65536, 128) and (128, 32768, 128), every loss
     python bench/gemm16.py --smoke              # seconds
+
+The package is imported from this checkout (its in-place build), not from wherever an
+editable install points.
 """
 import argparse
 import csv
@@ -24,6 +27,8 @@ import sys
 import torch
 import torch.utils.benchmark as benchmark
 
+# This checkout's package and build first (an editable install may point at another clone).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from measure import cpu_model, run_identity  # noqa: E402
 from providers import make_inputs  # noqa: E402
