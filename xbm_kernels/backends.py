@@ -125,6 +125,7 @@ def supports(backend: str, op: str) -> bool:
     return op in _CXX_LOSSES[backend]
 
 
+@torch.compiler.assume_constant_result  # plain Python on constants: a constant for tracing
 def _triton_launch_problem(op, dim, dtypes):
     """Why the Triton kernels of loss `op` cannot launch for rows of `dim` with (anchor, reference)
     `dtypes` (they hold whole rows in one tile: wide rows exceed sm_90's shared memory), or None."""
