@@ -37,6 +37,7 @@ from torch import nn
 from . import _validate as V
 from .losses import check_inputs, run
 from .memory import CrossBatchMemory as _Memory
+from .reference import normalize_rows
 from .registry import LOSSES
 from .xbm import gather_batch
 
@@ -56,12 +57,10 @@ def _pml():
     return distances, losses, miners, reducers, c_f, lmu
 
 
-def _unit(rows):
-    """L2-normalised rows, as PML's distances normalise them (a zero row stays zero): in the
-    rows' dtype, through fp32 for 16-bit rows (whose squared norm can overflow)."""
-    if rows.dtype in (torch.float16, torch.bfloat16):
-        return F.normalize(rows.float(), dim=1).to(rows.dtype)
-    return F.normalize(rows, dim=1)
+def _count_in(sorted_values, queries):
+    """How many times each query occurs in a sorted 1-D tensor: O(log n) each, not a B x n
+    comparison."""
+    return torch.searchsorted(sorted_values, queries, right=True) - torch.searchsorted(sorted_values, queries)
 
 
 # --------------------------------------------------------------------------- fused plans
@@ -126,19 +125,17 @@ class _Step:
         self.backend = "reference" if torch.float64 in (x.dtype, mem.dtype) else backend
         self._checked = {}  # loss name -> (backend, ref_valid, self_index): one check per step, not per pass
 
-    def run(self, loss, params, x=None, y=None, self_index="step"):
+    def run(self, loss, params, subset=None):
+        """(rows, counts) of `loss`; with `subset` (anchor indices), those anchors alone with
+        no own slot excluded (their copy counts as a column). Checked once per step and loss."""
         spec = LOSSES[loss]
-        if x is None and self_index == "step":
-            if loss not in self._checked:
-                self._checked[loss] = check_inputs(spec, self.x, self.y, self.mem, self.mem_labels, self.n,
-                                                   self.self_index, "none", self.backend)
-            name, n, si = self._checked[loss]
+        if loss not in self._checked:
+            self._checked[loss] = check_inputs(spec, self.x, self.y, self.mem, self.mem_labels, self.n,
+                                               self.self_index, "none", self.backend)
+        name, n, si = self._checked[loss]
+        if subset is None:
             return run(spec, params, name, self.x, self.y, self.mem, self.mem_labels, n, si, "none")
-        x = self.x if x is None else x
-        y = self.y if y is None else y
-        si = self.self_index if self_index == "step" else self_index
-        name, n, si = check_inputs(spec, x, y, self.mem, self.mem_labels, self.n, si, "none", self.backend)
-        return run(spec, params, name, x, y, self.mem, self.mem_labels, n, si, "none")
+        return run(spec, params, name, self.x[subset], self.y[subset], self.mem, self.mem_labels, n, None, "none")
 
     def total_pairs(self):
         """Number of (anchor, valid column) pairs, known on the host."""
@@ -169,9 +166,7 @@ class _Step:
         """Anchors whose only same-label row in the memory is their own copy (bool (B,)):
         counted by sorting the memory's labels, O(n log n), not a B x n comparison."""
         labels, _ = self.mem_labels[:self.n].sort()
-        y = self.y.to(labels.dtype).contiguous()
-        same = torch.searchsorted(labels, y, right=True) - torch.searchsorted(labels, y)
-        return same <= 1
+        return _count_in(labels, self.y.to(labels.dtype).contiguous()) <= 1
 
 
 def _contrastive(loss, miner):
@@ -264,7 +259,7 @@ def _mine_with_copies(step, rows, counts, params, alpha, base):
     if idx.numel() == 0:
         return rows, counts
     x, slots = step.x[idx], step.self_index[idx]
-    rows2, counts2 = step.run("multi_similarity", params, x=x, y=step.y[idx], self_index=None)
+    rows2, counts2 = step.run("multi_similarity", params, subset=idx)
     dtype = torch.promote_types(torch.promote_types(x.dtype, step.mem.dtype), torch.float32)
     s_copy = (x.to(dtype) * step.mem[slots].to(dtype)).sum(1)
     mined = counts2[:, 0] > 0  # the copy is the anchor's only positive
@@ -454,7 +449,7 @@ class CrossBatchMemory(nn.Module):
         """(unit rows, not-unit flags, keys) of raw rows: normalised as PML's distances do, in
         the memory's dtype; a row of norm <= 1e-12 (F.normalize's eps) is not unit after it; the
         key is an exact integer function of the row's bits (equal rows, equal keys)."""
-        unit = _unit(rows)
+        unit = normalize_rows(rows).to(rows.dtype)  # as PML's distances normalise them
         tiny = rows.float().norm(dim=1) <= 1e-12
         bits = rows.contiguous().view({8: torch.int64, 4: torch.int32, 2: torch.int16}[rows.element_size()]).long()
         coef = torch.arange(1, rows.shape[1] + 1, device=rows.device, dtype=torch.int64) * 2654435761 % (1 << 20)
@@ -498,9 +493,7 @@ class CrossBatchMemory(nn.Module):
         memory (sorting the filled rows' (key, label) pairs: O(n log n))."""
         combined = keys[:n] * 1000003 + self.memory.labels[:n].long()
         sorted_keys, _ = combined.sort()
-        mine = combined[self_index]
-        same = torch.searchsorted(sorted_keys, mine, right=True) - torch.searchsorted(sorted_keys, mine)
-        return bool((same > 1).any())
+        return bool((_count_in(sorted_keys, combined[self_index]) > 1).any())
 
     def forward(self, embeddings, labels, indices_tuple=None, enqueue_mask=None):
         if indices_tuple is not None and enqueue_mask is not None:
@@ -542,10 +535,9 @@ class CrossBatchMemory(nn.Module):
             return embeddings.sum() * 0
         if fused_fn is not None and indices_tuple is None:
             unit, tiny, keys = self._unit_memory()
-            # 16-bit anchors are normalised in fp32 and enter the kernels as fp32 (the kernels take
-            # fp32 anchors against any memory dtype): no second rounding of the anchors
-            x = F.normalize(anchors.float(), dim=1) if anchors.dtype in (torch.float16, torch.bfloat16) \
-                else F.normalize(anchors, dim=1)
+            # 16-bit anchors stay fp32 after normalising (the kernels take fp32 anchors against any
+            # memory dtype): no second rounding of the anchors
+            x = normalize_rows(anchors)
             rule = getattr(fused_fn, "needs_nonzero_rows", None)
             off_path = rule is not None and bool((anchors.detach().float().norm(dim=1) <= 1e-12).any()
                                                  | (rule == "anchors+memory" and tiny[:n].any()))

@@ -10,6 +10,14 @@ the active positive / negative pairs per anchor.
 import torch
 
 
+def normalize_rows(x):
+    """L2-normalised rows (a zero row stays zero, as F.normalize), computed in fp32 for 16-bit
+    rows, whose squared norm can overflow; returned in fp32 for them, else in x's dtype."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return torch.nn.functional.normalize(x.float(), dim=1)
+    return torch.nn.functional.normalize(x, dim=1)
+
+
 def similarity(x, ref):
     """S = X R^T accumulated in fp32 (float64 when an input is float64), returned as float32
     or float64: 16-bit inputs are multiplied as fp32 values, never rounded to 16 bits on the

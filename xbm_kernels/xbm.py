@@ -12,13 +12,13 @@ slots are excluded exactly by index.
 """
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from . import _validate as V
 from . import backends
 from .losses import LOSSES, run
 from .memory import CrossBatchMemory
+from .reference import normalize_rows
 
 STAT_KEYS = ("in_batch_pos", "in_batch_neg", "memory_pos", "memory_neg")
 
@@ -226,8 +226,7 @@ class XBMLoss(nn.Module):
         B = embeddings.shape[0]
         x = embeddings
         if self.normalize:  # in fp32 for half inputs, so that a large row's norm cannot overflow
-            x = F.normalize(x.float(), dim=1).to(x.dtype) if x.dtype in (torch.float16, torch.bfloat16) \
-                else F.normalize(x, dim=1)
+            x = normalize_rows(x).to(x.dtype)
         self_idx = torch.arange(B, device=dev)
         # The batch is both sides of the in-batch loss; a view as the reference side keeps the
         # two inputs distinct tensors for torch.compile (autograd.Function rejects duplicates)
