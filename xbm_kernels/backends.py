@@ -82,13 +82,9 @@ def _why_unusable(name):
         if not torch.cuda.is_available() and not _INTERPRET:
             return (" (it runs on CUDA GPUs, and none is visible; TRITON_INTERPRET=1, set before importing "
                     "triton, runs it on CPU tensors through Triton's interpreter, for testing only: slow)")
-        return " (Triton's interpreter cannot run these kernels here: " + str(_common_problem()) + ")"
+        from .triton import _common
+        return f" (Triton's interpreter cannot run these kernels here: {_common.interpreter_problem()})"
     return ""
-
-
-def _common_problem():
-    from .triton import _common
-    return _common.interpreter_problem()
 
 
 def available_backends():

@@ -518,7 +518,8 @@ class CrossBatchMemory(nn.Module):
             if enqueue_mask.shape[0] != B:
                 raise ValueError(f"enqueue_mask: expected {B} entries (one per embedding), got {enqueue_mask.shape[0]}")
         gx, gy, gmask, offset = self._gathered(embeddings.detach(), labels, enqueue_mask)
-        b = self.memory.check_batch(gx, gy, gmask)
+        V.labels_fit_int32("labels", labels)
+        b = self.memory.check_batch(gx, gy, gmask, checked=True)  # the tensors were checked above
         if indices_tuple is not None:
             n_after = min(self.memory.size, len(self.memory) + b)
             _check_indices_tuple(indices_tuple, B, n_after, embeddings.device)
