@@ -2,7 +2,9 @@
 backend (the enqueue op too: wrap-around, casts, label dtypes), resume from a state dict, a
 failed load that changes nothing, the dtype kept under casts and autocast, bad enqueues
 refused before anything is written, and nothing non-finite or overflowing entering the
-memory."""
+memory, also where the check does not wait for the GPU (CUDA tensors: the batch refused on
+the device, reported one call late, the counters rolled back)."""
+import importlib.util
 import random
 
 import pytest
@@ -14,6 +16,7 @@ from hypothesis import strategies as st
 import xbm_kernels as xk
 
 from compare import assert_unchanged, snapshot
+from syncs import HostReads
 
 MEM_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -455,4 +458,166 @@ def test_overflow_masked_out_is_fine():
     mem = xk.CrossBatchMemory(4, 2, dtype=torch.float16)
     mem.enqueue(torch.tensor([[1e5, 0.0], [0.5, 0.5]]), torch.arange(2), mask=torch.tensor([False, True]))
     assert len(mem) == 1 and torch.isfinite(mem.get()[0]).all()
+
+
+
+# --------------------------------------------------------------------------- the deferred check (CUDA tensors)
+# On CUDA tensors the finiteness check does not wait for the GPU: the batch is written only
+# if its device flag says it is finite, the flag reaches the host without a sync, and a bad
+# one raises at the next call, which first rolls the counters back. CPU tensors take that
+# path with the private switch _deferred_check=True, so it runs here.
+
+def _deferred_memory(backend, device, **kw):
+    return xk.CrossBatchMemory(10, 4, backend=backend, device=device,
+                               _deferred_check=True if device == "cpu" else None, **kw)
+
+
+# The calls that read the pending check (and raise for a refused batch).
+READS = {
+    "enqueue": lambda mem, snap: mem.enqueue(torch.randn(2, 4, device=mem.embeddings.device),
+                                             torch.arange(2, device=mem.embeddings.device)),
+    "check_batch": lambda mem, snap: mem.check_batch(torch.randn(2, 4, device=mem.embeddings.device),
+                                                     torch.arange(2, device=mem.embeddings.device)),
+    "get": lambda mem, snap: mem.get(),
+    "len": lambda mem, snap: len(mem),
+    "state_dict": lambda mem, snap: mem.state_dict(),
+    "load_state_dict": lambda mem, snap: mem.load_state_dict(snap[0]),
+    "reset": lambda mem, snap: mem.reset(),
+    "sync_check": lambda mem, snap: mem.sync_check(),
+}
+
+
+def test_deferred_enqueues_read_nothing_on_the_host(backend, device):
+    """Steady-state enqueues (wrapping, fp32 and fp16 memories) read no tensor value on the
+    deferred path; the synchronous path reads one per enqueue, so the count can fail."""
+    for mem_dtype in (torch.float32, torch.float16):
+        counts = {}
+        for deferred in (True, False):
+            mem = xk.CrossBatchMemory(10, 4, dtype=mem_dtype, backend=backend, device=device, _deferred_check=deferred)
+            x, y = torch.randn(3, 4, device=device), torch.arange(3, dtype=torch.int32, device=device)
+            mem.enqueue(x, y)
+            with HostReads(free=lambda: [mem._flag_host]) as reads:
+                for _ in range(6):
+                    mem.enqueue(x, y)
+            mem.sync_check()
+            counts[deferred] = reads.ops
+            assert len(mem) == 10 and mem._ptr == 21 % 10
+        assert counts[True] == [], f"the deferred path read {counts[True]}"
+        assert len(counts[False]) >= 6, counts[False]
+
+
+@pytest.mark.parametrize("read", list(READS))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_deferred_check_refuses_a_nonfinite_batch_and_rolls_back(backend, device, read, bad):
+    mem = _deferred_memory(backend, device)
+    mem.enqueue(torch.randn(7, 4, device=device), torch.arange(7, device=device))
+    snap = snapshot(mem)
+    rows, labels = mem.embeddings.clone(), mem.labels.clone()
+    x = torch.randn(4, 4, device=device)
+    x[2, 1] = bad
+    mem.enqueue(x, torch.arange(100, 104, device=device))  # wraps; refused on the device, not yet reported
+    assert mem._pending is not None
+    assert torch.equal(mem.embeddings, rows) and torch.equal(mem.labels, labels), "a refused batch was written"
+    with pytest.raises(ValueError, match=r"embeddings: 1 row\(s\) with NaN/Inf in the memory dtype torch.float32 "
+                                         r"\(first: row 2 of the batch of the previous enqueue\); nothing was written"):
+        READS[read](mem, snap)
+    assert_unchanged(mem, snap)
+    # reported once; the ring goes on from where it was before the refused batch
+    twin = xk.CrossBatchMemory(10, 4, backend=backend, device=device)
+    twin.load_state_dict(snap[0])
+    good = torch.randn(5, 4, device=device), torch.arange(5, device=device)
+    assert torch.equal(mem.enqueue(*good), twin.enqueue(*good))
+    for k, v in mem.state_dict().items():
+        assert torch.equal(v, twin.state_dict()[k]), k
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_deferred_check_refuses_overflow_of_the_memory_dtype(backend, device, masked):
+    mem = _deferred_memory(backend, device, dtype=torch.float16)
+    mem.enqueue(torch.randn(3, 4, device=device), torch.arange(3, device=device))
+    snap = snapshot(mem)
+    rows = mem.embeddings.clone()
+    x = torch.randn(4, 4, device=device)
+    x[2, 1] = 1e5  # finite in float32, beyond float16's 65504
+    mask = torch.tensor([True, False, True, True], device=device) if masked else None
+    mem.enqueue(x, torch.arange(4, device=device), mask=mask)
+    assert torch.equal(mem.embeddings, rows) and torch.isfinite(mem.embeddings).all()
+    what = "masked batch" if masked else "batch"
+    with pytest.raises(ValueError, match=rf"embeddings: 1 row\(s\) .*torch.float16 \(first: row {1 if masked else 2} of "
+                                         rf"the {what} of the previous enqueue; 1 of them finite in torch.float32 but "
+                                         rf"beyond the largest torch.float16"):
+        mem.sync_check()
+    assert_unchanged(mem, snap)
+
+
+def test_deferred_check_passes_a_nonfinite_row_masked_out(backend, device):
+    mem = _deferred_memory(backend, device)
+    x = torch.randn(4, 4, device=device)
+    x[1, 0] = float("nan")
+    mem.enqueue(x, torch.arange(4, device=device), mask=torch.tensor([True, False, True, True], device=device))
+    mem.sync_check()
+    assert len(mem) == 3 and torch.isfinite(mem.get()[0]).all()
+
+
+def test_deferred_check_off_writes_as_given(backend, device):
+    mem = _deferred_memory(backend, device, check_finite=False)
+    mem.enqueue(torch.tensor([[float("nan"), 0.0, 0.0, 0.0]], device=device), torch.tensor([1], device=device))
+    assert mem._pending is None and len(mem) == 1 and torch.isnan(mem.get()[0][0, 0])
+
+
+HAS_PML = importlib.util.find_spec("pytorch_metric_learning") is not None
+
+
+def _xbm_loss():
+    return xk.XBMLoss(16, 4, loss="contrastive", backend="cpu")
+
+
+def _pml_drop_in():
+    from pytorch_metric_learning import losses as pml_losses
+    from xbm_kernels.pml import CrossBatchMemory as PmlMemory
+    return PmlMemory(pml_losses.SupConLoss(), 4, memory_size=16)
+
+
+@pytest.mark.parametrize("make", [_xbm_loss, pytest.param(_pml_drop_in, marks=pytest.mark.skipif(
+    not HAS_PML, reason="pytorch-metric-learning is not installed"))], ids=["XBMLoss", "pml"])
+def test_deferred_check_is_left_unread_by_its_callers(make):
+    """XBMLoss and the PML drop-in add no read of their own to the memory's deferred check:
+    each step leaves its check pending (len() or get() would wait for it), and the reads of a
+    step drop by exactly the synchronous check's one per step."""
+    counts = {}
+    for deferred in (True, False):
+        torch.manual_seed(0)
+        crit = make()
+        crit.memory._deferred_check = deferred
+        with HostReads(free=lambda: [crit.memory._flag_host]) as reads:
+            for _ in range(5):
+                x = torch.randn(6, 4, requires_grad=True)
+                crit(x, torch.randint(0, 3, (6,), dtype=torch.int32)).backward()
+                assert (crit.memory._pending is not None) == deferred
+        counts[deferred] = reads.count
+        crit.memory.sync_check()
+    assert counts[False] - counts[True] == 5, counts
+
+
+@pytest.mark.cuda_tensors
+def test_steady_state_enqueue_does_not_sync_on_cuda(backend, device):
+    """On a GPU: enqueues under torch.cuda.set_sync_debug_mode("error") (which raises at any
+    synchronising call), then a refused batch reported by the next call."""
+    mem = xk.CrossBatchMemory(64, 16, backend=backend, device=device)
+    x, y = torch.randn(8, 16, device=device), torch.arange(8, device=device)
+    for _ in range(2):  # first calls: kernels load, the pinned flag is allocated
+        mem.enqueue(x, y)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(20):
+            mem.enqueue(x, y)
+        bad = x.clone()
+        bad[3, 0] = float("nan")
+        mem.enqueue(bad, y)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    with pytest.raises(ValueError, match=r"embeddings: 1 row\(s\) with NaN/Inf .*row 3 of the batch of the previous"):
+        mem.sync_check()
+    assert len(mem) == 64 and mem._ptr == 22 * 8 % 64 and torch.isfinite(mem.embeddings).all()
 

@@ -275,6 +275,39 @@ def test_xbm_loss_rejects_overflow_into_an_fp16_memory_without_changing_state():
     assert_unchanged(crit, snap)
 
 
+@pytest.mark.parametrize("xbm_backend", BACKENDS)
+@pytest.mark.parametrize("bad", ["nan", "overflow"])
+def test_deferred_check_refuses_a_bad_step_and_the_next_step_raises(xbm_backend, bad):
+    """The CUDA path (forced on CPU tensors): a step with a bad batch returns its loss without
+    writing its rows; the next step raises naming `embeddings` before it changes anything, and
+    the memory is then as it was before the bad step (the step counter counts the bad step,
+    whose loss was returned). The step after that trains on as if the bad batch never came."""
+    crit = xk.XBMLoss(16, 16, loss="contrastive", backend=xbm_backend, memory_dtype=torch.float16, normalize=False)
+    crit.memory._deferred_check = True
+    batches = _batches(4, B=6)
+    for x, y in batches[:2]:
+        crit(x, y)
+    snap = snapshot(crit.memory)
+    rows = crit.memory.embeddings.clone()
+    x, y = batches[2]
+    x = x.clone()
+    x[1, 3] = float("nan") if bad == "nan" else 1e5  # 1e5: finite in fp32, beyond float16's 65504
+    crit(x, y)  # no error yet: the flag is on the device
+    assert torch.equal(crit.memory.embeddings, rows), "the bad batch was written"
+    with pytest.raises(ValueError, match=r"embeddings: 1 row\(s\) with NaN/Inf in the memory dtype torch.float16 "
+                                         r"\(first: row 1 of the batch of the previous enqueue"):
+        crit(*batches[3])
+    assert_unchanged(crit.memory, snap)
+    assert crit._iteration == 3
+    # the next step goes on from the memory before the bad batch: the same loss as a module
+    # that never saw it
+    twin = xk.XBMLoss(16, 16, loss="contrastive", backend=xbm_backend, memory_dtype=torch.float16, normalize=False)
+    for x, y in batches[:2]:
+        twin(x, y)
+    assert torch.equal(crit(*batches[3]), twin(*batches[3]))
+    assert all(torch.equal(v, twin.memory.state_dict()[k]) for k, v in crit.memory.state_dict().items())
+
+
 FIRST_STEP = [
     (dict(), lambda x, y: (x, y, None), ValueError, "larger than the memory"),
     (dict(memory_size=16), lambda x, y: (x, y, torch.ones(5, dtype=torch.bool)), ValueError, "enqueue_mask: expected 16"),

@@ -23,8 +23,15 @@ class CrossBatchMemory(nn.Module):
     Non-finite embeddings never reach the memory: with check_finite=True (the default)
     enqueue raises a ValueError naming `embeddings` and writes nothing when a row holds
     NaN/Inf or a value that overflows on the cast to the memory dtype (1e5 into float16,
-    3.4e38 into bfloat16). The check is one reduction; on a GPU it costs one host sync per
-    enqueue, which check_finite=False removes (then keeping NaN out is the caller's job).
+    3.4e38 into bfloat16). On CPU tensors the check runs before the write. On CUDA tensors
+    it does not wait for the GPU: the batch is written only if its flag (computed on the
+    device) says every row is finite, else the slots keep their rows; the flag reaches the
+    host by a non-blocking copy, and a bad one is reported one call late (by the next
+    enqueue, check_batch, get(), len(), state_dict(), load_state_dict(), reset() or
+    sync_check()), which first rolls the counters back, so the memory is exactly as before
+    the refused batch. check_finite=False removes the check (then keeping NaN out is the
+    caller's job). An enqueue with a mask reads the mask's count (a host sync on a GPU:
+    the pointer depends on it).
 
     Labels may be any integer dtype whose values fit in int32 (unsigned ones included).
 
@@ -35,7 +42,7 @@ class CrossBatchMemory(nn.Module):
     """
 
     def __init__(self, size: int, dim: int, dtype: torch.dtype = torch.float32, device=None, backend="auto",
-                 check_finite: bool = True, *, _dtypes=V.FLOAT_DTYPES):
+                 check_finite: bool = True, *, _dtypes=V.FLOAT_DTYPES, _deferred_check=None):
         super().__init__()
         size = V.index("size", size, 1, V.MAX_ROWS)
         dim = V.index("dim", dim, 1, V.MAX_ROWS)
@@ -51,13 +58,25 @@ class CrossBatchMemory(nn.Module):
         self._ptr = 0
         self._num_filled = 0
         self._version = 0  # +1 at every change of the rows (write, reset, load): caches beside it follow
+        # The deferred check (CUDA tensors): None decides by the device; True/False forces it
+        # (tests run the CUDA path on CPU tensors with True).
+        self._deferred_check = _deferred_check
+        self._pending = None    # the last enqueue's unread check: _Pending or None
+        self._flag_host = None  # its flag's host copy (pinned on CUDA), reused every step
 
     @property
     def dtype(self):
         return self.embeddings.dtype
 
     def __len__(self):
+        self.sync_check()
         return self._num_filled
+
+    def _deferred(self):
+        """Whether checks on this memory's device are read one call late (CUDA tensors)."""
+        if self._deferred_check is not None:
+            return bool(self._deferred_check)
+        return self.embeddings.device.type == "cuda"
 
     def extra_repr(self):
         return f"size={self.size}, dim={self.dim}, dtype={self.dtype}, filled={self._num_filled}, ptr={self._ptr}"
@@ -66,7 +85,11 @@ class CrossBatchMemory(nn.Module):
         """Validates an enqueue batch without changing anything; returns the number of rows
         b that would be written (with a mask, counting it syncs on a GPU). checked=True: the
         caller (XBMLoss) already checked the tensors' types, shapes, device and labels this
-        step; only what depends on the memory (the size, finiteness in its dtype) is left."""
+        step; only what depends on the memory (the size, finiteness in its dtype) is left.
+        A pending check of the previous enqueue is read first (and raises if it failed). On
+        the deferred path (CUDA tensors) finiteness is left to write_checked(), which writes
+        the batch only if it is finite and reports a bad one at the next call."""
+        self.sync_check()
         dev = self.embeddings.device
         if not checked:
             V.tensor("embeddings", embeddings, dim=2, floating=True, device=dev)
@@ -83,10 +106,10 @@ class CrossBatchMemory(nn.Module):
                 V.tensor("mask", mask, dim=1, dtypes=(torch.bool,), device=dev)
                 if mask.shape[0] != b:
                     raise ValueError(f"mask: expected {b} entries (one per embedding), got {mask.shape[0]}")
-            b = int(mask.sum())
+            b = int(mask.sum())  # a host sync on a GPU: the pointer and the slots depend on it
         if b > self.size:
             raise ValueError(f"embeddings: batch of {b} rows is larger than the memory (size {self.size})")
-        if self.check_finite and b:
+        if self.check_finite and b and not self._deferred():
             self._check_finite("embeddings", embeddings if mask is None else embeddings[mask],
                                "masked batch" if mask is not None else "batch", "nothing was written")
         return b
@@ -126,34 +149,102 @@ class CrossBatchMemory(nn.Module):
         return self.write_checked(embeddings, labels, mask, self.check_batch(embeddings, labels, mask))
 
     @torch.no_grad()
-    def write_checked(self, embeddings, labels, mask, b):
-        """enqueue() after check_batch() returned b (for callers that validate first)."""
+    def write_checked(self, embeddings, labels, mask, b, *, guard=None):
+        """enqueue() after check_batch() returned b (for callers that validate first).
+
+        On the deferred path (CUDA tensors) with check_finite, and whenever `guard` is given
+        (a (0-dim bool device tensor, callable building the exception) pair: a check of the
+        caller's, such as gather_batch's batch sizes), the rows are written only where the
+        flags say the batch is good (else the slots keep their rows and labels), the counters
+        advance as usual, and the flags are read at the next call (sync_check)."""
+        self.sync_check()
         if mask is not None:
             embeddings, labels = embeddings[mask], labels[mask]
+        rows = embeddings.detach()
+        ok = None
+        if b and self.check_finite and self._deferred():
+            # the rule of _check_finite, on the device: every entry finite in the memory dtype
+            rows = rows.to(self.dtype)
+            ok = torch.isfinite(rows).all()
+        if guard is not None:
+            ok = guard[0] if ok is None else ok & guard[0]
+        pre = (self._ptr, self._num_filled)
+        if b and ok is not None:  # a refused batch leaves every slot as it was
+            old = (torch.arange(b, device=self.embeddings.device) + self._ptr) % self.size
+            rows = torch.where(ok, rows.to(self.dtype), self.embeddings[old])
+            labels = torch.where(ok, labels.to(torch.int32), self.labels[old])
         if b == 0:
-            return torch.empty(0, dtype=torch.int64, device=self.embeddings.device)
-        name = backends.resolve(self.backend, self.embeddings.device)
-        if name == "reference" or self.dtype == torch.float64:  # the kernels store 32- and 16-bit rows
-            slots = (torch.arange(b, device=embeddings.device) + self._ptr) % self.size
-            self.embeddings[slots] = embeddings.detach().to(self.dtype)
-            self.labels[slots] = labels.to(torch.int32)
+            slots = torch.empty(0, dtype=torch.int64, device=self.embeddings.device)
         else:
-            op = backends.kernel_ops(name).enqueue_
-            slots = op(self.embeddings, self.labels, embeddings.detach(), labels, self._ptr)
-        self._ptr = (self._ptr + b) % self.size
-        self._num_filled = min(self.size, self._num_filled + b)
-        self._version += 1
+            name = backends.resolve(self.backend, self.embeddings.device)
+            if name == "reference" or self.dtype == torch.float64:  # the kernels store 32- and 16-bit rows
+                slots = (torch.arange(b, device=rows.device) + self._ptr) % self.size
+                self.embeddings[slots] = rows.to(self.dtype)
+                self.labels[slots] = labels.to(torch.int32)
+            else:
+                op = backends.kernel_ops(name).enqueue_
+                slots = op(self.embeddings, self.labels, rows, labels, self._ptr)
+            self._ptr = (self._ptr + b) % self.size
+            self._num_filled = min(self.size, self._num_filled + b)
+            self._version += 1
+            self.ptr.fill_(self._ptr)
+            self.num_filled.fill_(self._num_filled)
+        if ok is not None:
+            self._defer(ok, pre, embeddings.detach(), "masked batch" if mask is not None else "batch",
+                        guard[1] if guard is not None else None)
+        return slots
+
+    @torch.compiler.disable
+    def _defer(self, ok, pre, rows, what, guard_error):
+        """Keeps the flag `ok` as the pending check: copied to the host without waiting
+        (pinned memory and an event on CUDA), read by sync_check()."""
+        cuda = ok.device.type == "cuda"
+        if self._flag_host is None or self._flag_host.is_pinned() != cuda:
+            self._flag_host = torch.empty((), dtype=torch.bool, pin_memory=cuda)
+        self._flag_host.copy_(ok, non_blocking=cuda)
+        event = None
+        if cuda:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(ok.device))
+        self._pending = _Pending(event, pre, rows, what, guard_error)
+
+    def sync_check(self):
+        """Reads the pending check of the last enqueue (CUDA tensors; waits for the GPU only
+        up to that enqueue) and raises if the batch was refused, after rolling the counters
+        back: the memory is then exactly as it was before that enqueue. Called by every
+        enqueue, get(), len(), state_dict(), load_state_dict() and reset(); a no-op when
+        nothing is pending (always on CPU tensors, whose checks run before the write)."""
+        if self._pending is not None:  # (a constant for torch.compile when nothing is pending)
+            self._resolve()
+
+    @torch.compiler.disable
+    def _resolve(self):
+        p, self._pending = self._pending, None
+        if p.event is not None:
+            p.event.synchronize()
+        if self._flag_host.item():  # host memory, filled by the copy the event waited for
+            return
+        self._ptr, self._num_filled = p.pre
+        self._version += 1  # never back to a value a cache beside the memory may hold
         self.ptr.fill_(self._ptr)
         self.num_filled.fill_(self._num_filled)
-        return slots
+        consequence = "nothing was written (found at the next call: checks on CUDA tensors do not wait for the GPU)"
+        if p.guard_error is not None:
+            err = p.guard_error()
+            if err is not None:
+                raise err
+        self._check_finite("embeddings", p.rows, f"{p.what} of the previous enqueue", consequence)
+        raise ValueError(f"embeddings: the {p.what} of the previous enqueue was refused; {consequence}")
 
     def get(self):
         """(embeddings[:n], labels[:n]) of the filled prefix (views, not copies)."""
+        self.sync_check()
         n = self._num_filled
         return self.embeddings[:n], self.labels[:n]
 
     @torch.no_grad()
     def reset(self):
+        self.sync_check()  # a refused batch is reported, not dropped
         self._ptr = self._num_filled = 0
         self._version += 1
         self.ptr.zero_()
@@ -166,6 +257,7 @@ class CrossBatchMemory(nn.Module):
         """Validates this memory's entries of `state_dict` (under `prefix`) without changing
         anything. Returns False when none is there, True when all four are there and valid;
         raises (naming the key) when some are missing or one is wrong."""
+        self.sync_check()
         keys = [prefix + k for k in self.STATE_KEYS]
         present = [k for k in keys if k in state_dict]
         if not present:
@@ -210,6 +302,10 @@ class CrossBatchMemory(nn.Module):
             self._check_finite(f"state_dict: {k_emb!r}", emb[:n], "checkpoint", "nothing was loaded")
         return True
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.sync_check()  # the counters saved are the memory's, not those of a refused batch
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Everything is checked before anything is copied: the default path would copy the
         # entries that fit and report the others only afterwards.
@@ -236,3 +332,13 @@ class CrossBatchMemory(nn.Module):
         if self.embeddings.dtype != dtype:
             self.embeddings = self.embeddings.to(dtype)
         return self
+
+
+class _Pending:
+    """The unread check of the last enqueue: its event (CUDA) or None, the counters before it
+    (ptr, num_filled), its rows and what they were (for the message), and the guard's
+    exception builder (or None)."""
+    __slots__ = ("event", "pre", "rows", "what", "guard_error")
+
+    def __init__(self, event, pre, rows, what, guard_error):
+        self.event, self.pre, self.rows, self.what, self.guard_error = event, pre, rows, what, guard_error

@@ -432,7 +432,7 @@ class CrossBatchMemory(nn.Module):
 
     def extra_repr(self):
         return (f"embedding_size={self.embedding_size}, memory_size={self.memory_size}, fused={self.fused!r}, "
-                f"filled={len(self.memory)}")
+                f"filled={self.memory._num_filled}")
 
     def reset_queue(self):
         """Empties the memory (PML's name for it)."""
@@ -463,7 +463,7 @@ class CrossBatchMemory(nn.Module):
         other than through this module's own enqueue (memory.enqueue, load_state_dict, reset),
         was cast or moved."""
         mem = self.memory.embeddings
-        n = len(self.memory)
+        n = self.memory._num_filled  # as written this step (len() would wait for its deferred check)
         u = self._unit
         if u is None or self._unit_version != self.memory._version or u[0].dtype != mem.dtype \
                 or u[0].device != mem.device or u[0].shape != mem.shape:
@@ -521,7 +521,7 @@ class CrossBatchMemory(nn.Module):
         V.labels_fit_int32("labels", labels)
         b = self.memory.check_batch(gx, gy, gmask, checked=True)  # the tensors were checked above
         if indices_tuple is not None:
-            n_after = min(self.memory.size, len(self.memory) + b)
+            n_after = min(self.memory.size, self.memory._num_filled + b)
             _check_indices_tuple(indices_tuple, B, n_after, embeddings.device)
         name, fused_fn = plan(self.loss, self.miner)  # the settings as they are at this call
         # everything is checked: the memory changes from here on
@@ -530,7 +530,7 @@ class CrossBatchMemory(nn.Module):
             anchors, anchor_labels, self_index = embeddings[~enqueue_mask], labels[~enqueue_mask], None
         else:
             anchors, anchor_labels, self_index = embeddings, labels, slots[offset:offset + B]
-        n = len(self.memory)
+        n = self.memory._num_filled  # as written (len() would wait for this step's deferred check)
         if anchors.shape[0] == 0 or n == 0:
             # no anchor or no memory row: no pair, a loss of 0 (PML raises or returns NaN here)
             return embeddings.sum() * 0

@@ -76,7 +76,9 @@ class XBMLoss(nn.Module):
         reduction: "mean" (default), "sum" or "none" (then the in-batch and memory losses
             are added per anchor).
         check_finite: reject non-finite rows (NaN/Inf, or overflowing the memory dtype) at
-            the enqueue with a ValueError; False removes the check and its host sync.
+            the enqueue with a ValueError (on CUDA tensors without a host sync: a refused batch
+            is not written and is reported at the next step, CrossBatchMemory); False removes
+            the check.
         normalize: L2-normalise the batch first (autograd through it), so that both losses
             and the memory see unit rows; a scaled batch then gives the same loss. False
             uses the embeddings as given (they should then be L2-normalised already).
@@ -249,8 +251,9 @@ class XBMLoss(nn.Module):
                 full = torch.full((gx.shape[0],), -1, dtype=torch.int64, device=dev)
                 full[gmask] = slots
                 self_index = full[offset:offset + B]
+            # the host counter as written: len() would wait for this step's deferred check
             mem_loss, mcounts = self._loss(name, x, labels, self.memory.embeddings, self.memory.labels,
-                                           len(self.memory), self_index)
+                                           self.memory._num_filled, self_index)
             loss = loss + self.weight * mem_loss
             stats.update(memory_pos=mcounts[:, 0].sum(), memory_neg=mcounts[:, 1].sum())
         else:
