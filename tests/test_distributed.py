@@ -2,7 +2,10 @@
 float64 computation of the same math: every rank all-gathers the batch in rank order,
 enqueues the same global batch (so the memories stay identical), and its loss is the
 in-batch loss over its local batch plus weight x the memory loss of its local anchors
-against the memory holding the global batch (its own rows excluded by slot)."""
+against the memory holding the global batch (its own rows excluded by slot); also with the
+check that does not wait for the GPU (CUDA tensors, forced here on CPU ones). The batch sizes
+are read on the host once per new size (on every step before), and a mismatch still raises."""
+import datetime
 import importlib.util
 import os
 
@@ -14,6 +17,8 @@ import torch.nn.functional as F
 
 import xbm_kernels as xk
 
+from syncs import HostReads
+
 if not dist.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
@@ -21,7 +26,7 @@ WORLD, B, D, M, STEPS, CLASSES = 2, 6, 8, 20, 6, 4   # 2 x 6 rows per step throu
 START, WEIGHT, MARGIN, POS_EPS = 1, 0.7, 0.5, 1e-5
 MASKED_STEP = 4                                        # in the masked case, this step enqueues some rows only
 BACKENDS = [b for b in ("reference", "cpu") if b in xk.available_backends()]
-CASES = [(b, masked) for b in BACKENDS for masked in (False, True)]
+CASES = [(b, masked, deferred) for b in BACKENDS for masked in (False, True) for deferred in (False, True)]
 HAS_PML = importlib.util.find_spec("pytorch_metric_learning") is not None
 
 
@@ -46,9 +51,10 @@ def _worker(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     x, y, masks = make_data()
     results = {}
-    for backend, masked in CASES:
+    for backend, masked, deferred in CASES:
         crit = xk.XBMLoss(M, D, loss="contrastive", weight=WEIGHT, start_iteration=START, gather_distributed=True,
                           backend=backend, normalize=False)  # the oracle below works on the raw rows
+        crit.memory._deferred_check = deferred  # True: the path of CUDA tensors
         losses, grads = [], []
         for t in range(STEPS):
             e = x[t, rank].clone().requires_grad_(True)
@@ -58,7 +64,7 @@ def _worker(rank, init_file, out_dir):
             losses.append(loss.detach())
             grads.append(e.grad)
         mem = crit.memory
-        results[f"{backend}-{masked}"] = {"losses": torch.stack(losses), "grads": torch.stack(grads),
+        results[f"{backend}-{masked}-{deferred}"] = {"losses": torch.stack(losses), "grads": torch.stack(grads),
                                           "memory": mem.embeddings.clone(), "labels": mem.labels.clone(),
                                           "ptr": int(mem.ptr), "filled": len(mem)}
     if HAS_PML:  # the PML drop-in: PML's SupConLoss, fused, on the gathered memory
@@ -122,11 +128,11 @@ def ddp_results(tmp_path_factory):
     return [torch.load(d / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
-@pytest.mark.parametrize("xbm_backend,masked", CASES)
-def test_gather_distributed_matches_single_process(ddp_results, xbm_backend, masked):
+@pytest.mark.parametrize("xbm_backend,masked,deferred", CASES)
+def test_gather_distributed_matches_single_process(ddp_results, xbm_backend, masked, deferred):
     x, y, masks = make_data()
     exp_losses, exp_grads, exp_mem, exp_mem_y, exp_ptr, exp_filled = expected(x, y, masks, masked)
-    key = f"{xbm_backend}-{masked}"
+    key = f"{xbm_backend}-{masked}-{deferred}"
     r0 = ddp_results[0][key]
     for r in range(WORLD):
         got = ddp_results[r][key]
@@ -175,3 +181,97 @@ def test_pml_drop_in_gathers_rank_consistently(ddp_results):
     for r in range(WORLD):
         assert torch.equal(ddp_results[r]["pml-supcon"]["memory"], ddp_results[0]["pml-supcon"]["memory"])
     assert torch.allclose(ddp_results[0]["pml-supcon"]["memory"], mem, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- the batch sizes across ranks
+
+SIZES = [B, B, B, B - 2, B - 2, B]  # per step, the same on both ranks: a new size at steps 0, 3 and 5
+
+
+def _size_worker(rank, init_file, out_dir):
+    torch.set_num_threads(1)
+    # a rank that skips a collective the other makes fails the test in a minute, not hangs it
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    x, y, _ = make_data()
+    y = y.int()  # int32 labels: no range check (a read of its own on CPU tensors)
+
+    def make():
+        crit = xk.XBMLoss(M, D, loss="contrastive", gather_distributed=True, backend=BACKENDS[-1], normalize=False)
+        crit.memory._deferred_check = True  # the path of CUDA tensors
+        return crit
+
+    out = {}
+    crit = make()
+    out["reads"] = []
+    for t, b in enumerate(SIZES):
+        with HostReads(free=lambda: [crit.memory._flag_host]) as reads:
+            crit(x[t, rank, :b], y[t, rank, :b])
+        out["reads"].append(reads.ops)
+    crit.memory.sync_check()
+    out["filled"] = len(crit.memory)
+
+    # sizes that differ at the first step: read on every rank, every rank raises
+    crit = make()
+    try:
+        crit(x[0, rank, :B - rank], y[0, rank, :B - rank])
+        out["first"] = "no error"
+    except ValueError as e:
+        out["first"] = str(e)
+    out["first_filled"] = len(crit.memory)
+
+    # rank 1's size changes alone: rank 1 reads the sizes and raises at once; rank 0 (the size
+    # it verified) compares them on the device, refuses the batch and raises at its next call
+    crit = make()
+    crit(x[0, rank], y[0, rank])
+    crit.memory.sync_check()
+    state = {k: v.clone() for k, v in crit.memory.state_dict().items()}
+    try:
+        if rank == 1:
+            try:
+                crit(x[1, rank, :B - 1], y[1, rank, :B - 1])
+            finally:  # stands in for the batch's all-gathers rank 0 goes on to make
+                for t in (x[1, rank], y[1, rank]):
+                    dist.all_gather([torch.empty_like(t) for _ in range(WORLD)], t)
+        else:
+            crit(x[1, rank], y[1, rank])
+            out["pending"] = crit.memory._pending is not None
+            crit.memory.sync_check()
+        out["alone"] = "no error"
+    except ValueError as e:
+        out["alone"] = str(e)
+    out["alone_kept"] = all(torch.equal(v, state[k]) for k, v in crit.memory.state_dict().items())
+    torch.save(out, os.path.join(out_dir, f"sizes{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def size_results(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sizes")
+    mp.spawn(_size_worker, args=(str(d / "init"), str(d)), nprocs=WORLD, join=True)
+    return [torch.load(d / f"sizes{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def test_batch_sizes_are_read_once_per_new_size(size_results):
+    """One host read (of every rank's size at once) at the first step and at each step whose
+    size is new on this rank; none on the steps that repeat it (the path of CUDA tensors)."""
+    want = [["tolist"] if t == 0 or SIZES[t] != SIZES[t - 1] else [] for t in range(len(SIZES))]
+    for r in range(WORLD):
+        assert size_results[r]["reads"] == want, f"rank {r}: host reads per step {size_results[r]['reads']}"
+        assert size_results[r]["filled"] == min(M, WORLD * sum(SIZES))
+
+
+def test_mismatched_batch_sizes_raise(size_results):
+    for r in range(WORLD):
+        got = size_results[r]
+        assert got["first"] == (f"embeddings: gather_distributed needs the same batch size on every rank, "
+                                f"got {[B, B - 1]}"), f"rank {r}: {got['first']}"
+        assert got["first_filled"] == 0
+        assert got["alone_kept"], f"rank {r}: the memory changed"
+    assert size_results[1]["alone"] == (f"embeddings: gather_distributed needs the same batch size on every rank, "
+                                        f"got {[B, B - 1]}")
+    assert size_results[0]["pending"]  # not read at the step: reported by the next call
+    assert size_results[0]["alone"] == (f"embeddings: gather_distributed needs the same batch size on every rank, "
+                                        f"got {[B, B - 1]} at the previous enqueue; nothing was written")
+

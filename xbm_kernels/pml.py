@@ -424,6 +424,7 @@ class CrossBatchMemory(nn.Module):
                               check_finite=check_finite, _dtypes=dtypes)
         self._unit = None  # (unit rows, not-unit flags, row keys) or None
         self._unit_version = -1
+        self._gathered_size = None  # the batch size last verified on every rank (gather_batch)
 
     @property
     def fused(self):
@@ -439,10 +440,13 @@ class CrossBatchMemory(nn.Module):
         self.memory.reset()
 
     def _gathered(self, x, y, mask):
-        """The batch all-gathered in rank order with gather_distributed, and this rank's offset."""
+        """The batch all-gathered in rank order with gather_distributed, this rank's offset and
+        the guard of the batch sizes (gather_batch: read on the host only for a new size)."""
         if not (self.gather_distributed and dist.is_available() and dist.is_initialized()):
-            return x, y, mask, 0
-        return gather_batch(x, y, mask)
+            return x, y, mask, 0, None
+        out = gather_batch(x, y, mask, self._gathered_size if self.memory._deferred() else None)
+        self._gathered_size = x.shape[0]
+        return out
 
     @torch.no_grad()
     def _derived(self, rows):
@@ -475,12 +479,12 @@ class CrossBatchMemory(nn.Module):
         return self._unit
 
     @torch.no_grad()
-    def _write(self, gx, gy, gmask, b):
+    def _write(self, gx, gy, gmask, b, guard):
         """The enqueue, keeping the derived rows in step when they were."""
         u = self._unit
         in_step = u is not None and self._unit_version == self.memory._version \
             and u[0].dtype == self.memory.dtype and u[0].device == self.memory.embeddings.device
-        slots = self.memory.write_checked(gx, gy, gmask, b)
+        slots = self.memory.write_checked(gx, gy, gmask, b, guard=guard)
         if in_step:
             if slots.numel():
                 unit, tiny, keys = u
@@ -517,7 +521,7 @@ class CrossBatchMemory(nn.Module):
             V.tensor("enqueue_mask", enqueue_mask, dim=1, dtypes=(torch.bool,), device=embeddings.device)
             if enqueue_mask.shape[0] != B:
                 raise ValueError(f"enqueue_mask: expected {B} entries (one per embedding), got {enqueue_mask.shape[0]}")
-        gx, gy, gmask, offset = self._gathered(embeddings.detach(), labels, enqueue_mask)
+        gx, gy, gmask, offset, guard = self._gathered(embeddings.detach(), labels, enqueue_mask)
         V.labels_fit_int32("labels", labels)
         b = self.memory.check_batch(gx, gy, gmask, checked=True)  # the tensors were checked above
         if indices_tuple is not None:
@@ -525,7 +529,7 @@ class CrossBatchMemory(nn.Module):
             _check_indices_tuple(indices_tuple, B, n_after, embeddings.device)
         name, fused_fn = plan(self.loss, self.miner)  # the settings as they are at this call
         # everything is checked: the memory changes from here on
-        slots = self._write(gx, gy, gmask, b)
+        slots = self._write(gx, gy, gmask, b, guard)
         if enqueue_mask is not None:
             anchors, anchor_labels, self_index = embeddings[~enqueue_mask], labels[~enqueue_mask], None
         else:

@@ -23,23 +23,45 @@ from .reference import normalize_rows
 STAT_KEYS = ("in_batch_pos", "in_batch_neg", "memory_pos", "memory_neg")
 
 
-def gather_batch(x, y, mask):
+def gather_batch(x, y, mask, verified=None):
     """All-gather (x, y, mask) across the torch.distributed ranks in rank order (the batch
-    size must be the same on every rank); returns the global batch and this rank's offset.
-    Shared by XBMLoss and the PML drop-in (gather_distributed=True)."""
+    size must be the same on every rank); returns the global batch, this rank's offset, and
+    None or a guard for CrossBatchMemory.write_checked. Shared by XBMLoss and the PML
+    drop-in (gather_distributed=True).
+
+    Every rank all-gathers the batch sizes at every call (a collective: the same calls in
+    the same order on every rank). They are read on the host (one sync on a GPU) only when
+    this rank's batch size differs from `verified`, the size the caller last saw verified
+    on every rank (None: always read), and a mismatch raises at once. Otherwise the sizes
+    are compared on the device, and the guard (flag, exception builder) makes the enqueue
+    refuse the batch and report the mismatch at the next call. A rank whose size changes
+    while the others' do not raises at once; the others, which did not read the sizes,
+    wait in the next all-gather (until the process group's timeout)."""
     world, rank = dist.get_world_size(), dist.get_rank()
-    sizes = [torch.zeros((), dtype=torch.int64, device=x.device) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor(x.shape[0], device=x.device))
-    if any(int(s) != x.shape[0] for s in sizes):
-        raise ValueError(f"embeddings: gather_distributed needs the same batch size on every rank, "
-                         f"got {[int(s) for s in sizes]}")
+    B = x.shape[0]
+    parts = [torch.zeros((), dtype=torch.int64, device=x.device) for _ in range(world)]
+    dist.all_gather(parts, torch.full((), B, dtype=torch.int64, device=x.device))  # no host-to-device copy
+    sizes = torch.stack(parts)
+    guard = None
+    if B != verified:
+        got = sizes.tolist()  # one read for every rank's size
+        if any(s != B for s in got):
+            raise ValueError(f"embeddings: gather_distributed needs the same batch size on every rank, got {got}")
+    else:
+        def error():
+            got = sizes.tolist()
+            if all(s == B for s in got):
+                return None
+            return ValueError(f"embeddings: gather_distributed needs the same batch size on every rank, got {got} "
+                              f"at the previous enqueue; nothing was written")
+        guard = ((sizes == B).all(), error)
 
     def cat(t):
         parts = [torch.empty_like(t) for _ in range(world)]
         dist.all_gather(parts, t.contiguous())
         return torch.cat(parts)
 
-    return cat(x), cat(y), (cat(mask) if mask is not None else None), rank * x.shape[0]
+    return cat(x), cat(y), (cat(mask) if mask is not None else None), rank * B, guard
 
 
 class XBMLoss(nn.Module):
@@ -132,6 +154,7 @@ class XBMLoss(nn.Module):
                                        check_finite=check_finite)
         self.register_buffer("iteration", torch.zeros((), dtype=torch.int64))
         self._iteration = 0
+        self._gathered_size = None  # the batch size last verified on every rank (gather_batch)
         self.last_stats = {}
 
     # (the docstring's lists of losses and parameters come from the registry, below the class)
@@ -236,15 +259,18 @@ class XBMLoss(nn.Module):
         loss, counts = self._loss(name, x, labels, x.view_as(x), labels.view_as(labels), B, self_idx)
         use_memory = self._iteration >= self.start_iteration
         if use_memory:  # validate the enqueue before the step counter or the memory change
-            if distributed:
-                gx, gy, gmask, offset = gather_batch(x.detach(), labels, enqueue_mask)
+            guard = None
+            if distributed:  # the sizes read on the host only for a new batch size where reads stall
+                gx, gy, gmask, offset, guard = gather_batch(
+                    x.detach(), labels, enqueue_mask, self._gathered_size if self.memory._deferred() else None)
+                self._gathered_size = B
             else:
                 gx, gy, gmask, offset = x.detach(), labels, enqueue_mask, 0
             b = self.memory.check_batch(gx, gy, gmask, checked=True)
         pos, neg = counts[:, 0].sum(), counts[:, 1].sum()
         stats = {"in_batch_pos": pos, "in_batch_neg": neg}
         if use_memory:
-            slots = self.memory.write_checked(gx, gy, gmask, b)
+            slots = self.memory.write_checked(gx, gy, gmask, b, guard=guard)
             if gmask is None:
                 self_index = slots[offset:offset + B]
             else:  # masked-out rows have no copy in the memory
