@@ -11,7 +11,8 @@ A test asks for them by argument name and gets every combination:
                    @pytest.mark.cuda_tensors keeps CUDA tensors.
   loss             every registry loss (with `backend`: those the backend implements)
   variant          every parameter set of the loss (cases.variants)
-  case             every case of the table (cases.CASES) tagged for the backend's run kind
+  case             every case of the table (cases.CASES) tagged for the backend's run kind;
+                   @pytest.mark.structure("in-batch", ...) keeps those with that self_index
   dtype            the 16-bit dtypes the backend takes (fp16 only under the interpreter,
                    whose bf16 tl.dot is wrong on CPU)
   op_dtype         fp32 and those
@@ -91,8 +92,10 @@ def _combos(metafunc):
         combos = [dict(c, backend=b, device=d) for c in combos for b, d in bds
                   if "loss" not in c or implements(b, c["loss"])]
     if "case" in names:
+        structure = metafunc.definition.get_closest_marker("structure")
         combos = [dict(c, case=n) for c in combos
-                  for n in cases.names(cases.run_kind(c["backend"], c["device"]) if "backend" in c else "cpu")]
+                  for n in cases.names(cases.run_kind(c["backend"], c["device"]) if "backend" in c else "cpu")
+                  if structure is None or cases.CASES[n].self_index in structure.args]
     if "dtype" in names:
         combos = [dict(c, dtype=t) for c in combos for t in dtypes_for(c["backend"], c["device"])]
     if "op_dtype" in names:

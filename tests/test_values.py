@@ -69,11 +69,11 @@ def test_reductions(loss, backend, device, reduction):
     assert_close(r.grad, gr_e * scale, FP32, "grad_ref", scale)
 
 
+@pytest.mark.structure("in-batch")
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_one_tensor_as_anchors_and_reference(loss, backend, device, reduction):
+def test_one_tensor_as_anchors_and_reference(loss, backend, device, case, reduction):
     """The in-batch loss passes the batch twice (self excluded by index): its gradient is the
     anchor and the reference gradient added, as autograd through the dense formula."""
-    case = "B25-in-batch"
     params = cases.variants(loss)["defaults"]
     d = cases.draw(case, loss, "defaults").to(device)
     rows_e, gx_e, gr_e, counts_e = cases.expected(case, loss, "defaults", weighted=reduction == "none")
