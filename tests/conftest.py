@@ -8,10 +8,11 @@ A test asks for them by argument name and gets every combination:
                    TRITON_INTERPRET=1; cuda and reference on CUDA tensors on a GPU).
                    @pytest.mark.kernels leaves the reference backend out,
                    @pytest.mark.backends("triton", ...) keeps the named ones,
-                   @pytest.mark.cuda_tensors keeps CUDA tensors.
+                   @pytest.mark.cuda_tensors keeps CUDA tensors, @pytest.mark.cpu_tensors CPU ones.
   loss             every registry loss (with `backend`: those the backend implements)
   variant          every parameter set of the loss (cases.variants)
-  case             every case of the table (cases.CASES) tagged for the backend's run kind
+  case             every case of the table (cases.CASES) tagged for the backend's run kind;
+                   @pytest.mark.structure("in-batch", ...) keeps those with that self_index
   dtype            the 16-bit dtypes the backend takes (fp16 only under the interpreter,
                    whose bf16 tl.dot is wrong on CPU)
   op_dtype         fp32 and those
@@ -80,6 +81,7 @@ def _combos(metafunc):
     kernels_only = metafunc.definition.get_closest_marker("kernels") is not None
     only = metafunc.definition.get_closest_marker("backends")
     cuda_only = metafunc.definition.get_closest_marker("cuda_tensors") is not None
+    cpu_only = metafunc.definition.get_closest_marker("cpu_tensors") is not None
     combos = [{}]
     if "loss" in names:
         combos = [{"loss": loss} for loss in LOSSES]
@@ -87,12 +89,15 @@ def _combos(metafunc):
         combos = [dict(c, variant=v) for c in combos for v in cases.variants(c["loss"])]
     if "backend" in names:
         bds = [bd for bd in backend_devices() if not (kernels_only and bd[0] == "reference")
-               and (only is None or bd[0] in only.args) and (not cuda_only or bd[1] == "cuda")]
+               and (only is None or bd[0] in only.args) and (not cuda_only or bd[1] == "cuda")
+               and (not cpu_only or bd[1] == "cpu")]
         combos = [dict(c, backend=b, device=d) for c in combos for b, d in bds
                   if "loss" not in c or implements(b, c["loss"])]
     if "case" in names:
+        structure = metafunc.definition.get_closest_marker("structure")
         combos = [dict(c, case=n) for c in combos
-                  for n in cases.names(cases.run_kind(c["backend"], c["device"]) if "backend" in c else "cpu")]
+                  for n in cases.names(cases.run_kind(c["backend"], c["device"]) if "backend" in c else "cpu")
+                  if structure is None or cases.CASES[n].self_index in structure.args]
     if "dtype" in names:
         combos = [dict(c, dtype=t) for c in combos for t in dtypes_for(c["backend"], c["device"])]
     if "op_dtype" in names:

@@ -138,15 +138,20 @@ def kept_configs(kernel, D, operands, count=4096):
     return configs
 
 
+def constexprs(operands, **values):
+    """Constexprs of a compile with `operands` (a key of OPERANDS): every feature flag on, the
+    operands' precision and limbs, then `values`."""
+    x_dtype, ref_dtype, precision = OPERANDS[operands]
+    c = dict(HAS_SELF_INDEX=True, NEED_GRAD=True, MINE=True, SKIP_INCOMPLETE=False, PRECISION=precision)
+    c.update(_modules()[0].operand_limbs(x_dtype, ref_dtype))
+    c.update(values)
+    return c
+
+
 def measure(name, D, operands, config):
     kernel, extra = autotuned_kernels()[name]
-    _common = _modules()[0]
-    x_dtype, ref_dtype, precision = OPERANDS[operands]
-    c = dict(HAS_SELF_INDEX=True, NEED_GRAD=True, MINE=True, PRECISION=precision, BLOCK_D=_common.block_d(D))
-    c.update(_common.operand_limbs(x_dtype, ref_dtype))
-    c.update(extra)
-    c.update(config.kwargs)
-    compiled = compile_kernel(kernel, x_dtype, ref_dtype, c, config.num_warps, config.num_stages)
+    c = constexprs(operands, BLOCK_D=_modules()[0].block_d(D), **extra, **config.kwargs)
+    compiled = compile_kernel(kernel, *OPERANDS[operands][:2], c, config.num_warps, config.num_stages)
     return resources(compiled)
 
 

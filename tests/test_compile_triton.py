@@ -10,7 +10,6 @@ import importlib.util
 import os
 
 import pytest
-import torch
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
@@ -20,21 +19,15 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":
 import triton  # noqa: E402
 
 try:
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
-except ImportError as exc:  # an older or newer Triton without these entry points
+    import sm90  # a helper module, not a test file: conftest puts tests/ on sys.path
+except ImportError as exc:  # an older or newer Triton without the ahead-of-time compile entry points
     pytest.skip(f"Triton {triton.__version__}: no ahead-of-time compile API ({exc})", allow_module_level=True)
 
 from xbm_kernels.triton import _common, contrastive, contrastive_l2, enqueue, multi_similarity  # noqa: E402
 from xbm_kernels.triton import ntxent, supcon, triplet  # noqa: E402
 
-import sm90  # noqa: E402  (a helper module, not a test file: conftest puts tests/ on sys.path)
-
-TARGET = GPUTarget("cuda", 90, 32)
-# (x, ref) dtypes: fp32, 16-bit, fp32 anchors in 16-bit limbs (2 for fp16, 3 for bf16)
-OPERANDS = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16),
-            "fp32-on-fp16": (torch.float32, torch.float16), "fp32-on-bf16": (torch.float32, torch.bfloat16)}
+# fp32, 16-bit, fp32 anchors in 16-bit limbs (2 for fp16, 3 for bf16); IEEE products
+OPERANDS = ("fp32", "bf16", "fp32-on-fp16", "fp32-on-bf16")
 KERNELS = {
     "contrastive_fwd": contrastive.contrastive_fwd_kernel,
     "sum_merge": _common.sum_merge_kernel,
@@ -60,28 +53,9 @@ KERNELS = {
 }
 
 
-def _jit_function(kernel):
-    while not isinstance(kernel, JITFunction):  # through the autotuner
-        kernel = kernel.fn
-    return kernel
-
-
-def _signature(fn, x_dtype, ref_dtype, constexprs):
-    missing = [p.name for p in fn.params if p.is_constexpr and p.name not in constexprs]
-    assert not missing, f"{fn.__name__}: no test value for constexpr {missing}"
-    return sm90.signature(fn, x_dtype, ref_dtype)
-
-
-def _constexprs(x_dtype, ref_dtype, mine):
-    c = dict(HAS_SELF_INDEX=True, NEED_GRAD=True, MINE=mine, SKIP_INCOMPLETE=False, PRECISION="ieee",
-             BLOCK_D=64, BLOCK_B=16, BLOCK_K=32, ROWS=16, BLOCK_DC=64, BLOCK_R=16)
-    c.update(_common.operand_limbs(x_dtype, ref_dtype))
-    return c
-
-
 def _cases():
     for name, kernel in KERNELS.items():
-        mines = (True, False) if "MINE" in _jit_function(kernel).arg_names else (True,)
+        mines = (True, False) if "MINE" in sm90.jit_function(kernel).arg_names else (True,)
         for operands in OPERANDS:
             for mine in mines:
                 flag = "" if len(mines) == 1 else "-mine" if mine else "-no-mine"
@@ -91,13 +65,9 @@ def _cases():
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
 @pytest.mark.parametrize("name,operands,mine", list(_cases()))
 def test_kernel_compiles_for_sm90(name, operands, mine):
-    fn = _jit_function(KERNELS[name])
-    x_dtype, ref_dtype = OPERANDS[operands]
-    constexprs = _constexprs(x_dtype, ref_dtype, mine)
-    sig = _signature(fn, x_dtype, ref_dtype, constexprs)
-    used = {(fn.arg_names.index(k),): v for k, v in constexprs.items() if k in fn.arg_names}
-    src = ASTSource(fn=fn, signature=sig, constexprs=used)
-    compiled = triton.compile(src, target=TARGET, options=dict(num_warps=4, num_stages=2))
+    constexprs = sm90.constexprs(operands, MINE=mine, BLOCK_D=64, BLOCK_B=16, BLOCK_K=32, ROWS=16, BLOCK_DC=64,
+                                 BLOCK_R=16)
+    compiled = sm90.compile_kernel(KERNELS[name], *sm90.OPERANDS[operands][:2], constexprs)
     assert compiled.asm.get("cubin"), f"{name}: no cubin"
 
 

@@ -69,11 +69,11 @@ def test_reductions(loss, backend, device, reduction):
     assert_close(r.grad, gr_e * scale, FP32, "grad_ref", scale)
 
 
+@pytest.mark.structure("in-batch")
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_one_tensor_as_anchors_and_reference(loss, backend, device, reduction):
+def test_one_tensor_as_anchors_and_reference(loss, backend, device, case, reduction):
     """The in-batch loss passes the batch twice (self excluded by index): its gradient is the
     anchor and the reference gradient added, as autograd through the dense formula."""
-    case = "B25-in-batch"
     params = cases.variants(loss)["defaults"]
     d = cases.draw(case, loss, "defaults").to(device)
     rows_e, gx_e, gr_e, counts_e = cases.expected(case, loss, "defaults", weighted=reduction == "none")
@@ -177,35 +177,59 @@ def test_unaligned_reference_storage(loss, backend, device):
         assert torch.equal(u, v)
 
 
-@pytest.mark.kernels
-def test_rows_past_int32_element_offsets(backend, device):
-    """On a GPU the memory's last rows sit past 2^31 elements (a 4.3 GB bf16 memory); the
-    enqueue writes there and wraps, and the contrastive loss reads them (the addressing is
-    shared by every loss's kernels). Every other row is zero with a label no anchor has, an
-    inactive negative, so the oracle on the written rows alone is the answer. CPU tensors run
-    the same check on a small memory."""
-    loss, D = "contrastive", 128
-    K = 2 ** 31 // D + 64 if device == "cuda" else 1000
+def _rows_past_int32_element_offsets(loss, backend, device, K):
+    """The enqueue writes 40 rows at the end of a memory of K rows and wraps (30 at K - 30..K - 1,
+    10 at 0..9); every other row is zero with a label no anchor has. The loss reads them as it
+    reads the same rows enqueued at the start (0..39, the zero rows after them): the same rows,
+    counts and gradient. The contrastive loss's zero rows are inactive negatives (S = 0 <=
+    margin), so there the oracle on the 40 rows alone is the answer too."""
+    D = 128
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     params = cases.variants(loss)["defaults"]
     d = cases.draw_case(cases.Case("far", 5, 40, D, 3, noise=0.25), loss, params, dtype, seed=7)
     mem = torch.zeros(K, D, dtype=dtype, device=device)
     mem_labels = torch.full((K,), -7, dtype=torch.int32, device=device)
     ops = xk.backends.kernel_ops(backend)
+    fwd = getattr(ops, f"{loss}_fwd")
+    x, y = d.x.to(device), d.y.int().to(device)
     slots = ops.enqueue_(mem, mem_labels, d.r.to(device), d.z.to(device), K - 30)
     assert slots.tolist() == list(range(K - 30, K)) + list(range(10))
     si = torch.tensor([K - 1, -1, K - 27, 3, K // 2], device=device)
-    rows, grad, counts = ops.contrastive_fwd(d.x.to(device), d.y.int().to(device), mem, mem_labels, si, K,
-                                             *params.values(), True, False)
-    # the written rows in column order: 0..9 (r[30:]) then K-30..K-1 (r[:30])
+    far = fwd(x, y, mem, mem_labels, si, K, *params.values(), True, False)
+    # the written rows in column order: 0..9 (r[30:]) then K-30..K-1 (r[:30]); K // 2 stays a zero row
     sub_r, sub_z = torch.cat([d.r[30:], d.r[:30]]), torch.cat([d.z[30:], d.z[:30]])
     s = si.cpu()
     sub_si = torch.where(s >= K - 30, s - (K - 30) + 10, torch.where((s >= 0) & (s < 10), s, -1))
-    e_rows, e_grad, _, e_counts = oracle.evaluate(loss, params, d.x, d.y, sub_r, sub_z, None, sub_si)
-    assert e_counts.sum() > 0
-    assert_close(rows, e_rows, FP32, "rows")
-    assert_close(grad, e_grad, FP32, "grad")
-    assert_equal_counts(counts, e_counts)
+    mem.zero_()
+    mem_labels.fill_(-7)
+    ops.enqueue_(mem, mem_labels, sub_r.to(device), sub_z.to(device), 0)
+    near = fwd(x, y, mem, mem_labels, torch.where(sub_si >= 0, sub_si, s).to(device), K, *params.values(), True,
+               False)
+    assert_equal_counts(far[2], near[2].cpu().long())
+    assert_close(far[0], near[0], FP32, "rows (far against near)")
+    assert_close(far[1], near[1], FP32, "grad (far against near)")
+    if loss == "contrastive":
+        e_rows, e_grad, _, e_counts = oracle.evaluate(loss, params, d.x, d.y, sub_r, sub_z, None, sub_si)
+        assert e_counts.sum() > 0
+        assert_close(far[0], e_rows, FP32, "rows")
+        assert_close(far[1], e_grad, FP32, "grad")
+        assert_equal_counts(far[2], e_counts)
+
+
+@pytest.mark.kernels
+@pytest.mark.cpu_tensors
+def test_rows_past_the_end_of_a_small_memory(loss, backend, device):
+    """The check of test_rows_past_int32_element_offsets on CPU tensors and a small memory."""
+    _rows_past_int32_element_offsets(loss, backend, device, 1000)
+
+
+@pytest.mark.slow
+@pytest.mark.kernels
+@pytest.mark.cuda_tensors
+def test_rows_past_int32_element_offsets(loss, backend, device):
+    """On a GPU the memory's last rows sit past 2^31 elements (a 4.3 GB bf16 memory, hence
+    slow); every loss reads them right (_rows_past_int32_element_offsets)."""
+    _rows_past_int32_element_offsets(loss, backend, device, 2 ** 31 // 128 + 64)
 
 
 @pytest.mark.slow
