@@ -44,11 +44,12 @@ def test_ties_across_splits_keep_the_earlier_split(backend, device, splits):
     """With 3 splits each copy sits in its own split: the merge keeps split 0's column."""
     from xbm_kernels.triton import triplet as ttr
     x, y, r, z = _tied_case()
-    args = [t.to(device) for t in (x, y.int(), r, z.int())]
-    _, _, counts, chosen = ttr._forward(*args, None, 36, 2.0, 1e-5, False, False, splits)
+    call = ttr._common.LossCall(ttr.KERNELS, "triplet", *(t.to(device) for t in (x, y.int(), r, z.int())), None, 36,
+                                False)
+    _, _, counts, chosen = ttr._forward(call, 2.0, 1e-5, False, splits)
     assert counts.min() == 1
     assert int(chosen.max()) < 12 and int(chosen.min()) >= 0
-    _, _, _, one_split = ttr._forward(*args, None, 36, 2.0, 1e-5, False, False, 1)
+    _, _, _, one_split = ttr._forward(call, 2.0, 1e-5, False, 1)
     assert torch.equal(chosen, one_split)
 
 

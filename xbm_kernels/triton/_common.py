@@ -1,8 +1,9 @@
 """The machinery shared by the Triton loss modules (which import only this module):
 interpreter detection, device facts, argument checks for direct op calls, the autotune
 tables and their prune, the split plan of the split-K grid, the merge kernel of the losses
-whose splits simply add up, and the tile helpers (16-bit limbs of fp32 operands, score
-tiles, pair sets). Launchers call torch.cuda only for CUDA tensors, so the same code runs
+whose splits simply add up, the launches every loss makes (LossCall: inputs, outputs,
+workspaces, split-K passes, merges, the reference-side gradient), and the tile helpers
+(16-bit limbs of fp32 operands, score tiles, pair sets). Launchers call torch.cuda only for CUDA tensors, so the same code runs
 under TRITON_INTERPRET=1 on CPU tensors.
 
 Words: a *split* is a contiguous range of reference columns that one program streams (its
@@ -368,6 +369,131 @@ def sum_merge_kernel(loss_ws, counts_ws, grad_ws, loss_ptr, counts_ptr, grad_ptr
     tl.store(counts_ptr + 2 * rows64[:, None] + pair[None, :], counts, mask=cmask)
     if NEED_GRAD:
         tl.store(grad_ptr + rows64[:, None] * D + dims[None, :], grad, mask=gmask)
+
+
+# --------------------------------------------------------------------------- launches
+
+
+@functools.lru_cache(maxsize=None)
+def _parameters(kernel):
+    """(runtime argument names, constexpr names) of a kernel in its order, less the
+    constexprs its autotune configs set."""
+    fn = kernel
+    while not inspect.isfunction(fn):  # Autotuner -> JITFunction (or InterpretedFunction) -> function
+        fn = fn.fn
+    tuned = set(kernel.configs[0].kwargs) if getattr(kernel, "configs", None) else set()
+    params = [p for p in inspect.signature(fn).parameters.values() if p.name not in tuned]
+    return (tuple(p.name for p in params if "constexpr" not in str(p.annotation)),
+            tuple(p.name for p in params if "constexpr" in str(p.annotation)))
+
+
+class LossCall:
+    """One call of a Triton loss op: its checked inputs, and the launches every loss makes
+    with them. A kernel's arguments are bound by name, so a loss module passes only what is
+    its own (its scalars, workspaces, outputs and flags); the rest comes from here under the
+    names every kernel uses: x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, B, D, n (= ref_valid), the
+    split plan (cols_per_split, splits), the autotune buckets and the constexprs
+    HAS_SELF_INDEX, PRECISION, BLOCK_D and the operand limbs (operand_limbs).
+
+    Forward: outputs(), plan() the splits, workspace() per split, then split_k() (a pass over
+    the reference and the merge of its splits), or stream() and merge() apart; sum_forward()
+    is all of it for the losses whose splits simply add up. Backward: ref_grad() (the
+    forward's gradient scaled by g, and the reference side)."""
+
+    def __init__(self, kernels, loss, x, labels, ref, ref_labels, self_index, ref_valid, allow_tf32):
+        x, labels, ref, ref_labels, si = prepare_loss_inputs(x, labels, ref, ref_labels, self_index, ref_valid)
+        require_launchable(kernels, loss, x, ref)
+        self.x = x
+        self.B, self.D = x.shape
+        self.N = ref.shape[0]
+        self.ref_valid = ref_valid
+        self.splits = None
+        self.args = dict(x_ptr=x, y_ptr=labels, r_ptr=ref, z_ptr=ref_labels, si_ptr=si if si is not None else labels,
+                         B=self.B, D=self.D, n=ref_valid, B_BUCKET=bucket(self.B), HAS_SELF_INDEX=si is not None,
+                         PRECISION=precision(allow_tf32), BLOCK_D=block_d(self.D), **operand_limbs(x.dtype, ref.dtype))
+
+    def f32(self, *shape):
+        return torch.empty(*shape, dtype=torch.float32, device=self.x.device)
+
+    def outputs(self, need_grad):
+        """The op's (loss rows (B,), gradient (B, D) or (0,) without need_grad, counts (B, 2) int32)."""
+        grad = self.f32(self.B, self.D) if need_grad else self.f32(0)
+        return self.f32(self.B), grad, torch.empty(self.B, 2, dtype=torch.int32, device=self.x.device)
+
+    def grad_rows(self, grad_rows):
+        return check_grad_rows(grad_rows, self.B, self.x.device)
+
+    def plan(self, table, splits=None):
+        """Plans the forward grid over the ref_valid columns (split_plan); returns the splits."""
+        self.splits, cols = split_plan(self.B, self.ref_valid, self.x.device, table, splits)
+        self.args.update(splits=self.splits, cols_per_split=cols, COLS_BUCKET=cols_bucket(cols))
+        return self.splits
+
+    def workspace(self, *shape, dtype=torch.float32):
+        """A (splits, *shape) tensor for the splits' partial results."""
+        return torch.empty(self.splits, *shape, dtype=dtype, device=self.x.device)
+
+    def grad_workspace(self, grad, need_grad):
+        """A split's (B, D) partial gradient, or the (0,) placeholder without need_grad (not written)."""
+        return self.workspace(self.B, self.D) if need_grad else grad
+
+    def launch(self, kernel, grid, num_warps=None, **named):
+        """kernel[grid], its arguments taken by name from `named`, then from this call's."""
+        launcher = kernel[grid]
+        runtime, consts = _parameters(kernel)
+        values = {**self.args, **named}
+        options = {} if num_warps is None else {"num_warps": num_warps}
+        with device_guard(self.x):
+            launcher(*(values[a] for a in runtime), **{c: values[c] for c in consts}, **options)
+
+    def stream(self, kernel, **named):
+        """A pass over the reference: grid (anchor tiles) x (splits), B fastest so programs
+        running together share tiles of R in L2."""
+        B, splits = self.B, self.splits
+        self.launch(kernel, lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), splits), **named)
+
+    def merge(self, kernel, **named):
+        """A merge of the splits' partial results: merge_rows(D) anchors per program."""
+        rows = merge_rows(self.D)
+        self.launch(kernel, (triton.cdiv(self.B, rows),), num_warps=4, ROWS=rows, **named)
+
+    def split_k(self, kernel, merge, **named):
+        """stream(kernel) then merge(merge); each takes the names it declares from `named`
+        (the workspaces both, the outputs the merge)."""
+        self.stream(kernel, **named)
+        self.merge(merge, **named)
+
+    def sum_forward(self, kernel, table, need_grad, splits=None, **named):
+        """The forward of a loss whose splits simply add up: `kernel` writes loss rows, counts
+        and dX (loss_ptr, counts_ptr, grad_ptr) per split, sum_merge_kernel adds them in split
+        order. With one split the kernel writes the outputs directly."""
+        loss, grad, counts = self.outputs(need_grad)
+        if self.B == 0:
+            return loss, grad, counts
+        need_grad = bool(need_grad)
+        if self.plan(table, splits) == 1:
+            self.stream(kernel, loss_ptr=loss, counts_ptr=counts, grad_ptr=grad, NEED_GRAD=need_grad, **named)
+            return loss, grad, counts
+        ws = dict(loss_ws=self.workspace(self.B), counts_ws=self.workspace(self.B, 2, dtype=torch.int32),
+                  grad_ws=self.grad_workspace(grad, need_grad))
+        self.stream(kernel, loss_ptr=ws["loss_ws"], counts_ptr=ws["counts_ws"], grad_ptr=ws["grad_ws"],
+                    NEED_GRAD=need_grad, **named)
+        self.merge(sum_merge_kernel, loss_ptr=loss, counts_ptr=counts, grad_ptr=grad, NEED_GRAD=need_grad, **ws)
+        return loss, grad, counts
+
+    def ref_grad(self, kernel, grad, g, **named):
+        """(grad_x, grad_ref) of the backward for per-row weights g: the forward's gradient
+        scaled row by row, and `kernel` over tiles of the ref_valid reference rows (gref_ptr;
+        each program owns a tile of rows and streams the anchors: no two programs write one
+        row); rows from ref_valid on are zero."""
+        grad_x = grad.mul_(g[:, None])
+        grad_ref = torch.zeros(self.N, self.D, dtype=torch.float32, device=self.x.device)
+        if self.B == 0 or self.ref_valid == 0:
+            return grad_x, grad_ref
+        n = self.ref_valid
+        self.launch(kernel, lambda meta: (triton.cdiv(n, meta["BLOCK_K"]),), gref_ptr=grad_ref,
+                    N_BUCKET=cols_bucket(n), **named)
+        return grad_x, grad_ref
 
 
 # --------------------------------------------------------------------------- tile helpers

@@ -138,64 +138,23 @@ def split_plan(B: int, n: int, device: torch.device, splits=None):
 def _scalars(pos_margin, neg_margin, pos_eps):
     # pos_thr > 1 for a negative pos_eps (every same-label column a positive), < -1 for
     # pos_eps > 2 (none); neg_margin <= 0: no negative is ever active.
-    return float(pos_margin), float(neg_margin), 1.0 - float(pos_eps)
+    return dict(pos_margin=float(pos_margin), neg_margin=float(neg_margin), pos_thr=1.0 - float(pos_eps))
 
 
 def contrastive_l2_fwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, pos_margin, neg_margin, pos_eps,
                               need_grad, allow_tf32, splits=None):
     """(loss_rows (B,) f32, grad (B, D) f32 or (0,) when not need_grad, counts (B, 2) int32).
     `splits` overrides the split plan (tests)."""
-    x, labels, ref, ref_labels, si = _common.prepare_loss_inputs(x, labels, ref, ref_labels, self_index, ref_valid)
-    _common.require_launchable(KERNELS, "contrastive_l2", x, ref)
-    B, D = x.shape
-    dev = x.device
-    f32 = dict(dtype=torch.float32, device=dev)
-    loss = torch.empty(B, **f32)
-    counts = torch.empty(B, 2, dtype=torch.int32, device=dev)
-    grad = torch.empty(B, D, **f32) if need_grad else torch.empty(0, **f32)
-    if B == 0:
-        return loss, grad, counts
-    splits, cols = split_plan(B, ref_valid, dev, splits)
-    if splits == 1:
-        loss_ws, counts_ws, grad_ws = loss, counts, grad
-    else:
-        loss_ws = torch.empty(splits, B, **f32)
-        counts_ws = torch.empty(splits, B, 2, dtype=torch.int32, device=dev)
-        grad_ws = torch.empty(splits, B, D, **f32) if need_grad else grad
-    BLOCK_D = _common.block_d(D)
-    grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), splits)  # noqa: E731
-    with _common.device_guard(x):
-        contrastive_l2_fwd_kernel[grid](
-            x, labels, ref, ref_labels, si if si is not None else labels, loss_ws, counts_ws, grad_ws,
-            B, D, ref_valid, cols, *_scalars(pos_margin, neg_margin, pos_eps), _common.bucket(B),
-            _common.cols_bucket(cols), HAS_SELF_INDEX=si is not None, NEED_GRAD=bool(need_grad),
-            PRECISION=_common.precision(allow_tf32), BLOCK_D=BLOCK_D, **_common.operand_limbs(x.dtype, ref.dtype))
-        if splits > 1:
-            rows = _common.merge_rows(D)
-            _common.sum_merge_kernel[(triton.cdiv(B, rows),)](
-                loss_ws, counts_ws, grad_ws, loss, counts, grad, B, D, splits,
-                NEED_GRAD=bool(need_grad), ROWS=rows, BLOCK_D=BLOCK_D, num_warps=4)
-    return loss, grad, counts
+    call = _common.LossCall(KERNELS, "contrastive_l2", x, labels, ref, ref_labels, self_index, ref_valid, allow_tf32)
+    return call.sum_forward(contrastive_l2_fwd_kernel, _FWD_CONFIGS, need_grad, splits,
+                            **_scalars(pos_margin, neg_margin, pos_eps))
 
 
 def contrastive_l2_bwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, pos_margin, neg_margin, pos_eps,
                               grad_rows, allow_tf32):
     """(grad_x (B, D) f32, grad_ref (N, D) f32) for the loss sum_i grad_rows[i] l_i."""
-    x, labels, ref, ref_labels, si = _common.prepare_loss_inputs(x, labels, ref, ref_labels, self_index, ref_valid)
-    _common.require_launchable(KERNELS, "contrastive_l2", x, ref)
-    B, D = x.shape
-    g = _common.check_grad_rows(grad_rows, B, x.device)
-    _, grad, _ = contrastive_l2_fwd_triton(x, labels, ref, ref_labels, si, ref_valid, pos_margin, neg_margin,
-                                           pos_eps, True, allow_tf32)
-    grad_x = grad.mul_(g[:, None])
-    grad_ref = torch.zeros(ref.shape[0], D, dtype=torch.float32, device=x.device)
-    if B == 0 or ref_valid == 0:
-        return grad_x, grad_ref
-    grid = lambda meta: (triton.cdiv(ref_valid, meta["BLOCK_K"]),)  # noqa: E731
-    with _common.device_guard(x):
-        contrastive_l2_ref_grad_kernel[grid](
-            x, labels, ref, ref_labels, si if si is not None else labels, g, grad_ref,
-            B, D, ref_valid, *_scalars(pos_margin, neg_margin, pos_eps), _common.bucket(B),
-            _common.cols_bucket(ref_valid), HAS_SELF_INDEX=si is not None, PRECISION=_common.precision(allow_tf32),
-            BLOCK_D=_common.block_d(D), **_common.operand_limbs(x.dtype, ref.dtype))
-    return grad_x, grad_ref
+    call = _common.LossCall(KERNELS, "contrastive_l2", x, labels, ref, ref_labels, self_index, ref_valid, allow_tf32)
+    g = call.grad_rows(grad_rows)
+    scalars = _scalars(pos_margin, neg_margin, pos_eps)
+    _, grad, _ = call.sum_forward(contrastive_l2_fwd_kernel, _FWD_CONFIGS, True, **scalars)
+    return call.ref_grad(contrastive_l2_ref_grad_kernel, grad, g, g_ptr=g, **scalars)

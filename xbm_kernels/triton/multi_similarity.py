@@ -294,53 +294,36 @@ def multi_similarity_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, rowstat
 KERNELS = (multi_similarity_stats_kernel, multi_similarity_fwd_kernel, multi_similarity_ref_grad_kernel)
 
 
-def _forward(x, labels, ref, ref_labels, si, ref_valid, alpha, beta, base, mining_margin, pos_eps, mine,
-             skip_incomplete, need_grad, allow_tf32, splits):
-    """The op's outputs plus per-row (min_pos, max_neg, shift_p, shift_n, fp, fn) as a
-    (B, 6) f32 tensor."""
+def _scalars(alpha, beta, base, mining_margin, pos_eps, mine):
     if not (alpha > 0 and beta > 0):
         raise ValueError(f"alpha, beta: expected > 0, got {alpha} and {beta}")
-    B, D = x.shape
-    dev = x.device
-    f32 = dict(dtype=torch.float32, device=dev)
-    loss = torch.empty(B, **f32)
-    rowstats = torch.empty(B, 6, **f32)
-    counts = torch.empty(B, 2, dtype=torch.int32, device=dev)
-    grad = torch.empty(B, D, **f32) if need_grad else torch.empty(0, **f32)
-    if B == 0:
+    # pos_thr > 1 for a negative pos_eps: every same-label column is a positive
+    return dict(alpha=float(alpha), beta=float(beta), base=float(base), mining_margin=float(mining_margin),
+                pos_thr=1.0 - float(pos_eps), MINE=bool(mine))
+
+
+def _forward(call, scalars, skip_incomplete, need_grad, splits):
+    """The op's outputs plus per-row (min_pos, max_neg, shift_p, shift_n, fp, fn) as a
+    (B, 6) f32 tensor."""
+    loss, grad, counts = call.outputs(need_grad)
+    rowstats = call.f32(call.B, 6)
+    if call.B == 0:
         return loss, grad, counts, rowstats
-    mine = bool(mine)
-    splits, cols = _common.split_plan(B, ref_valid, dev, _FWD_CONFIGS, splits)
-    sums_ws = torch.empty(splits, 4, B, **f32)
-    counts_ws = torch.empty(splits, B, 2, dtype=torch.int32, device=dev)
-    gp_ws = torch.empty(splits, B, D, **f32) if need_grad else grad
-    gn_ws = torch.empty(splits, B, D, **f32) if need_grad else grad
-    prm = (float(alpha), float(beta), float(base))
-    pos_thr = 1.0 - float(pos_eps)  # > 1 for a negative pos_eps: every same-label column is a positive
-    limbs = _common.operand_limbs(x.dtype, ref.dtype)
-    common = dict(HAS_SELF_INDEX=si is not None, PRECISION=_common.precision(allow_tf32),
-                  BLOCK_D=_common.block_d(D), X_LIMBS=limbs["X_LIMBS"], LO_SCALE=limbs["LO_SCALE"])
-    si_arg = si if si is not None else labels
-    grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), splits)  # noqa: E731
-    with _common.device_guard(x):
-        if mine:
-            stats_ws = torch.empty(splits, 2, B, **f32)
-            multi_similarity_stats_kernel[grid](
-                x, labels, ref, ref_labels, si_arg, stats_ws, B, D, ref_valid, cols, pos_thr, _common.bucket(B),
-                _common.cols_bucket(cols), **common)
-            # min / max are exact: merging the splits in any order gives the same statistics
-            stats = torch.stack([stats_ws[:, 0].amin(0), stats_ws[:, 1].amax(0)])
-        else:
-            stats = sums_ws  # not read
-        multi_similarity_fwd_kernel[grid](
-            x, labels, ref, ref_labels, si_arg, stats, sums_ws, counts_ws, gp_ws, gn_ws, B, D, ref_valid, cols, *prm,
-            float(mining_margin), pos_thr, _common.bucket(B), _common.cols_bucket(cols), MINE=mine,
-            NEED_GRAD=bool(need_grad), W_LIMBS=limbs["W_LIMBS"], **common)
-        rows = _common.merge_rows(D)
-        multi_similarity_merge_kernel[(triton.cdiv(B, rows),)](
-            stats, sums_ws, counts_ws, gp_ws, gn_ws, loss, counts, grad, rowstats, B, D, splits, prm[0], prm[1],
-            MINE=mine, SKIP_INCOMPLETE=bool(skip_incomplete), NEED_GRAD=bool(need_grad), ROWS=rows,
-            BLOCK_D=common["BLOCK_D"], num_warps=4)
+    B = call.B
+    call.plan(_FWD_CONFIGS, splits)
+    need_grad = bool(need_grad)
+    sums_ws = call.workspace(4, B)
+    stats = sums_ws  # not read without mine
+    if scalars["MINE"]:
+        stats_ws = call.workspace(2, B)
+        call.stream(multi_similarity_stats_kernel, stats_ws=stats_ws, **scalars)
+        # Merged by torch, not a merge kernel: min / max are exact, so merging the splits in
+        # any order gives the same statistics.
+        stats = torch.stack([stats_ws[:, 0].amin(0), stats_ws[:, 1].amax(0)])
+    call.split_k(multi_similarity_fwd_kernel, multi_similarity_merge_kernel, stats_ptr=stats, sums_ws=sums_ws,
+                 counts_ws=call.workspace(B, 2, dtype=torch.int32), gp_ws=call.grad_workspace(grad, need_grad),
+                 gn_ws=call.grad_workspace(grad, need_grad), loss_ptr=loss, counts_ptr=counts, grad_ptr=grad,
+                 rowstats_ptr=rowstats, SKIP_INCOMPLETE=bool(skip_incomplete), NEED_GRAD=need_grad, **scalars)
     return loss, grad, counts, rowstats
 
 
@@ -348,31 +331,18 @@ def multi_similarity_fwd_triton(x, labels, ref, ref_labels, self_index, ref_vali
                                 pos_eps, mine, skip_incomplete, need_grad, allow_tf32, splits=None):
     """(loss_rows (B,) f32, grad (B, D) f32 or (0,) when not need_grad, counts (B, 2) int32).
     `splits` overrides the split plan (tests)."""
-    x, labels, ref, ref_labels, si = _common.prepare_loss_inputs(x, labels, ref, ref_labels, self_index, ref_valid)
-    _common.require_launchable(KERNELS, "multi_similarity", x, ref)
-    return _forward(x, labels, ref, ref_labels, si, ref_valid, alpha, beta, base, mining_margin, pos_eps, mine,
-                    skip_incomplete, need_grad, allow_tf32, splits)[:3]
+    call = _common.LossCall(KERNELS, "multi_similarity", x, labels, ref, ref_labels, self_index, ref_valid,
+                            allow_tf32)
+    scalars = _scalars(alpha, beta, base, mining_margin, pos_eps, mine)
+    return _forward(call, scalars, skip_incomplete, need_grad, splits)[:3]
 
 
 def multi_similarity_bwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, alpha, beta, base, mining_margin,
                                 pos_eps, mine, skip_incomplete, grad_rows, allow_tf32):
     """(grad_x (B, D) f32, grad_ref (N, D) f32) for the loss sum_i grad_rows[i] l_i."""
-    x, labels, ref, ref_labels, si = _common.prepare_loss_inputs(x, labels, ref, ref_labels, self_index, ref_valid)
-    _common.require_launchable(KERNELS, "multi_similarity", x, ref)
-    B, D = x.shape
-    g = _common.check_grad_rows(grad_rows, B, x.device)
-    _, grad, _, rowstats = _forward(x, labels, ref, ref_labels, si, ref_valid, alpha, beta, base, mining_margin,
-                                    pos_eps, mine, skip_incomplete, True, allow_tf32, None)
-    grad_x = grad.mul_(g[:, None])
-    grad_ref = torch.zeros(ref.shape[0], D, dtype=torch.float32, device=x.device)
-    if B == 0 or ref_valid == 0:
-        return grad_x, grad_ref
-    grid = lambda meta: (triton.cdiv(ref_valid, meta["BLOCK_K"]),)  # noqa: E731
-    with _common.device_guard(x):
-        multi_similarity_ref_grad_kernel[grid](
-            x, labels, ref, ref_labels, si if si is not None else labels, rowstats, g, grad_ref,
-            B, D, ref_valid, float(alpha), float(beta), float(base), float(mining_margin), 1.0 - float(pos_eps),
-            _common.bucket(B), _common.cols_bucket(ref_valid), HAS_SELF_INDEX=si is not None, MINE=bool(mine),
-            PRECISION=_common.precision(allow_tf32), BLOCK_D=_common.block_d(D),
-            **_common.operand_limbs(x.dtype, ref.dtype))
-    return grad_x, grad_ref
+    call = _common.LossCall(KERNELS, "multi_similarity", x, labels, ref, ref_labels, self_index, ref_valid,
+                            allow_tf32)
+    g = call.grad_rows(grad_rows)
+    scalars = _scalars(alpha, beta, base, mining_margin, pos_eps, mine)
+    _, grad, _, rowstats = _forward(call, scalars, skip_incomplete, True, None)
+    return call.ref_grad(multi_similarity_ref_grad_kernel, grad, g, rowstats_ptr=rowstats, g_ptr=g, **scalars)

@@ -231,44 +231,24 @@ def ntxent_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, lz_ptr, gp_ptr, g
 KERNELS = (ntxent_stats_kernel, ntxent_fwd_kernel, ntxent_ref_grad_kernel)
 
 
-def _forward(x, labels, ref, ref_labels, si, ref_valid, temperature, pos_eps, need_grad, allow_tf32, splits):
+def _forward(call, temperature, pos_eps, need_grad, splits):
     """The op's outputs plus per-row LZ (-inf for rows without negatives) and w."""
     if not temperature > 0:
         raise ValueError(f"temperature: expected > 0, got {temperature}")
-    B, D = x.shape
-    dev = x.device
-    f32 = dict(dtype=torch.float32, device=dev)
-    loss = torch.empty(B, **f32)
-    lz = torch.empty(B, **f32)
-    w = torch.empty(B, **f32)
-    counts = torch.empty(B, 2, dtype=torch.int32, device=dev)
-    grad = torch.empty(B, D, **f32) if need_grad else torch.empty(0, **f32)
-    if B == 0:
+    loss, grad, counts = call.outputs(need_grad)
+    lz, w = call.f32(call.B), call.f32(call.B)
+    if call.B == 0:
         return loss, grad, counts, lz, w
-    splits, cols = _common.split_plan(B, ref_valid, dev, _FWD_CONFIGS, splits)
-    stats_ws = torch.empty(splits, 2, B, **f32)
-    sums_ws = torch.empty(splits, 2, B, **f32)
-    counts_ws = torch.empty(splits, B, 2, dtype=torch.int32, device=dev)
-    gp_ws = torch.empty(splits, B, D, **f32) if need_grad else grad
-    gn_ws = torch.empty(splits, B, D, **f32) if need_grad else grad
-    inv_tau = 1.0 / float(temperature)
-    pos_thr = 1.0 - float(pos_eps)  # > 1 for a negative pos_eps: every same-label column is a positive
-    limbs = _common.operand_limbs(x.dtype, ref.dtype)
-    common = dict(HAS_SELF_INDEX=si is not None, PRECISION=_common.precision(allow_tf32),
-                  BLOCK_D=_common.block_d(D), X_LIMBS=limbs["X_LIMBS"], LO_SCALE=limbs["LO_SCALE"])
-    si_arg = si if si is not None else labels
-    rows = _common.merge_rows(D)
-    grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), splits)  # noqa: E731
-    with _common.device_guard(x):
-        ntxent_stats_kernel[grid](x, labels, ref, ref_labels, si_arg, stats_ws, B, D, ref_valid, cols, inv_tau,
-                                  pos_thr, _common.bucket(B), _common.cols_bucket(cols), **common)
-        ntxent_stats_merge_kernel[(triton.cdiv(B, rows),)](stats_ws, lz, B, splits, ROWS=rows, num_warps=4)
-        ntxent_fwd_kernel[grid](x, labels, ref, ref_labels, si_arg, lz, sums_ws, counts_ws, gp_ws, gn_ws,
-                                B, D, ref_valid, cols, inv_tau, pos_thr, _common.bucket(B), _common.cols_bucket(cols),
-                                NEED_GRAD=bool(need_grad), W_LIMBS=limbs["W_LIMBS"], **common)
-        ntxent_merge_kernel[(triton.cdiv(B, rows),)](
-            sums_ws, counts_ws, gp_ws, gn_ws, loss, counts, grad, w, B, D, splits, inv_tau,
-            NEED_GRAD=bool(need_grad), ROWS=rows, BLOCK_D=common["BLOCK_D"], num_warps=4)
+    B = call.B
+    call.plan(_FWD_CONFIGS, splits)
+    need_grad = bool(need_grad)
+    # pos_thr > 1 for a negative pos_eps: every same-label column is a positive
+    scalars = dict(inv_tau=1.0 / float(temperature), pos_thr=1.0 - float(pos_eps))
+    call.split_k(ntxent_stats_kernel, ntxent_stats_merge_kernel, stats_ws=call.workspace(2, B), lz_ptr=lz, **scalars)
+    call.split_k(ntxent_fwd_kernel, ntxent_merge_kernel, lz_ptr=lz, sums_ws=call.workspace(2, B),
+                 counts_ws=call.workspace(B, 2, dtype=torch.int32), gp_ws=call.grad_workspace(grad, need_grad),
+                 gn_ws=call.grad_workspace(grad, need_grad), loss_ptr=loss, counts_ptr=counts, grad_ptr=grad,
+                 w_ptr=w, NEED_GRAD=need_grad, **scalars)
     return loss, grad, counts, lz, w
 
 
@@ -276,33 +256,17 @@ def ntxent_fwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, tempera
                       allow_tf32, splits=None):
     """(loss_rows (B,) f32, grad (B, D) f32 or (0,) when not need_grad, counts (B, 2) int32).
     `splits` overrides the split plan (tests)."""
-    x, labels, ref, ref_labels, si = _common.prepare_loss_inputs(x, labels, ref, ref_labels, self_index, ref_valid)
-    _common.require_launchable(KERNELS, "ntxent", x, ref)
-    return _forward(x, labels, ref, ref_labels, si, ref_valid, temperature, pos_eps, need_grad, allow_tf32,
-                    splits)[:3]
+    call = _common.LossCall(KERNELS, "ntxent", x, labels, ref, ref_labels, self_index, ref_valid, allow_tf32)
+    return _forward(call, temperature, pos_eps, need_grad, splits)[:3]
 
 
 def ntxent_bwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, temperature, pos_eps, grad_rows,
                       allow_tf32):
     """(grad_x (B, D) f32, grad_ref (N, D) f32) for the loss sum_i grad_rows[i] l_i."""
-    x, labels, ref, ref_labels, si = _common.prepare_loss_inputs(x, labels, ref, ref_labels, self_index, ref_valid)
-    _common.require_launchable(KERNELS, "ntxent", x, ref)
-    B, D = x.shape
-    g = _common.check_grad_rows(grad_rows, B, x.device)
-    _, grad, _, lz, w = _forward(x, labels, ref, ref_labels, si, ref_valid, temperature, pos_eps, True, allow_tf32,
-                                 None)
-    grad_x = grad.mul_(g[:, None])
-    grad_ref = torch.zeros(ref.shape[0], D, dtype=torch.float32, device=x.device)
-    if B == 0 or ref_valid == 0:
-        return grad_x, grad_ref
+    call = _common.LossCall(KERNELS, "ntxent", x, labels, ref, ref_labels, self_index, ref_valid, allow_tf32)
+    g = call.grad_rows(grad_rows)
+    _, grad, _, lz, w = _forward(call, temperature, pos_eps, True, None)
     inv_tau = 1.0 / float(temperature)
     gp = g * inv_tau
-    gn = gp * w
-    grid = lambda meta: (triton.cdiv(ref_valid, meta["BLOCK_K"]),)  # noqa: E731
-    with _common.device_guard(x):
-        ntxent_ref_grad_kernel[grid](
-            x, labels, ref, ref_labels, si if si is not None else labels, lz, gp, gn, grad_ref,
-            B, D, ref_valid, inv_tau, 1.0 - float(pos_eps), _common.bucket(B), _common.cols_bucket(ref_valid),
-            HAS_SELF_INDEX=si is not None, PRECISION=_common.precision(allow_tf32), BLOCK_D=_common.block_d(D),
-            **_common.operand_limbs(x.dtype, ref.dtype))
-    return grad_x, grad_ref
+    return call.ref_grad(ntxent_ref_grad_kernel, grad, g, lz_ptr=lz, gp_ptr=gp, gn_ptr=gp * w, inv_tau=inv_tau,
+                         pos_thr=1.0 - float(pos_eps))

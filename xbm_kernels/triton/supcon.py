@@ -179,37 +179,21 @@ def supcon_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, lse_ptr, ga_ptr, 
 KERNELS = (supcon_fwd_kernel, supcon_ref_grad_kernel)
 
 
-def _forward(x, labels, ref, ref_labels, si, ref_valid, temperature, pos_eps, need_grad, allow_tf32, splits):
+def _forward(call, temperature, pos_eps, need_grad, splits):
     """The op's outputs plus the per-row LSE (+inf for rows without positives)."""
     if not temperature > 0:
         raise ValueError(f"temperature: expected > 0, got {temperature}")
-    B, D = x.shape
-    dev = x.device
-    f32 = dict(dtype=torch.float32, device=dev)
-    loss = torch.empty(B, **f32)
-    lse = torch.empty(B, **f32)
-    counts = torch.empty(B, 2, dtype=torch.int32, device=dev)
-    grad = torch.empty(B, D, **f32) if need_grad else torch.empty(0, **f32)
-    if B == 0:
+    loss, grad, counts = call.outputs(need_grad)
+    lse = call.f32(call.B)
+    if call.B == 0:
         return loss, grad, counts, lse
-    splits, cols = _common.split_plan(B, ref_valid, dev, _FWD_CONFIGS, splits)
-    stats_ws = torch.empty(splits, 3, B, **f32)
-    counts_ws = torch.empty(splits, B, 2, dtype=torch.int32, device=dev)
-    g_ws = torch.empty(splits, B, D, **f32) if need_grad else grad
-    gpos_ws = torch.empty(splits, B, D, **f32) if need_grad else grad
-    inv_tau = 1.0 / float(temperature)
-    BLOCK_D = _common.block_d(D)
-    grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), splits)  # noqa: E731
-    with _common.device_guard(x):
-        supcon_fwd_kernel[grid](
-            x, labels, ref, ref_labels, si if si is not None else labels, stats_ws, counts_ws, g_ws, gpos_ws,
-            B, D, ref_valid, cols, inv_tau, 1.0 - float(pos_eps), _common.bucket(B), _common.cols_bucket(cols),
-            HAS_SELF_INDEX=si is not None, NEED_GRAD=bool(need_grad), PRECISION=_common.precision(allow_tf32),
-            BLOCK_D=BLOCK_D, **_common.operand_limbs(x.dtype, ref.dtype))
-        rows = _common.merge_rows(D)
-        supcon_merge_kernel[(triton.cdiv(B, rows),)](
-            stats_ws, counts_ws, g_ws, gpos_ws, loss, counts, grad, lse, B, D, splits, inv_tau,
-            NEED_GRAD=bool(need_grad), ROWS=rows, BLOCK_D=BLOCK_D, num_warps=4)
+    B, D = call.B, call.D
+    call.plan(_FWD_CONFIGS, splits)
+    need_grad = bool(need_grad)
+    call.split_k(supcon_fwd_kernel, supcon_merge_kernel, stats_ws=call.workspace(3, B),
+                 counts_ws=call.workspace(B, 2, dtype=torch.int32), g_ws=call.grad_workspace(grad, need_grad),
+                 gpos_ws=call.grad_workspace(grad, need_grad), loss_ptr=loss, counts_ptr=counts, grad_ptr=grad,
+                 lse_ptr=lse, inv_tau=1.0 / float(temperature), pos_thr=1.0 - float(pos_eps), NEED_GRAD=need_grad)
     return loss, grad, counts, lse
 
 
@@ -217,34 +201,19 @@ def supcon_fwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, tempera
                       allow_tf32, splits=None):
     """(loss_rows (B,) f32, grad (B, D) f32 or (0,) when not need_grad, counts (B, 2) int32).
     `splits` overrides the split plan (tests)."""
-    x, labels, ref, ref_labels, si = _common.prepare_loss_inputs(x, labels, ref, ref_labels, self_index, ref_valid)
-    _common.require_launchable(KERNELS, "supcon", x, ref)
-    return _forward(x, labels, ref, ref_labels, si, ref_valid, temperature, pos_eps, need_grad, allow_tf32,
-                    splits)[:3]
+    call = _common.LossCall(KERNELS, "supcon", x, labels, ref, ref_labels, self_index, ref_valid, allow_tf32)
+    return _forward(call, temperature, pos_eps, need_grad, splits)[:3]
 
 
 def supcon_bwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, temperature, pos_eps, grad_rows,
                       allow_tf32):
     """(grad_x (B, D) f32, grad_ref (N, D) f32) for the loss sum_i grad_rows[i] l_i."""
-    x, labels, ref, ref_labels, si = _common.prepare_loss_inputs(x, labels, ref, ref_labels, self_index, ref_valid)
-    _common.require_launchable(KERNELS, "supcon", x, ref)
-    B, D = x.shape
-    g = _common.check_grad_rows(grad_rows, B, x.device)
-    _, grad, counts, lse = _forward(x, labels, ref, ref_labels, si, ref_valid, temperature, pos_eps, True,
-                                    allow_tf32, None)
-    grad_x = grad.mul_(g[:, None])
-    grad_ref = torch.zeros(ref.shape[0], D, dtype=torch.float32, device=x.device)
-    if B == 0 or ref_valid == 0:
-        return grad_x, grad_ref
+    call = _common.LossCall(KERNELS, "supcon", x, labels, ref, ref_labels, self_index, ref_valid, allow_tf32)
+    g = call.grad_rows(grad_rows)
+    _, grad, counts, lse = _forward(call, temperature, pos_eps, True, None)
     inv_tau = 1.0 / float(temperature)
     npos = counts[:, 0]
     ga = torch.where(npos > 0, g * inv_tau, 0.0)
-    gp = ga / npos.clamp_min(1).to(torch.float32)
-    grid = lambda meta: (triton.cdiv(ref_valid, meta["BLOCK_K"]),)  # noqa: E731
-    with _common.device_guard(x):
-        supcon_ref_grad_kernel[grid](
-            x, labels, ref, ref_labels, si if si is not None else labels, lse, ga, gp, grad_ref,
-            B, D, ref_valid, inv_tau, 1.0 - float(pos_eps), _common.bucket(B), _common.cols_bucket(ref_valid),
-            HAS_SELF_INDEX=si is not None, PRECISION=_common.precision(allow_tf32), BLOCK_D=_common.block_d(D),
-            **_common.operand_limbs(x.dtype, ref.dtype))
-    return grad_x, grad_ref
+    return call.ref_grad(supcon_ref_grad_kernel, grad, g, lse_ptr=lse, ga_ptr=ga,
+                         gp_ptr=ga / npos.clamp_min(1).to(torch.float32), inv_tau=inv_tau,
+                         pos_thr=1.0 - float(pos_eps))

@@ -144,33 +144,16 @@ def triplet_ref_grad_kernel(x_ptr, chosen_ptr, g_ptr, gref_ptr, B, D, N,
 KERNELS = (triplet_hardest_kernel,)
 
 
-def _forward(x, labels, ref, ref_labels, si, ref_valid, margin, pos_eps, need_grad, allow_tf32, splits):
+def _forward(call, margin, pos_eps, need_grad, splits):
     """The op's outputs plus the chosen columns (B, 2) int32 (ap, an; -1 for inactive rows)."""
-    B, D = x.shape
-    dev = x.device
-    f32 = dict(dtype=torch.float32, device=dev)
-    loss = torch.empty(B, **f32)
-    counts = torch.empty(B, 2, dtype=torch.int32, device=dev)
-    chosen = torch.empty(B, 2, dtype=torch.int32, device=dev)
-    grad = torch.empty(B, D, **f32) if need_grad else torch.empty(0, **f32)
-    if B == 0:
+    loss, grad, counts = call.outputs(need_grad)
+    chosen = torch.empty(call.B, 2, dtype=torch.int32, device=call.x.device)
+    if call.B == 0:
         return loss, grad, counts, chosen
-    splits, cols = _common.split_plan(B, ref_valid, dev, _FWD_CONFIGS, splits)
-    val_ws = torch.empty(splits, 2, B, **f32)
-    idx_ws = torch.empty(splits, 2, B, dtype=torch.int32, device=dev)
-    BLOCK_D = _common.block_d(D)
-    limbs = _common.operand_limbs(x.dtype, ref.dtype)
-    grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), splits)  # noqa: E731
-    with _common.device_guard(x):
-        triplet_hardest_kernel[grid](
-            x, labels, ref, ref_labels, si if si is not None else labels, val_ws, idx_ws, B, D, ref_valid, cols,
-            1.0 - float(pos_eps), _common.bucket(B), _common.cols_bucket(cols), HAS_SELF_INDEX=si is not None,
-            PRECISION=_common.precision(allow_tf32), BLOCK_D=BLOCK_D, X_LIMBS=limbs["X_LIMBS"],
-            LO_SCALE=limbs["LO_SCALE"])
-        rows = _common.merge_rows(D)
-        triplet_merge_kernel[(triton.cdiv(B, rows),)](
-            val_ws, idx_ws, ref, loss, counts, grad, chosen, B, D, splits, float(margin),
-            NEED_GRAD=bool(need_grad), ROWS=rows, BLOCK_D=BLOCK_D, num_warps=4)
+    call.plan(_FWD_CONFIGS, splits)
+    call.split_k(triplet_hardest_kernel, triplet_merge_kernel, val_ws=call.workspace(2, call.B),
+                 idx_ws=call.workspace(2, call.B, dtype=torch.int32), loss_ptr=loss, counts_ptr=counts, grad_ptr=grad,
+                 chosen_ptr=chosen, margin=float(margin), pos_thr=1.0 - float(pos_eps), NEED_GRAD=bool(need_grad))
     return loss, grad, counts, chosen
 
 
@@ -178,27 +161,25 @@ def triplet_fwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, margin
                        splits=None):
     """(loss_rows (B,) f32, grad (B, D) f32 or (0,) when not need_grad, counts (B, 2) int32).
     `splits` overrides the split plan (tests)."""
-    x, labels, ref, ref_labels, si = _common.prepare_loss_inputs(x, labels, ref, ref_labels, self_index, ref_valid)
-    _common.require_launchable(KERNELS, "triplet", x, ref)
-    return _forward(x, labels, ref, ref_labels, si, ref_valid, margin, pos_eps, need_grad, allow_tf32, splits)[:3]
+    call = _common.LossCall(KERNELS, "triplet", x, labels, ref, ref_labels, self_index, ref_valid, allow_tf32)
+    return _forward(call, margin, pos_eps, need_grad, splits)[:3]
 
 
 def triplet_bwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, margin, pos_eps, grad_rows, allow_tf32):
     """(grad_x (B, D) f32, grad_ref (N, D) f32) for the loss sum_i grad_rows[i] l_i."""
-    x, labels, ref, ref_labels, si = _common.prepare_loss_inputs(x, labels, ref, ref_labels, self_index, ref_valid)
-    _common.require_launchable(KERNELS, "triplet", x, ref)
-    B, D = x.shape
-    N = ref.shape[0]
-    g = _common.check_grad_rows(grad_rows, B, x.device)
-    _, grad, _, chosen = _forward(x, labels, ref, ref_labels, si, ref_valid, margin, pos_eps, True, allow_tf32,
-                                  None)
+    call = _common.LossCall(KERNELS, "triplet", x, labels, ref, ref_labels, self_index, ref_valid, allow_tf32)
+    g = call.grad_rows(grad_rows)
+    _, grad, _, chosen = _forward(call, margin, pos_eps, True, None)
+    # Not LossCall.ref_grad: the reference side is a scatter of the anchors into their chosen
+    # rows (no scores), over every row of ref (tiles no anchor chose write their zeros), in
+    # fixed tiles with chunks of D as a second grid axis.
     grad_x = grad.mul_(g[:, None])
-    grad_ref = torch.empty(N, D, dtype=torch.float32, device=x.device)
+    N, D = call.N, call.D
+    grad_ref = torch.empty(N, D, dtype=torch.float32, device=call.x.device)
     if N == 0:
         return grad_x, grad_ref
     BLOCK_DC = min(_common.block_d(D), _REF_CHUNK_D)
-    with _common.device_guard(x):
-        triplet_ref_grad_kernel[(triton.cdiv(N, _REF_BLOCK_K), triton.cdiv(D, BLOCK_DC))](
-            x, chosen, g, grad_ref, B, D, N, BLOCK_K=_REF_BLOCK_K, BLOCK_B=_REF_BLOCK_B, BLOCK_DC=BLOCK_DC,
-            num_warps=4)
+    call.launch(triplet_ref_grad_kernel, (triton.cdiv(N, _REF_BLOCK_K), triton.cdiv(D, BLOCK_DC)), num_warps=4,
+                chosen_ptr=chosen, g_ptr=g, gref_ptr=grad_ref, N=N, BLOCK_K=_REF_BLOCK_K, BLOCK_B=_REF_BLOCK_B,
+                BLOCK_DC=BLOCK_DC)
     return grad_x, grad_ref
