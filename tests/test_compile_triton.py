@@ -27,7 +27,7 @@ except ImportError as exc:  # an older or newer Triton without these entry point
     pytest.skip(f"Triton {triton.__version__}: no ahead-of-time compile API ({exc})", allow_module_level=True)
 
 from xbm_kernels.triton import _common, contrastive, contrastive_l2, enqueue, multi_similarity  # noqa: E402
-from xbm_kernels.triton import ntxent, supcon, triplet  # noqa: E402
+from xbm_kernels.triton import circle, ntxent, supcon, triplet  # noqa: E402
 
 import sm90  # noqa: E402  (a helper module, not a test file: conftest puts tests/ on sys.path)
 
@@ -56,6 +56,9 @@ KERNELS = {
     "triplet_hardest": triplet.triplet_hardest_kernel,
     "triplet_merge": triplet.triplet_merge_kernel,
     "triplet_ref_grad": triplet.triplet_ref_grad_kernel,
+    "circle_fwd": circle.circle_fwd_kernel,
+    "circle_merge": circle.circle_merge_kernel,
+    "circle_ref_grad": circle.circle_ref_grad_kernel,
     "enqueue": enqueue.enqueue_kernel,
 }
 

@@ -193,7 +193,7 @@ LOSSES: Dict[str, Loss] = {loss.name: loss for loss in (
          "l_i = softplus(log sum_{P_i} exp(lp_ij) + log sum_{N_i} exp(ln_ij)), lp = -gamma [1 + m - S]_+ "
          "(S - (1 - m)),\n    ln = gamma [S + m]_+ (S - m) ([.]_+ factors constant for the gradient); 0 when P_i "
          "or N_i is empty",
-         kernels=frozenset({"cpu"})),
+         kernels=frozenset({"cpu", "triton"})),
 )}
 
 COMMON_ARGS_DOC = """S = X R^T accumulated in fp32 (inputs are expected L2-normalised; the functional losses do not
