@@ -37,7 +37,9 @@ CONFIGS = {
     "ntxent": lambda: (losses.NTXentLoss(), None),
     "triplet + batch-hard": lambda: (losses.TripletMarginLoss(margin=0.1, distance=COS()),
                                      miners.BatchHardMiner(distance=COS())),
-    "circle (PML's loss on our memory)": lambda: (losses.CircleLoss(), None),
+    "circle": lambda: (losses.CircleLoss(), None),
+    "circle + miner (PML's loss on our memory)": lambda: (losses.CircleLoss(), miners.MultiSimilarityMiner()),
+    "lifted (PML's loss on our memory)": lambda: (losses.LiftedStructureLoss(), None),
 }
 
 

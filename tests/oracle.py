@@ -225,6 +225,40 @@ def ntxent_oracle(x, y, r, z, temperature=0.1, pos_eps=1e-5, ref_valid=None, sel
     return rows, grad, grad_ref, counts
 
 
+def circle_oracle(x, y, r, z, m=0.4, gamma=80.0, pos_eps=1e-5, ref_valid=None, self_index=None, weights=None):
+    """l_i = softplus(LSE_P lp + LSE_N ln), lp_ij = -gamma [1 + m - S]_+ (S - (1 - m)),
+    ln_ij = gamma [S + m]_+ (S - m), the [.]_+ factors constants for the gradient; 0 when P_i
+    or N_i is empty."""
+    B, D = x.shape
+    xd, rd = x.detach().double().cpu(), r.detach().double().cpu()
+    rows = torch.zeros(B, dtype=torch.float64)
+    grad = torch.zeros(B, D, dtype=torch.float64)
+    grad_ref = torch.zeros(r.shape[0], D, dtype=torch.float64)
+    counts = torch.zeros(B, 2, dtype=torch.int64)
+    w = [1.0] * B if weights is None else [float(v) for v in weights]
+    for i, s, P, N in _sets(x, y, r, z, pos_eps, ref_valid, self_index):
+        counts[i, 0], counts[i, 1] = len(P), len(N)
+        if not P or not N:
+            continue
+        scale = {j: -gamma * max(0.0, 1.0 + m - s[j]) for j in P}   # d lp / d S
+        scale.update({j: gamma * max(0.0, s[j] + m) for j in N})    # d ln / d S
+        logit = {j: scale[j] * (s[j] - (1.0 - m)) for j in P}
+        logit.update({j: scale[j] * (s[j] - m) for j in N})
+        lse = {}
+        for name, cols in (("P", P), ("N", N)):
+            top = max(logit[j] for j in cols)
+            lse[name] = top + math.log(sum(math.exp(logit[j] - top) for j in cols))
+        total = lse["P"] + lse["N"]
+        rows[i] = max(total, 0.0) + math.log1p(math.exp(-abs(total)))  # softplus
+        sig = 1.0 / (1.0 + math.exp(-total))
+        for name, cols in (("P", P), ("N", N)):
+            for j in cols:
+                c = sig * math.exp(logit[j] - lse[name]) * scale[j]
+                grad[i] += w[i] * c * rd[j]
+                grad_ref[j] += w[i] * c * xd[i]
+    return rows, grad, grad_ref, counts
+
+
 # --------------------------------------------------------------------------- lookup
 
 
@@ -320,6 +354,10 @@ def supcon_boundaries(S, pos, neg, p):
 
 def ntxent_boundaries(S, pos, neg, p):
     return _NONE, _NONE
+
+
+def circle_boundaries(S, pos, neg, p):
+    return _NONE, _NONE  # continuous in S: the [.]_+ factors reach 0 with their terms' slopes
 
 
 def decision_gap(loss, params, x, y, r, z, ref_valid=None, self_index=None, copies=()):

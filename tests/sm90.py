@@ -95,14 +95,15 @@ def resources(compiled):
 
 @functools.lru_cache(maxsize=None)
 def _modules():
-    from xbm_kernels.triton import _common, contrastive, contrastive_l2, multi_similarity, ntxent, supcon, triplet
-    return _common, contrastive, contrastive_l2, multi_similarity, ntxent, supcon, triplet
+    from xbm_kernels.triton import _common, circle, contrastive, contrastive_l2, multi_similarity, ntxent, supcon
+    from xbm_kernels.triton import triplet
+    return _common, contrastive, contrastive_l2, multi_similarity, ntxent, supcon, triplet, circle
 
 
 def autotuned_kernels():
     """{name: (autotuned kernel, extra constexprs)}: every kernel whose configuration the launcher
     chooses (multi-similarity's forward and reference-side kernels with mining on and off)."""
-    _, c, l2, ms, nx, sc, tr = _modules()
+    _, c, l2, ms, nx, sc, tr, ci = _modules()
     return {
         "contrastive_fwd": (c.contrastive_fwd_kernel, {}),
         "contrastive_ref_grad": (c.contrastive_ref_grad_kernel, {}),
@@ -119,6 +120,8 @@ def autotuned_kernels():
         "ntxent_fwd": (nx.ntxent_fwd_kernel, {}),
         "ntxent_ref_grad": (nx.ntxent_ref_grad_kernel, {}),
         "triplet_hardest": (tr.triplet_hardest_kernel, {}),
+        "circle_fwd": (ci.circle_fwd_kernel, {}),
+        "circle_ref_grad": (ci.circle_ref_grad_kernel, {}),
     }
 
 

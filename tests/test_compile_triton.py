@@ -24,7 +24,7 @@ except ImportError as exc:  # an older or newer Triton without the ahead-of-time
     pytest.skip(f"Triton {triton.__version__}: no ahead-of-time compile API ({exc})", allow_module_level=True)
 
 from xbm_kernels.triton import _common, contrastive, contrastive_l2, enqueue, multi_similarity  # noqa: E402
-from xbm_kernels.triton import ntxent, supcon, triplet  # noqa: E402
+from xbm_kernels.triton import circle, ntxent, supcon, triplet  # noqa: E402
 
 # fp32, 16-bit, fp32 anchors in 16-bit limbs (2 for fp16, 3 for bf16); IEEE products
 OPERANDS = ("fp32", "bf16", "fp32-on-fp16", "fp32-on-bf16")
@@ -49,6 +49,9 @@ KERNELS = {
     "triplet_hardest": triplet.triplet_hardest_kernel,
     "triplet_merge": triplet.triplet_merge_kernel,
     "triplet_ref_grad": triplet.triplet_ref_grad_kernel,
+    "circle_fwd": circle.circle_fwd_kernel,
+    "circle_merge": circle.circle_merge_kernel,
+    "circle_ref_grad": circle.circle_ref_grad_kernel,
     "enqueue": enqueue.enqueue_kernel,
 }
 

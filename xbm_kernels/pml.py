@@ -300,6 +300,27 @@ def _ntxent(loss, miner):
     return fused
 
 
+def _circle(loss, miner):
+    if miner is not None or not (_plain_loss(loss) and _avg_nonzero(loss.reducer)):
+        return None
+    # PML's loss reads op, on, delta_p and delta_n, which its constructor derives from m (a
+    # later change of m alone changes nothing): the kernel's one m is delta_n, when the other
+    # three are still what m = delta_n gives; else PML's own loss runs.
+    m = _number(loss.delta_n)
+    if m is None or (_number(loss.op), _number(loss.on), _number(loss.delta_p)) != (1 + m, -m, 1 - m):
+        return None
+    params = _params("circle", m=m, gamma=_number(loss.gamma), pos_eps=-1.0)
+    if params is None:
+        return None
+
+    def fused(step):
+        # PML's rows are 0 without a positive or a negative pair, as the kernel's
+        rows, _ = step.run("circle", params)
+        return step.few_pairs_zero(_mean_nonzero(rows))
+
+    return fused
+
+
 def _triplet(loss, miner):
     miners = _pml()[2]
     if not (_plain_loss(loss) and _avg_nonzero(loss.reducer) and not loss.swap and not loss.smooth_loss):
@@ -337,6 +358,7 @@ _PLANS = (
     ("ntxent: NTXentLoss(), no miner", "NTXentLoss", _ntxent),
     ("triplet: TripletMarginLoss(distance=CosineSimilarity()) with BatchHardMiner(distance=CosineSimilarity())",
      "TripletMarginLoss", _triplet),
+    ("circle: CircleLoss(), no miner", "CircleLoss", _circle),
 )
 
 

@@ -182,3 +182,57 @@ def ntxent(x, labels, ref, ref_labels, *, temperature, pos_eps, ref_valid, self_
     rows = torch.where(pos, torch.nn.functional.softplus(lz - logits), logits.new_zeros(())).sum(1)
     counts = torch.stack([pos.sum(1), neg.sum(1)], dim=1)
     return rows, counts.to(torch.int32)
+
+
+def _masked_logsumexp(a, mask):
+    """log sum_{mask} exp(a) per row; -inf for an empty row (gradient 0 there)."""
+    masked = torch.where(mask, a, a.new_tensor(float("-inf")))
+    has = mask.any(1, keepdim=True)
+    lse = torch.logsumexp(torch.where(has, masked, a.new_zeros(())), dim=1)  # no all -inf rows
+    return torch.where(has[:, 0], lse, a.new_tensor(float("-inf")))
+
+
+def _circle_terms(S, pos, neg, m, gamma):
+    """(L, logits, slopes, lse_p, lse_n, both) of the circle loss from S: L = LSE_P lp + LSE_N ln
+    (0 where P or N is empty), the logits lp / ln on P / N and their slopes k (dlogit/dS with
+    the [.]_+ factor held constant)."""
+    k = torch.where(pos, -gamma * torch.relu(1.0 + m - S), gamma * torch.relu(S + m))
+    logits = k * torch.where(pos, S - (1.0 - m), S - m)
+    lse_p, lse_n = _masked_logsumexp(logits, pos), _masked_logsumexp(logits, neg)
+    both = pos.any(1) & neg.any(1)
+    return torch.where(both, lse_p + lse_n, S.new_zeros(())), logits, k, lse_p, lse_n, both
+
+
+class _CircleRows(torch.autograd.Function):
+    """Circle loss rows from S. Its gradient treats the [.]_+ factors as constants, so it is not
+    the derivative of the rows; the backward is written in differentiable ops of S, so that a
+    second derivative differentiates that gradient as a function of S."""
+
+    @staticmethod
+    def forward(ctx, S, pos, neg, m, gamma):
+        ctx.save_for_backward(S, pos, neg)
+        ctx.m, ctx.gamma = m, gamma
+        L, _, _, _, _, both = _circle_terms(S, pos, neg, m, gamma)
+        return torch.where(both, torch.nn.functional.softplus(L), S.new_zeros(()))
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        S, pos, neg = ctx.saved_tensors
+        L, logits, k, lse_p, lse_n, both = _circle_terms(S, pos, neg, ctx.m, ctx.gamma)
+        lse = torch.where(pos, torch.where(both, lse_p, S.new_zeros(()))[:, None],
+                          torch.where(both, lse_n, S.new_zeros(()))[:, None])
+        inside = (pos | neg) & both[:, None]  # exp(-inf) outside: no inf * 0 in a second derivative
+        softmax = torch.exp(torch.where(inside, logits - lse, S.new_tensor(float("-inf"))))
+        weight = torch.where(both, grad_rows * torch.sigmoid(L), S.new_zeros(()))
+        return weight[:, None] * softmax * k, None, None, None, None
+
+
+def circle(x, labels, ref, ref_labels, *, m, gamma, pos_eps, ref_valid, self_index):
+    """Circle loss (Sun et al. 2020), pair form: l_i = softplus(LSE_{P_i} lp + LSE_{N_i} ln),
+    lp = -gamma [1 + m - S]_+ (S - (1 - m)), ln = gamma [S + m]_+ (S - m), the [.]_+ factors
+    constants for the gradient; 0 when P_i or N_i is empty."""
+    S = similarity(x, ref)
+    pos, neg = pair_sets(S, labels, ref_labels, ref_valid, self_index, pos_eps)
+    rows = _CircleRows.apply(S, pos, neg, m, gamma)
+    counts = torch.stack([pos.sum(1), neg.sum(1)], dim=1)
+    return rows, counts.to(torch.int32)

@@ -184,6 +184,16 @@ LOSSES: Dict[str, Loss] = {loss.name: loss for loss in (
          "l_i = sum_{p in P_i} -log(exp(S_ip / tau) / (exp(S_ip / tau) + sum_{n in N_i} exp(S_in / tau)))",
          mean_over="positive_pairs",
          kernels=frozenset({"cpu", "triton"})),
+    Loss("circle",
+         (Param("m", 0.4, "the relaxation margin: optima 1 - m (positives) and m (negatives)", low=-1.0,
+                high=1.0),
+          Param("gamma", 80.0, "the scale", low=0.0, open_low=True),
+          POS_EPS),
+         "Circle loss (Sun et al. 2020), pair form, as pytorch-metric-learning's CircleLoss.",
+         "l_i = softplus(log sum_{P_i} exp(lp_ij) + log sum_{N_i} exp(ln_ij)), lp = -gamma [1 + m - S]_+ "
+         "(S - (1 - m)),\n    ln = gamma [S + m]_+ (S - m) ([.]_+ factors constant for the gradient); 0 when P_i "
+         "or N_i is empty",
+         kernels=frozenset({"cpu", "triton"})),
 )}
 
 COMMON_ARGS_DOC = """S = X R^T accumulated in fp32 (inputs are expected L2-normalised; the functional losses do not

@@ -1,0 +1,241 @@
+"""Fused circle loss (pair form, as pytorch-metric-learning's CircleLoss) over a reference set
+(CONTRACT.md section 1), Triton kernels.
+
+    k_ij = -gamma [1 + m - S_ij]_+ on P_i,  gamma [S_ij + m]_+ on N_i   (constants for the gradient)
+    lp_ij = k_ij (S_ij - (1 - m)) on P_i,   ln_ij = k_ij (S_ij - m) on N_i
+    L_i = LSE_{P_i} lp + LSE_{N_i} ln,      l_i = softplus(L_i)   (0 if P_i or N_i is empty)
+    dl_i/dx_i = sigmoid(L_i) (sum_{P_i} softmax(lp)_j k_ij r_j + sum_{N_i} softmax(ln)_j k_ij r_j)
+
+Forward: ONE pass over the reference rows with two online log-sum-exps (as supcon.py's, one
+per set): per row a running max and sum of each set and its weighted rows
+G = sum exp(logit - max) k r, rescaled when the max grows. Each split writes its
+(max_P, sum_P, max_N, sum_N, counts, G_P, G_N) to a workspace; the merge kernel combines them
+in split order and finishes each row.
+
+Backward to both sides (the in-batch loss), with g_i = dL/dl_i: grad_x = g * (forward
+gradient); grad_ref = C^T X with C_ij = g_i sigmoid(L_i) exp(logit_ij - LSE_set(i,j)) k_ij,
+from the forward's per-row LSEs (each program owns a tile of reference rows).
+
+dtypes as in contrastive.py; the weights are not exact in 16 bits (dot_acc's limbs).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+from ._common import anchor_tile, dot_acc, memory_tile, pair_sets, ref_grad_acc, reference_block, scores
+from ._common import TWO_ACC_FWD_CONFIGS as _FWD_CONFIGS
+
+# Register tiles as supcon's: two (B x D) accumulators plus the tile's weights.
+_FWD_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 512, acc_tiles=2, temps=6)
+_REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 256, acc_tiles=1, temps=6,
+                                    fp32_product_when_limbed=True)
+NEG_INF = tl.constexpr(float("-inf"))
+
+
+@triton.jit
+def _logits(sim, pos, neg, m, gamma):
+    """(logit, slope k) of every pair of the tile; 0 outside P and N."""
+    k = tl.where(pos, -gamma * tl.maximum(1.0 + m - sim, 0.0), tl.where(neg, gamma * tl.maximum(sim + m, 0.0), 0.0))
+    logit = k * tl.where(pos, sim - (1.0 - m), sim - m)
+    return logit, k
+
+
+@triton.jit
+def _online(acc_m, acc_s, logit, member):
+    """One tile of an online log-sum-exp over the pairs where `member`: (new max, rescale of
+    the old sum and rows, the tile's exponentials, new sum). Rows with no member yet keep
+    max -inf and shift by 0 (no inf - inf)."""
+    t = tl.where(member, logit, NEG_INF)
+    m_new = tl.maximum(acc_m, tl.max(t, axis=1))
+    shift = tl.where(m_new == NEG_INF, 0.0, m_new)
+    scale = tl.exp(acc_m - shift)
+    e = tl.exp(t - shift[:, None])
+    return m_new, scale, e, acc_s * scale + tl.sum(e, axis=1)
+
+
+@triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS),
+                 key=["D", "B_BUCKET", "COLS_BUCKET", "NEED_GRAD", "PRECISION", "X_LIMBS"],
+                 prune_configs_by={"early_config_prune": _FWD_PRUNE}, **_common.AUTOTUNE_OPTIONS)
+@triton.jit
+def circle_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ws, counts_ws, gp_ws, gn_ws,
+                      B, D, n, cols_per_split, m, gamma, pos_thr, B_BUCKET, COLS_BUCKET,
+                      HAS_SELF_INDEX: tl.constexpr, NEED_GRAD: tl.constexpr, PRECISION: tl.constexpr,
+                      X_LIMBS: tl.constexpr, W_LIMBS: tl.constexpr, LO_SCALE: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_b = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < D
+
+    x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
+                                                      r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_LIMBS, LO_SCALE)
+
+    mp = tl.full([BLOCK_B], NEG_INF, tl.float32)
+    mn = tl.full([BLOCK_B], NEG_INF, tl.float32)
+    sp = tl.zeros([BLOCK_B], dtype=tl.float32)
+    sn = tl.zeros([BLOCK_B], dtype=tl.float32)
+    npos = tl.zeros([BLOCK_B], dtype=tl.int32)
+    nneg = tl.zeros([BLOCK_B], dtype=tl.int32)
+    gp = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+    gn = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+
+    col_start = pid_s * cols_per_split
+    col_end = tl.minimum(col_start + cols_per_split, n)
+    for k0 in range(col_start, col_end, BLOCK_K):
+        cols, col_ok, r, zj, sim = memory_tile(x_hi, x_mid, x_lo, r_ptr, z_ptr, k0, col_end, dims, dim_ok, D,
+                                               PRECISION, BLOCK_K, X_LIMBS, LO_SCALE)
+        _, pos, neg = pair_sets(sim, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX)
+        logit, k = _logits(sim, pos, neg, m, gamma)
+        mp, scale_p, ep, sp = _online(mp, sp, logit, pos)
+        mn, scale_n, en, sn = _online(mn, sn, logit, neg)
+        npos += tl.sum(pos.to(tl.int32), axis=1)
+        nneg += tl.sum(neg.to(tl.int32), axis=1)
+        if NEED_GRAD:
+            gp = dot_acc(ep * k, r, gp * scale_p[:, None], W_LIMBS, PRECISION)
+            gn = dot_acc(en * k, r, gn * scale_n[:, None], W_LIMBS, PRECISION)
+
+    out = pid_s.to(tl.int64) * B + rows64  # row of this split's slice of the workspaces
+    stat = pid_s.to(tl.int64) * 4 * B + rows64  # stats_ws is (splits, 4, B): max_P, sum_P, max_N, sum_N
+    tl.store(stats_ws + stat, mp, mask=row_ok)
+    tl.store(stats_ws + stat + B, sp, mask=row_ok)
+    tl.store(stats_ws + stat + 2 * B, mn, mask=row_ok)
+    tl.store(stats_ws + stat + 3 * B, sn, mask=row_ok)
+    tl.store(counts_ws + 2 * out, npos, mask=row_ok)
+    tl.store(counts_ws + 2 * out + 1, nneg, mask=row_ok)
+    if NEED_GRAD:
+        gmask = row_ok[:, None] & dim_ok[None, :]
+        tl.store(gp_ws + out[:, None] * D + dims[None, :], gp, mask=gmask)
+        tl.store(gn_ws + out[:, None] * D + dims[None, :], gn, mask=gmask)
+
+
+@triton.jit
+def _merged_set(stats_ws, g_ws, rows64, row_ok, dims, gmask, B, D, splits, FIRST: tl.constexpr,
+                NEED_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(shift, sum, G) of one set over the splits, in split order; shift is the max (0 when
+    the row has no member)."""
+    mx = tl.full([ROWS], NEG_INF, tl.float32)
+    for p in range(0, splits):  # the max is exact: any order
+        mx = tl.maximum(mx, tl.load(stats_ws + p * 4 * B + FIRST * B + rows64, mask=row_ok, other=NEG_INF))
+    shift = tl.where(mx == NEG_INF, 0.0, mx)
+    s = tl.zeros([ROWS], dtype=tl.float32)
+    g = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    for p in range(0, splits):  # split order, always: the result does not depend on timing
+        stat = p * 4 * B + FIRST * B + rows64
+        scale = tl.exp(tl.load(stats_ws + stat, mask=row_ok, other=NEG_INF) - shift)
+        s += scale * tl.load(stats_ws + stat + B, mask=row_ok, other=0.0)
+        if NEED_GRAD:
+            base = p * B + rows64
+            g += scale[:, None] * tl.load(g_ws + base[:, None] * D + dims[None, :], mask=gmask, other=0.0)
+    return shift, s, g
+
+
+@triton.jit
+def circle_merge_kernel(stats_ws, counts_ws, gp_ws, gn_ws, loss_ptr, counts_ptr, grad_ptr, lse_ptr,
+                        B, D, splits,
+                        NEED_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)
+    dims = tl.arange(0, BLOCK_D)
+    gmask = row_ok[:, None] & (dims < D)[None, :]
+    shift_p, sp, gp = _merged_set(stats_ws, gp_ws, rows64, row_ok, dims, gmask, B, D, splits, 0,
+                                  NEED_GRAD, ROWS, BLOCK_D)
+    shift_n, sn, gn = _merged_set(stats_ws, gn_ws, rows64, row_ok, dims, gmask, B, D, splits, 2,
+                                  NEED_GRAD, ROWS, BLOCK_D)
+    npos = tl.zeros([ROWS], dtype=tl.int32)
+    nneg = tl.zeros([ROWS], dtype=tl.int32)
+    for p in range(0, splits):
+        base = p * B + rows64
+        npos += tl.load(counts_ws + 2 * base, mask=row_ok, other=0)
+        nneg += tl.load(counts_ws + 2 * base + 1, mask=row_ok, other=0)
+    active = (npos > 0) & (nneg > 0)  # then both sums are >= 1
+    sp = tl.where(active, sp, 1.0)
+    sn = tl.where(active, sn, 1.0)
+    lse_p = shift_p + tl.log(sp)
+    lse_n = shift_n + tl.log(sn)
+    total = lse_p + lse_n
+    softplus = tl.maximum(total, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(total)))
+    sig = 1.0 / (1.0 + tl.exp(-total))
+    tl.store(loss_ptr + rows64, tl.where(active, softplus, 0.0), mask=row_ok)
+    # per row: LSE_P, LSE_N and sigmoid(L) (0: no gradient) for the reference-side kernel
+    tl.store(lse_ptr + rows64, tl.where(active, lse_p, 0.0), mask=row_ok)
+    tl.store(lse_ptr + B + rows64, tl.where(active, lse_n, 0.0), mask=row_ok)
+    tl.store(lse_ptr + 2 * B + rows64, tl.where(active, sig, 0.0), mask=row_ok)
+    tl.store(counts_ptr + 2 * rows64, npos, mask=row_ok)
+    tl.store(counts_ptr + 2 * rows64 + 1, nneg, mask=row_ok)
+    if NEED_GRAD:
+        grad = (gp / sp[:, None] + gn / sn[:, None]) * sig[:, None]
+        tl.store(grad_ptr + rows64[:, None] * D + dims[None, :], tl.where(active[:, None], grad, 0.0), mask=gmask)
+
+
+@triton.autotune(configs=_common.autotune_configs(_common.REF_CONFIGS, "BLOCK_K", "BLOCK_B"),
+                 key=["D", "B_BUCKET", "N_BUCKET", "PRECISION", "X_LIMBS"],
+                 prune_configs_by={"early_config_prune": _REF_PRUNE}, **_common.AUTOTUNE_OPTIONS)
+@triton.jit
+def circle_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, lse_ptr, w_ptr, gref_ptr,
+                           B, D, n, m, gamma, pos_thr, B_BUCKET, N_BUCKET,
+                           HAS_SELF_INDEX: tl.constexpr, PRECISION: tl.constexpr, X_LIMBS: tl.constexpr,
+                           W_LIMBS: tl.constexpr, LO_SCALE: tl.constexpr,
+                           BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
+    cols, col_ok, dims, dim_ok, col_off, r, zj = reference_block(r_ptr, z_ptr, n, D, BLOCK_D, BLOCK_K)
+    acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+    for b0 in range(0, B, BLOCK_B):
+        rows = b0 + tl.arange(0, BLOCK_B)
+        row_ok = rows < B
+        x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
+                                                         r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_LIMBS, LO_SCALE)
+        lse_p = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        lse_n = tl.load(lse_ptr + B + rows, mask=row_ok, other=0.0)
+        w = tl.load(w_ptr + rows, mask=row_ok, other=0.0)  # g sigmoid(L), 0 for rows without both sets
+        sim = scores(x_hi, x_mid, x_lo, r, PRECISION, X_LIMBS, LO_SCALE)
+        _, pos, neg = pair_sets(sim, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX)
+        logit, k = _logits(sim, pos, neg, m, gamma)
+        lse = tl.where(pos, lse_p[:, None], lse_n[:, None])
+        live = (pos | neg) & (w != 0.0)[:, None]
+        c = tl.where(live, tl.exp(tl.where(live, logit - lse, NEG_INF)) * k * w[:, None], 0.0)
+        acc = ref_grad_acc(tl.trans(c), x, x_hi, acc, X_LIMBS, W_LIMBS, PRECISION)
+    tl.store(gref_ptr + col_off, acc, mask=col_ok[:, None] & dim_ok[None, :])
+
+
+# The autotuned kernels: launch_problem() asks their prunes whether a shape can launch.
+KERNELS = (circle_fwd_kernel, circle_ref_grad_kernel)
+
+
+def _forward(call, m, gamma, pos_eps, need_grad, splits):
+    """The op's outputs plus per row (LSE_P, LSE_N, sigmoid(L)) as a (3, B) tensor."""
+    if not gamma > 0:
+        raise ValueError(f"gamma: expected > 0, got {gamma}")
+    loss, grad, counts = call.outputs(need_grad)
+    stats = call.f32(3, call.B)
+    if call.B == 0:
+        return loss, grad, counts, stats
+    B = call.B
+    call.plan(_FWD_CONFIGS, splits)
+    need_grad = bool(need_grad)
+    call.split_k(circle_fwd_kernel, circle_merge_kernel, stats_ws=call.workspace(4, B),
+                 counts_ws=call.workspace(B, 2, dtype=torch.int32),
+                 gp_ws=call.grad_workspace(grad, need_grad), gn_ws=call.grad_workspace(grad, need_grad),
+                 loss_ptr=loss, counts_ptr=counts, grad_ptr=grad, lse_ptr=stats, m=float(m), gamma=float(gamma),
+                 pos_thr=1.0 - float(pos_eps), NEED_GRAD=need_grad)
+    return loss, grad, counts, stats
+
+
+def circle_fwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, m, gamma, pos_eps, need_grad, allow_tf32,
+                      splits=None):
+    """(loss_rows (B,) f32, grad (B, D) f32 or (0,) when not need_grad, counts (B, 2) int32).
+    `splits` overrides the split plan (tests)."""
+    call = _common.LossCall(KERNELS, "circle", x, labels, ref, ref_labels, self_index, ref_valid, allow_tf32)
+    return _forward(call, m, gamma, pos_eps, need_grad, splits)[:3]
+
+
+def circle_bwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, m, gamma, pos_eps, grad_rows, allow_tf32):
+    """(grad_x (B, D) f32, grad_ref (N, D) f32) for the loss sum_i grad_rows[i] l_i."""
+    call = _common.LossCall(KERNELS, "circle", x, labels, ref, ref_labels, self_index, ref_valid, allow_tf32)
+    g = call.grad_rows(grad_rows)
+    _, grad, _, stats = _forward(call, m, gamma, pos_eps, True, None)
+    return call.ref_grad(circle_ref_grad_kernel, grad, g, lse_ptr=stats, w_ptr=g * stats[2], m=float(m),
+                         gamma=float(gamma), pos_thr=1.0 - float(pos_eps))
