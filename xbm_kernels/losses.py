@@ -56,7 +56,7 @@ def _mean_denominator(spec: Loss, rows, counts):
     if spec.mean_over == "positive_pairs":
         return counts[:, 0].sum().clamp_min(1).to(rows.dtype)
     assert spec.mean_over == "anchors", spec.mean_over
-    return rows.new_tensor(float(max(rows.shape[0], 1)))
+    return float(max(rows.shape[0], 1))  # a Python number: no host-to-device copy (a sync on a GPU)
 
 
 def _reduce(spec, rows, counts, reduction):
