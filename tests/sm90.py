@@ -32,7 +32,7 @@ OPERANDS = {"fp32": (torch.float32, torch.float32, "ieee"), "fp32-tf32": (torch.
             "fp32-on-fp16": (torch.float32, torch.float16, "ieee"),
             "fp32-on-bf16": (torch.float32, torch.bfloat16, "ieee")}
 DIMS = (3, 17, 100, 128, 130, 256, 512, 1024, 2048)
-FLOAT_SCALARS = {"alpha", "beta", "base", "mining_margin", "pos_thr", "margin", "inv_tau", "pos_margin",
+FLOAT_SCALARS = {"alpha", "beta", "base", "mining_margin", "pos_thr", "margin", "inv_tau", "pos_margin", "m", "gamma",
                  "neg_margin"}
 INT32_POINTERS = {"y_ptr", "z_ptr", "counts_ws", "counts_ptr", "idx_ws", "chosen_ptr", "mem_labels_ptr",
                   "labels_ptr"}

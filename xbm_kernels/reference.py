@@ -218,11 +218,16 @@ class _CircleRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_rows):
         S, pos, neg = ctx.saved_tensors
-        L, logits, k, lse_p, lse_n, both = _circle_terms(S, pos, neg, ctx.m, ctx.gamma)
-        lse = torch.where(pos, torch.where(both, lse_p, S.new_zeros(()))[:, None],
-                          torch.where(both, lse_n, S.new_zeros(()))[:, None])
-        inside = (pos | neg) & both[:, None]  # exp(-inf) outside: no inf * 0 in a second derivative
-        softmax = torch.exp(torch.where(inside, logits - lse, S.new_tensor(float("-inf"))))
+        L, logits, k, _, _, both = _circle_terms(S, pos, neg, ctx.m, ctx.gamma)
+
+        def set_softmax(mask):
+            # torch.softmax subtracts the row's max: exp(logit - LSE) would cost the rounding of an
+            # LSE of several hundred (gamma 256) in every weight; rows without members give 0
+            t = torch.where(mask, logits, S.new_tensor(float("-inf")))
+            t = torch.where(mask.any(1, keepdim=True), t, S.new_zeros(()))
+            return torch.where(mask, torch.softmax(t, dim=1), S.new_zeros(()))
+
+        softmax = set_softmax(pos & both[:, None]) + set_softmax(neg & both[:, None])
         weight = torch.where(both, grad_rows * torch.sigmoid(L), S.new_zeros(()))
         return weight[:, None] * softmax * k, None, None, None, None
 
@@ -236,3 +241,4 @@ def circle(x, labels, ref, ref_labels, *, m, gamma, pos_eps, ref_valid, self_ind
     rows = _CircleRows.apply(S, pos, neg, m, gamma)
     counts = torch.stack([pos.sum(1), neg.sum(1)], dim=1)
     return rows, counts.to(torch.int32)
+

@@ -8,8 +8,10 @@
 // weighted rows G = sum exp(logit - max) k r, rescaled when the max grows), one per set; the
 // negatives' G through the tile GEMM, the positives' (usually few) through row adds. Splits
 // merge (max, sum, G) in order. dl_i/dx_i = sigmoid(L_i) (G_P / sum_P + G_N / sum_N). The
-// reference-side gradient (in-batch loss) recomputes: pass 1 for the two LSEs, pass 2 for
-// C = dl/dS per tile, dX = C R, dR = C^T X.
+// reference-side gradient (in-batch loss) recomputes: pass 1 for each set's max and sum, pass 2
+// for C = dl/dS per tile, dX = C R, dR = C^T X, the softmax weights as exp(logit - max) / sum
+// (not exp(logit - LSE): an LSE of several hundred rounded to fp32 would cost its 2^-24
+// relative error in every weight).
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
@@ -155,6 +157,8 @@ struct CircleRows {
   Tensor counts;   // (B, 2) int64
   Tensor active;   // (B,) bool: P_i and N_i both non-empty
   Tensor lse[2];   // (B,) f64 LSE of each set (0 where the row is not active)
+  Tensor top[2];   // (B,) f32 the set's largest logit (0 where the row is not active)
+  Tensor sum[2];   // (B,) f64 sum of exp(logit - top) over the set (1 where the row is not active)
   Tensor sig;      // (B,) f64 sigmoid(L_i), 0 where not active
   Tensor grad;     // (B, D) f32 dl_i/dx_i, if accumulated
 };
@@ -172,6 +176,8 @@ CircleRows circle_merge(const CircleSplits& st) {
     scale[set] = at::exp(st.mx[set] - top.unsqueeze(0)).nan_to_num_(0.f);      // -inf - -inf: 0
     sum[set] = cpu::sum_splits(st.sum[set] * scale[set].to(at::kDouble));
     out.lse[set] = at::where(out.active, top.to(at::kDouble) + sum[set].log(), zero);
+    out.top[set] = at::where(out.active, top, zero.to(at::kFloat));
+    out.sum[set] = at::where(out.active, sum[set], at::ones({}, zero.options()));
   }
   Tensor total = out.lse[0] + out.lse[1];
   // softplus(t) = max(t, 0) + log1p(exp(-|t|))
@@ -218,12 +224,16 @@ std::tuple<Tensor, Tensor> circle_bwd_cpu(const Tensor& x, const Tensor& labels,
   const auto in = cpu::prepare_inputs(x, labels, ref, ref_labels, self_index, ref_valid);
   TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == in.B, "grad_rows: expected shape (", in.B, ",)");
   const CircleRows rows = circle_merge(circle_pass(in, cpu::plan_tiles(in.B, in.n), prm, false));
-  // Pass 2: C_ij = g_i sigmoid(L_i) exp(logit_ij - LSE_set) k_ij; rows not active: 0.
+  // Pass 2: C_ij = g_i sigmoid(L_i) exp(logit_ij - top_set) / sum_set k_ij; rows not active: 0.
   const Tensor gs = (grad_rows.to(at::kDouble) * rows.sig).to(at::kFloat).contiguous();
-  const Tensor lse_p = rows.lse[0].to(at::kFloat).contiguous(), lse_n = rows.lse[1].to(at::kFloat).contiguous();
+  const Tensor top_p = rows.top[0].contiguous(), top_n = rows.top[1].contiguous();
+  const Tensor wp = (grad_rows.to(at::kDouble) * rows.sig / rows.sum[0]).to(at::kFloat).contiguous();
+  const Tensor wn = (grad_rows.to(at::kDouble) * rows.sig / rows.sum[1]).to(at::kFloat).contiguous();
   const float* gs_p = gs.data_ptr<float>();
-  const float* lp = lse_p.data_ptr<float>();
-  const float* ln = lse_n.data_ptr<float>();
+  const float* tp = top_p.data_ptr<float>();
+  const float* tn = top_n.data_ptr<float>();
+  const float* wp_p = wp.data_ptr<float>();
+  const float* wn_p = wn.data_ptr<float>();
   const int32_t* y = in.y_ptr();
   return cpu::coefficient_backward(in, ref.size(0), [&](int64_t, int64_t c0, int64_t w, Tensor& c,
                                                         cpu::TileScratch&) {
@@ -243,11 +253,11 @@ std::tuple<Tensor, Tensor> circle_bwd_cpu(const Tensor& x, const Tensor& labels,
           if (z[j] == y[i]) {
             if (v < prm.pos_thr) {
               prm.pos(v, logit, k);
-              c_ij = gs_p[i] * std::exp(logit - lp[i]) * k;
+              c_ij = wp_p[i] * std::exp(logit - tp[i]) * k;
             }
           } else {
             prm.neg(v, logit, k);
-            c_ij = gs_p[i] * std::exp(logit - ln[i]) * k;
+            c_ij = wn_p[i] * std::exp(logit - tn[i]) * k;
           }
         }
         crow[j] = c_ij;

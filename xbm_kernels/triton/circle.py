@@ -13,8 +13,10 @@ G = sum exp(logit - max) k r, rescaled when the max grows. Each split writes its
 in split order and finishes each row.
 
 Backward to both sides (the in-batch loss), with g_i = dL/dl_i: grad_x = g * (forward
-gradient); grad_ref = C^T X with C_ij = g_i sigmoid(L_i) exp(logit_ij - LSE_set(i,j)) k_ij,
-from the forward's per-row LSEs (each program owns a tile of reference rows).
+gradient); grad_ref = C^T X with C_ij = g_i sigmoid(L_i) exp(logit_ij - max_set) / sum_set k_ij,
+from the forward's per-row max and sum of each set (not exp(logit - LSE): an LSE of several
+hundred, gamma = 256, rounded to fp32 would cost its 2^-24 relative error in every weight);
+each program owns a tile of reference rows.
 
 dtypes as in contrastive.py; the weights are not exact in 16 bits (dot_acc's limbs).
 """
@@ -134,7 +136,7 @@ def _merged_set(stats_ws, g_ws, rows64, row_ok, dims, gmask, B, D, splits, FIRST
 
 
 @triton.jit
-def circle_merge_kernel(stats_ws, counts_ws, gp_ws, gn_ws, loss_ptr, counts_ptr, grad_ptr, lse_ptr,
+def circle_merge_kernel(stats_ws, counts_ws, gp_ws, gn_ws, loss_ptr, counts_ptr, grad_ptr, rowstat_ptr,
                         B, D, splits,
                         NEED_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -161,10 +163,11 @@ def circle_merge_kernel(stats_ws, counts_ws, gp_ws, gn_ws, loss_ptr, counts_ptr,
     softplus = tl.maximum(total, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(total)))
     sig = 1.0 / (1.0 + tl.exp(-total))
     tl.store(loss_ptr + rows64, tl.where(active, softplus, 0.0), mask=row_ok)
-    # per row: LSE_P, LSE_N and sigmoid(L) (0: no gradient) for the reference-side kernel
-    tl.store(lse_ptr + rows64, tl.where(active, lse_p, 0.0), mask=row_ok)
-    tl.store(lse_ptr + B + rows64, tl.where(active, lse_n, 0.0), mask=row_ok)
-    tl.store(lse_ptr + 2 * B + rows64, tl.where(active, sig, 0.0), mask=row_ok)
+    # per row, for the reference-side kernel: each set's shift and sigmoid(L) / sum (0: no gradient)
+    tl.store(rowstat_ptr + rows64, shift_p, mask=row_ok)
+    tl.store(rowstat_ptr + B + rows64, shift_n, mask=row_ok)
+    tl.store(rowstat_ptr + 2 * B + rows64, tl.where(active, sig / sp, 0.0), mask=row_ok)
+    tl.store(rowstat_ptr + 3 * B + rows64, tl.where(active, sig / sn, 0.0), mask=row_ok)
     tl.store(counts_ptr + 2 * rows64, npos, mask=row_ok)
     tl.store(counts_ptr + 2 * rows64 + 1, nneg, mask=row_ok)
     if NEED_GRAD:
@@ -176,7 +179,7 @@ def circle_merge_kernel(stats_ws, counts_ws, gp_ws, gn_ws, loss_ptr, counts_ptr,
                  key=["D", "B_BUCKET", "N_BUCKET", "PRECISION", "X_LIMBS"],
                  prune_configs_by={"early_config_prune": _REF_PRUNE}, **_common.AUTOTUNE_OPTIONS)
 @triton.jit
-def circle_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, lse_ptr, w_ptr, gref_ptr,
+def circle_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, rowstat_ptr, g_ptr, gref_ptr,
                            B, D, n, m, gamma, pos_thr, B_BUCKET, N_BUCKET,
                            HAS_SELF_INDEX: tl.constexpr, PRECISION: tl.constexpr, X_LIMBS: tl.constexpr,
                            W_LIMBS: tl.constexpr, LO_SCALE: tl.constexpr,
@@ -188,15 +191,18 @@ def circle_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, lse_ptr, w_ptr, g
         row_ok = rows < B
         x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
                                                          r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_LIMBS, LO_SCALE)
-        lse_p = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-        lse_n = tl.load(lse_ptr + B + rows, mask=row_ok, other=0.0)
-        w = tl.load(w_ptr + rows, mask=row_ok, other=0.0)  # g sigmoid(L), 0 for rows without both sets
+        shift_p = tl.load(rowstat_ptr + rows, mask=row_ok, other=0.0)
+        shift_n = tl.load(rowstat_ptr + B + rows, mask=row_ok, other=0.0)
+        g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
+        wp = g * tl.load(rowstat_ptr + 2 * B + rows, mask=row_ok, other=0.0)  # 0 for rows without both sets
+        wn = g * tl.load(rowstat_ptr + 3 * B + rows, mask=row_ok, other=0.0)
         sim = scores(x_hi, x_mid, x_lo, r, PRECISION, X_LIMBS, LO_SCALE)
         _, pos, neg = pair_sets(sim, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX)
         logit, k = _logits(sim, pos, neg, m, gamma)
-        lse = tl.where(pos, lse_p[:, None], lse_n[:, None])
-        live = (pos | neg) & (w != 0.0)[:, None]
-        c = tl.where(live, tl.exp(tl.where(live, logit - lse, NEG_INF)) * k * w[:, None], 0.0)
+        shift = tl.where(pos, shift_p[:, None], shift_n[:, None])
+        w = tl.where(pos, wp[:, None], wn[:, None])
+        live = (pos | neg) & (w != 0.0)
+        c = tl.where(live, tl.exp(tl.where(live, logit - shift, NEG_INF)) * k * w, 0.0)
         acc = ref_grad_acc(tl.trans(c), x, x_hi, acc, X_LIMBS, W_LIMBS, PRECISION)
     tl.store(gref_ptr + col_off, acc, mask=col_ok[:, None] & dim_ok[None, :])
 
@@ -206,11 +212,12 @@ KERNELS = (circle_fwd_kernel, circle_ref_grad_kernel)
 
 
 def _forward(call, m, gamma, pos_eps, need_grad, splits):
-    """The op's outputs plus per row (LSE_P, LSE_N, sigmoid(L)) as a (3, B) tensor."""
+    """The op's outputs plus per row (shift_P, shift_N, sigmoid(L) / sum_P, sigmoid(L) / sum_N)
+    as a (4, B) tensor."""
     if not gamma > 0:
         raise ValueError(f"gamma: expected > 0, got {gamma}")
     loss, grad, counts = call.outputs(need_grad)
-    stats = call.f32(3, call.B)
+    stats = call.f32(4, call.B)
     if call.B == 0:
         return loss, grad, counts, stats
     B = call.B
@@ -219,7 +226,7 @@ def _forward(call, m, gamma, pos_eps, need_grad, splits):
     call.split_k(circle_fwd_kernel, circle_merge_kernel, stats_ws=call.workspace(4, B),
                  counts_ws=call.workspace(B, 2, dtype=torch.int32),
                  gp_ws=call.grad_workspace(grad, need_grad), gn_ws=call.grad_workspace(grad, need_grad),
-                 loss_ptr=loss, counts_ptr=counts, grad_ptr=grad, lse_ptr=stats, m=float(m), gamma=float(gamma),
+                 loss_ptr=loss, counts_ptr=counts, grad_ptr=grad, rowstat_ptr=stats, m=float(m), gamma=float(gamma),
                  pos_thr=1.0 - float(pos_eps), NEED_GRAD=need_grad)
     return loss, grad, counts, stats
 
@@ -237,5 +244,5 @@ def circle_bwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, m, gamm
     call = _common.LossCall(KERNELS, "circle", x, labels, ref, ref_labels, self_index, ref_valid, allow_tf32)
     g = call.grad_rows(grad_rows)
     _, grad, _, stats = _forward(call, m, gamma, pos_eps, True, None)
-    return call.ref_grad(circle_ref_grad_kernel, grad, g, lse_ptr=stats, w_ptr=g * stats[2], m=float(m),
+    return call.ref_grad(circle_ref_grad_kernel, grad, g, rowstat_ptr=stats, g_ptr=g, m=float(m),
                          gamma=float(gamma), pos_thr=1.0 - float(pos_eps))
