@@ -120,17 +120,18 @@ def ntxent_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ws, counts_ws, g
         cols, col_ok, r, zj, sim = memory_tile(x_hi, x_mid, x_lo, r_ptr, z_ptr, k0, col_end, dims, dim_ok, D,
                                                PRECISION, BLOCK_K, X_LIMBS, LO_SCALE)
         _, _, neg = pair_sets(sim, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX)
-        t = tl.where(neg, sim * inv_tau, float("-inf"))
-        m_new = tl.maximum(m, tl.max(t, axis=1))
+        t = sim * inv_tau
+        m_new = tl.maximum(m, tl.max(tl.where(neg, t, float("-inf")), axis=1))
         # rows without a negative yet (m_new = -inf) shift by 0: no inf - inf, their sums stay 0
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         scale = tl.exp(m - shift)
-        e = tl.exp(t - shift[:, None])
+        e = tl.where(neg, tl.exp(t - shift[:, None]), 0.0)
         s = s * scale + tl.sum(e, axis=1)
         m = m_new
         nneg += tl.sum(neg.to(tl.int32), axis=1)
         if NEED_GRAD:
-            gn = dot_acc(e, r, gn * scale[:, None], W_LIMBS, PRECISION)
+            gn *= scale[:, None]
+            gn = dot_acc(e, r, gn, W_LIMBS, PRECISION)
     out = pid_s.to(tl.int64) * B + rows64
     stat = pid_s.to(tl.int64) * 2 * B + rows64  # stats_ws is (splits, 2, B): max, sum
     tl.store(stats_ws + stat, m, mask=row_ok)
