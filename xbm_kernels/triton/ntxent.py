@@ -40,8 +40,9 @@ from ._common import ref_grad_acc, reference_block, scores
 from ._common import FWD_CONFIGS as _POS_CONFIGS
 from ._common import TWO_ACC_FWD_CONFIGS as _FWD_CONFIGS
 
-# The positives kernel: one accumulator (Gp) and the tile's weights.
-_POS_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 512, acc_tiles=1, temps=6)
+# The positives kernel: one accumulator (Gp), the tile's weights and the software pipeline's
+# buffers of its gathers (list -> labels, rows), counted as more temporaries (ptxas for sm_90).
+_POS_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 512, acc_tiles=1, temps=12)
 # Register tiles: Gp and Gn plus the tile's weights; IEEE fp32 (FMA) dots spill beyond 16 x 32
 # (ptxas for sm_90, as multi_similarity's). The reference-side kernel holds one accumulator and
 # the weights (hi, lo).
