@@ -102,22 +102,24 @@ def _modules():
 
 def autotuned_kernels():
     """{name: (autotuned kernel, extra constexprs)}: every kernel whose configuration the launcher
-    chooses (multi-similarity's forward and reference-side kernels with mining on and off)."""
+    chooses (multi-similarity's forward and reference-side kernels with mining on and off, its
+    positives kernel in both phases)."""
     _, c, l2, ms, nx, sc, tr, ci = _modules()
     return {
         "contrastive_fwd": (c.contrastive_fwd_kernel, {}),
         "contrastive_ref_grad": (c.contrastive_ref_grad_kernel, {}),
         "contrastive_l2_fwd": (l2.contrastive_l2_fwd_kernel, {}),
         "contrastive_l2_ref_grad": (l2.contrastive_l2_ref_grad_kernel, {}),
-        "multi_similarity_stats": (ms.multi_similarity_stats_kernel, {}),
+        "multi_similarity_pos": (ms.multi_similarity_pos_kernel, {"FINISH": False}),
+        "multi_similarity_pos-finish": (ms.multi_similarity_pos_kernel, {"FINISH": True}),
         "multi_similarity_fwd-mine": (ms.multi_similarity_fwd_kernel, {"MINE": True}),
         "multi_similarity_fwd": (ms.multi_similarity_fwd_kernel, {"MINE": False}),
         "multi_similarity_ref_grad-mine": (ms.multi_similarity_ref_grad_kernel, {"MINE": True}),
         "multi_similarity_ref_grad": (ms.multi_similarity_ref_grad_kernel, {"MINE": False}),
         "supcon_fwd": (sc.supcon_fwd_kernel, {}),
         "supcon_ref_grad": (sc.supcon_ref_grad_kernel, {}),
-        "ntxent_stats": (nx.ntxent_stats_kernel, {}),
         "ntxent_fwd": (nx.ntxent_fwd_kernel, {}),
+        "ntxent_pos": (nx.ntxent_pos_kernel, {}),
         "ntxent_ref_grad": (nx.ntxent_ref_grad_kernel, {}),
         "triplet_hardest": (tr.triplet_hardest_kernel, {}),
         "circle_fwd": (ci.circle_fwd_kernel, {}),
@@ -145,7 +147,8 @@ def constexprs(operands, **values):
     """Constexprs of a compile with `operands` (a key of OPERANDS): every feature flag on, the
     operands' precision and limbs, then `values`."""
     x_dtype, ref_dtype, precision = OPERANDS[operands]
-    c = dict(HAS_SELF_INDEX=True, NEED_GRAD=True, MINE=True, SKIP_INCOMPLETE=False, PRECISION=precision)
+    c = dict(HAS_SELF_INDEX=True, NEED_GRAD=True, MINE=True, FINISH=True, SKIP_INCOMPLETE=False,
+             PRECISION=precision)
     c.update(_modules()[0].operand_limbs(x_dtype, ref_dtype))
     c.update(values)
     return c

@@ -2,7 +2,8 @@
 does for the CUDA sources). CI runs the kernels under the interpreter, which executes them
 as Python and checks no types: a loop-carried variable that changes type, or a constexpr
 branch that only the compiler sees, fails only here. Every kernel, for fp32, 16-bit and
-limbed (fp32 anchors against a 16-bit memory: 16-bit limbs) operands, multi-similarity's mining on and off.
+limbed (fp32 anchors against a 16-bit memory: 16-bit limbs) operands, multi-similarity's mining on and off
+and both phases of its positives kernel.
 
 Runs in the main test process (TRITON_INTERPRET unset: the decorators then build compilable
 kernels); skipped under the interpreter or without Triton's NVIDIA backend."""
@@ -34,16 +35,16 @@ KERNELS = {
     "contrastive_ref_grad": contrastive.contrastive_ref_grad_kernel,
     "contrastive_l2_fwd": contrastive_l2.contrastive_l2_fwd_kernel,
     "contrastive_l2_ref_grad": contrastive_l2.contrastive_l2_ref_grad_kernel,
-    "multi_similarity_stats": multi_similarity.multi_similarity_stats_kernel,
+    "multi_similarity_pos": multi_similarity.multi_similarity_pos_kernel,
     "multi_similarity_fwd": multi_similarity.multi_similarity_fwd_kernel,
     "multi_similarity_merge": multi_similarity.multi_similarity_merge_kernel,
     "multi_similarity_ref_grad": multi_similarity.multi_similarity_ref_grad_kernel,
     "supcon_fwd": supcon.supcon_fwd_kernel,
     "supcon_merge": supcon.supcon_merge_kernel,
     "supcon_ref_grad": supcon.supcon_ref_grad_kernel,
-    "ntxent_stats": ntxent.ntxent_stats_kernel,
-    "ntxent_stats_merge": ntxent.ntxent_stats_merge_kernel,
     "ntxent_fwd": ntxent.ntxent_fwd_kernel,
+    "ntxent_stats_merge": ntxent.ntxent_stats_merge_kernel,
+    "ntxent_pos": ntxent.ntxent_pos_kernel,
     "ntxent_merge": ntxent.ntxent_merge_kernel,
     "ntxent_ref_grad": ntxent.ntxent_ref_grad_kernel,
     "triplet_hardest": triplet.triplet_hardest_kernel,
@@ -56,19 +57,23 @@ KERNELS = {
 }
 
 
+SWITCHES = ("MINE", "FINISH")  # constexprs compiled both ways: mining, the positives kernel's phase
+
+
 def _cases():
     for name, kernel in KERNELS.items():
-        mines = (True, False) if "MINE" in sm90.jit_function(kernel).arg_names else (True,)
+        switch = next((s for s in SWITCHES if s in sm90.jit_function(kernel).arg_names), None)
         for operands in OPERANDS:
-            for mine in mines:
-                flag = "" if len(mines) == 1 else "-mine" if mine else "-no-mine"
-                yield pytest.param(name, operands, mine, id=f"{name}-{operands}{flag}")
+            for on in ((True, False) if switch else (True,)):
+                flag = "" if switch is None else f"-{switch.lower()}" if on else f"-no-{switch.lower()}"
+                yield pytest.param(name, operands, switch, on, id=f"{name}-{operands}{flag}")
 
 
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
-@pytest.mark.parametrize("name,operands,mine", list(_cases()))
-def test_kernel_compiles_for_sm90(name, operands, mine):
-    constexprs = sm90.constexprs(operands, MINE=mine, BLOCK_D=64, BLOCK_B=16, BLOCK_K=32, ROWS=16, BLOCK_DC=64,
+@pytest.mark.parametrize("name,operands,switch,on", list(_cases()))
+def test_kernel_compiles_for_sm90(name, operands, switch, on):
+    flags = {switch: on} if switch else {}
+    constexprs = sm90.constexprs(operands, **flags, BLOCK_D=64, BLOCK_B=16, BLOCK_K=32, ROWS=16, BLOCK_DC=64,
                                  BLOCK_R=16)
     compiled = sm90.compile_kernel(KERNELS[name], *sm90.OPERANDS[operands][:2], constexprs)
     assert compiled.asm.get("cubin"), f"{name}: no cubin"

@@ -1,7 +1,7 @@
 """multi_similarity's rules of its own (CONTRACT.md section 1): with mining, P~ is empty exactly
 when N~ is, so skip_incomplete changes nothing; without mining it zeroes the one-sided rows;
 the table has every kind of row the flags treat differently; the Triton launcher runs no
-statistics pass without mining. tests/test_values.py runs every flag combination
+positives kernel without mining. tests/test_values.py runs every flag combination
 (cases.variants) on every backend and case against the oracle."""
 import pytest
 import torch
@@ -54,21 +54,21 @@ def test_skip_incomplete_is_moot_with_mining_and_not_without():
 
 class _NotLaunched:
     def __getitem__(self, grid):
-        raise AssertionError("the statistics pass ran with mine=False")
+        raise AssertionError("the positives kernel ran with mine=False")
 
 
 @pytest.mark.backends("triton")
-def test_no_statistics_pass_without_mining(backend, device, monkeypatch):
+def test_no_positives_kernel_without_mining(backend, device, monkeypatch):
     from xbm_kernels.triton import multi_similarity as tms
     variant = "mine=False,skip_incomplete=False"
     d = cases.draw(cases.PARTIAL, "multi_similarity", variant).to(device)
     params = cases.variants("multi_similarity")[variant]
     args = (d.x, d.y.int(), d.r, d.z.int(), d.self_index, d.ref_valid, *params.values())
     rows_e, _, _, counts_e = cases.expected(cases.PARTIAL, "multi_similarity", variant)
-    monkeypatch.setattr(tms, "multi_similarity_stats_kernel", _NotLaunched())
+    monkeypatch.setattr(tms, "multi_similarity_pos_kernel", _NotLaunched())
     rows, _, counts = tms.multi_similarity_fwd_triton(*args, True, False)
     assert_close(rows, rows_e, FP32, "rows")
     assert_equal_counts(counts, counts_e)
     mined = args[:-2] + (True, True)
-    with pytest.raises(AssertionError, match="statistics pass"):
+    with pytest.raises(AssertionError, match="positives kernel"):
         tms.multi_similarity_fwd_triton(*mined, True, False)

@@ -602,6 +602,58 @@ def memory_tile(x_hi, x_mid, x_lo, r_ptr, z_ptr, k0, col_end, dims, dim_ok, D, P
     return cols, col_ok, r, zj, s
 
 
+CANDIDATE_ROWS = 16  # the smallest BLOCK_B of every forward table: sizes the candidate lists (candidate_ws)
+
+
+def candidate_ws(call_B: int, splits: int, cols_per_split: int, device) -> torch.Tensor:
+    """Scratch for the candidate lists of gather_candidates: one region of cols_per_split
+    column indices per (anchor tile, split), for tiles of at least CANDIDATE_ROWS anchors."""
+    tiles = triton.cdiv(max(call_B, 1), CANDIDATE_ROWS)
+    return torch.empty(tiles * splits * cols_per_split, dtype=torch.int32, device=device)
+
+
+@triton.jit
+def gather_candidates(z_ptr, yi, self_col, row_ok, col_start, col_end, idx_ptr, HAS_SELF_INDEX: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    """The positives-first scan: reads only the labels of a split's columns [col_start,
+    col_end) and writes to idx_ptr, in column order, the columns that share a label with some
+    anchor of the tile (other than its self column); returns how many. No row of R is read.
+    Ends with a barrier, so that every thread of the program then reads the whole list."""
+    count = tl.full([], 0, tl.int32)
+    for k0 in range(col_start, col_end, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < col_end
+        zj = tl.load(z_ptr + cols, mask=col_ok, other=0)
+        same = row_ok[:, None] & col_ok[None, :] & (yi[:, None] == zj[None, :])
+        if HAS_SELF_INDEX:
+            same = same & (cols[None, :] != self_col[:, None])
+        hit = tl.max(same.to(tl.int32), axis=0)
+        tl.store(idx_ptr + count + tl.cumsum(hit, axis=0) - 1, cols, mask=hit > 0)
+        count += tl.sum(hit, axis=0)
+    tl.debug_barrier()
+    return count
+
+
+@triton.jit
+def candidate_tile(x_hi, x_mid, x_lo, r_ptr, z_ptr, idx_ptr, c0, count, yi, self_col, row_ok, dims, dim_ok, D,
+                   PRECISION: tl.constexpr, HAS_SELF_INDEX: tl.constexpr, BLOCK_K: tl.constexpr,
+                   X_LIMBS: tl.constexpr, LO_SCALE: tl.constexpr):
+    """Entries c0 .. c0 + BLOCK_K of a candidate list (gather_candidates) of `count`: the
+    (rows x cols) mask of valid same-label pairs (P once S < 1 - pos_eps), their rows of R and
+    S = X R^T on them (scores: the same products as memory_tile's). A list read by the same
+    tile sizes always gives the same tiles, so the same S."""
+    k = c0 + tl.arange(0, BLOCK_K)
+    ok = k < count
+    cols = tl.load(idx_ptr + k, mask=ok, other=0)
+    zj = tl.load(z_ptr + cols, mask=ok, other=0)
+    same = row_ok[:, None] & ok[None, :] & (yi[:, None] == zj[None, :])
+    if HAS_SELF_INDEX:
+        same = same & (cols[None, :] != self_col[:, None])
+    r = tl.load(r_ptr + cols.to(tl.int64)[:, None] * D + dims[None, :], mask=ok[:, None] & dim_ok[None, :], other=0.0)
+    s = scores(x_hi, x_mid, x_lo, r, PRECISION, X_LIMBS, LO_SCALE)
+    return same, r, s
+
+
 @triton.jit
 def reference_block(r_ptr, z_ptr, n, D, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
     """This program's block of reference rows for the reference-side gradient kernels: its

@@ -7,23 +7,34 @@
     skip_incomplete: l_i = 0 (counts 0) unless P_i, N_i, P~_i and N~_i are all non-empty;
     otherwise each term is 0 when its own mined set is empty (log(1 + empty sum)).
 
-With mine, pass 1 (the stats kernel) streams the reference for min positive / max negative per
-row; each split writes its own and the exact min / max merge in any order (one torch
-reduction). They give each sum's largest exponent in advance, shift_p = -alpha (min_pos -
-base), shift_n = beta (max_neg - base) (the extreme pair of a set is mined whenever any of
-the set is), so pass 2 (forward kernel) recomputes S per tile and sums weights
-w = exp(a - shift) <= 1 with no running maximum, accumulating the weighted rows
-Gp = sum w_p r and Gn = sum w_n r for the gradient. Without mine there is no pass 1: the
-forward kernel keeps a running maximum per sum instead (shift = max so far; the sums and
-G rescaled by exp(old - new) when it grows, as FlashAttention). Each split writes its
-(shift, sum, G) and a merge kernel combines the splits in split order (deterministic),
-rescaling to the largest shift (a no-op with mine: every split has the same), and scales once:
+With mine: ONE read of the memory per step, positives first (as the CPU kernel). The
+positives kernel (multi_similarity_pos_kernel), phase 1: per anchor tile and split, a scan of
+the reference *labels* only lists the columns that share a label with some anchor of the
+tile (_common.gather_candidates; few in a memory of many classes), then reads only those rows
+and computes their S (_common.candidate_tile) for min_pos, the min over P. The pass over the
+memory (forward kernel) then handles the negatives only (same-label columns skipped by
+label): N~ by min_pos, a running shift_n = beta (max_neg - base) from the split's hardest
+negative so far (the sum and Gn rescaled by exp(old - new) when it grows, as FlashAttention),
+and max_neg per split. Phase 2 of the positives kernel (FINISH), with max_neg known, rebuilds
+the same candidate lists and tiles (the same configuration: its autotune key omits the
+phase), so every positive's S is the value phase 1 saw, and sums the mined positives'
+weights w = exp(-alpha (S - base) - shift_p) <= 1, shift_p = -alpha (min_pos - base), and
+Gp = sum w_p r. A positive's S comes only from the positives kernel and a negative's only
+from the pass, so every set is decided on one value of S. Rows read per anchor tile: the
+memory once, plus twice the candidate rows (the columns whose label is in the tile); with
+dense label matches (a memory of 2 classes) the candidates are every row and the cost
+grows to three reads, still correct.
+Without mine: one pass, a running maximum per sum (shift = max so far; the sums and G
+rescaled by exp(old - new) when it grows). Each split writes its (shift, sum, G) and a merge
+kernel combines the splits in split order (deterministic), rescaling to the largest shift,
+and scales once:
     dl_i/dx_i = fp_i Gp + fn_i Gn,  fp = -1 / (exp(-shift_p) + sum_p),  fn = 1 / (exp(-shift_n) + sum_n)
 (fp, fn = 0 for a term that is switched off). Mined-set membership is a constant for the gradient.
 
 Backward to both sides, with g_i = dL/dl_i: grad_x = g * (forward gradient); grad_ref =
 C^T X with C_ij = g_i (fp_i w_p,ij + fn_i w_n,ij), a kernel where each program owns a tile of
-reference rows and streams the anchors with their forward statistics.
+reference rows and streams the anchors with their forward statistics (the in-batch loss, B x
+B: it recomputes S for every pair, after the forward's passes).
 
 dtypes as in contrastive.py; the weights are not exact in 16 bits, so with a 16-bit
 reference they enter the tensor cores in 16-bit limbs (_common.dot_acc).
@@ -33,10 +44,14 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import anchor_tile, dot_acc, log1p, memory_tile, pair_sets, ref_grad_acc, reference_block, scores
+from ._common import anchor_tile, candidate_tile, dot_acc, gather_candidates, log1p, memory_tile, pair_sets
+from ._common import ref_grad_acc, reference_block, scores
+from ._common import FWD_CONFIGS as _POS_CONFIGS
 from ._common import TWO_ACC_FWD_CONFIGS as _FWD_CONFIGS
 
-_STATS_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 2048, acc_tiles=0, temps=4)
+# The positives kernel: one accumulator (Gp), the tile's weights and the software pipeline's
+# buffers of its gathers (list -> labels, rows), counted as more temporaries (ptxas for sm_90).
+_POS_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 512, acc_tiles=1, temps=12)
 # Register tiles: Gp and Gn plus the tile's weights; IEEE fp32 (FMA) dots spill beyond 16 x 32
 # (ptxas for sm_90). The reference-side kernels hold one accumulator and the weights (hi, lo).
 _FWD_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 512, acc_tiles=2, temps=6)
@@ -76,41 +91,71 @@ def _running_max(m, a, mined):
     return m_new, shift, tl.exp(m - shift)
 
 
-@triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS),
+# No FINISH or NEED_GRAD in the key: both phases run one configuration, so the same tiles of
+# the same candidate lists, and every positive's S is the same value in both.
+@triton.autotune(configs=_common.autotune_configs(_POS_CONFIGS),
                  key=["D", "B_BUCKET", "COLS_BUCKET", "PRECISION", "X_LIMBS"],
-                 prune_configs_by={"early_config_prune": _STATS_PRUNE}, **_common.AUTOTUNE_OPTIONS)
+                 prune_configs_by={"early_config_prune": _POS_PRUNE}, **_common.AUTOTUNE_OPTIONS)
 @triton.jit
-def multi_similarity_stats_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ws, B, D, n, cols_per_split, pos_thr,
-                                  B_BUCKET, COLS_BUCKET, HAS_SELF_INDEX: tl.constexpr, PRECISION: tl.constexpr,
-                                  X_LIMBS: tl.constexpr, LO_SCALE: tl.constexpr,
-                                  BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+def multi_similarity_pos_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, idx_ws, stats_ptr, stats_ws, sums_ws, counts_ws,
+                                gp_ws, B, D, n, cols_per_split, splits, alpha, base, mining_margin, pos_thr, B_BUCKET,
+                                COLS_BUCKET, HAS_SELF_INDEX: tl.constexpr, FINISH: tl.constexpr,
+                                NEED_GRAD: tl.constexpr, PRECISION: tl.constexpr, X_LIMBS: tl.constexpr,
+                                W_LIMBS: tl.constexpr, LO_SCALE: tl.constexpr, BLOCK_D: tl.constexpr,
+                                BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_s = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
+    rows64 = rows.to(tl.int64)
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < D
     x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
                                                       r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_LIMBS, LO_SCALE)
-    min_pos = tl.full([BLOCK_B], float("inf"), tl.float32)
-    max_neg = tl.full([BLOCK_B], float("-inf"), tl.float32)
     col_start = pid_s * cols_per_split
     col_end = tl.minimum(col_start + cols_per_split, n)
-    for k0 in range(col_start, col_end, BLOCK_K):
-        cols, col_ok, r, zj, sim = memory_tile(x_hi, x_mid, x_lo, r_ptr, z_ptr, k0, col_end, dims, dim_ok, D,
-                                               PRECISION, BLOCK_K, X_LIMBS, LO_SCALE)
-        _, pos, neg = pair_sets(sim, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX)
-        min_pos = tl.minimum(min_pos, tl.min(tl.where(pos, sim, float("inf")), axis=1))
-        max_neg = tl.maximum(max_neg, tl.max(tl.where(neg, sim, float("-inf")), axis=1))
-    stat = pid_s.to(tl.int64) * 2 * B + rows.to(tl.int64)  # stats_ws is (splits, 2, B)
-    tl.store(stats_ws + stat, min_pos, mask=row_ok)
-    tl.store(stats_ws + stat + B, max_neg, mask=row_ok)
+    idx_ptr = idx_ws + (tl.program_id(0).to(tl.int64) * splits + pid_s) * cols_per_split
+    count = gather_candidates(z_ptr, yi, self_col, row_ok, col_start, col_end, idx_ptr, HAS_SELF_INDEX, BLOCK_K)
+    if FINISH:  # min_pos from phase 1, max_neg from the pass over the memory
+        min_pos = tl.load(stats_ptr + rows64, mask=row_ok, other=float("inf"))
+        max_neg = tl.load(stats_ptr + B + rows64, mask=row_ok, other=float("-inf"))
+    else:
+        min_pos = tl.full([BLOCK_B], float("inf"), tl.float32)
+        max_neg = tl.full([BLOCK_B], float("-inf"), tl.float32)
+    m_p = -alpha * (min_pos - base)  # the positives' largest exponent (-inf: no positive)
+    sum_p = tl.zeros([BLOCK_B], dtype=tl.float32)
+    npos = tl.zeros([BLOCK_B], dtype=tl.int32)
+    gp = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+    for c0 in range(0, count, BLOCK_K):
+        same, r, sim = candidate_tile(x_hi, x_mid, x_lo, r_ptr, z_ptr, idx_ptr, c0, count, yi, self_col, row_ok,
+                                      dims, dim_ok, D, PRECISION, HAS_SELF_INDEX, BLOCK_K, X_LIMBS, LO_SCALE)
+        pos = same & (sim < pos_thr)
+        if FINISH:
+            mined_p = pos & (sim - mining_margin < max_neg[:, None])
+            wp = tl.where(mined_p, tl.exp(-alpha * (sim - base) - m_p[:, None]), 0.0)
+            sum_p += tl.sum(wp, axis=1)
+            npos += tl.sum(mined_p.to(tl.int32), axis=1)
+            if NEED_GRAD:
+                gp = dot_acc(wp, r, gp, W_LIMBS, PRECISION)
+        else:
+            min_pos = tl.minimum(min_pos, tl.min(tl.where(pos, sim, float("inf")), axis=1))
+    out = pid_s.to(tl.int64) * B + rows64
+    if FINISH:  # the positives' half of the forward's workspaces (the pass wrote the negatives')
+        stat = pid_s.to(tl.int64) * 4 * B + rows64
+        tl.store(sums_ws + stat, sum_p, mask=row_ok)
+        tl.store(sums_ws + stat + 2 * B, m_p, mask=row_ok)
+        tl.store(counts_ws + 2 * out, npos, mask=row_ok)
+        if NEED_GRAD:
+            tl.store(gp_ws + out[:, None] * D + dims[None, :], gp, mask=row_ok[:, None] & dim_ok[None, :])
+    else:
+        tl.store(stats_ws + pid_s.to(tl.int64) * 2 * B + rows64, min_pos, mask=row_ok)  # stats_ws is (splits, 2, B)
 
 
 @triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS),
                  key=["D", "B_BUCKET", "COLS_BUCKET", "NEED_GRAD", "PRECISION", "X_LIMBS", "MINE"],
                  prune_configs_by={"early_config_prune": _FWD_PRUNE}, **_common.AUTOTUNE_OPTIONS)
 @triton.jit
-def multi_similarity_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ptr, sums_ws, counts_ws, gp_ws, gn_ws, B, D,
+def multi_similarity_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ptr, stats_ws, sums_ws, counts_ws, gp_ws,
+                                gn_ws, B, D,
                                 n, cols_per_split, alpha, beta, base, mining_margin, pos_thr, B_BUCKET, COLS_BUCKET,
                                 HAS_SELF_INDEX: tl.constexpr, MINE: tl.constexpr, NEED_GRAD: tl.constexpr,
                                 PRECISION: tl.constexpr, X_LIMBS: tl.constexpr, W_LIMBS: tl.constexpr,
@@ -124,16 +169,13 @@ def multi_similarity_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ptr, s
     dim_ok = dims < D
     x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
                                                       r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_LIMBS, LO_SCALE)
-    if MINE:  # the largest exponents, known from pass 1 (-inf for rows whose set is empty)
+    if MINE:  # min_pos from the positives' phase 1; max_neg and the negatives' shift run
         min_pos = tl.load(stats_ptr + rows64, mask=row_ok, other=float("inf"))
-        max_neg = tl.load(stats_ptr + B + rows64, mask=row_ok, other=float("-inf"))
-        m_p = -alpha * (min_pos - base)
-        m_n = beta * (max_neg - base)
-    else:  # running maxima
+    else:
         min_pos = tl.full([BLOCK_B], float("inf"), tl.float32)
-        max_neg = tl.full([BLOCK_B], float("-inf"), tl.float32)
-        m_p = tl.full([BLOCK_B], float("-inf"), tl.float32)
-        m_n = tl.full([BLOCK_B], float("-inf"), tl.float32)
+    max_neg = tl.full([BLOCK_B], float("-inf"), tl.float32)
+    m_p = tl.full([BLOCK_B], float("-inf"), tl.float32)
+    m_n = tl.full([BLOCK_B], float("-inf"), tl.float32)
     sum_p = tl.zeros([BLOCK_B], dtype=tl.float32)
     sum_n = tl.zeros([BLOCK_B], dtype=tl.float32)
     npos = tl.zeros([BLOCK_B], dtype=tl.int32)
@@ -146,10 +188,24 @@ def multi_similarity_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ptr, s
         cols, col_ok, r, zj, sim = memory_tile(x_hi, x_mid, x_lo, r_ptr, z_ptr, k0, col_end, dims, dim_ok, D,
                                                PRECISION, BLOCK_K, X_LIMBS, LO_SCALE)
         _, pos, neg = pair_sets(sim, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX)
-        mined_p, mined_n = _mined_sets(sim, pos, neg, min_pos, max_neg, mining_margin, MINE)
         if MINE:
-            wp, wn = _weights(sim, mined_p, mined_n, m_p, m_n, alpha, beta, base)
+            # Negatives only (same-label columns are the positives kernel's, by label): N~ by
+            # min_pos; the shift beta (max_neg - base) grows with the split's hardest negative
+            # (the hardest negative is mined whenever any is, so it is the mined sum's largest
+            # exponent at the end), the sum and Gn rescaled when it does.
+            max_neg = tl.maximum(max_neg, tl.max(tl.where(neg, sim, float("-inf")), axis=1))
+            m_new = beta * (max_neg - base)
+            shift_n = tl.where(m_new == float("-inf"), 0.0, m_new)
+            scale_n = tl.exp(m_n - shift_n)
+            m_n = m_new
+            mined_n = neg & (sim + mining_margin > min_pos[:, None])
+            wn = tl.where(mined_n, tl.exp(beta * (sim - base) - shift_n[:, None]), 0.0)
+            sum_n = sum_n * scale_n + tl.sum(wn, axis=1)
+            nneg += tl.sum(mined_n.to(tl.int32), axis=1)
+            if NEED_GRAD:
+                gn = dot_acc(wn, r, gn * scale_n[:, None], W_LIMBS, PRECISION)
         else:
+            mined_p, mined_n = _mined_sets(sim, pos, neg, min_pos, max_neg, mining_margin, MINE)
             m_p, shift_p, scale_p = _running_max(m_p, -alpha * (sim - base), mined_p)
             m_n, shift_n, scale_n = _running_max(m_n, beta * (sim - base), mined_n)
             wp, wn = _weights(sim, mined_p, mined_n, shift_p, shift_n, alpha, beta, base)
@@ -158,25 +214,29 @@ def multi_similarity_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ptr, s
             if NEED_GRAD:
                 gp *= scale_p[:, None]
                 gn *= scale_n[:, None]
-        sum_p += tl.sum(wp, axis=1)
-        sum_n += tl.sum(wn, axis=1)
-        npos += tl.sum(mined_p.to(tl.int32), axis=1)
-        nneg += tl.sum(mined_n.to(tl.int32), axis=1)
-        if NEED_GRAD:
-            gp = dot_acc(wp, r, gp, W_LIMBS, PRECISION)
-            gn = dot_acc(wn, r, gn, W_LIMBS, PRECISION)
+            sum_p += tl.sum(wp, axis=1)
+            sum_n += tl.sum(wn, axis=1)
+            npos += tl.sum(mined_p.to(tl.int32), axis=1)
+            nneg += tl.sum(mined_n.to(tl.int32), axis=1)
+            if NEED_GRAD:
+                gp = dot_acc(wp, r, gp, W_LIMBS, PRECISION)
+                gn = dot_acc(wn, r, gn, W_LIMBS, PRECISION)
     out = pid_s.to(tl.int64) * B + rows64
     stat = pid_s.to(tl.int64) * 4 * B + rows64  # sums_ws is (splits, 4, B): sum_p, sum_n, shift_p, shift_n
-    tl.store(sums_ws + stat, sum_p, mask=row_ok)
+    gmask = row_ok[:, None] & dim_ok[None, :]
     tl.store(sums_ws + stat + B, sum_n, mask=row_ok)
-    tl.store(sums_ws + stat + 2 * B, m_p, mask=row_ok)
     tl.store(sums_ws + stat + 3 * B, m_n, mask=row_ok)
-    tl.store(counts_ws + 2 * out, npos, mask=row_ok)
     tl.store(counts_ws + 2 * out + 1, nneg, mask=row_ok)
     if NEED_GRAD:
-        gmask = row_ok[:, None] & dim_ok[None, :]
-        tl.store(gp_ws + out[:, None] * D + dims[None, :], gp, mask=gmask)
         tl.store(gn_ws + out[:, None] * D + dims[None, :], gn, mask=gmask)
+    if MINE:  # the positives' half comes from the positives kernel, once max_neg is known
+        tl.store(stats_ws + pid_s.to(tl.int64) * 2 * B + B + rows64, max_neg, mask=row_ok)
+    else:
+        tl.store(sums_ws + stat, sum_p, mask=row_ok)
+        tl.store(sums_ws + stat + 2 * B, m_p, mask=row_ok)
+        tl.store(counts_ws + 2 * out, npos, mask=row_ok)
+        if NEED_GRAD:
+            tl.store(gp_ws + out[:, None] * D + dims[None, :], gp, mask=gmask)
 
 
 @triton.jit
@@ -291,7 +351,7 @@ def multi_similarity_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, rowstat
 
 
 # The autotuned kernels: launch_problem() asks their prunes whether a shape can launch.
-KERNELS = (multi_similarity_stats_kernel, multi_similarity_fwd_kernel, multi_similarity_ref_grad_kernel)
+KERNELS = (multi_similarity_pos_kernel, multi_similarity_fwd_kernel, multi_similarity_ref_grad_kernel)
 
 
 def _scalars(alpha, beta, base, mining_margin, pos_eps, mine):
@@ -310,20 +370,27 @@ def _forward(call, scalars, skip_incomplete, need_grad, splits):
     if call.B == 0:
         return loss, grad, counts, rowstats
     B = call.B
-    call.plan(_FWD_CONFIGS, splits)
+    splits = call.plan(_FWD_CONFIGS, splits)
     need_grad = bool(need_grad)
-    sums_ws = call.workspace(4, B)
-    stats = sums_ws  # not read without mine
+    ws = dict(sums_ws=call.workspace(4, B), counts_ws=call.workspace(B, 2, dtype=torch.int32),
+              gp_ws=call.grad_workspace(grad, need_grad), gn_ws=call.grad_workspace(grad, need_grad))
+    stats = call.f32(2, B)  # merged (min_pos, max_neg); not read without mine
+    stats_ws = call.workspace(2, B)  # per split
     if scalars["MINE"]:
-        stats_ws = call.workspace(2, B)
-        call.stream(multi_similarity_stats_kernel, stats_ws=stats_ws, **scalars)
-        # Merged by torch, not a merge kernel: min / max are exact, so merging the splits in
-        # any order gives the same statistics.
-        stats = torch.stack([stats_ws[:, 0].amin(0), stats_ws[:, 1].amax(0)])
-    call.split_k(multi_similarity_fwd_kernel, multi_similarity_merge_kernel, stats_ptr=stats, sums_ws=sums_ws,
-                 counts_ws=call.workspace(B, 2, dtype=torch.int32), gp_ws=call.grad_workspace(grad, need_grad),
-                 gn_ws=call.grad_workspace(grad, need_grad), loss_ptr=loss, counts_ptr=counts, grad_ptr=grad,
-                 rowstats_ptr=rowstats, SKIP_INCOMPLETE=bool(skip_incomplete), NEED_GRAD=need_grad, **scalars)
+        # Positives first; min / max are exact, so torch merges the splits in any order.
+        pos = dict(idx_ws=_common.candidate_ws(B, splits, call.args["cols_per_split"], call.x.device),
+                   stats_ptr=stats, stats_ws=stats_ws, **ws, **scalars)
+        call.stream(multi_similarity_pos_kernel, FINISH=False, NEED_GRAD=False, **pos)
+        torch.amin(stats_ws[:, 0], 0, out=stats[0])
+        call.stream(multi_similarity_fwd_kernel, stats_ptr=stats, stats_ws=stats_ws, NEED_GRAD=need_grad, **ws,
+                    **scalars)
+        torch.amax(stats_ws[:, 1], 0, out=stats[1])
+        call.stream(multi_similarity_pos_kernel, FINISH=True, NEED_GRAD=need_grad, **pos)
+    else:
+        call.stream(multi_similarity_fwd_kernel, stats_ptr=stats, stats_ws=stats_ws, NEED_GRAD=need_grad, **ws,
+                    **scalars)
+    call.merge(multi_similarity_merge_kernel, stats_ptr=stats, loss_ptr=loss, counts_ptr=counts, grad_ptr=grad,
+               rowstats_ptr=rowstats, SKIP_INCOMPLETE=bool(skip_incomplete), NEED_GRAD=need_grad, **ws, **scalars)
     return loss, grad, counts, rowstats
 
 

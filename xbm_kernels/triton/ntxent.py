@@ -6,19 +6,26 @@ Triton kernels.
     dl_i/dS_ip = -1/tau sigmoid(LZ_i - t_ip)
     dl_i/dS_in = 1/tau exp(t_in - LZ_i) w_i,   w_i = sum_{P_i} sigmoid(LZ_i - t_ip)
 
-Two passes, as multi_similarity.py's with mining. Pass 1 (stats kernel) streams the
-reference for an online log-sum-exp over the negatives (running max m and sum
-exp(t - m)); each split writes its (m, sum) and a merge kernel combines them in split
-order into LZ (deterministic). Pass 2 (forward kernel) recomputes S per tile with LZ known:
-the loss terms, counts and w_i, and for the gradient the weighted rows
-Gp = sum_P sigmoid(LZ - t_ip) r_p and Gn = sum_N exp(t_in - LZ) r_n (weights <= 1, no
-running maximum). Each split writes its (loss, w, counts, Gp, Gn); a merge kernel adds the
-splits in split order and scales once:
-    dl_i/dx_i = 1/tau (w_i Gn - Gp)
+ONE read of the memory per step, positives first as multi_similarity.py's with mining. The
+pass over the memory (forward kernel) takes the negatives only (same-label columns skipped by
+label) with an online log-sum-exp, as supcon.py's: per row a running max m, the sum
+s = sum exp(t - m) and Gn = sum exp(t - m) r, rescaled by exp(m_old - m_new) when m grows;
+each split writes its (m, s, counts, Gn). A merge kernel combines the splits' (m, s) in split
+order into LZ (deterministic). The positives kernel then, with LZ known, scans the reference
+*labels* only per anchor tile and split, lists the columns sharing a label with some anchor
+of the tile (_common.gather_candidates) and reads only those rows for their S
+(_common.candidate_tile): the loss terms softplus(LZ - t_p), counts, w_i and
+Gp = sum_P sigmoid(LZ - t_ip) r_p. The last merge adds the splits in split order, brings
+each split's Gn to the common max, and scales once:
+    dl_i/dx_i = 1/tau (w_i Gn / s - Gp)
+Rows read per anchor tile: the memory once plus the candidate rows (the columns whose label is
+in the tile): with dense label matches (a memory of 2 classes) every row, two reads, as
+before. A positive's S comes only from the positives kernel, a negative's only from the pass.
 
 Backward to both sides, with g_i = dL/dl_i: grad_x = g * (forward gradient); grad_ref =
 C^T X with C_ij = g_i dl_i/dS_ij from the per-row LZ and w, a kernel where each program owns
-a tile of reference rows and streams the anchors.
+a tile of reference rows and streams the anchors (the in-batch loss, B x B: it recomputes S
+for every pair, after the forward's passes).
 
 dtypes as in contrastive.py; the weights are not exact in 16 bits, so with a 16-bit
 reference they enter the tensor cores in 16-bit limbs (_common.dot_acc).
@@ -28,10 +35,14 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import anchor_tile, dot_acc, log1p, memory_tile, pair_sets, ref_grad_acc, reference_block, scores
+from ._common import anchor_tile, candidate_tile, dot_acc, gather_candidates, log1p, memory_tile, pair_sets
+from ._common import ref_grad_acc, reference_block, scores
+from ._common import FWD_CONFIGS as _POS_CONFIGS
 from ._common import TWO_ACC_FWD_CONFIGS as _FWD_CONFIGS
 
-_STATS_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 2048, acc_tiles=0, temps=4)
+# The positives kernel: one accumulator (Gp), the tile's weights and the software pipeline's
+# buffers of its gathers (list -> labels, rows), counted as more temporaries (ptxas for sm_90).
+_POS_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 512, acc_tiles=1, temps=12)
 # Register tiles: Gp and Gn plus the tile's weights; IEEE fp32 (FMA) dots spill beyond 16 x 32
 # (ptxas for sm_90, as multi_similarity's). The reference-side kernel holds one accumulator and
 # the weights (hi, lo).
@@ -64,40 +75,6 @@ def _pair_weights(sim, pos, neg, lz, inv_tau):
     return sp, en, term
 
 
-@triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS),
-                 key=["D", "B_BUCKET", "COLS_BUCKET", "PRECISION", "X_LIMBS"],
-                 prune_configs_by={"early_config_prune": _STATS_PRUNE}, **_common.AUTOTUNE_OPTIONS)
-@triton.jit
-def ntxent_stats_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ws, B, D, n, cols_per_split, inv_tau, pos_thr,
-                        B_BUCKET, COLS_BUCKET, HAS_SELF_INDEX: tl.constexpr, PRECISION: tl.constexpr,
-                        X_LIMBS: tl.constexpr, LO_SCALE: tl.constexpr,
-                        BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_s = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < D
-    x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
-                                                      r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_LIMBS, LO_SCALE)
-    m = tl.full([BLOCK_B], float("-inf"), tl.float32)
-    s = tl.zeros([BLOCK_B], dtype=tl.float32)
-    col_start = pid_s * cols_per_split
-    col_end = tl.minimum(col_start + cols_per_split, n)
-    for k0 in range(col_start, col_end, BLOCK_K):
-        cols, col_ok, r, zj, sim = memory_tile(x_hi, x_mid, x_lo, r_ptr, z_ptr, k0, col_end, dims, dim_ok, D,
-                                               PRECISION, BLOCK_K, X_LIMBS, LO_SCALE)
-        _, _, neg = pair_sets(sim, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX)
-        t = tl.where(neg, sim * inv_tau, float("-inf"))
-        m_new = tl.maximum(m, tl.max(t, axis=1))
-        # rows without a negative yet (m_new = -inf) shift by 0: no inf - inf, their sum stays 0
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - shift) + tl.sum(tl.exp(t - shift[:, None]), axis=1)
-        m = m_new
-    stat = pid_s.to(tl.int64) * 2 * B + rows.to(tl.int64)  # stats_ws is (splits, 2, B): max, sum
-    tl.store(stats_ws + stat, m, mask=row_ok)
-    tl.store(stats_ws + stat + B, s, mask=row_ok)
-
-
 @triton.jit
 def ntxent_stats_merge_kernel(stats_ws, lz_ptr, B, splits, ROWS: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -121,7 +98,7 @@ def ntxent_stats_merge_kernel(stats_ws, lz_ptr, B, splits, ROWS: tl.constexpr):
                  key=["D", "B_BUCKET", "COLS_BUCKET", "NEED_GRAD", "PRECISION", "X_LIMBS"],
                  prune_configs_by={"early_config_prune": _FWD_PRUNE}, **_common.AUTOTUNE_OPTIONS)
 @triton.jit
-def ntxent_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, lz_ptr, sums_ws, counts_ws, gp_ws, gn_ws,
+def ntxent_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ws, counts_ws, gn_ws,
                       B, D, n, cols_per_split, inv_tau, pos_thr, B_BUCKET, COLS_BUCKET,
                       HAS_SELF_INDEX: tl.constexpr, NEED_GRAD: tl.constexpr, PRECISION: tl.constexpr,
                       X_LIMBS: tl.constexpr, W_LIMBS: tl.constexpr, LO_SCALE: tl.constexpr,
@@ -134,47 +111,96 @@ def ntxent_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, lz_ptr, sums_ws, count
     dim_ok = dims < D
     x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
                                                       r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_LIMBS, LO_SCALE)
-    lz = tl.load(lz_ptr + rows64, mask=row_ok, other=float("-inf"))
-    loss = tl.zeros([BLOCK_B], dtype=tl.float32)
-    w = tl.zeros([BLOCK_B], dtype=tl.float32)
-    npos = tl.zeros([BLOCK_B], dtype=tl.int32)
+    m = tl.full([BLOCK_B], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_B], dtype=tl.float32)
     nneg = tl.zeros([BLOCK_B], dtype=tl.int32)
-    gp = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
     gn = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
     col_start = pid_s * cols_per_split
     col_end = tl.minimum(col_start + cols_per_split, n)
     for k0 in range(col_start, col_end, BLOCK_K):
         cols, col_ok, r, zj, sim = memory_tile(x_hi, x_mid, x_lo, r_ptr, z_ptr, k0, col_end, dims, dim_ok, D,
                                                PRECISION, BLOCK_K, X_LIMBS, LO_SCALE)
-        _, pos, neg = pair_sets(sim, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX)
-        sp, en, term = _pair_weights(sim, pos, neg, lz, inv_tau)
-        loss += tl.sum(term, axis=1)
-        w += tl.sum(sp, axis=1)
-        npos += tl.sum(pos.to(tl.int32), axis=1)
+        _, _, neg = pair_sets(sim, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX)
+        t = sim * inv_tau
+        m_new = tl.maximum(m, tl.max(tl.where(neg, t, float("-inf")), axis=1))
+        # rows without a negative yet (m_new = -inf) shift by 0: no inf - inf, their sums stay 0
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        scale = tl.exp(m - shift)
+        e = tl.where(neg, tl.exp(t - shift[:, None]), 0.0)
+        s = s * scale + tl.sum(e, axis=1)
+        m = m_new
         nneg += tl.sum(neg.to(tl.int32), axis=1)
         if NEED_GRAD:
+            gn *= scale[:, None]
+            gn = dot_acc(e, r, gn, W_LIMBS, PRECISION)
+    out = pid_s.to(tl.int64) * B + rows64
+    stat = pid_s.to(tl.int64) * 2 * B + rows64  # stats_ws is (splits, 2, B): max, sum
+    tl.store(stats_ws + stat, m, mask=row_ok)
+    tl.store(stats_ws + stat + B, s, mask=row_ok)
+    tl.store(counts_ws + 2 * out + 1, nneg, mask=row_ok)
+    if NEED_GRAD:
+        tl.store(gn_ws + out[:, None] * D + dims[None, :], gn, mask=row_ok[:, None] & dim_ok[None, :])
+
+
+@triton.autotune(configs=_common.autotune_configs(_POS_CONFIGS),
+                 key=["D", "B_BUCKET", "COLS_BUCKET", "NEED_GRAD", "PRECISION", "X_LIMBS"],
+                 prune_configs_by={"early_config_prune": _POS_PRUNE}, **_common.AUTOTUNE_OPTIONS)
+@triton.jit
+def ntxent_pos_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, idx_ws, lz_ptr, sums_ws, counts_ws, gp_ws,
+                      B, D, n, cols_per_split, splits, inv_tau, pos_thr, B_BUCKET, COLS_BUCKET,
+                      HAS_SELF_INDEX: tl.constexpr, NEED_GRAD: tl.constexpr, PRECISION: tl.constexpr,
+                      X_LIMBS: tl.constexpr, W_LIMBS: tl.constexpr, LO_SCALE: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_s = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < D
+    x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
+                                                      r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_LIMBS, LO_SCALE)
+    col_start = pid_s * cols_per_split
+    col_end = tl.minimum(col_start + cols_per_split, n)
+    idx_ptr = idx_ws + (tl.program_id(0).to(tl.int64) * splits + pid_s) * cols_per_split
+    count = gather_candidates(z_ptr, yi, self_col, row_ok, col_start, col_end, idx_ptr, HAS_SELF_INDEX, BLOCK_K)
+    lz = tl.load(lz_ptr + rows64, mask=row_ok, other=float("-inf"))
+    loss = tl.zeros([BLOCK_B], dtype=tl.float32)
+    w = tl.zeros([BLOCK_B], dtype=tl.float32)
+    npos = tl.zeros([BLOCK_B], dtype=tl.int32)
+    gp = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+    for c0 in range(0, count, BLOCK_K):
+        same, r, sim = candidate_tile(x_hi, x_mid, x_lo, r_ptr, z_ptr, idx_ptr, c0, count, yi, self_col, row_ok,
+                                      dims, dim_ok, D, PRECISION, HAS_SELF_INDEX, BLOCK_K, X_LIMBS, LO_SCALE)
+        pos = same & (sim < pos_thr)
+        u = lz[:, None] - sim * inv_tau
+        sp = tl.where(pos, _sigmoid(u), 0.0)
+        loss += tl.sum(tl.where(pos, _softplus(u), 0.0), axis=1)
+        w += tl.sum(sp, axis=1)
+        npos += tl.sum(pos.to(tl.int32), axis=1)
+        if NEED_GRAD:
             gp = dot_acc(sp, r, gp, W_LIMBS, PRECISION)
-            gn = dot_acc(en, r, gn, W_LIMBS, PRECISION)
     out = pid_s.to(tl.int64) * B + rows64
     stat = pid_s.to(tl.int64) * 2 * B + rows64  # sums_ws is (splits, 2, B): loss, w
     tl.store(sums_ws + stat, loss, mask=row_ok)
     tl.store(sums_ws + stat + B, w, mask=row_ok)
     tl.store(counts_ws + 2 * out, npos, mask=row_ok)
-    tl.store(counts_ws + 2 * out + 1, nneg, mask=row_ok)
     if NEED_GRAD:
-        gmask = row_ok[:, None] & dim_ok[None, :]
-        tl.store(gp_ws + out[:, None] * D + dims[None, :], gp, mask=gmask)
-        tl.store(gn_ws + out[:, None] * D + dims[None, :], gn, mask=gmask)
+        tl.store(gp_ws + out[:, None] * D + dims[None, :], gp, mask=row_ok[:, None] & dim_ok[None, :])
 
 
 @triton.jit
-def ntxent_merge_kernel(sums_ws, counts_ws, gp_ws, gn_ws, loss_ptr, counts_ptr, grad_ptr, w_ptr,
+def ntxent_merge_kernel(stats_ws, sums_ws, counts_ws, gp_ws, gn_ws, loss_ptr, counts_ptr, grad_ptr, w_ptr,
                         B, D, splits, inv_tau, NEED_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < B
     rows64 = rows.to(tl.int64)
     dims = tl.arange(0, BLOCK_D)
     gmask = row_ok[:, None] & (dims < D)[None, :]
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    for p in range(0, splits):  # the max is exact: any order
+        m = tl.maximum(m, tl.load(stats_ws + p * 2 * B + rows64, mask=row_ok, other=float("-inf")))
+    shift = tl.where(m == float("-inf"), 0.0, m)
+    s = tl.zeros([ROWS], dtype=tl.float32)
     loss = tl.zeros([ROWS], dtype=tl.float32)
     w = tl.zeros([ROWS], dtype=tl.float32)
     npos = tl.zeros([ROWS], dtype=tl.int32)
@@ -183,6 +209,8 @@ def ntxent_merge_kernel(sums_ws, counts_ws, gp_ws, gn_ws, loss_ptr, counts_ptr, 
     gn = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     for p in range(0, splits):  # split order, always: the result does not depend on timing
         stat = p * 2 * B + rows64
+        scale = tl.exp(tl.load(stats_ws + stat, mask=row_ok, other=float("-inf")) - shift)
+        s += scale * tl.load(stats_ws + stat + B, mask=row_ok, other=0.0)
         loss += tl.load(sums_ws + stat, mask=row_ok, other=0.0)
         w += tl.load(sums_ws + stat + B, mask=row_ok, other=0.0)
         out = p * B + rows64
@@ -190,13 +218,14 @@ def ntxent_merge_kernel(sums_ws, counts_ws, gp_ws, gn_ws, loss_ptr, counts_ptr, 
         nneg += tl.load(counts_ws + 2 * out + 1, mask=row_ok, other=0)
         if NEED_GRAD:
             gp += tl.load(gp_ws + out[:, None] * D + dims[None, :], mask=gmask, other=0.0)
-            gn += tl.load(gn_ws + out[:, None] * D + dims[None, :], mask=gmask, other=0.0)
+            gn += scale[:, None] * tl.load(gn_ws + out[:, None] * D + dims[None, :], mask=gmask, other=0.0)
     tl.store(loss_ptr + rows64, loss, mask=row_ok)
     tl.store(counts_ptr + 2 * rows64, npos, mask=row_ok)
     tl.store(counts_ptr + 2 * rows64 + 1, nneg, mask=row_ok)
     tl.store(w_ptr + rows64, w, mask=row_ok)  # for the reference-side gradient
     if NEED_GRAD:
-        grad = (w[:, None] * gn - gp) * inv_tau
+        # Gn / s = sum_N exp(t - LZ) r; a row without negatives has s = 0, Gn = 0 and w = 0
+        grad = (w[:, None] * (gn / tl.where(s > 0.0, s, 1.0)[:, None]) - gp) * inv_tau
         tl.store(grad_ptr + rows64[:, None] * D + dims[None, :], grad, mask=gmask)
 
 
@@ -228,7 +257,7 @@ def ntxent_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, lz_ptr, gp_ptr, g
 
 
 # The autotuned kernels: launch_problem() asks their prunes whether a shape can launch.
-KERNELS = (ntxent_stats_kernel, ntxent_fwd_kernel, ntxent_ref_grad_kernel)
+KERNELS = (ntxent_fwd_kernel, ntxent_pos_kernel, ntxent_ref_grad_kernel)
 
 
 def _forward(call, temperature, pos_eps, need_grad, splits):
@@ -240,15 +269,18 @@ def _forward(call, temperature, pos_eps, need_grad, splits):
     if call.B == 0:
         return loss, grad, counts, lz, w
     B = call.B
-    call.plan(_FWD_CONFIGS, splits)
+    splits = call.plan(_FWD_CONFIGS, splits)
     need_grad = bool(need_grad)
     # pos_thr > 1 for a negative pos_eps: every same-label column is a positive
     scalars = dict(inv_tau=1.0 / float(temperature), pos_thr=1.0 - float(pos_eps))
-    call.split_k(ntxent_stats_kernel, ntxent_stats_merge_kernel, stats_ws=call.workspace(2, B), lz_ptr=lz, **scalars)
-    call.split_k(ntxent_fwd_kernel, ntxent_merge_kernel, lz_ptr=lz, sums_ws=call.workspace(2, B),
-                 counts_ws=call.workspace(B, 2, dtype=torch.int32), gp_ws=call.grad_workspace(grad, need_grad),
-                 gn_ws=call.grad_workspace(grad, need_grad), loss_ptr=loss, counts_ptr=counts, grad_ptr=grad,
-                 w_ptr=w, NEED_GRAD=need_grad, **scalars)
+    ws = dict(stats_ws=call.workspace(2, B), sums_ws=call.workspace(2, B),
+              counts_ws=call.workspace(B, 2, dtype=torch.int32), gp_ws=call.grad_workspace(grad, need_grad),
+              gn_ws=call.grad_workspace(grad, need_grad))
+    call.split_k(ntxent_fwd_kernel, ntxent_stats_merge_kernel, lz_ptr=lz, NEED_GRAD=need_grad, **ws, **scalars)
+    call.stream(ntxent_pos_kernel, idx_ws=_common.candidate_ws(B, splits, call.args["cols_per_split"], call.x.device),
+                lz_ptr=lz, NEED_GRAD=need_grad, **ws, **scalars)
+    call.merge(ntxent_merge_kernel, loss_ptr=loss, counts_ptr=counts, grad_ptr=grad, w_ptr=w, NEED_GRAD=need_grad,
+               **ws, **scalars)
     return loss, grad, counts, lz, w
 
 
