@@ -219,6 +219,8 @@ class _Tee:
 
 if __name__ == "__main__":
     os.environ.pop("TRITON_INTERPRET", None)
+    # this checkout's package, not an installed one (sys.path[0] is tests/ for a script)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     ap = argparse.ArgumentParser()
     ap.add_argument("--dims", type=int, nargs="*", default=list(DIMS))
     ap.add_argument("--operands", nargs="*", default=list(OPERANDS))

@@ -27,7 +27,8 @@ from ._common import anchor_tile, dot_acc, memory_tile, pair_sets, ref_grad_acc,
 from ._common import TWO_ACC_FWD_CONFIGS as _FWD_CONFIGS
 
 # Register tiles as supcon's: two (B x D) accumulators plus the tile's weights.
-_FWD_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 512, acc_tiles=2, temps=6)
+_FWD_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 256, acc_tiles=2, temps=6,
+                                    budgets=_common.TWO_ACC_BUDGETS)
 _REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 256, acc_tiles=1, temps=6,
                                     fp32_product_when_limbed=True)
 NEG_INF = tl.constexpr(float("-inf"))
