@@ -215,23 +215,33 @@ def smem_bytes(rows, cols, stages, block_d, resident_bytes, streamed_bytes):
     return (max(stages - 1, 1) * cols * streamed_bytes + rows * resident_bytes) * block_d + 4 * rows * cols + 2048
 
 
-def register_words(rows, cols, warps, block_d, acc_tiles, temps, resident_bytes, streamed_bytes, wgmma):
+def register_words(rows, cols, warps, block_d, acc_tiles, temps, resident_bytes, streamed_bytes, wgmma,
+                   weights=0):
     """32-bit registers per thread for the fp32 (rows x BLOCK_D) accumulators, `temps` fp32
-    (rows x cols) tiles of the epilogue (scores, weights, masks) and, on mma.sync, the dot
-    operands held in registers (wgmma reads them from shared memory)."""
+    (rows x cols) tiles of the epilogue (scores, weights, masks), on mma.sync and FMA the dot
+    operands held in registers (wgmma reads them from shared memory) and `weights` fp32
+    (rows x cols) tiles held as the left operand of the gradient dot (weights @ R): a warp
+    holds whole rows of it, so it is replicated across the warps that do not split the rows
+    (16 rows per warp on mma.sync): with 16-row tiles and 8 warps, a wide BLOCK_K costs each
+    thread rows * cols / 32 words."""
     words = acc_tiles * rows * block_d + temps * rows * cols
     if not wgmma:
         words += (rows * resident_bytes + cols * streamed_bytes) * block_d // 4
+        words += weights * rows * cols * warps / min(warps, max(rows // 16, 1))
     return words / (warps * 32)
 
 
 # What register_words may reach without spills, per product path: wgmma (16-bit operands,
-# 64-row tiles), mma.sync and FMA (IEEE fp32) with 4 or 8 warps. DEFAULT_BUDGETS: the first
-# calibration (contrastive at D = 128); TWO_ACC_BUDGETS: the two-accumulator forward kernels,
-# calibrated on ptxas for sm_90 under Triton 3.9 (tests/data/sm90_calibration.csv: supcon's
-# forward at D 128-1024, every operand kind; no tile there that the budget admits spills).
+# 64-row tiles), mma.sync and FMA (IEEE fp32) with 4 or 8 warps; "weights": the replicated
+# weight tiles counted (register_words), 0 where absent. A budget set holds for the model it was
+# calibrated with. DEFAULT_BUDGETS: the first calibration (contrastive at D = 128);
+# TWO_ACC_BUDGETS: the two-accumulator forward kernels, calibrated on ptxas for sm_90 under
+# Triton 3.9 (tests/data/sm90_calibration.csv: supcon's forward at D 128-1024, every operand
+# kind; no tile there that the budget admits spills; 16 x 128 tiles with 8 warps spill at
+# D = 128 without the weights term) and checked on the other three (bench/results/sm90: 4 warps
+# on mma.sync held to 160, where multi-similarity's 16 x 64 tile with limbs spills at D = 128).
 DEFAULT_BUDGETS = {"wgmma": 64, "mma4": 200, "mma8": 64, "fma4": 200, "fma8": 64}
-TWO_ACC_BUDGETS = {"wgmma": 64, "mma4": 236, "mma8": 156, "fma4": 136, "fma8": 136}
+TWO_ACC_BUDGETS = {"wgmma": 64, "mma4": 160, "mma8": 156, "fma4": 136, "fma8": 144, "weights": 1}
 
 
 def prune_configs(rows_name, cols_name, count_name, ieee_fp32_tile, acc_tiles=1, temps=3,
@@ -269,7 +279,7 @@ def prune_configs(rows_name, cols_name, count_name, ieee_fp32_tile, acc_tiles=1,
 
     def words_of(c, bd, resident, streamed, fp32_dot, sixteen):
         return register_words(c.kwargs[rows_name], c.kwargs[cols_name], c.num_warps, bd, acc_tiles, temps, resident,
-                              streamed, wgmma(c, fp32_dot, sixteen))
+                              streamed, wgmma(c, fp32_dot, sixteen), budgets.get("weights", 0))
 
     def no_spills(c, bd, resident, streamed, fp32_dot, sixteen, precision):
         fma = fp32_dot and precision == "ieee"
