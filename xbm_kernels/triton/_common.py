@@ -242,6 +242,12 @@ def register_words(rows, cols, warps, block_d, acc_tiles, temps, resident_bytes,
 # on mma.sync held to 160, where multi-similarity's 16 x 64 tile with limbs spills at D = 128).
 DEFAULT_BUDGETS = {"wgmma": 64, "mma4": 200, "mma8": 64, "fma4": 200, "fma8": 64}
 TWO_ACC_BUDGETS = {"wgmma": 64, "mma4": 160, "mma8": 156, "fma4": 136, "fma8": 144, "weights": 1}
+# REF_BUDGETS: the reference-side gradient kernels of the weighted losses (supcon, multi-similarity,
+# ntxent, circle, and contrastive's: one (K x D) accumulator, the weights transposed as the dot's
+# left operand), checked on ptxas for sm_90 (bench/results/sm90/ref-grad-triton-3.9.csv): 4 warps
+# on mma.sync held to 160 (TF32 16 x 64 spilled at D = 128), FMA to 72 (fp32 at D = 256 and the
+# limbed anchors' fp32 product at D = 128 spill; where every tile spills the prune keeps one).
+REF_BUDGETS = {"wgmma": 64, "mma4": 160, "mma8": 156, "fma4": 72, "fma8": 144, "weights": 1}
 
 
 def prune_configs(rows_name, cols_name, count_name, ieee_fp32_tile, acc_tiles=1, temps=3,
@@ -250,7 +256,7 @@ def prune_configs(rows_name, cols_name, count_name, ieee_fp32_tile, acc_tiles=1,
     in the forward kernels, reference rows in the reference-side ones), cols_name the
     streamed one. Drops configs that cannot launch (shared memory over SMEM_LIMIT, counting
     the anchors' 16-bit limbs: smem_bytes), that spill (register_words, operands and their limbs
-    included on mma.sync and FMA, over `budgets`: DEFAULT_BUDGETS or TWO_ACC_BUDGETS), whose row tile far
+    included on mma.sync and FMA, over `budgets`: DEFAULT_BUDGETS, TWO_ACC_BUDGETS or REF_BUDGETS), whose row tile far
     exceeds the rows there are, and IEEE fp32 dots (FMA units) beyond ieee_fp32_tile (rows x
     cols). With fp32_product_when_limbed the kernel also takes an fp32 product of the
     anchors when they come in limbs (ref_grad_acc).

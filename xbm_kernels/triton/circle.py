@@ -31,7 +31,7 @@ from ._common import TWO_ACC_FWD_CONFIGS as _FWD_CONFIGS
 _FWD_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 256, acc_tiles=2, temps=7,
                                     budgets=_common.TWO_ACC_BUDGETS)
 _REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 256, acc_tiles=1, temps=6,
-                                    fp32_product_when_limbed=True)
+                                    fp32_product_when_limbed=True, budgets=_common.REF_BUDGETS)
 NEG_INF = tl.constexpr(float("-inf"))
 
 

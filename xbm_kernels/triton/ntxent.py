@@ -38,7 +38,7 @@ _STATS_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 2048, acc_tiles=
 _FWD_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 256, acc_tiles=2, temps=6,
                                     budgets=_common.TWO_ACC_BUDGETS)
 _REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 256, acc_tiles=1, temps=6,
-                                    fp32_product_when_limbed=True)
+                                    fp32_product_when_limbed=True, budgets=_common.REF_BUDGETS)
 
 
 @triton.jit
