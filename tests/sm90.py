@@ -1,9 +1,11 @@
 """Ahead-of-time compilation of the Triton kernels for sm_90 without a GPU, and what ptxas
 made of them: shared memory (Triton's metadata), registers and stack (spills) per thread
 (cuobjdump's resource usage of the cubin). Used by tests/test_compile_triton.py; run as a
-script it prints the table of every (kernel, configuration) the launchers' prunes keep:
+script it prints the table of every (kernel, configuration) the launchers' prunes keep (with
+--all, every configuration of the kernels' tables, kept or not: the measurements the prune's
+model is calibrated on):
 
-    python tests/sm90.py [--fast] [--csv FILE]
+    python tests/sm90.py [--kernels NAME ...] [--dims D ...] [--operands OP ...] [--all] [--csv FILE]
 
 Not a test file: no test here."""
 import argparse
@@ -161,19 +163,32 @@ def measure(name, D, operands, config):
     return resources(compiled)
 
 
-def table(dims=DIMS, operands=tuple(OPERANDS), names=None, out=sys.stdout):
-    """Compiles every kept (kernel, configuration) once per BLOCK_D and prints a CSV row each;
-    returns the rows."""
+def config_tuple(config):
+    """(BLOCK_B, BLOCK_K, num_warps, num_stages) of a triton.Config."""
+    return config.kwargs["BLOCK_B"], config.kwargs["BLOCK_K"], config.num_warps, config.num_stages
+
+
+def table(dims=DIMS, operands=tuple(OPERANDS), names=None, out=sys.stdout, every=False, configs=None):
+    """Compiles every kept (kernel, configuration) once per BLOCK_D (every=True: every
+    configuration of the table, kept or not; configs: these (first, second, warps, stages)
+    rows instead) and prints a CSV row each; returns the rows."""
     _common = _modules()[0]
     rows = []
     seen = set()
-    print("kernel,D,operands,BLOCK_B,BLOCK_K,warps,stages,shared,regs,spill,seconds", file=out, flush=True)
+    print(f"# triton {triton.__version__}, sm_90; spill: stack bytes per thread; kept: the prune keeps it",
+          file=out, flush=True)
+    print("kernel,D,operands,BLOCK_B,BLOCK_K,warps,stages,kept,shared,regs,spill,seconds", file=out, flush=True)
     for name in names or autotuned_kernels():
         kernel, _ = autotuned_kernels()[name]
         for op in operands:
             for D in dims:
-                for cfg in kept_configs(kernel, D, op):
-                    cfg_t = (cfg.kwargs["BLOCK_B"], cfg.kwargs["BLOCK_K"], cfg.num_warps, cfg.num_stages)
+                kept = [config_tuple(c) for c in kept_configs(kernel, D, op)]
+                todo = kernel.configs if every else kept_configs(kernel, D, op)
+                if configs:
+                    first, second = list(kernel.configs[0].kwargs)
+                    todo = [triton.Config({first: a, second: b}, num_warps=w, num_stages=st) for a, b, w, st in configs]
+                for cfg in todo:
+                    cfg_t = config_tuple(cfg)
                     key = (name, op, _common.block_d(D), cfg_t)
                     if key in seen:
                         continue
@@ -184,17 +199,40 @@ def table(dims=DIMS, operands=tuple(OPERANDS), names=None, out=sys.stdout):
                     except Exception as exc:  # noqa: BLE001 (a config that does not compile is a result)
                         shared, regs, spill = -1, -1, -1
                         print(f"# {name} D={D} {op} {cfg_t}: {type(exc).__name__}: {str(exc)[:200]}", file=out)
-                    row = (name, D, op, *cfg_t, shared, regs, spill, round(time.time() - t, 1))
+                    row = (name, D, op, *cfg_t, int(cfg_t in kept), shared, regs, spill, round(time.time() - t, 1))
                     rows.append(row)
                     print(",".join(map(str, row)), file=out, flush=True)
     return rows
 
 
+class _Tee:
+    """A file that also prints what is written to it."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, text):
+        sys.stdout.write(text)
+        return self.f.write(text)
+
+    def flush(self):
+        sys.stdout.flush()
+        self.f.flush()
+
+
 if __name__ == "__main__":
     os.environ.pop("TRITON_INTERPRET", None)
+    # this checkout's package, not an installed one (sys.path[0] is tests/ for a script)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     ap = argparse.ArgumentParser()
     ap.add_argument("--dims", type=int, nargs="*", default=list(DIMS))
     ap.add_argument("--operands", nargs="*", default=list(OPERANDS))
     ap.add_argument("--kernels", nargs="*", default=None)
+    ap.add_argument("--all", action="store_true", help="every configuration of the tables, kept or not")
+    ap.add_argument("--configs", nargs="*", default=None,
+                    help="configurations to measure instead, as first,second,warps,stages (e.g. 16,32,8,2)")
+    ap.add_argument("--csv", default=None, help="write the table to this file too")
     args = ap.parse_args()
-    table(args.dims, args.operands, args.kernels)
+    configs = [tuple(int(v) for v in c.split(",")) for c in args.configs] if args.configs else None
+    with open(args.csv or os.devnull, "w") as f:
+        table(args.dims, args.operands, args.kernels, _Tee(f), args.all, configs)

@@ -84,11 +84,15 @@ def test_kernel_compiles_for_sm90(name, operands, switch, on):
 # shared memory (and within the prune's model of it, which must not under-estimate), and without
 # register spills wherever the prune had a choice (where every tile spills, wide rows, it keeps
 # one config, which runs slowly; backend="auto" prefers the CUDA kernel there for the contrastive
-# loss). The fast subset: the widest rows and two common ones; the full table is marked slow.
+# loss). The fast subset: the widest rows, common ones, each two-accumulator forward kernel at the
+# widest rows it keeps spill-free configs for (fp32 on FMA units, TF32), and a reference-side
+# kernel; the full table is marked slow.
 
 
 FAST = [("contrastive_fwd", 128, "bf16"), ("supcon_fwd", 256, "fp32-on-bf16"), ("contrastive_fwd", 2048, "bf16"),
-        ("supcon_fwd", 1024, "fp32"), ("multi_similarity_fwd-mine", 512, "bf16")]
+        ("supcon_fwd", 1024, "fp32"), ("multi_similarity_fwd-mine", 512, "bf16"), ("supcon_fwd", 512, "fp32"),
+        ("multi_similarity_fwd-mine", 256, "fp32"), ("ntxent_fwd", 512, "fp32-tf32"), ("circle_fwd", 256, "fp32"),
+        ("supcon_ref_grad", 128, "bf16")]
 
 
 def _resource_cases(slow):

@@ -119,3 +119,46 @@ def test_a_filling_memory_retunes_at_most_three_times():
     keys = {_common.cols_bucket(n) for n in range(64, 10 ** 6 + 1, 64)}
     assert len(keys) <= 3
     assert len({_common.bucket(n) for n in range(64, 10 ** 6 + 1, 64)}) > 10
+
+
+def _measured(path=os.path.join(os.path.dirname(__file__), "data", "sm90_calibration.csv")):
+    import csv
+    with open(path) as f:
+        return list(csv.DictReader(line for line in f if not line.startswith("#")))
+
+
+SM90_OPERANDS = {"fp32": (torch.float32, torch.float32, "ieee"), "fp32-tf32": (torch.float32, torch.float32, "tf32"),
+                 "bf16": (torch.bfloat16, torch.bfloat16, "ieee"),
+                 "fp32-on-bf16": (torch.float32, torch.bfloat16, "ieee")}
+
+
+def test_the_register_model_agrees_with_ptxas_on_the_measured_table():
+    """tests/data/sm90_calibration.csv: supcon's forward kernel compiled for sm_90 (Triton 3.9, ptxas'
+    registers and stack per thread) over candidate tiles at D 128-1024, every operand kind. Every
+    tile the prune's models admit compiled without spills (at most 8 B of stack) within the shared
+    memory limit, and the models admit a spill-free tile wherever ptxas found one; at D = 1024 none
+    exists and the prune keeps the tile that spills least there (16 x 16, 8 warps)."""
+    fits = tsc.supcon_fwd_kernel.early_config_prune.fits
+    rows = _measured()
+    assert len(rows) > 90
+    free, admitted = set(), set()
+    for r in rows:
+        x_dtype, ref_dtype, precision = SM90_OPERANDS[r["operands"]]
+        D, shape = int(r["D"]), (int(r["D"]), r["operands"])
+        b, k, warps, stages = (int(r[c]) for c in ("BLOCK_B", "BLOCK_K", "warps", "stages"))
+        config = triton.Config({"BLOCK_B": b, "BLOCK_K": k}, num_warps=warps, num_stages=stages)
+        limbs = _common.operand_limbs(x_dtype, ref_dtype)
+        nargs = {"x_ptr": torch.empty(0, dtype=x_dtype), "r_ptr": torch.empty(0, dtype=ref_dtype), "B": 4096}
+        spills = int(r["spill"]) > 8
+        if fits(config, nargs, BLOCK_D=_common.block_d(D), PRECISION=precision, **limbs):
+            assert not spills, f"admitted by the model, spills on sm_90: {r}"
+            assert int(r["shared"]) <= _common.SMEM_LIMIT, f"admitted by the model, over 227 KB: {r}"
+            admitted.add(shape)
+        if not spills and int(r["shared"]) <= _common.SMEM_LIMIT:
+            free.add(shape)
+    assert free <= admitted, f"a spill-free tile exists, the model admits none: {sorted(free - admitted)}"
+    assert not any(D == 1024 for D, _ in free)
+    for operands in ("fp32", "fp32-tf32", "bf16", "fp32-on-bf16"):
+        x_dtype, ref_dtype, precision = SM90_OPERANDS[operands]
+        kept = _kept(tsc.supcon_fwd_kernel, 1024, x_dtype, ref_dtype, precision=precision)
+        assert [(c.kwargs["BLOCK_B"], c.kwargs["BLOCK_K"], c.num_warps) for c in kept] == [(16, 16, 8)], operands

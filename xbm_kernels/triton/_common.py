@@ -173,8 +173,12 @@ FWD_CONFIGS = [(16, 64, 4, 3), (16, 128, 8, 3), (32, 64, 8, 3), (32, 128, 8, 3),
 # The same for forward kernels holding two fp32 (B x D) accumulators (multi-similarity,
 # supcon, ntxent) or one and a coefficient tile in limbs (contrastive_l2): without the
 # 64 x 128 and 128 x 64 tiles, which spill kilobytes there (ptxas for sm_90 at D = 128, bf16).
+# The 16-row tiles with 8 warps serve wide rows: at D = 512 (bf16, TF32, limbs, and fp32 on
+# FMA units with 16 x 16) they fit without spills where the 4-warp ones spill, and at D = 1024,
+# where every tile spills, they spill least (tests/data/sm90_calibration.csv).
 TWO_ACC_FWD_CONFIGS = [(16, 64, 4, 3), (16, 128, 8, 3), (32, 64, 8, 3), (32, 128, 8, 3), (64, 32, 8, 3),
-                       (64, 64, 8, 3), (64, 64, 8, 4), (16, 32, 4, 2), (16, 16, 4, 1)]
+                       (64, 64, 8, 3), (64, 64, 8, 4), (16, 32, 8, 2), (16, 16, 8, 1), (16, 32, 4, 2),
+                       (16, 16, 4, 1)]
 # (BLOCK_K reference rows per program, BLOCK_B anchors per step, num_warps, num_stages) of the
 # reference-side gradient kernels (each program owns a tile of reference rows).
 REF_CONFIGS = [(16, 64, 4, 3), (32, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 64, 8, 3),
@@ -211,36 +215,60 @@ def smem_bytes(rows, cols, stages, block_d, resident_bytes, streamed_bytes):
     return (max(stages - 1, 1) * cols * streamed_bytes + rows * resident_bytes) * block_d + 4 * rows * cols + 2048
 
 
-def register_words(rows, cols, warps, block_d, acc_tiles, temps, resident_bytes, streamed_bytes, wgmma):
+def register_words(rows, cols, warps, block_d, acc_tiles, temps, resident_bytes, streamed_bytes, wgmma,
+                   weights=0):
     """32-bit registers per thread for the fp32 (rows x BLOCK_D) accumulators, `temps` fp32
-    (rows x cols) tiles of the epilogue (scores, weights, masks) and, on mma.sync, the dot
-    operands held in registers (wgmma reads them from shared memory)."""
+    (rows x cols) tiles of the epilogue (scores, weights, masks), on mma.sync and FMA the dot
+    operands held in registers (wgmma reads them from shared memory) and `weights` fp32
+    (rows x cols) tiles held as the left operand of the gradient dot (weights @ R): a warp
+    holds whole rows of it, so it is replicated across the warps that do not split the rows
+    (16 rows per warp on mma.sync): with 16-row tiles and 8 warps, a wide BLOCK_K costs each
+    thread rows * cols / 32 words."""
     words = acc_tiles * rows * block_d + temps * rows * cols
     if not wgmma:
         words += (rows * resident_bytes + cols * streamed_bytes) * block_d // 4
+        words += weights * rows * cols * warps / min(warps, max(rows // 16, 1))
     return words / (warps * 32)
 
 
+# What register_words may reach without spills, per product path: wgmma (16-bit operands,
+# 64-row tiles), mma.sync and FMA (IEEE fp32) with 4 or 8 warps; "weights": the replicated
+# weight tiles counted (register_words), 0 where absent. A budget set holds for the model it was
+# calibrated with. DEFAULT_BUDGETS: the first calibration (contrastive at D = 128);
+# TWO_ACC_BUDGETS: the two-accumulator forward kernels, calibrated on ptxas for sm_90 under
+# Triton 3.9 (tests/data/sm90_calibration.csv: supcon's forward at D 128-1024, every operand
+# kind; no tile there that the budget admits spills; 16 x 128 tiles with 8 warps spill at
+# D = 128 without the weights term) and checked on the other three (bench/results/sm90: 4 warps
+# on mma.sync held to 160, where multi-similarity's 16 x 64 tile with limbs spills at D = 128).
+DEFAULT_BUDGETS = {"wgmma": 64, "mma4": 200, "mma8": 64, "fma4": 200, "fma8": 64}
+TWO_ACC_BUDGETS = {"wgmma": 64, "mma4": 160, "mma8": 156, "fma4": 136, "fma8": 144, "weights": 1}
+# REF_BUDGETS: the reference-side gradient kernels of the weighted losses (supcon, multi-similarity,
+# ntxent, circle, and contrastive's: one (K x D) accumulator, the weights transposed as the dot's
+# left operand), checked on ptxas for sm_90 (bench/results/sm90/ref-grad-triton-3.9.csv): 4 warps
+# on mma.sync held to 160 (TF32 16 x 64 spilled at D = 128), FMA to 72 (fp32 at D = 256 and the
+# limbed anchors' fp32 product at D = 128 spill; where every tile spills the prune keeps one).
+REF_BUDGETS = {"wgmma": 64, "mma4": 160, "mma8": 156, "fma4": 72, "fma8": 144, "weights": 1}
+
+
 def prune_configs(rows_name, cols_name, count_name, ieee_fp32_tile, acc_tiles=1, temps=3,
-                  fp32_product_when_limbed=False):
+                  fp32_product_when_limbed=False, budgets=None):
     """The early prune of a kernel's autotune table. rows_name is the resident tile (anchors
     in the forward kernels, reference rows in the reference-side ones), cols_name the
     streamed one. Drops configs that cannot launch (shared memory over SMEM_LIMIT, counting
-    the anchors' 16-bit limbs: smem_bytes), that spill (register_words over what ptxas for
-    sm_90 fits without spills, calibrated on ptxas' counts under Triton 3.9: 64 words with
-    wgmma, i.e. 16-bit operands and 64-row tiles; with mma.sync, operands included, 200 with
-    4 warps and 64 with 8, whose small row tiles replicate operands across warps), whose row tile far
+    the anchors' 16-bit limbs: smem_bytes), that spill (register_words, operands and their limbs
+    included on mma.sync and FMA, over `budgets`: DEFAULT_BUDGETS, TWO_ACC_BUDGETS or REF_BUDGETS), whose row tile far
     exceeds the rows there are, and IEEE fp32 dots (FMA units) beyond ieee_fp32_tile (rows x
     cols). With fp32_product_when_limbed the kernel also takes an fp32 product of the
     anchors when they come in limbs (ref_grad_acc).
 
-    Where every config spills (wide rows) keeps the one needing least shared memory, which
-    runs, slowly; returns [] when none fits in shared memory: the launcher then raises
+    Where every config spills (wide rows) keeps the one with the fewest registers per thread
+    by the model (then the least shared memory), which runs, slowly; returns [] when none fits in shared memory: the launcher then raises
     (launch_problem() says so beforehand, and backend="auto" does not pick Triton). Without
     autotuning
     (autotune_enabled() False) returns the first config that fits: the tables are in order
     of preference."""
     anchors_resident = rows_name == "BLOCK_B"
+    budgets = budgets or DEFAULT_BUDGETS
 
     def sizes(nargs, kwargs):
         limbs = kwargs.get("X_LIMBS", 1)
@@ -252,12 +280,22 @@ def prune_configs(rows_name, cols_name, count_name, ieee_fp32_tile, acc_tiles=1,
         resident, streamed = (x_bytes, r_size) if anchors_resident else (r_size, x_bytes)
         return resident, streamed, fp32_dot, r_size == 2
 
+    def wgmma(c, fp32_dot, sixteen):
+        return sixteen and not fp32_dot and c.kwargs[rows_name] % 64 == 0 and c.num_warps % 4 == 0
+
+    def words_of(c, bd, resident, streamed, fp32_dot, sixteen):
+        return register_words(c.kwargs[rows_name], c.kwargs[cols_name], c.num_warps, bd, acc_tiles, temps, resident,
+                              streamed, wgmma(c, fp32_dot, sixteen), budgets.get("weights", 0))
+
     def no_spills(c, bd, resident, streamed, fp32_dot, sixteen, precision):
-        rows, cols = c.kwargs[rows_name], c.kwargs[cols_name]
-        wgmma = sixteen and not fp32_dot and rows % 64 == 0 and c.num_warps % 4 == 0
-        words = register_words(rows, cols, c.num_warps, bd, acc_tiles, temps, resident, streamed, wgmma)
-        budget = 64 if wgmma else (200 if c.num_warps <= 4 else 64)
-        return words <= budget and not (fp32_dot and precision == "ieee" and rows * cols > ieee_fp32_tile)
+        fma = fp32_dot and precision == "ieee"
+        path = "wgmma" if wgmma(c, fp32_dot, sixteen) else ("fma" if fma else "mma") + \
+            ("4" if c.num_warps <= 4 else "8")
+        # beyond 8 warps a thread has fewer than 255 registers (64K per block); 16 warps at
+        # half the words of 8 already spill (measured), hence the square
+        budget = budgets[path] * min(1.0, 8 / c.num_warps) ** 2
+        return (words_of(c, bd, resident, streamed, fp32_dot, sixteen) <= budget
+                and not (fma and c.kwargs[rows_name] * c.kwargs[cols_name] > ieee_fp32_tile))
 
     def smem(c, bd, resident, streamed):
         return smem_bytes(c.kwargs[rows_name], c.kwargs[cols_name], c.num_stages, bd, resident, streamed)
@@ -269,11 +307,20 @@ def prune_configs(rows_name, cols_name, count_name, ieee_fp32_tile, acc_tiles=1,
         resident, streamed, fp32_dot, sixteen = sizes(nargs, kwargs)
         launch = [c for c in configs if smem(c, bd, resident, streamed) <= SMEM_LIMIT]
         out = [c for c in launch if no_spills(c, bd, resident, streamed, fp32_dot, sixteen, kwargs["PRECISION"])]
-        if not out and launch:  # wide rows: every tile spills; the one needing least shared memory
-            out = [min(launch, key=lambda c: smem(c, bd, resident, streamed))]
+        if not out and launch:  # wide rows: every tile spills; the one with the fewest registers per thread
+            out = [min(launch, key=lambda c: (words_of(c, bd, resident, streamed, fp32_dot, sixteen),
+                                              smem(c, bd, resident, streamed)))]
         bound = max(16, triton.next_power_of_2(nargs[count_name]))  # no row tile far beyond the rows there are
         out = [c for c in out if c.kwargs[rows_name] <= bound] or sorted(out, key=lambda c: c.kwargs[rows_name])[:1]
         return out if autotune_enabled() else out[:1]
+
+    def fits(c, nargs, **kwargs):
+        """Whether config c launches without spills by the models (the prune's test of one config)."""
+        bd = kwargs["BLOCK_D"]
+        resident, streamed, fp32_dot, sixteen = sizes(nargs, kwargs)
+        return smem(c, bd, resident, streamed) <= SMEM_LIMIT and no_spills(c, bd, resident, streamed, fp32_dot,
+                                                                           sixteen, kwargs["PRECISION"])
+    prune.fits = fits
     return prune
 
 

@@ -28,10 +28,12 @@ from . import _common
 from ._common import anchor_tile, dot_acc, memory_tile, pair_sets, ref_grad_acc, reference_block, scores
 from ._common import TWO_ACC_FWD_CONFIGS as _FWD_CONFIGS
 
-# Register tiles as supcon's: two (B x D) accumulators plus the tile's weights.
-_FWD_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 512, acc_tiles=2, temps=6)
+# Register tiles as supcon's: two (B x D) accumulators plus the tile's weights, one (B x K) tile
+# more (ptxas for sm_90: the 32 x 64 tile with limbs spills at D = 128 with supcon's 6).
+_FWD_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 256, acc_tiles=2, temps=7,
+                                    budgets=_common.TWO_ACC_BUDGETS)
 _REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 256, acc_tiles=1, temps=6,
-                                    fp32_product_when_limbed=True)
+                                    fp32_product_when_limbed=True, budgets=_common.REF_BUDGETS)
 NEG_INF = tl.constexpr(float("-inf"))
 
 

@@ -36,7 +36,8 @@ from . import _common
 from ._common import anchor_tile, dot_acc, memory_tile, pair_sets, ref_grad_acc, reference_block, scores
 
 _FWD_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 2048)
-_REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 1024, fp32_product_when_limbed=True)
+_REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 1024, temps=6, fp32_product_when_limbed=True,
+                                    budgets=_common.REF_BUDGETS)
 
 
 @triton.jit

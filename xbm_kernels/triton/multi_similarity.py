@@ -52,11 +52,12 @@ from ._common import TWO_ACC_FWD_CONFIGS as _FWD_CONFIGS
 # The positives kernel: one accumulator (Gp), the tile's weights and the software pipeline's
 # buffers of its gathers (list -> labels, rows), counted as more temporaries (ptxas for sm_90).
 _POS_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 512, acc_tiles=1, temps=12)
-# Register tiles: Gp and Gn plus the tile's weights; IEEE fp32 (FMA) dots spill beyond 16 x 32
+# Register tiles: Gp and Gn plus the tile's weights; IEEE fp32 (FMA) dots spill beyond 16 x 16
 # (ptxas for sm_90). The reference-side kernels hold one accumulator and the weights (hi, lo).
-_FWD_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 512, acc_tiles=2, temps=6)
+_FWD_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 256, acc_tiles=2, temps=6,
+                                    budgets=_common.TWO_ACC_BUDGETS)
 _REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 256, acc_tiles=1, temps=6,
-                                    fp32_product_when_limbed=True)
+                                    fp32_product_when_limbed=True, budgets=_common.REF_BUDGETS)
 
 
 @triton.jit

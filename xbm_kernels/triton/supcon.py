@@ -31,11 +31,12 @@ from . import _common
 from ._common import anchor_tile, dot_acc, memory_tile, pair_sets, ref_grad_acc, reference_block, scores
 from ._common import TWO_ACC_FWD_CONFIGS as _FWD_CONFIGS
 
-# Register tiles: G and Gpos plus the tile's weights; IEEE fp32 (FMA) dots spill beyond 16 x 32
+# Register tiles: G and Gpos plus the tile's weights; IEEE fp32 (FMA) dots spill beyond 16 x 16
 # (ptxas for sm_90). The reference-side kernels hold one accumulator and the weights (hi, lo).
-_FWD_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 512, acc_tiles=2, temps=6)
+_FWD_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 256, acc_tiles=2, temps=6,
+                                    budgets=_common.TWO_ACC_BUDGETS)
 _REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 256, acc_tiles=1, temps=6,
-                                    fp32_product_when_limbed=True)
+                                    fp32_product_when_limbed=True, budgets=_common.REF_BUDGETS)
 
 
 @triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS),
