@@ -5,6 +5,11 @@ batches with a full memory, in one run.
     python bench/bench_pml.py                          # (256, 16384, 128), every configuration
     python bench/bench_pml.py --shape 64,4096,64 --min-run-time 0.2
     python bench/bench_pml.py --smoke                  # seconds; what CI runs
+    python bench/bench_pml.py --shape 128,4096,128     # where PML's triplet configurations fit
+
+PML's NTXentLoss and its all-triplets TripletMarginLoss (no miner, or TripletMarginMiner)
+allocate per (positive pair, negative pair) or (anchor, positive, negative): a configuration
+whose allocation would pass 4 GiB is recorded as SKIP with the size, not run.
 
 Writes <out>/<device>/bench-pml.csv (device, versions, commit, date, per-provider median ms,
 speedup) and prints a table. A configuration whose fused plan differs from the expected one
@@ -27,6 +32,7 @@ from xbm_kernels import pml as xpml  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COS = distances.CosineSimilarity
+DEFAULT_SHAPE = "256,16384,128"
 
 CONFIGS = {
     "contrastive (PML default, L2)": lambda: (losses.ContrastiveLoss(), None),
@@ -38,6 +44,9 @@ CONFIGS = {
     "triplet + batch-hard": lambda: (losses.TripletMarginLoss(margin=0.1, distance=COS()),
                                      miners.BatchHardMiner(distance=COS())),
     "circle": lambda: (losses.CircleLoss(), None),
+    "triplet, all triplets": lambda: (losses.TripletMarginLoss(margin=0.1, distance=COS()), None),
+    "triplet + semihard miner": lambda: (losses.TripletMarginLoss(margin=0.1, distance=COS()),
+                                         miners.TripletMarginMiner(0.2, distance=COS(), type_of_triplets="semihard")),
     "circle + miner (PML's loss on our memory)": lambda: (losses.CircleLoss(), miners.MultiSimilarityMiner()),
     "lifted (PML's loss on our memory)": lambda: (losses.LiftedStructureLoss(), None),
 }
@@ -53,14 +62,21 @@ def _data(B, K, D, n_classes, steps, seed=0):
     return fill, [batch() for _ in range(steps)]
 
 
-def _pml_too_large(name, B, K, n_classes, limit_bytes=2 * 2 ** 30):
-    """PML's NTXentLoss builds a (positive pairs x negative pairs) matrix: B K / classes by
-    B K entries here, which does not fit for a real memory; recorded instead of timed."""
-    if not name.startswith("ntxent"):
-        return None
+def _pml_too_large(name, B, K, n_classes, limit_bytes=4 * 2 ** 30):
+    """What PML would allocate where it does not fit (recorded instead of timed): NTXentLoss
+    and TripletMarginLoss without a miner match every positive pair with every negative pair
+    (B K / classes by B K entries: 4 bytes each for NTXent, a bool for the triplets); the
+    TripletMarginMiner builds a B x K x K mask of every (anchor, positive, negative)."""
     pos, neg = B * K / n_classes, B * K
-    need = 4 * pos * neg
-    return f"SKIP(too large: {need / 2 ** 30:.0f} GiB n_per_p matrix)" if need > limit_bytes else None
+    if name.startswith("ntxent"):
+        need, what = 4 * pos * neg, "n_per_p matrix"
+    elif name == "triplet, all triplets":
+        need, what = pos * neg, "pair-match matrix"
+    elif name.startswith("triplet + semihard"):
+        need, what = B * K * K, "triplet mask"
+    else:
+        return None
+    return f"SKIP(too large: {need / 2 ** 30:.0f} GiB {what})" if need > limit_bytes else None
 
 
 def _step(module, batches):
@@ -75,7 +91,8 @@ def _step(module, batches):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="256,16384,128", help="B,K,D")
+    p.add_argument("--shape", default=DEFAULT_SHAPE, help="B,K,D (another shape than the default writes "
+                   "bench-pml-BxKxD.csv)")
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per provider and case")
     p.add_argument("--configs", default=None, help="comma list of configuration names (default: all)")
@@ -121,7 +138,9 @@ def main(argv=None):
               f"{speedup:>5s}x   fused: {rows[-1]['fused']}", flush=True)
     out_dir = os.path.join(args.out, identity["device"])
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "bench-pml-smoke.csv" if args.smoke else "bench-pml.csv")
+    name = "bench-pml-smoke.csv" if args.smoke else "bench-pml.csv" if args.shape == DEFAULT_SHAPE else \
+        f"bench-pml-{args.shape.replace(',', 'x')}.csv"
+    path = os.path.join(out_dir, name)
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()

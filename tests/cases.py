@@ -277,7 +277,7 @@ def mean_denominator(loss, counts):
     rule = LOSSES[loss].mean_over
     if rule == "anchors_with_positives":
         return max(int((counts[:, 0] > 0).sum()), 1)
-    if rule == "positive_pairs":
+    if rule in ("positive_pairs", "active_triplets"):
         return max(int(counts[:, 0].sum()), 1)
     assert rule == "anchors", rule
     return max(counts.shape[0], 1)

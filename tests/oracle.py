@@ -259,6 +259,37 @@ def circle_oracle(x, y, r, z, m=0.4, gamma=80.0, pos_eps=1e-5, ref_valid=None, s
     return rows, grad, grad_ref, counts
 
 
+def triplet_all_oracle(x, y, r, z, margin=0.05, select_low=-3.0, select_high=3.0, pos_eps=1e-5, ref_valid=None,
+                       self_index=None, weights=None):
+    """l_i = sum over p in P_i, n in N_i with select_low < S_ip - S_in <= select_high of
+    max(0, S_in - S_ip + margin); counts: the selected triplets with a positive loss. One
+    anchor at a time (its P x N triplets as a float64 matrix)."""
+    B, D = x.shape
+    xd, rd = x.detach().double().cpu(), r.detach().double().cpu()
+    rows = torch.zeros(B, dtype=torch.float64)
+    grad = torch.zeros(B, D, dtype=torch.float64)
+    grad_ref = torch.zeros(r.shape[0], D, dtype=torch.float64)
+    counts = torch.zeros(B, 2, dtype=torch.int64)
+    w = [1.0] * B if weights is None else [float(v) for v in weights]
+    for i, s, P, N in _sets(x, y, r, z, pos_eps, ref_valid, self_index):
+        if not P or not N:
+            continue
+        sp = torch.tensor([s[j] for j in P], dtype=torch.float64)
+        sn = torch.tensor([s[j] for j in N], dtype=torch.float64)
+        u = sp[:, None] - sn[None, :]
+        active = (u > select_low) & (u <= select_high) & (margin - u > 0)
+        rows[i] = float(torch.where(active, margin - u, torch.zeros(())).sum())
+        counts[i, 0] = counts[i, 1] = int(active.sum())
+        coef_p = -active.sum(1).double()   # d l / d S_ip: -1 per active triplet of p
+        coef_n = active.sum(0).double()    # d l / d S_in: +1 per active triplet of n
+        for c, cols in ((coef_p, P), (coef_n, N)):
+            for k, j in enumerate(cols):
+                if c[k] != 0:
+                    grad[i] += w[i] * float(c[k]) * rd[j]
+                    grad_ref[j] += w[i] * float(c[k]) * xd[i]
+    return rows, grad, grad_ref, counts
+
+
 # --------------------------------------------------------------------------- lookup
 
 
@@ -354,6 +385,22 @@ def supcon_boundaries(S, pos, neg, p):
 
 def ntxent_boundaries(S, pos, neg, p):
     return _NONE, _NONE
+
+
+# triplet_all: S_ip - S_in clusters near multiples of 1/7 on tight classes; the thresholds sit halfway
+triplet_all_moved = dict(margin=1.5 / 7, select_low=-0.5 / 7, select_high=2.5 / 7)
+
+
+def triplet_all_boundaries(S, pos, neg, p):
+    """The hinge and the selection bounds against u = S_ip - S_in, every triplet of every
+    anchor (one anchor at a time: B x P x N would not fit)."""
+    out = []
+    bounds = [t for t in (p["margin"], p["select_low"], p["select_high"]) if abs(t) < 2.5]  # +-3: no bound
+    for i in range(S.shape[0]):
+        u = (S[i][pos[i]][:, None] - S[i][neg[i]][None, :]).reshape(-1)
+        if u.numel():
+            out += [(u - t).abs().min().reshape(1) for t in bounds]  # each anchor's closest triplet
+    return (torch.cat(out) if out else _NONE), _NONE
 
 
 def circle_boundaries(S, pos, neg, p):

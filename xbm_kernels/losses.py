@@ -53,7 +53,7 @@ def _allow_tf32():
 def _mean_denominator(spec: Loss, rows, counts):
     if spec.mean_over == "anchors_with_positives":
         return (counts[:, 0] > 0).sum().clamp_min(1).to(rows.dtype)
-    if spec.mean_over == "positive_pairs":
+    if spec.mean_over in ("positive_pairs", "active_triplets"):
         return counts[:, 0].sum().clamp_min(1).to(rows.dtype)
     assert spec.mean_over == "anchors", spec.mean_over
     return float(max(rows.shape[0], 1))  # a Python number: no host-to-device copy (a sync on a GPU)

@@ -321,13 +321,62 @@ def _circle(loss, miner):
     return fused
 
 
+def _triplet_interval(miner):
+    """(select_low, select_high) on u = S_ip - S_in of the triplets a TripletMarginMiner with
+    CosineSimilarity keeps (its triplet margin is S_ap - S_an), or None for another miner or
+    setting; (-3, 3) (every triplet) without a miner."""
+    miners = _pml()[2]
+    if miner is None:
+        return -3.0, 3.0
+    if not (type(miner) is miners.TripletMarginMiner and _is_plain(miner.distance, "CosineSimilarity")):
+        return None
+    mm = _number(miner.margin)
+    if mm is None:
+        return None
+    kind = miner.type_of_triplets
+    if kind == "easy":
+        return mm, 3.0                   # u > mm
+    if kind == "all":
+        return -3.0, mm                  # u <= mm
+    if kind == "hard":
+        return -3.0, min(mm, 0.0)        # u <= mm and u <= 0
+    if kind == "semihard":
+        return 0.0, mm                   # 0 < u <= mm
+    return None
+
+
+def _plain_triplet_loss(loss):
+    return _plain_loss(loss) and _avg_nonzero(loss.reducer) and not loss.swap and not loss.smooth_loss
+
+
+def _triplet_all(loss, miner):
+    if not _plain_triplet_loss(loss):
+        return None
+    interval = _triplet_interval(miner)
+    if interval is None:
+        return None
+    params = _params("triplet_all", margin=_number(loss.margin), select_low=interval[0], select_high=interval[1],
+                     pos_eps=-1.0)
+    if params is None:
+        return None
+
+    def fused(step):
+        # every (anchor, positive, negative) triplet the miner keeps (all without one), the
+        # anchor's own slot never a positive (PML drops those triplets after mining); PML's
+        # AvgNonZeroReducer: the mean over the triplets with a loss > 0
+        rows, counts = step.run("triplet_all", params)
+        return rows.sum() / counts[:, 0].sum().clamp_min(1).to(rows.dtype)
+
+    return fused
+
+
 def _triplet(loss, miner):
     miners = _pml()[2]
-    if not (_plain_loss(loss) and _avg_nonzero(loss.reducer) and not loss.swap and not loss.smooth_loss):
+    if not (_plain_triplet_loss(loss) and type(miner) is miners.BatchHardMiner):
         return None
-    if not (type(miner) is miners.BatchHardMiner and _is_plain(miner.distance, "CosineSimilarity")
-            and miner.pos_strategy == miner.HARD and miner.neg_strategy == miner.HARD
-            and miner.allowed_pos_range is None and miner.allowed_neg_range is None):
+    if not (_is_plain(miner.distance, "CosineSimilarity") and miner.pos_strategy == miner.HARD
+            and miner.neg_strategy == miner.HARD and miner.allowed_pos_range is None
+            and miner.allowed_neg_range is None):
         return None
     params = _params("triplet", margin=_number(loss.margin), pos_eps=-1.0)
     if params is None:
@@ -358,6 +407,8 @@ _PLANS = (
     ("ntxent: NTXentLoss(), no miner", "NTXentLoss", _ntxent),
     ("triplet: TripletMarginLoss(distance=CosineSimilarity()) with BatchHardMiner(distance=CosineSimilarity())",
      "TripletMarginLoss", _triplet),
+    ("triplet_all: TripletMarginLoss(distance=CosineSimilarity()), no miner or TripletMarginMiner("
+     "distance=CosineSimilarity()) of any type", "TripletMarginLoss", _triplet_all),
     ("circle: CircleLoss(), no miner", "CircleLoss", _circle),
 )
 

@@ -242,3 +242,22 @@ def circle(x, labels, ref, ref_labels, *, m, gamma, pos_eps, ref_valid, self_ind
     counts = torch.stack([pos.sum(1), neg.sum(1)], dim=1)
     return rows, counts.to(torch.int32)
 
+
+def triplet_all(x, labels, ref, ref_labels, *, margin, select_low, select_high, pos_eps, ref_valid, self_index):
+    """Every triplet (i, p, n), p in P_i, n in N_i, with select_low < u <= select_high for
+    u = S_ip - S_in, loss max(0, S_in - S_ip + margin); counts: the selected triplets with a
+    non-zero loss, twice. One anchor at a time (its P_i x N_i triplets; B x N x N would not fit)."""
+    S = similarity(x, ref)
+    pos, neg = pair_sets(S, labels, ref_labels, ref_valid, self_index, pos_eps)
+    rows, active = [], []
+    for i in range(S.shape[0]):
+        sp, sn = S[i][pos[i]], S[i][neg[i]]
+        u = sp[:, None] - sn[None, :]
+        selected = (u > select_low) & (u <= select_high)
+        hinge = torch.where(selected, torch.relu((sn[None, :] - sp[:, None]) + margin), S.new_zeros(()))
+        rows.append(hinge.sum())
+        active.append((hinge > 0).sum())
+    if not rows:  # no anchors: an empty row vector still tied to the inputs
+        return S.sum(1), torch.zeros(0, 2, dtype=torch.int32, device=S.device)
+    active = torch.stack(active)
+    return torch.stack(rows), torch.stack([active, active], dim=1).to(torch.int32)

@@ -31,6 +31,7 @@ MEAN_OVER = {
     "anchors": "the number of anchors B",
     "anchors_with_positives": "the number of anchors with at least one positive",
     "positive_pairs": "the number of positive pairs",
+    "active_triplets": "the number of selected triplets with a non-zero loss",
 }
 
 
@@ -194,6 +195,17 @@ LOSSES: Dict[str, Loss] = {loss.name: loss for loss in (
          "(S - (1 - m)),\n    ln = gamma [S + m]_+ (S - m) ([.]_+ factors constant for the gradient); 0 when P_i "
          "or N_i is empty",
          kernels=frozenset({"cpu", "triton"})),
+    Loss("triplet_all",
+         (Param("margin", 0.05, "the hinge's margin", low=0.0, high=2.0),
+          Param("select_low", -3.0, "triplets with u = S_ip - S_in > select_low are selected (-3: no bound)",
+                low=-3.0, high=3.0),
+          Param("select_high", 3.0, "... and u <= select_high (3: no bound)", low=-3.0, high=3.0),
+          POS_EPS),
+         "Triplet margin loss over every (positive, negative) triplet of the anchor in a selection interval "
+         "(pytorch-metric-learning's TripletMarginLoss with all triplets or a TripletMarginMiner).",
+         "l_i = sum_{p in P_i, n in N_i, select_low < S_ip - S_in <= select_high} max(0, S_in - S_ip + margin)",
+         mean_over="active_triplets",
+         kernels=frozenset({"cpu"})),
 )}
 
 COMMON_ARGS_DOC = """S = X R^T accumulated in fp32 (inputs are expected L2-normalised; the functional losses do not
