@@ -31,19 +31,6 @@ namespace {
 using at::Tensor;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-// <a, b> in fp32, four lanes then the tail, in a fixed order.
-inline float dot(const float* a, const float* b, int64_t D) {
-  int64_t d = 0;
-  float out = 0.f;
-#if XBM_CPU_VECTOR
-  cpu::f32x4 acc = {0.f, 0.f, 0.f, 0.f};
-  for (; d + 4 <= D; d += 4) acc += cpu::load4(a + d) * cpu::load4(b + d);
-  out = cpu::sum4(acc);
-#endif
-  for (; d < D; ++d) out += a[d] * b[d];
-  return out;
-}
-
 // The valid label-matching columns of one tile, row by row, or `dense` when there are
 // more than 1/32 of the tile's pairs (the cut-off of cpu::add_sparse_rows).
 struct TileMatches {
@@ -259,7 +246,7 @@ PosSplits positives_pass(const cpu::LossInputs& in, const cpu::TilePlan& plan, c
       for (int64_t i = 0; i < B; ++i) {
         for (int64_t k = mt.start[i]; k < mt.start[i + 1]; ++k) {
           const float* rj = r + int64_t(mt.cols[k]) * D;
-          const float v = dot(x + i * D, rj, D);
+          const float v = cpu::dot(x + i * D, rj, D);
           if (!(v < pos_thr)) continue;
           ++count[i];
           double sig = 0;
@@ -403,7 +390,7 @@ std::tuple<Tensor, Tensor> ntxent_bwd_cpu(const Tensor& x, const Tensor& labels,
       } else {
         if (self_col >= 0 && self_col < w && z[self_col] == y[i]) row[self_col] = 0.f;
         for (int64_t k = mt.start[i]; k < mt.start[i + 1]; ++k)
-          positive(mt.cols[k], dot(x32 + i * D, r + int64_t(mt.cols[k]) * D, D));
+          positive(mt.cols[k], cpu::dot(x32 + i * D, r + int64_t(mt.cols[k]) * D, D));
       }
     }
   });

@@ -74,3 +74,23 @@ inline f32x4 exp4(f32x4 x) {
 #else
 #define XBM_CPU_VECTOR 0
 #endif
+
+namespace xbm_kernels {
+namespace cpu {
+
+// <a, b> in fp32, four lanes then the tail, in a fixed order (the same on every call, so
+// two passes that compute one pair's S this way agree on it bit for bit).
+inline float dot(const float* a, const float* b, int64_t D) {
+  int64_t d = 0;
+  float out = 0.f;
+#if XBM_CPU_VECTOR
+  f32x4 acc = {0.f, 0.f, 0.f, 0.f};
+  for (; d + 4 <= D; d += 4) acc += load4(a + d) * load4(b + d);
+  out = sum4(acc);
+#endif
+  for (; d < D; ++d) out += a[d] * b[d];
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace xbm_kernels
