@@ -55,9 +55,17 @@ struct MsParams {
   float shift_n(float max_neg) const { return beta * (max_neg - base); }
 };
 
+using Counts2 = std::array<int64_t, 2>;
+
 // Pass 1: per-row min positive and max negative over one tile.
-void ms_stats_tile(const float* s, int64_t B, int64_t w, int64_t c0, const cpu::LossInputs& in, float pos_thr,
-                   float* min_pos, float* max_neg) {
+template <int L>
+XBM_INLINE void ms_stats_tile_lanes(const float* s, int64_t B, int64_t w, int64_t c0, const cpu::LossInputs& in,
+                                    float pos_thr, float* min_pos, float* max_neg) {
+#if XBM_CPU_VECTOR
+  using V = cpu::Vec<L>;
+  using F = typename V::F;
+  using I = typename V::I;
+#endif
   const int32_t* y = in.y_ptr();
   const int32_t* z = in.z_ptr() + c0;
   for (int64_t i = 0; i < B; ++i) {
@@ -66,16 +74,16 @@ void ms_stats_tile(const float* s, int64_t B, int64_t w, int64_t c0, const cpu::
     float mp = min_pos[i], mn = max_neg[i];
     int64_t j = 0;
 #if XBM_CPU_VECTOR
-    if (self_col < 0 || self_col >= w) {  // every column valid: four lanes at a time, then the tail
-      cpu::f32x4 mp4 = {mp, mp, mp, mp}, mn4 = {mn, mn, mn, mn};
-      for (; j + 4 <= w; j += 4) {
-        const cpu::f32x4 v = cpu::load4(row + j);
-        const cpu::i32x4 same = cpu::load4(z + j) == y[i];
-        mp4 = cpu::select4(same & (v < pos_thr) & (v < mp4), v, mp4);
-        mn4 = cpu::select4(~same & (v > mn4), v, mn4);
+    if (self_col < 0 || self_col >= w) {  // every column valid: L lanes at a time, then the tail
+      F mp4 = V::splat(mp), mn4 = V::splat(mn);
+      for (; j + L <= w; j += L) {
+        const F v = V::load(row + j);
+        const I same = V::eq(V::load(z + j), y[i]);
+        mp4 = V::select(same & V::lt(v, pos_thr) & V::lt(v, mp4), v, mp4);
+        mn4 = V::select(~same & V::gt(v, mn4), v, mn4);
       }
-      mp = cpu::min4(mp4);
-      mn = cpu::max4(mn4);
+      mp = V::min(mp4);
+      mn = V::max(mn4);
     }
 #endif
     for (; j < w; ++j) {
@@ -91,15 +99,25 @@ void ms_stats_tile(const float* s, int64_t B, int64_t w, int64_t c0, const cpu::
     max_neg[i] = mn;
   }
 }
+XBM_CPU_DISPATCH(void, ms_stats_tile,
+                 (const float* s, int64_t B, int64_t w, int64_t c0, const cpu::LossInputs& in, float pos_thr,
+                  float* min_pos, float* max_neg),
+                 (s, B, w, c0, in, pos_thr, min_pos, max_neg))
 
 // Pass 2: writes the shifted positive weights into s and the negative ones into aux;
 // adds their row sums and mined counts. Positives are mined against mine_max_neg and
 // negatives against mine_min_pos (+inf / -inf: no mining); shift_p / shift_n are the
 // rows' exponent shifts. Returns the tile's mined (positive, negative) counts.
-std::array<int64_t, 2> ms_weights_tile(float* s, float* aux, int64_t B, int64_t w, int64_t c0,
+template <int L>
+XBM_INLINE Counts2 ms_weights_tile_lanes(float* s, float* aux, int64_t B, int64_t w, int64_t c0,
                                        const cpu::LossInputs& in, const MsParams& prm, const float* mine_min_pos,
                                        const float* mine_max_neg, const float* shift_p, const float* shift_n,
                                        double* sum_p, double* sum_n, int64_t* counts) {
+#if XBM_CPU_VECTOR
+  using V = cpu::Vec<L>;
+  using F = typename V::F;
+  using I = typename V::I;
+#endif
   const int32_t* y = in.y_ptr();
   const int32_t* z = in.z_ptr() + c0;
   std::array<int64_t, 2> tile = {0, 0};
@@ -112,31 +130,31 @@ std::array<int64_t, 2> ms_weights_tile(float* s, float* aux, int64_t B, int64_t 
     int64_t np = 0, nn = 0;
     int64_t j = 0;
 #if XBM_CPU_VECTOR
-    if (self_col < 0 || self_col >= w) {  // every column valid: four lanes at a time, then the tail
+    if (self_col < 0 || self_col >= w) {  // every column valid: L lanes at a time, then the tail
       const float mp = mine_min_pos[i], mn = mine_max_neg[i];
-      const cpu::f32x4 zero = {0.f, 0.f, 0.f, 0.f};
-      while (j + 4 <= w) {  // float lanes over blocks of up to 256 columns, each block's sum added in double
+      const F zero = V::splat(0.f);
+      while (j + L <= w) {  // float lanes over blocks of up to 256 columns, each block's sum added in double
         const int64_t end = std::min(w, j + 256);
-        cpu::f32x4 sp4 = zero, sn4 = zero, np4 = zero, nn4 = zero;
-        for (; j + 4 <= end; j += 4) {
-          const cpu::f32x4 v = cpu::load4(row + j);
-          const cpu::i32x4 same = cpu::load4(z + j) == y[i];
-          const cpu::i32x4 mined_p = same & (v < prm.pos_thr) & (v - prm.mining_margin < mn);
-          const cpu::i32x4 mined_n = ~same & (v + prm.mining_margin > mp);
-          // Unmined lanes may overflow exp4's range; they are clamped there, then zeroed.
-          const cpu::f32x4 wp = cpu::select4(mined_p, cpu::exp4(-prm.alpha * (v - prm.base) - sh_p), zero);
-          const cpu::f32x4 wn = cpu::select4(mined_n, cpu::exp4(prm.beta * (v - prm.base) - sh_n), zero);
+        F sp4 = zero, sn4 = zero, np4 = zero, nn4 = zero;
+        for (; j + L <= end; j += L) {
+          const F v = V::load(row + j);
+          const I same = V::eq(V::load(z + j), y[i]);
+          const I mined_p = same & V::lt(v, prm.pos_thr) & V::lt(v - prm.mining_margin, mn);
+          const I mined_n = ~same & V::gt(v + prm.mining_margin, mp);
+          // Unmined lanes may overflow Vec::exp's range; they are clamped there, then zeroed.
+          const F wp = V::select(mined_p, V::exp(-prm.alpha * (v - prm.base) - sh_p), zero);
+          const F wn = V::select(mined_n, V::exp(prm.beta * (v - prm.base) - sh_n), zero);
           sp4 += wp;
           sn4 += wn;
-          np4 += cpu::mask_to_one(mined_p);
-          nn4 += cpu::mask_to_one(mined_n);
-          cpu::store4(row + j, wp);
-          cpu::store4(nrow + j, wn);
+          np4 += V::one_where(mined_p);
+          nn4 += V::one_where(mined_n);
+          V::store(row + j, wp);
+          V::store(nrow + j, wn);
         }
-        sp += cpu::sum4(sp4);
-        sn += cpu::sum4(sn4);
-        np += static_cast<int64_t>(cpu::sum4(np4));
-        nn += static_cast<int64_t>(cpu::sum4(nn4));
+        sp += V::sum(sp4);
+        sn += V::sum(sn4);
+        np += static_cast<int64_t>(V::sum(np4));
+        nn += static_cast<int64_t>(V::sum(nn4));
       }
     }
 #endif
@@ -163,6 +181,11 @@ std::array<int64_t, 2> ms_weights_tile(float* s, float* aux, int64_t B, int64_t 
   }
   return tile;
 }
+XBM_CPU_DISPATCH(Counts2, ms_weights_tile,
+                 (float* s, float* aux, int64_t B, int64_t w, int64_t c0, const cpu::LossInputs& in,
+                  const MsParams& prm, const float* mine_min_pos, const float* mine_max_neg, const float* shift_p,
+                  const float* shift_n, double* sum_p, double* sum_n, int64_t* counts),
+                 (s, aux, B, w, c0, in, prm, mine_min_pos, mine_max_neg, shift_p, shift_n, sum_p, sum_n, counts))
 
 // Per row shifts of the statistics.
 void ms_shifts(const MsParams& prm, const float* min_pos, const float* max_neg, int64_t B, float* shift_p,
@@ -310,49 +333,62 @@ bool gather_positives(const cpu::LossInputs& in, Positives& pos) {
 }
 
 // The largest S over the valid negatives of one row of a tile (different label; -inf if none).
-float neg_max_row(const float* row, int64_t w, const int32_t* z, int32_t yi, int64_t self_col) {
+template <int L>
+XBM_INLINE float neg_max_row_lanes(const float* row, int64_t w, const int32_t* z, int32_t yi, int64_t self_col) {
+#if XBM_CPU_VECTOR
+  using V = cpu::Vec<L>;
+  using F = typename V::F;
+#endif
   int64_t j = 0;
   float mx = -kInf;
 #if XBM_CPU_VECTOR
   if (self_col < 0 || self_col >= w) {
-    cpu::f32x4 mx4 = {-kInf, -kInf, -kInf, -kInf};
-    for (; j + 4 <= w; j += 4) {
-      const cpu::f32x4 v = cpu::load4(row + j);
-      mx4 = cpu::select4((cpu::load4(z + j) != yi) & (v > mx4), v, mx4);
+    F mx4 = V::splat(-kInf);
+    for (; j + L <= w; j += L) {
+      const F v = V::load(row + j);
+      mx4 = V::select(V::ne(V::load(z + j), yi) & V::gt(v, mx4), v, mx4);
     }
-    mx = cpu::max4(mx4);
+    mx = V::max(mx4);
   }
 #endif
   for (; j < w; ++j)
     if (j != self_col && z[j] != yi && row[j] > mx) mx = row[j];
   return mx;
 }
+XBM_CPU_DISPATCH(float, neg_max_row, (const float* row, int64_t w, const int32_t* z, int32_t yi, int64_t self_col),
+                 (row, w, z, yi, self_col))
 
 // Over one row of a tile: the mined negatives' weights exp(beta (S - base) - shift) (S + mm >
 // min_pos) written over the row, 0 in every other column (same-label columns included: the
 // positives are the gather's); adds their sum and count.
-void neg_weights_row(float* row, int64_t w, const int32_t* z, int32_t yi, int64_t self_col, const MsParams& prm,
-                     float min_pos, float shift, double& sum, int64_t& count) {
+template <int L>
+XBM_INLINE void neg_weights_row_lanes(float* row, int64_t w, const int32_t* z, int32_t yi, int64_t self_col,
+                                      const MsParams& prm, float min_pos, float shift, double& sum, int64_t& count) {
+#if XBM_CPU_VECTOR
+  using V = cpu::Vec<L>;
+  using F = typename V::F;
+  using I = typename V::I;
+#endif
   double sn = 0;
   int64_t nn = 0;
   int64_t j = 0;
 #if XBM_CPU_VECTOR
   if (self_col < 0 || self_col >= w) {
-    const cpu::f32x4 zero = {0.f, 0.f, 0.f, 0.f};
-    while (j + 4 <= w) {  // float lanes over blocks of up to 256 columns, each block's sum added in double
+    const F zero = V::splat(0.f);
+    while (j + L <= w) {  // float lanes over blocks of up to 256 columns, each block's sum added in double
       const int64_t end = std::min(w, j + 256);
-      cpu::f32x4 sn4 = zero, nn4 = zero;
-      for (; j + 4 <= end; j += 4) {
-        const cpu::f32x4 v = cpu::load4(row + j);
-        const cpu::i32x4 mined = (cpu::load4(z + j) != yi) & (v + prm.mining_margin > min_pos);
-        // Unmined lanes may overflow exp4's range; they are clamped there, then zeroed.
-        const cpu::f32x4 wn = cpu::select4(mined, cpu::exp4(prm.beta * (v - prm.base) - shift), zero);
+      F sn4 = zero, nn4 = zero;
+      for (; j + L <= end; j += L) {
+        const F v = V::load(row + j);
+        const I mined = V::ne(V::load(z + j), yi) & V::gt(v + prm.mining_margin, min_pos);
+        // Unmined lanes may overflow Vec::exp's range; they are clamped there, then zeroed.
+        const F wn = V::select(mined, V::exp(prm.beta * (v - prm.base) - shift), zero);
         sn4 += wn;
-        nn4 += cpu::mask_to_one(mined);
-        cpu::store4(row + j, wn);
+        nn4 += V::one_where(mined);
+        V::store(row + j, wn);
       }
-      sn += cpu::sum4(sn4);
-      nn += static_cast<int64_t>(cpu::sum4(nn4));
+      sn += V::sum(sn4);
+      nn += static_cast<int64_t>(V::sum(nn4));
     }
   }
 #endif
@@ -367,6 +403,10 @@ void neg_weights_row(float* row, int64_t w, const int32_t* z, int32_t yi, int64_
   sum += sn;
   count += nn;
 }
+XBM_CPU_DISPATCH(void, neg_weights_row,
+                 (float* row, int64_t w, const int32_t* z, int32_t yi, int64_t self_col, const MsParams& prm,
+                  float min_pos, float shift, double& sum, int64_t& count),
+                 (row, w, z, yi, self_col, prm, min_pos, shift, sum, count))
 
 // min_pos per row from the gathered positives (+inf without positives).
 Tensor positives_min(const cpu::LossInputs& in, const Positives& pos, float pos_thr) {
