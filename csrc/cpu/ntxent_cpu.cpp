@@ -39,7 +39,8 @@ struct TileMatches {
   bool dense = false;
 };
 
-void find_matches(int64_t B, int64_t w, int64_t c0, const cpu::LossInputs& in, TileMatches& m) {
+template <int L>
+XBM_INLINE void find_matches_lanes(int64_t B, int64_t w, int64_t c0, const cpu::LossInputs& in, TileMatches& m) {
   const int32_t* y = in.y_ptr();
   const int32_t* z = in.z_ptr() + c0;
   const size_t cap = static_cast<size_t>(B * w / 32);
@@ -51,11 +52,11 @@ void find_matches(int64_t B, int64_t w, int64_t c0, const cpu::LossInputs& in, T
     const int32_t yi = y[i];
     int64_t j = 0;
 #if XBM_CPU_VECTOR
-    for (; j + 4 <= w; j += 4) {
-      const cpu::i32x4 same = cpu::load4(z + j) == yi;
-      if (!(same[0] | same[1] | same[2] | same[3])) continue;
-      for (int64_t k = 0; k < 4; ++k)
-        if (same[k] && j + k != self_col) m.cols.push_back(static_cast<int32_t>(j + k));
+    using V = cpu::Vec<L>;
+    for (; j + L <= w; j += L) {  // L labels at a time: most blocks have no match
+      if (V::sum(V::one_where(V::eq(V::load(z + j), yi))) == 0.f) continue;
+      for (int64_t k = j; k < j + L; ++k)
+        if (z[k] == yi && k != self_col) m.cols.push_back(static_cast<int32_t>(k));
     }
 #endif
     for (; j < w; ++j)
@@ -67,6 +68,8 @@ void find_matches(int64_t B, int64_t w, int64_t c0, const cpu::LossInputs& in, T
     m.start.push_back(static_cast<int64_t>(m.cols.size()));
   }
 }
+XBM_CPU_DISPATCH(void, find_matches, (int64_t B, int64_t w, int64_t c0, const cpu::LossInputs& in, TileMatches& m),
+                 (B, w, c0, in, m))
 
 // Pass 1, per split: running max m of s over the negatives, sum of exp(s - m) (f64),
 // |N_i|, and (accumulate) G = sum exp(s - m) r.
