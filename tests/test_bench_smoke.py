@@ -86,3 +86,23 @@ def test_bench_pml_smoke(tmp_path):
         assert _finite_positive(r["pml_ms"]) and _finite_positive(r["xbm_ms"]) and _finite_positive(r["speedup"])
         assert r["commit"] and r["device"] and r["torch"]
     assert sum(r["fused"] != "no" for r in rows) == len(rows) - 1  # all but the circle-loss row run fused
+
+
+def test_bench_cpu_losses_smoke(tmp_path):
+    """bench/bench_cpu_losses.py --smoke: every loss in every configuration timed, with its ratio
+    to contrastive and to the GEMM rates."""
+    if "cpu" not in xk.available_backends():
+        import pytest
+        pytest.skip("the CPU kernels are not built")
+    out = tmp_path / "cpu-losses.csv"
+    proc = subprocess.run([sys.executable, os.path.join("bench", "bench_cpu_losses.py"), "--smoke", "--csv", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"bench_cpu_losses --smoke exited {proc.returncode}\n{proc.stderr[-3000:]}"
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import bench_cpu_losses
+    assert {(r["loss"], r["config"]) for r in rows} == {(l, c) for l in xk.LOSSES for c in bench_cpu_losses.CONFIGS}
+    for r in rows:
+        assert all(_finite_positive(r[k]) for k in ("median_ms", "x_contrastive", "gemms", "x_fp32"))
+        assert r["commit"] and r["device"]
