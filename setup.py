@@ -71,7 +71,10 @@ def _extension(torch):
     sources = [os.path.relpath(p, ROOT) for p in
                sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
                + sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
-    cxx = ["-O3", "-std=c++17", "-fopenmp"] if sys.platform != "win32" else ["/O2"]
+    # -ffp-contract=off: the epilogues' AVX2 / AVX-512 versions (csrc/cpu/simd.h) compute every
+    # lane exactly as the 4-lane build does; a fused multiply-add would move exp(S / tau - m) off
+    # 1 at the row maximum, where supcon's rule needs exactly 1.
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"] if sys.platform != "win32" else ["/O2"]
     extra = {"cxx": cxx}
     define_macros = [("Py_LIMITED_API", "0x03090000")]
     if with_cuda:

@@ -87,3 +87,23 @@ def test_bench_pml_smoke(tmp_path):
         assert r["commit"] and r["device"] and r["torch"]
     # the rows named "PML's loss on our memory" are the fallbacks; every other row runs fused
     assert [r["fused"] == "no" for r in rows] == ["PML's loss" in r["config"] for r in rows]
+
+
+def test_bench_cpu_losses_smoke(tmp_path):
+    """bench/bench_cpu_losses.py --smoke: every loss in every configuration timed, with its ratio
+    to contrastive and to the GEMM rates."""
+    if "cpu" not in xk.available_backends():
+        import pytest
+        pytest.skip("the CPU kernels are not built")
+    out = tmp_path / "cpu-losses.csv"
+    proc = subprocess.run([sys.executable, os.path.join("bench", "bench_cpu_losses.py"), "--smoke", "--csv", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"bench_cpu_losses --smoke exited {proc.returncode}\n{proc.stderr[-3000:]}"
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import bench_cpu_losses
+    assert {(r["loss"], r["config"]) for r in rows} == {(l, c) for l in xk.LOSSES for c in bench_cpu_losses.CONFIGS}
+    for r in rows:
+        assert all(_finite_positive(r[k]) for k in ("median_ms", "x_contrastive", "gemms", "x_fp32"))
+        assert r["commit"] and r["device"]

@@ -75,3 +75,40 @@ def test_thread_count_does_not_change_the_answer(loss, variant, backend, device,
     assert_equal_counts(outs[3][2], outs[1][2].long(), "counts: 3 threads against 1")
     for k, what in ((0, "rows"), (1, "grad"), (3, "grad_x"), (4, "grad_ref")):
         assert_close(outs[3][k].double(), outs[1][k].double(), 1e-6, f"{what}: 3 threads against 1")
+
+
+_LANES_SCRIPT = """
+import sys, torch
+import cases
+loss, variant, out = sys.argv[1:]
+d = cases.draw(cases.MANY_SPLITS["cpu"], loss, variant)
+params = cases.variants(loss)[variant]
+si = None if d.self_index is None else d.self_index.long()
+args = (d.x, d.y.int(), d.r, d.z.int(), si, d.ref_valid, *params.values())
+fwd = getattr(torch.ops.xbm_kernels, loss + "_fwd")(*args, True, False)
+bwd = getattr(torch.ops.xbm_kernels, loss + "_bwd")(*args, cases.weights(d.x.shape[0]).float(), False)
+torch.save(list(fwd) + list(bwd), out)
+"""
+
+
+@pytest.mark.backends("cpu")
+@pytest.mark.parametrize("loss_name", ["multi_similarity", "supcon", "ntxent"])
+def test_vector_width_does_not_change_the_answer(loss_name, backend, device, tmp_path):
+    """The exponential epilogues at 4 lanes (XBM_CPU_LANES=4: the build every x86-64 and aarch64
+    CPU runs) and at the CPU's widest (8 with AVX2, 16 with AVX-512, chosen at run time) agree
+    beyond rounding, counts exactly: the same per-lane arithmetic, summed in another order."""
+    import os
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(here), here]))
+    outs = {}
+    for lanes in ("4", "16"):
+        out = str(tmp_path / f"{lanes}.pt")
+        proc = subprocess.run([sys.executable, "-c", _LANES_SCRIPT, loss_name, "defaults", out], cwd=here,
+                              env=dict(env, XBM_CPU_LANES=lanes), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs[lanes] = torch.load(out)
+    assert_equal_counts(outs["16"][2], outs["4"][2].long(), "counts: widest lanes against 4")
+    for k, what in ((0, "rows"), (1, "grad"), (3, "grad_x"), (4, "grad_ref")):
+        assert_close(outs["16"][k].double(), outs["4"][k].double(), 1e-6, f"{what}: widest lanes against 4")

@@ -72,3 +72,56 @@ def test_no_positives_kernel_without_mining(backend, device, monkeypatch):
     mined = args[:-2] + (True, True)
     with pytest.raises(AssertionError, match="positives kernel"):
         tms.multi_similarity_fwd_triton(*mined, True, False)
+
+
+def _boundary_data(classes, dtype):
+    """A memory with, per anchor, its own copy (self_index), a same-label exact copy (S ~ 1: in
+    neither set) and a same-label near copy (S ~ 1 - 3e-4); pos_eps cut through the near copies'
+    S and the mining margin equal to one anchor's min_pos - max_neg, all in float64, so that the
+    fp32 S of those pairs falls on either side of each rule."""
+    g = torch.Generator().manual_seed(21)
+    B, K, D = 24, 3000, 64
+    centres = torch.nn.functional.normalize(torch.randn(classes, D, generator=g, dtype=torch.float64), dim=1)
+    y = torch.randint(0, classes, (B,), generator=g)
+    z = torch.randint(0, classes, (K,), generator=g)
+
+    def rows(labels, noise):
+        e = centres[labels] + noise * torch.randn(len(labels), D, generator=g, dtype=torch.float64)
+        return torch.nn.functional.normalize(e, dim=1)
+
+    x = rows(y, 0.1)
+    r = rows(z, 0.1)
+    r[:B], z[:B] = x, y                                   # the anchors' own copies
+    r[B:2 * B], z[B:2 * B] = x, y                         # exact copies elsewhere
+    r[2 * B:3 * B] = torch.nn.functional.normalize(x + 3e-3 * torch.randn(B, D, generator=g, dtype=torch.float64))
+    z[2 * B:3 * B] = y
+    x, r = x.to(dtype), r.to(dtype)
+    S = x.double() @ r.double().T
+    pos_eps = float(1 - S[torch.arange(B), 2 * B + torch.arange(B)].median())
+    valid = torch.ones_like(S, dtype=torch.bool)
+    valid[torch.arange(B), torch.arange(B)] = False
+    same = y[:, None] == z[None, :]
+    pos, neg = valid & same & (S < 1 - pos_eps), valid & ~same
+    gaps = [float(S[i][pos[i]].min() - S[i][neg[i]].max()) for i in range(B) if pos[i].any() and neg[i].any()]
+    margin = sorted(gaps)[len(gaps) // 2]
+    return x, y.int(), r, z.int(), torch.arange(B), pos_eps, margin
+
+
+@pytest.mark.backends("cpu")
+@pytest.mark.parametrize("classes", [600, 4], ids=["many-classes", "few-classes"])
+@pytest.mark.parametrize("precision", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_forward_and_backward_mine_the_same_sets(backend, device, classes, precision):
+    """The CPU forward's gradient (the memory path) and its backward's (the reference-side path,
+    which recomputes every set) on pairs that sit on the pos_eps cut and the mining margins: the
+    same sets, hence the same dX to rounding (a pair decided differently would move a row by a
+    whole pair's coefficient). Many classes take the one-pass form (positives' S from a gather,
+    negatives' from the tile GEMM), few classes the two-pass form."""
+    x, y, r, z, si, pos_eps, margin = _boundary_data(classes, precision)
+    for skip_incomplete in (True, False):
+        params = (2.0, 40.0, 0.5, margin, pos_eps, True, skip_incomplete)
+        rows, grad, counts = torch.ops.xbm_kernels.multi_similarity_fwd(x, y, r, z, si, r.shape[0], *params, True,
+                                                                         False)
+        gx, _ = torch.ops.xbm_kernels.multi_similarity_bwd(x, y, r, z, si, r.shape[0], *params,
+                                                           torch.ones(x.shape[0]), False)
+        assert int(counts.sum()) > 0
+        assert_close(grad.double(), gx.double(), 1e-6, f"forward dX against backward dX ({skip_incomplete=})")

@@ -6,15 +6,27 @@
 //   skip_incomplete: l_i = 0 if any of P_i, N_i, P~_i, N~_i is empty; else a term is 0
 //   when its own mined set is empty. (With mining the two agree: P~_i and N~_i are both
 //   empty exactly when min_P S - mm >= max_N S, and both are empty when P_i or N_i is.)
-// With mining, pass 1 streams the reference for min positive / max negative per row. Those
-// give the largest exponent of each sum in advance (shift_p = -alpha (min_pos - base),
-// shift_n = beta (max_neg - base)), so pass 2 sums exp(a - shift) <= 1 with no running
-// maximum and accumulates the weighted rows sum w_j r_j for the gradient; it is scaled
-// once at the end by dl/dsum. Without mining the statistics are needed only for the shifts,
-// so ONE pass keeps them per split as it goes (each tile's own min / max first, then
-// its weights) and rescales the split's sums when a shift grows; splits are
-// brought to the common shift when merged. Mined-set membership is a constant for the
-// gradient. pos_eps may be negative (every same-label column a positive).
+// Each sum is taken with its largest exponent subtracted (shift_p = -alpha (min_pos - base),
+// shift_n = beta (max_neg - base)), so every weight exp(a - shift) is <= 1, and the weighted
+// row sums w_j r_j for the gradient are scaled once at the end by dl/dsum.
+// With mining and few label matches (a memory of many classes, the usual case): ONE pass
+// over the memory. The positives come first, by label: one scan of the reference labels finds
+// each anchor's same-label columns, and each pair's S is one dot product (gather_positives),
+// 2 D flops instead of a tile GEMM. That gives min_pos, hence the negatives' mining threshold,
+// before the pass; the pass skips same-label columns by label, sums the mined negatives'
+// weights with a running max_neg (the split's sums and weighted rows rescaled when it grows)
+// and multiplies the weights into R (a GEMM, the mined negatives are dense). After the pass,
+// max_neg mines the gathered positives. A positive's S is computed in the gather only and a
+// negative's in the pass only, in the forward and the backward alike, so every decision about
+// a pair (P_i, the pos_eps cut, both mined sets) is made on one value of its S.
+// With many label matches (the gather would cost more than a GEMM) pass 1 streams the
+// reference for min positive / max negative per row and pass 2 computes the weights. Without
+// mining the statistics are needed only for the shifts, so ONE pass keeps them per split as
+// it goes (each tile's own min / max first, then its weights) and rescales the split's sums
+// when a shift grows; splits are brought to the common shift when merged. Mined-set
+// membership is a constant for the gradient. pos_eps may be negative (every same-label column
+// a positive). The reference-side gradient (in-batch loss) recomputes the forward's state,
+// then one pass for C = dl/dS: dX = C R, dR = C^T X.
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
@@ -23,6 +35,7 @@
 #include <cmath>
 #include <limits>
 #include <utility>
+#include <vector>
 
 #include "cpu/simd.h"
 #include "cpu/tiles.h"
@@ -42,9 +55,17 @@ struct MsParams {
   float shift_n(float max_neg) const { return beta * (max_neg - base); }
 };
 
+using Counts2 = std::array<int64_t, 2>;
+
 // Pass 1: per-row min positive and max negative over one tile.
-void ms_stats_tile(const float* s, int64_t B, int64_t w, int64_t c0, const cpu::LossInputs& in, float pos_thr,
-                   float* min_pos, float* max_neg) {
+template <int L>
+XBM_INLINE void ms_stats_tile_lanes(const float* s, int64_t B, int64_t w, int64_t c0, const cpu::LossInputs& in,
+                                    float pos_thr, float* min_pos, float* max_neg) {
+#if XBM_CPU_VECTOR
+  using V = cpu::Vec<L>;
+  using F = typename V::F;
+  using I = typename V::I;
+#endif
   const int32_t* y = in.y_ptr();
   const int32_t* z = in.z_ptr() + c0;
   for (int64_t i = 0; i < B; ++i) {
@@ -53,16 +74,16 @@ void ms_stats_tile(const float* s, int64_t B, int64_t w, int64_t c0, const cpu::
     float mp = min_pos[i], mn = max_neg[i];
     int64_t j = 0;
 #if XBM_CPU_VECTOR
-    if (self_col < 0 || self_col >= w) {  // every column valid: four lanes at a time, then the tail
-      cpu::f32x4 mp4 = {mp, mp, mp, mp}, mn4 = {mn, mn, mn, mn};
-      for (; j + 4 <= w; j += 4) {
-        const cpu::f32x4 v = cpu::load4(row + j);
-        const cpu::i32x4 same = cpu::load4(z + j) == y[i];
-        mp4 = cpu::select4(same & (v < pos_thr) & (v < mp4), v, mp4);
-        mn4 = cpu::select4(~same & (v > mn4), v, mn4);
+    if (self_col < 0 || self_col >= w) {  // every column valid: L lanes at a time, then the tail
+      F mp4 = V::splat(mp), mn4 = V::splat(mn);
+      for (; j + L <= w; j += L) {
+        const F v = V::load(row + j);
+        const I same = V::eq(V::load(z + j), y[i]);
+        mp4 = V::select(same & V::lt(v, pos_thr) & V::lt(v, mp4), v, mp4);
+        mn4 = V::select(~same & V::gt(v, mn4), v, mn4);
       }
-      mp = cpu::min4(mp4);
-      mn = cpu::max4(mn4);
+      mp = V::min(mp4);
+      mn = V::max(mn4);
     }
 #endif
     for (; j < w; ++j) {
@@ -78,15 +99,25 @@ void ms_stats_tile(const float* s, int64_t B, int64_t w, int64_t c0, const cpu::
     max_neg[i] = mn;
   }
 }
+XBM_CPU_DISPATCH(void, ms_stats_tile,
+                 (const float* s, int64_t B, int64_t w, int64_t c0, const cpu::LossInputs& in, float pos_thr,
+                  float* min_pos, float* max_neg),
+                 (s, B, w, c0, in, pos_thr, min_pos, max_neg))
 
 // Pass 2: writes the shifted positive weights into s and the negative ones into aux;
 // adds their row sums and mined counts. Positives are mined against mine_max_neg and
 // negatives against mine_min_pos (+inf / -inf: no mining); shift_p / shift_n are the
 // rows' exponent shifts. Returns the tile's mined (positive, negative) counts.
-std::array<int64_t, 2> ms_weights_tile(float* s, float* aux, int64_t B, int64_t w, int64_t c0,
+template <int L>
+XBM_INLINE Counts2 ms_weights_tile_lanes(float* s, float* aux, int64_t B, int64_t w, int64_t c0,
                                        const cpu::LossInputs& in, const MsParams& prm, const float* mine_min_pos,
                                        const float* mine_max_neg, const float* shift_p, const float* shift_n,
                                        double* sum_p, double* sum_n, int64_t* counts) {
+#if XBM_CPU_VECTOR
+  using V = cpu::Vec<L>;
+  using F = typename V::F;
+  using I = typename V::I;
+#endif
   const int32_t* y = in.y_ptr();
   const int32_t* z = in.z_ptr() + c0;
   std::array<int64_t, 2> tile = {0, 0};
@@ -99,31 +130,31 @@ std::array<int64_t, 2> ms_weights_tile(float* s, float* aux, int64_t B, int64_t 
     int64_t np = 0, nn = 0;
     int64_t j = 0;
 #if XBM_CPU_VECTOR
-    if (self_col < 0 || self_col >= w) {  // every column valid: four lanes at a time, then the tail
+    if (self_col < 0 || self_col >= w) {  // every column valid: L lanes at a time, then the tail
       const float mp = mine_min_pos[i], mn = mine_max_neg[i];
-      const cpu::f32x4 zero = {0.f, 0.f, 0.f, 0.f};
-      while (j + 4 <= w) {  // float lanes over blocks of up to 256 columns, each block's sum added in double
+      const F zero = V::splat(0.f);
+      while (j + L <= w) {  // float lanes over blocks of up to 256 columns, each block's sum added in double
         const int64_t end = std::min(w, j + 256);
-        cpu::f32x4 sp4 = zero, sn4 = zero, np4 = zero, nn4 = zero;
-        for (; j + 4 <= end; j += 4) {
-          const cpu::f32x4 v = cpu::load4(row + j);
-          const cpu::i32x4 same = cpu::load4(z + j) == y[i];
-          const cpu::i32x4 mined_p = same & (v < prm.pos_thr) & (v - prm.mining_margin < mn);
-          const cpu::i32x4 mined_n = ~same & (v + prm.mining_margin > mp);
-          // Unmined lanes may overflow exp4's range; they are clamped there, then zeroed.
-          const cpu::f32x4 wp = cpu::select4(mined_p, cpu::exp4(-prm.alpha * (v - prm.base) - sh_p), zero);
-          const cpu::f32x4 wn = cpu::select4(mined_n, cpu::exp4(prm.beta * (v - prm.base) - sh_n), zero);
+        F sp4 = zero, sn4 = zero, np4 = zero, nn4 = zero;
+        for (; j + L <= end; j += L) {
+          const F v = V::load(row + j);
+          const I same = V::eq(V::load(z + j), y[i]);
+          const I mined_p = same & V::lt(v, prm.pos_thr) & V::lt(v - prm.mining_margin, mn);
+          const I mined_n = ~same & V::gt(v + prm.mining_margin, mp);
+          // Unmined lanes may overflow Vec::exp's range; they are clamped there, then zeroed.
+          const F wp = V::select(mined_p, V::exp(-prm.alpha * (v - prm.base) - sh_p), zero);
+          const F wn = V::select(mined_n, V::exp(prm.beta * (v - prm.base) - sh_n), zero);
           sp4 += wp;
           sn4 += wn;
-          np4 += cpu::mask_to_one(mined_p);
-          nn4 += cpu::mask_to_one(mined_n);
-          cpu::store4(row + j, wp);
-          cpu::store4(nrow + j, wn);
+          np4 += V::one_where(mined_p);
+          nn4 += V::one_where(mined_n);
+          V::store(row + j, wp);
+          V::store(nrow + j, wn);
         }
-        sp += cpu::sum4(sp4);
-        sn += cpu::sum4(sn4);
-        np += static_cast<int64_t>(cpu::sum4(np4));
-        nn += static_cast<int64_t>(cpu::sum4(nn4));
+        sp += V::sum(sp4);
+        sn += V::sum(sn4);
+        np += static_cast<int64_t>(V::sum(np4));
+        nn += static_cast<int64_t>(V::sum(nn4));
       }
     }
 #endif
@@ -150,6 +181,11 @@ std::array<int64_t, 2> ms_weights_tile(float* s, float* aux, int64_t B, int64_t 
   }
   return tile;
 }
+XBM_CPU_DISPATCH(Counts2, ms_weights_tile,
+                 (float* s, float* aux, int64_t B, int64_t w, int64_t c0, const cpu::LossInputs& in,
+                  const MsParams& prm, const float* mine_min_pos, const float* mine_max_neg, const float* shift_p,
+                  const float* shift_n, double* sum_p, double* sum_n, int64_t* counts),
+                 (s, aux, B, w, c0, in, prm, mine_min_pos, mine_max_neg, shift_p, shift_n, sum_p, sum_n, counts))
 
 // Per row shifts of the statistics.
 void ms_shifts(const MsParams& prm, const float* min_pos, const float* max_neg, int64_t B, float* shift_p,
@@ -187,6 +223,340 @@ struct MsState {
 std::pair<Tensor, Tensor> mining_thresholds(const MsParams& prm, const MsState& st) {
   if (prm.mine) return {st.min_pos, st.max_neg};
   return {at::full_like(st.min_pos, -kInf), at::full_like(st.max_neg, kInf)};
+}
+
+// ---- With mining and few label matches: positives gathered by label, one pass for the rest.
+
+// Anchor i's same-label valid columns (ascending) and their S, one dot product each. A
+// candidate is a positive exactly when its S < 1 - pos_eps (the others, same-label columns
+// at least that close to the anchor, are in neither set).
+struct Positives {
+  std::vector<int64_t> start;  // B + 1 offsets into col and s
+  std::vector<int64_t> col;
+  std::vector<float> s;
+};
+
+// Finds the candidates by label with one scan of the reference labels (an open-addressing
+// table of the batch's labels). Returns false, finding nothing, when they are more than 1/32
+// of the B x n pairs (the cut-off of cpu::add_sparse_rows): their dot products would cost
+// more than the statistics pass they replace. Decided from the labels alone, so the forward
+// and the backward take the same path.
+bool find_candidates(const cpu::LossInputs& in, Positives& out) {
+  const int64_t B = in.B, n = in.n;
+  const int32_t* y = in.y_ptr();
+  const int32_t* z = in.z_ptr();
+  std::vector<int32_t> labs(y, y + B);
+  std::sort(labs.begin(), labs.end());
+  labs.erase(std::unique(labs.begin(), labs.end()), labs.end());
+  const int64_t U = static_cast<int64_t>(labs.size());
+  int bits = 4;
+  while ((int64_t{1} << bits) < 2 * U) ++bits;
+  const uint32_t mask = (uint32_t{1} << bits) - 1;
+  auto slot = [&](int32_t v) { return (static_cast<uint32_t>(v) * 0x9E3779B1u) >> (32 - bits); };
+  std::vector<int32_t> table(size_t{1} << bits, -1);  // label index, -1 empty
+  for (int64_t u = 0; u < U; ++u) {
+    uint32_t h = slot(labs[u]);
+    while (table[h] >= 0) h = (h + 1) & mask;
+    table[h] = static_cast<int32_t>(u);
+  }
+  auto find = [&](int32_t v) -> int64_t {
+    for (uint32_t h = slot(v);; h = (h + 1) & mask) {
+      const int32_t u = table[h];
+      if (u < 0 || labs[u] == v) return u;
+    }
+  };
+  // Columns per batch label, in column order (CSR).
+  std::vector<int64_t> lab_start(U + 1, 0);
+  std::vector<int32_t> col_lab(n);
+  for (int64_t j = 0; j < n; ++j) {
+    col_lab[j] = static_cast<int32_t>(find(z[j]));
+    if (col_lab[j] >= 0) ++lab_start[col_lab[j] + 1];
+  }
+  for (int64_t u = 0; u < U; ++u) lab_start[u + 1] += lab_start[u];
+  int64_t total = 0;
+  std::vector<int64_t> anchor_lab(B);
+  for (int64_t i = 0; i < B; ++i) {
+    anchor_lab[i] = std::lower_bound(labs.begin(), labs.end(), y[i]) - labs.begin();
+    total += lab_start[anchor_lab[i] + 1] - lab_start[anchor_lab[i]];
+  }
+  if (total * 32 > B * n) return false;
+  std::vector<int64_t> lab_cols(lab_start[U]);
+  {
+    std::vector<int64_t> fill(lab_start.begin(), lab_start.end() - 1);
+    for (int64_t j = 0; j < n; ++j)
+      if (col_lab[j] >= 0) lab_cols[fill[col_lab[j]]++] = j;
+  }
+  out.start.assign(1, 0);
+  out.col.clear();
+  out.col.reserve(total);
+  for (int64_t i = 0; i < B; ++i) {
+    const int64_t self_col = in.self_col(i);
+    for (int64_t k = lab_start[anchor_lab[i]]; k < lab_start[anchor_lab[i] + 1]; ++k)
+      if (lab_cols[k] != self_col) out.col.push_back(lab_cols[k]);
+    out.start.push_back(static_cast<int64_t>(out.col.size()));
+  }
+  out.s.assign(out.col.size(), 0.f);
+  return true;
+}
+
+// Row j of the reference as fp32: the row itself, or converted into buf.
+inline const float* ref_row(const at::Tensor& ref, int64_t j, int64_t D, float* buf) {
+  switch (ref.scalar_type()) {
+    case at::kFloat:
+      return ref.data_ptr<float>() + j * D;
+    case at::kBFloat16: {
+      const at::BFloat16* r = ref.data_ptr<at::BFloat16>() + j * D;
+      for (int64_t d = 0; d < D; ++d) buf[d] = static_cast<float>(r[d]);
+      return buf;
+    }
+    default: {
+      const at::Half* r = ref.data_ptr<at::Half>() + j * D;
+      for (int64_t d = 0; d < D; ++d) buf[d] = static_cast<float>(r[d]);
+      return buf;
+    }
+  }
+}
+
+// The candidates of find_candidates with their S (cpu::dot of the fp32 anchor and the fp32
+// value of the row: the same fp32 products as the GEMM's, in a fixed order of its own).
+bool gather_positives(const cpu::LossInputs& in, Positives& pos) {
+  if (!find_candidates(in, pos)) return false;
+  const float* x = in.x32.data_ptr<float>();
+  const int64_t D = in.D;
+  at::parallel_for(0, in.B, 16, [&](int64_t i0, int64_t i1) {
+    std::vector<float> buf(D);
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t k = pos.start[i]; k < pos.start[i + 1]; ++k)
+        pos.s[k] = cpu::dot(x + i * D, ref_row(in.ref, pos.col[k], D, buf.data()), D);
+  });
+  return true;
+}
+
+// The largest S over the valid negatives of one row of a tile (different label; -inf if none).
+template <int L>
+XBM_INLINE float neg_max_row_lanes(const float* row, int64_t w, const int32_t* z, int32_t yi, int64_t self_col) {
+#if XBM_CPU_VECTOR
+  using V = cpu::Vec<L>;
+  using F = typename V::F;
+#endif
+  int64_t j = 0;
+  float mx = -kInf;
+#if XBM_CPU_VECTOR
+  if (self_col < 0 || self_col >= w) {
+    F mx4 = V::splat(-kInf);
+    for (; j + L <= w; j += L) {
+      const F v = V::load(row + j);
+      mx4 = V::select(V::ne(V::load(z + j), yi) & V::gt(v, mx4), v, mx4);
+    }
+    mx = V::max(mx4);
+  }
+#endif
+  for (; j < w; ++j)
+    if (j != self_col && z[j] != yi && row[j] > mx) mx = row[j];
+  return mx;
+}
+XBM_CPU_DISPATCH(float, neg_max_row, (const float* row, int64_t w, const int32_t* z, int32_t yi, int64_t self_col),
+                 (row, w, z, yi, self_col))
+
+// Over one row of a tile: the mined negatives' weights exp(beta (S - base) - shift) (S + mm >
+// min_pos) written over the row, 0 in every other column (same-label columns included: the
+// positives are the gather's); adds their sum and count.
+template <int L>
+XBM_INLINE void neg_weights_row_lanes(float* row, int64_t w, const int32_t* z, int32_t yi, int64_t self_col,
+                                      const MsParams& prm, float min_pos, float shift, double& sum, int64_t& count) {
+#if XBM_CPU_VECTOR
+  using V = cpu::Vec<L>;
+  using F = typename V::F;
+  using I = typename V::I;
+#endif
+  double sn = 0;
+  int64_t nn = 0;
+  int64_t j = 0;
+#if XBM_CPU_VECTOR
+  if (self_col < 0 || self_col >= w) {
+    const F zero = V::splat(0.f);
+    while (j + L <= w) {  // float lanes over blocks of up to 256 columns, each block's sum added in double
+      const int64_t end = std::min(w, j + 256);
+      F sn4 = zero, nn4 = zero;
+      for (; j + L <= end; j += L) {
+        const F v = V::load(row + j);
+        const I mined = V::ne(V::load(z + j), yi) & V::gt(v + prm.mining_margin, min_pos);
+        // Unmined lanes may overflow Vec::exp's range; they are clamped there, then zeroed.
+        const F wn = V::select(mined, V::exp(prm.beta * (v - prm.base) - shift), zero);
+        sn4 += wn;
+        nn4 += V::one_where(mined);
+        V::store(row + j, wn);
+      }
+      sn += V::sum(sn4);
+      nn += static_cast<int64_t>(V::sum(nn4));
+    }
+  }
+#endif
+  for (; j < w; ++j) {
+    const float v = row[j];
+    const bool mined = j != self_col && z[j] != yi && v + prm.mining_margin > min_pos;
+    const float wn = mined ? std::exp(prm.beta * (v - prm.base) - shift) : 0.f;
+    sn += wn;
+    nn += mined;
+    row[j] = wn;
+  }
+  sum += sn;
+  count += nn;
+}
+XBM_CPU_DISPATCH(void, neg_weights_row,
+                 (float* row, int64_t w, const int32_t* z, int32_t yi, int64_t self_col, const MsParams& prm,
+                  float min_pos, float shift, double& sum, int64_t& count),
+                 (row, w, z, yi, self_col, prm, min_pos, shift, sum, count))
+
+// min_pos per row from the gathered positives (+inf without positives).
+Tensor positives_min(const cpu::LossInputs& in, const Positives& pos, float pos_thr) {
+  Tensor min_pos = at::full({in.B}, kInf, in.x32.options());
+  float* mp = min_pos.data_ptr<float>();
+  for (int64_t i = 0; i < in.B; ++i)
+    for (int64_t k = pos.start[i]; k < pos.start[i + 1]; ++k)
+      if (pos.s[k] < pos_thr) mp[i] = std::min(mp[i], pos.s[k]);
+  return min_pos;
+}
+
+// Whether gathered candidate k of row i is in P~_i, and its shifted weight.
+inline bool mined_positive(const MsParams& prm, float v, float max_neg) {
+  return v < prm.pos_thr && v - prm.mining_margin < max_neg;
+}
+inline float positive_weight(const MsParams& prm, float v, float shift_p) {
+  return std::exp(-prm.alpha * (v - prm.base) - shift_p);
+}
+
+// The state of ms_passes for mine = true from gathered positives and one pass over the memory.
+MsState ms_one_pass_mined(const cpu::LossInputs& in, const MsParams& prm, const Positives& pos, bool accumulate) {
+  const int64_t B = in.B, D = in.D;
+  const auto plan = cpu::plan_tiles(B, in.n);
+  const auto f32 = in.x32.options();
+  MsState st;
+  st.min_pos = positives_min(in, pos, prm.pos_thr);
+  const float* min_pos = st.min_pos.data_ptr<float>();
+  Tensor max_splits = at::full({plan.splits, B}, -kInf, f32);
+  Tensor shift_splits = at::full({plan.splits, B}, -kInf, f32);  // the shift each split has summed with
+  Tensor sn_splits = at::zeros({plan.splits, B}, f32.dtype(at::kDouble));
+  Tensor nn_splits = at::zeros({plan.splits, B}, f32.dtype(at::kLong));
+  Tensor gn_splits = accumulate ? at::zeros({plan.splits, B, D}, f32) : Tensor();
+  cpu::ScratchPool scratch(in, plan);
+  const int32_t* y = in.y_ptr();
+  cpu::for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
+    Tensor s_tile = scratch[p].similarity(in, c0, w);
+    float* s = s_tile.data_ptr<float>();
+    const int32_t* z = in.z_ptr() + c0;
+    float* mx = max_splits[p].data_ptr<float>();
+    float* sh = shift_splits[p].data_ptr<float>();
+    double* sn = sn_splits[p].data_ptr<double>();
+    int64_t* nn = nn_splits[p].data_ptr<int64_t>();
+    int64_t mined = 0;
+    for (int64_t i = 0; i < B; ++i) {
+      float* row = s + i * w;
+      if (min_pos[i] == kInf) {  // no positives: l_i = 0 and nothing is mined, whatever max_neg is
+        std::fill(row, row + w, 0.f);
+        continue;
+      }
+      const int64_t self_col = in.self_col(i) - c0;
+      const float m = neg_max_row(row, w, z, y[i], self_col);
+      if (m > mx[i]) {  // the shift grows: bring the split's sums to it
+        mx[i] = m;
+        const float new_shift = prm.shift_n(m);
+        if (sh[i] != -kInf) {  // from -inf: nothing summed yet
+          const double scale = shift_scale(sh[i], new_shift);
+          sn[i] *= scale;
+          scale_row(gn_splits, p, i, scale);
+        }
+        sh[i] = new_shift;
+      }
+      int64_t row_mined = 0;
+      neg_weights_row(row, w, z, y[i], self_col, prm, min_pos[i], sh[i], sn[i], row_mined);
+      nn[i] += row_mined;
+      mined += row_mined;
+    }
+    if (accumulate) cpu::add_sparse_rows(scratch[p], in, s_tile, c0, gn_splits[p], mined);
+  });
+  st.max_neg = std::get<0>(max_splits.max(0)).contiguous();  // exact in any order
+  st.shift_p = at::empty_like(st.min_pos);
+  st.shift_n = at::empty_like(st.max_neg);
+  ms_shifts(prm, min_pos, st.max_neg.data_ptr<float>(), B, st.shift_p.data_ptr<float>(),
+            st.shift_n.data_ptr<float>());
+  // Every split's sums to the common shift, then summed in split order.
+  const float* shn = st.shift_n.data_ptr<float>();
+  for (int64_t p = 0; p < plan.splits; ++p) {
+    const float* psh = shift_splits[p].data_ptr<float>();
+    double* sn = sn_splits[p].data_ptr<double>();
+    for (int64_t i = 0; i < B; ++i) {
+      const double scale = shift_scale(psh[i], shn[i]);
+      sn[i] *= scale;
+      if (scale != 1.0) scale_row(gn_splits, p, i, scale);
+    }
+  }
+  st.sum_n = cpu::sum_splits(sn_splits);
+  const Tensor nn = cpu::sum_splits(nn_splits);
+  // The positives, mined against max_neg.
+  st.sum_p = at::zeros({B}, f32.dtype(at::kDouble));
+  Tensor np = at::zeros({B}, f32.dtype(at::kLong));
+  if (accumulate) st.grad_p = at::zeros({B, D}, f32);
+  const float* max_neg = st.max_neg.data_ptr<float>();
+  const float* shp = st.shift_p.data_ptr<float>();
+  double* sp = st.sum_p.data_ptr<double>();
+  int64_t* npp = np.data_ptr<int64_t>();
+  at::parallel_for(0, B, 16, [&](int64_t i0, int64_t i1) {
+    std::vector<float> buf(D);
+    for (int64_t i = i0; i < i1; ++i) {
+      float* g = accumulate ? st.grad_p.data_ptr<float>() + i * D : nullptr;
+      for (int64_t k = pos.start[i]; k < pos.start[i + 1]; ++k) {
+        if (!mined_positive(prm, pos.s[k], max_neg[i])) continue;
+        const float wp = positive_weight(prm, pos.s[k], shp[i]);
+        sp[i] += wp;
+        ++npp[i];
+        if (g) {
+          const float* r = ref_row(in.ref, pos.col[k], D, buf.data());
+          for (int64_t d = 0; d < D; ++d) g[d] += wp * r[d];
+        }
+      }
+    }
+  });
+  st.counts = at::stack({np, nn}, 1).contiguous();
+  if (accumulate) st.grad_n = cpu::sum_splits(gn_splits);
+  return st;
+}
+
+// The reference-side gradient of the one-pass form: C_ij = g_i dl_i/dS_ij per tile, the
+// negatives' weights from the tile's S and the positives' from the gathered S.
+std::tuple<Tensor, Tensor> ms_one_pass_backward(const cpu::LossInputs& in, const MsParams& prm,
+                                                const Positives& pos, const MsState& st, const Tensor& gp,
+                                                const Tensor& gn, int64_t ref_rows) {
+  const int64_t B = in.B;
+  const float* min_pos = st.min_pos.data_ptr<float>();
+  const float* max_neg = st.max_neg.data_ptr<float>();
+  const float* shp = st.shift_p.data_ptr<float>();
+  const float* shn = st.shift_n.data_ptr<float>();
+  const float* gpp = gp.data_ptr<float>();
+  const float* gnp = gn.data_ptr<float>();
+  const int32_t* y = in.y_ptr();
+  return cpu::coefficient_backward(in, ref_rows, [&](int64_t, int64_t c0, int64_t w, Tensor& c,
+                                                     cpu::TileScratch&) {
+    float* cp = c.data_ptr<float>();
+    const int32_t* z = in.z_ptr() + c0;
+    for (int64_t i = 0; i < B; ++i) {
+      float* row = cp + i * w;
+      if (gpp[i] == 0.f && gnp[i] == 0.f) {  // a skipped row, or no gradient
+        std::fill(row, row + w, 0.f);
+        continue;
+      }
+      double sum = 0;
+      int64_t count = 0;
+      neg_weights_row(row, w, z, y[i], in.self_col(i) - c0, prm, min_pos[i], shn[i], sum, count);
+      const float f = gnp[i];
+      for (int64_t j = 0; j < w; ++j) row[j] *= f;
+      const int64_t k1 = pos.start[i + 1];
+      for (int64_t k = std::lower_bound(pos.col.begin() + pos.start[i], pos.col.begin() + k1, c0) - pos.col.begin();
+           k < k1 && pos.col[k] < c0 + w; ++k)
+        if (mined_positive(prm, pos.s[k], max_neg[i]))
+          row[pos.col[k] - c0] = gpp[i] * positive_weight(prm, pos.s[k], shp[i]);
+    }
+  });
 }
 
 // The passes; when accumulate is true also the weighted row sums for the gradient.
@@ -361,7 +731,9 @@ std::tuple<Tensor, Tensor, Tensor> multi_similarity_fwd_cpu(
   at::AutoDispatchBelowADInplaceOrView guard;
   const auto in = cpu::prepare_inputs(x, labels, ref, ref_labels, self_index, ref_valid);
   const MsParams prm = params(alpha, beta, base, mining_margin, pos_eps, mine, skip_incomplete);
-  MsState st = ms_passes(in, prm, need_grad);
+  Positives pos;
+  MsState st = prm.mine && gather_positives(in, pos) ? ms_one_pass_mined(in, prm, pos, need_grad)
+                                                     : ms_passes(in, prm, need_grad);
   Tensor loss, fp, fn;
   ms_finish(st, prm, loss, fp, fn);
   Tensor grad = need_grad ? st.grad_p.mul_(fp.unsqueeze(1)).add_(st.grad_n.mul_(fn.unsqueeze(1)))
@@ -379,10 +751,15 @@ std::tuple<Tensor, Tensor> multi_similarity_bwd_cpu(const Tensor& x, const Tenso
   const auto in = cpu::prepare_inputs(x, labels, ref, ref_labels, self_index, ref_valid);
   TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == in.B, "grad_rows: expected shape (", in.B, ",)");
   const MsParams prm = params(alpha, beta, base, mining_margin, pos_eps, mine, skip_incomplete);
-  MsState st = ms_passes(in, prm, /*accumulate=*/false);
+  Positives pos;
+  const bool one_pass = prm.mine && gather_positives(in, pos);
+  MsState st = one_pass ? ms_one_pass_mined(in, prm, pos, /*accumulate=*/false)
+                        : ms_passes(in, prm, /*accumulate=*/false);
   Tensor loss, fp, fn;
   ms_finish(st, prm, loss, fp, fn);
   const Tensor g = grad_rows.to(at::kFloat);
+  if (one_pass)
+    return ms_one_pass_backward(in, prm, pos, st, (fp * g).contiguous(), (fn * g).contiguous(), ref.size(0));
   const Tensor gp = (fp * g).unsqueeze(1), gn = (fn * g).unsqueeze(1);
   // Last pass: C = g (factor_p W_p + factor_n W_n); dX = C R, dR_tile = C^T X.
   const auto plan = cpu::plan_tiles(in.B, in.n);

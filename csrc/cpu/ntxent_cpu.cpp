@@ -31,19 +31,6 @@ namespace {
 using at::Tensor;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-// <a, b> in fp32, four lanes then the tail, in a fixed order.
-inline float dot(const float* a, const float* b, int64_t D) {
-  int64_t d = 0;
-  float out = 0.f;
-#if XBM_CPU_VECTOR
-  cpu::f32x4 acc = {0.f, 0.f, 0.f, 0.f};
-  for (; d + 4 <= D; d += 4) acc += cpu::load4(a + d) * cpu::load4(b + d);
-  out = cpu::sum4(acc);
-#endif
-  for (; d < D; ++d) out += a[d] * b[d];
-  return out;
-}
-
 // The valid label-matching columns of one tile, row by row, or `dense` when there are
 // more than 1/32 of the tile's pairs (the cut-off of cpu::add_sparse_rows).
 struct TileMatches {
@@ -52,7 +39,8 @@ struct TileMatches {
   bool dense = false;
 };
 
-void find_matches(int64_t B, int64_t w, int64_t c0, const cpu::LossInputs& in, TileMatches& m) {
+template <int L>
+XBM_INLINE void find_matches_lanes(int64_t B, int64_t w, int64_t c0, const cpu::LossInputs& in, TileMatches& m) {
   const int32_t* y = in.y_ptr();
   const int32_t* z = in.z_ptr() + c0;
   const size_t cap = static_cast<size_t>(B * w / 32);
@@ -64,11 +52,11 @@ void find_matches(int64_t B, int64_t w, int64_t c0, const cpu::LossInputs& in, T
     const int32_t yi = y[i];
     int64_t j = 0;
 #if XBM_CPU_VECTOR
-    for (; j + 4 <= w; j += 4) {
-      const cpu::i32x4 same = cpu::load4(z + j) == yi;
-      if (!(same[0] | same[1] | same[2] | same[3])) continue;
-      for (int64_t k = 0; k < 4; ++k)
-        if (same[k] && j + k != self_col) m.cols.push_back(static_cast<int32_t>(j + k));
+    using V = cpu::Vec<L>;
+    for (; j + L <= w; j += L) {  // L labels at a time: most blocks have no match
+      if (V::sum(V::one_where(V::eq(V::load(z + j), yi))) == 0.f) continue;
+      for (int64_t k = j; k < j + L; ++k)
+        if (z[k] == yi && k != self_col) m.cols.push_back(static_cast<int32_t>(k));
     }
 #endif
     for (; j < w; ++j)
@@ -80,6 +68,8 @@ void find_matches(int64_t B, int64_t w, int64_t c0, const cpu::LossInputs& in, T
     m.start.push_back(static_cast<int64_t>(m.cols.size()));
   }
 }
+XBM_CPU_DISPATCH(void, find_matches, (int64_t B, int64_t w, int64_t c0, const cpu::LossInputs& in, TileMatches& m),
+                 (B, w, c0, in, m))
 
 // Pass 1, per split: running max m of s over the negatives, sum of exp(s - m) (f64),
 // |N_i|, and (accumulate) G = sum exp(s - m) r.
@@ -91,17 +81,23 @@ struct NegSplits {
 // One row of a tile whose columns are all valid: the negatives' running state, their
 // weights exp(s - m_new) written over the row (0 elsewhere). Returns the rescale factor of
 // the previous state.
-float neg_row(float* row, int64_t w, const int32_t* z, int32_t yi, float inv_tau, float& m, double& sum,
-              int64_t& count) {
+template <int L>
+XBM_INLINE float neg_row_lanes(float* row, int64_t w, const int32_t* z, int32_t yi, float inv_tau, float& m,
+                               double& sum, int64_t& count) {
+#if XBM_CPU_VECTOR
+  using V = cpu::Vec<L>;
+  using F = typename V::F;
+  using I = typename V::I;
+#endif
   int64_t j = 0;
   float vmax = -kInf;
 #if XBM_CPU_VECTOR
-  cpu::f32x4 mx = {-kInf, -kInf, -kInf, -kInf};
-  for (; j + 4 <= w; j += 4) {
-    const cpu::f32x4 v = cpu::load4(row + j);
-    mx = cpu::select4((cpu::load4(z + j) != yi) & (v > mx), v, mx);
+  F mx = V::splat(-kInf);
+  for (; j + L <= w; j += L) {
+    const F v = V::load(row + j);
+    mx = V::select(V::ne(V::load(z + j), yi) & V::gt(v, mx), v, mx);
   }
-  vmax = cpu::max4(mx);
+  vmax = V::max(mx);
 #endif
   for (; j < w; ++j)
     if (z[j] != yi) vmax = std::max(vmax, row[j]);
@@ -111,21 +107,21 @@ float neg_row(float* row, int64_t w, const int32_t* z, int32_t yi, float inv_tau
   float nn = 0.f;
   j = 0;
 #if XBM_CPU_VECTOR
-  const cpu::f32x4 zero = {0.f, 0.f, 0.f, 0.f};
-  while (j + 4 <= w) {  // float lanes over blocks of up to 256 columns, each block's sum added in double
+  const F zero = V::splat(0.f);
+  while (j + L <= w) {  // float lanes over blocks of up to 256 columns, each block's sum added in double
     const int64_t end = std::min(w, j + 256);
-    cpu::f32x4 acc4 = zero, nn4 = zero;
-    for (; j + 4 <= end; j += 4) {
-      const cpu::f32x4 v = cpu::load4(row + j);
-      const cpu::i32x4 neg = cpu::load4(z + j) != yi;
-      // other lanes may overflow exp4's range; they are clamped there, then zeroed
-      const cpu::f32x4 e = cpu::select4(neg, cpu::exp4(v * inv_tau - m_new), zero);
+    F acc4 = zero, nn4 = zero;
+    for (; j + L <= end; j += L) {
+      const F v = V::load(row + j);
+      const I neg = V::ne(V::load(z + j), yi);
+      // other lanes may overflow Vec::exp's range; they are clamped there, then zeroed
+      const F e = V::select(neg, V::exp(v * inv_tau - m_new), zero);
       acc4 += e;
-      nn4 += cpu::mask_to_one(neg);
-      cpu::store4(row + j, e);
+      nn4 += V::one_where(neg);
+      V::store(row + j, e);
     }
-    acc += cpu::sum4(acc4);
-    nn += cpu::sum4(nn4);
+    acc += V::sum(acc4);
+    nn += V::sum(nn4);
   }
 #endif
   for (; j < w; ++j) {
@@ -140,6 +136,10 @@ float neg_row(float* row, int64_t w, const int32_t* z, int32_t yi, float inv_tau
   count += static_cast<int64_t>(nn);
   return rescale;
 }
+XBM_CPU_DISPATCH(float, neg_row,
+                 (float* row, int64_t w, const int32_t* z, int32_t yi, float inv_tau, float& m, double& sum,
+                  int64_t& count),
+                 (row, w, z, yi, inv_tau, m, sum, count))
 
 // The same for the row whose own column is in the tile (once per row and pass), scalar.
 float neg_row_with_self(float* row, int64_t w, int64_t self_col, const int32_t* z, int32_t yi, float inv_tau,
@@ -259,7 +259,7 @@ PosSplits positives_pass(const cpu::LossInputs& in, const cpu::TilePlan& plan, c
       for (int64_t i = 0; i < B; ++i) {
         for (int64_t k = mt.start[i]; k < mt.start[i + 1]; ++k) {
           const float* rj = r + int64_t(mt.cols[k]) * D;
-          const float v = dot(x + i * D, rj, D);
+          const float v = cpu::dot(x + i * D, rj, D);
           if (!(v < pos_thr)) continue;
           ++count[i];
           double sig = 0;
@@ -339,6 +339,29 @@ std::tuple<Tensor, Tensor, Tensor> ntxent_fwd_cpu(const Tensor& x, const Tensor&
   return {rows.loss, grad, rows.counts.to(at::kInt)};
 }
 
+// The backward's negatives over one row: c exp(S / tau - LZ) in place of S; the other columns
+// keep S (the positives are done after), the row's own column 0.
+template <int L>
+XBM_INLINE void backward_neg_row_lanes(float* row, int64_t w, int64_t self_col, const int32_t* z, int32_t yi,
+                                       float inv_tau, float lz, float c) {
+  int64_t j = 0;
+#if XBM_CPU_VECTOR
+  using V = cpu::Vec<L>;
+  if (self_col < 0 || self_col >= w) {
+    for (; j + L <= w; j += L) {
+      const typename V::F v = V::load(row + j);
+      V::store(row + j, V::select(V::ne(V::load(z + j), yi), V::exp(v * inv_tau - lz) * c, v));
+    }
+  }
+#endif
+  for (; j < w; ++j)
+    if (z[j] != yi) row[j] = j == self_col ? 0.f : std::exp(row[j] * inv_tau - lz) * c;
+}
+XBM_CPU_DISPATCH(void, backward_neg_row,
+                 (float* row, int64_t w, int64_t self_col, const int32_t* z, int32_t yi, float inv_tau, float lz,
+                  float c),
+                 (row, w, self_col, z, yi, inv_tau, lz, c))
+
 std::tuple<Tensor, Tensor> ntxent_bwd_cpu(const Tensor& x, const Tensor& labels, const Tensor& ref,
                                           const Tensor& ref_labels, const c10::optional<Tensor>& self_index,
                                           int64_t ref_valid, double temperature, double pos_eps,
@@ -375,25 +398,14 @@ std::tuple<Tensor, Tensor> ntxent_bwd_cpu(const Tensor& x, const Tensor& labels,
       const float lzi = static_cast<float>(lz[i]), cn = static_cast<float>(gp[i] * wt[i]);
       const int64_t self_col = in.self_col(i) - c0;
       // negatives; label-matching columns keep S for the positives below
-      int64_t j = 0;
-#if XBM_CPU_VECTOR
-      if (self_col < 0 || self_col >= w) {
-        for (; j + 4 <= w; j += 4) {
-          const cpu::f32x4 v = cpu::load4(row + j);
-          const cpu::i32x4 neg = cpu::load4(z + j) != y[i];
-          cpu::store4(row + j, cpu::select4(neg, cpu::exp4(v * inv_tau - lzi) * cn, v));
-        }
-      }
-#endif
-      for (; j < w; ++j)
-        if (z[j] != y[i]) row[j] = j == self_col ? 0.f : std::exp(row[j] * inv_tau - lzi) * cn;
+      backward_neg_row(row, w, self_col, z, y[i], inv_tau, lzi, cn);
       auto positive = [&](int64_t j, float v) {
         double loss = 0, sig = 0;
         if (v < pos_thr) positive_pair(lz[i], v, inv_tau, loss, sig);
         row[j] = static_cast<float>(-gp[i] * sig);
       };
       if (mt.dense) {
-        for (j = 0; j < w; ++j)
+        for (int64_t j = 0; j < w; ++j)
           if (z[j] == y[i]) {
             if (j == self_col)
               row[j] = 0.f;
@@ -403,7 +415,7 @@ std::tuple<Tensor, Tensor> ntxent_bwd_cpu(const Tensor& x, const Tensor& labels,
       } else {
         if (self_col >= 0 && self_col < w && z[self_col] == y[i]) row[self_col] = 0.f;
         for (int64_t k = mt.start[i]; k < mt.start[i + 1]; ++k)
-          positive(mt.cols[k], dot(x32 + i * D, r + int64_t(mt.cols[k]) * D, D));
+          positive(mt.cols[k], cpu::dot(x32 + i * D, r + int64_t(mt.cols[k]) * D, D));
       }
     }
   });

@@ -1,76 +1,217 @@
-// Four-lane float/int32 vectors for the loss epilogues, written with the GCC/Clang vector
-// extension so they compile to SSE2 on x86-64 and NEON on aarch64 with no -m flags (the
-// wheel stays portable). GCC does not if-convert the epilogues' label and threshold
-// selects into vector code on its own, even under `omp simd`, so the loops stay scalar and
-// branchy without this (about 2 ns per score against 0.3 ns with it, measured on the
-// development machine). Other compilers take the scalar loops that follow each vector
-// loop, which are the definition of what the vector code computes.
+// Float/int32 vectors for the loss epilogues, written with the GCC/Clang vector extension so
+// they compile to SSE2 on x86-64 and NEON on aarch64 with no -m flags (the wheel stays
+// portable). GCC does not if-convert the epilogues' label and threshold selects into vector
+// code on its own, even under `omp simd`, so the loops stay scalar and branchy without this
+// (about 2 ns per score against 0.3 ns with it, measured on the development machine). Other
+// compilers take the scalar loops that follow each vector loop, which are the definition of
+// what the vector code computes.
+//
+// Wider vectors, chosen at run time: Vec<L> is the same code at L = 4, 8 or 16 lanes. An
+// epilogue written as a template on L (always_inline, like every Vec member) and instantiated
+// by XBM_CPU_DISPATCH inside functions compiled for AVX2+FMA (8 lanes) and AVX-512 (16) runs
+// the widest one the CPU has (simd_lanes()); the rest of the library, and CPUs without them,
+// keep the 4-lane build. The exponential is the same polynomial at every width (with FMA the
+// compiler may fuse its multiply-adds: at most the same error, see Vec::exp).
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #if defined(__GNUC__) || defined(__clang__)
 #define XBM_CPU_VECTOR 1
+#define XBM_INLINE inline __attribute__((always_inline))
+// Vec<8> / Vec<16> values live only inside always_inline code compiled for AVX2 / AVX-512:
+// the ABI note GCC gives for a 32- or 64-byte vector in a function signature does not apply.
+// (Left off for the files that include this header: GCC reports it where the template is
+// instantiated.)
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace xbm_kernels {
 namespace cpu {
 
-typedef float f32x4 __attribute__((vector_size(16)));
-typedef int32_t i32x4 __attribute__((vector_size(16)));
+template <int L>
+struct Lanes {  // (GCC 12 drops a dependent vector_size on a typedef inside Vec itself)
+  typedef float F __attribute__((vector_size(4 * L)));
+  typedef int32_t I __attribute__((vector_size(4 * L)));
+};
 
-inline f32x4 load4(const float* p) {
-  f32x4 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline i32x4 load4(const int32_t* p) {
-  i32x4 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void store4(float* p, f32x4 v) { std::memcpy(p, &v, sizeof(v)); }
-// 1.0f where the comparison mask is set (all ones), 0.0f elsewhere.
-inline f32x4 mask_to_one(i32x4 m) {
-  const f32x4 one = {1.f, 1.f, 1.f, 1.f};
-  return reinterpret_cast<f32x4>(m & reinterpret_cast<i32x4>(one));
-}
-inline float sum4(f32x4 v) { return (v[0] + v[1]) + (v[2] + v[3]); }
-inline float min4(f32x4 v) { return std::min(std::min(v[0], v[1]), std::min(v[2], v[3])); }
-inline float max4(f32x4 v) { return std::max(std::max(v[0], v[1]), std::max(v[2], v[3])); }
-inline f32x4 select4(i32x4 m, f32x4 a, f32x4 b) {
-  return reinterpret_cast<f32x4>((m & reinterpret_cast<i32x4>(a)) | (~m & reinterpret_cast<i32x4>(b)));
-}
+template <int L>
+struct Vec {
+  typedef typename Lanes<L>::F F;
+  typedef typename Lanes<L>::I I;
+  static constexpr int lanes = L;
 
-// exp(x) for four floats: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by the Cephes expf
-// polynomial, 2^n built in the exponent bits. Relative error within 2 ulp of std::exp
-// over [-87.3, 88.3] (tests/test_losses.py checks the losses that use it against a
-// float64 oracle); 0 below -87.3 (where expf reaches the subnormals), NaN stays NaN.
-inline f32x4 exp4(f32x4 x) {
-  const i32x4 under = x < -87.3365447f;
-  const i32x4 nan = x != x;
-  x = select4(x > 88.3762626f, f32x4{88.3762626f, 88.3762626f, 88.3762626f, 88.3762626f}, x);
-  x = select4(under, f32x4{0.f, 0.f, 0.f, 0.f}, x);
-  const f32x4 fx = x * 1.44269504088896341f + 0.5f;
-  i32x4 n = __builtin_convertvector(fx, i32x4);  // truncates: make it floor
-  n += __builtin_convertvector(n, f32x4) > fx;  // -1 where the truncation rounded up
-  const f32x4 nf = __builtin_convertvector(n, f32x4);
-  const f32x4 r = x - nf * 0.693359375f - nf * -2.12194440e-4f;
-  f32x4 p = r * 1.9875691500e-4f + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const f32x4 y = p * (r * r) + r + 1.f;
-  const f32x4 pow2n = reinterpret_cast<f32x4>((n + 127) << 23);
-  f32x4 out = y * pow2n;
-  out = select4(under, f32x4{0.f, 0.f, 0.f, 0.f}, out);
-  return select4(nan, x + x, out);  // x is still NaN there
+  static XBM_INLINE F load(const float* p) {
+    F v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  }
+  static XBM_INLINE I load(const int32_t* p) {
+    I v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  }
+  static XBM_INLINE void store(float* p, F v) { std::memcpy(p, &v, sizeof(v)); }
+  // Comparisons: all ones in the lanes where true. Inside a target("avx512f") function GCC 12
+  // compiles the `&` of two vector-extension comparisons lane by lane in scalar code (about 10x
+  // slower than the 4-lane build); an empty asm on each result keeps it a plain vector there.
+  static XBM_INLINE I keep(I m) {
+#if defined(__x86_64__) || defined(__i386__)
+    if (L >= 8) asm("" : "+v"(m));
+#endif
+    return m;
+  }
+  template <class A, class B>
+  static XBM_INLINE I lt(A a, B b) { return keep(a < b); }
+  template <class A, class B>
+  static XBM_INLINE I gt(A a, B b) { return keep(a > b); }
+  template <class A, class B>
+  static XBM_INLINE I eq(A a, B b) { return keep(a == b); }
+  template <class A, class B>
+  static XBM_INLINE I ne(A a, B b) { return keep(a != b); }
+  static XBM_INLINE F splat(float a) { return F{} + a; }
+  // 1.0f where the comparison mask is set (all ones), 0.0f elsewhere.
+  static XBM_INLINE F one_where(I m) { return reinterpret_cast<F>(m & reinterpret_cast<I>(splat(1.f))); }
+  static XBM_INLINE F select(I m, F a, F b) {
+    return reinterpret_cast<F>((m & reinterpret_cast<I>(a)) | (~m & reinterpret_cast<I>(b)));
+  }
+  // Reductions in a fixed order: halves added lane by lane down to 4, then (0 + 1) + (2 + 3).
+  static XBM_INLINE float sum(F v) {
+    float t[L];
+    std::memcpy(t, &v, sizeof(v));
+    for (int h = L / 2; h >= 4; h /= 2)
+      for (int k = 0; k < h; ++k) t[k] += t[k + h];
+    return (t[0] + t[1]) + (t[2] + t[3]);
+  }
+  static XBM_INLINE float min(F v) {
+    float m = v[0];
+    for (int k = 1; k < L; ++k) m = std::min(m, v[k]);
+    return m;
+  }
+  static XBM_INLINE float max(F v) {
+    float m = v[0];
+    for (int k = 1; k < L; ++k) m = std::max(m, v[k]);
+    return m;
+  }
+
+  // exp(x) lane by lane: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by the Cephes expf
+  // polynomial, 2^n built in the exponent bits. Relative error within 2 ulp of std::exp
+  // over [-87.3, 88.3] (tests/test_values.py checks the losses that use it against a float64
+  // oracle); 0 below -87.3 (where expf reaches the subnormals), NaN stays NaN. Fused
+  // multiply-adds (where the compiler forms them) only remove roundings from the reduction
+  // and the polynomial.
+  static XBM_INLINE F exp(F x) {
+    const F zero = splat(0.f);
+    const I under = lt(x, -87.3365447f);
+    const I nan = ne(x, x);
+    x = select(gt(x, 88.3762626f), splat(88.3762626f), x);
+    x = select(under, zero, x);
+    const F fx = x * 1.44269504088896341f + 0.5f;
+    I n = __builtin_convertvector(fx, I);  // truncates: make it floor
+    n += gt(__builtin_convertvector(n, F), fx);  // -1 where the truncation rounded up
+    const F nf = __builtin_convertvector(n, F);
+    const F r = x - nf * 0.693359375f - nf * -2.12194440e-4f;
+    F p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const F y = p * (r * r) + r + 1.f;
+    const F pow2n = reinterpret_cast<F>((n + 127) << 23);
+    F out = y * pow2n;
+    out = select(under, zero, out);
+    return select(nan, x + x, out);  // x is still NaN there
+  }
+};
+
+// The four-lane names the other epilogues use.
+typedef Vec<4>::F f32x4;
+typedef Vec<4>::I i32x4;
+inline f32x4 load4(const float* p) { return Vec<4>::load(p); }
+inline i32x4 load4(const int32_t* p) { return Vec<4>::load(p); }
+inline void store4(float* p, f32x4 v) { Vec<4>::store(p, v); }
+inline f32x4 mask_to_one(i32x4 m) { return Vec<4>::one_where(m); }
+inline float sum4(f32x4 v) { return Vec<4>::sum(v); }
+inline float min4(f32x4 v) { return Vec<4>::min(v); }
+inline float max4(f32x4 v) { return Vec<4>::max(v); }
+inline f32x4 select4(i32x4 m, f32x4 a, f32x4 b) { return Vec<4>::select(m, a, b); }
+inline f32x4 exp4(f32x4 x) { return Vec<4>::exp(x); }
+
+// The widest vector this CPU runs and the OS saves: 16 lanes with AVX-512 (F, DQ, BW, VL), 8
+// with AVX2 and FMA, else 4. XBM_CPU_LANES=4 or 8 caps it (tests compare the widths).
+inline int detect_lanes() {
+  int lanes = 4;
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) lanes = 8;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
+    lanes = 16;
+#endif
+  const char* cap = std::getenv("XBM_CPU_LANES");
+  if (cap != nullptr) lanes = std::min(lanes, std::max(4, std::atoi(cap)));
+  return lanes >= 16 ? 16 : (lanes >= 8 ? 8 : 4);
+}
+inline int simd_lanes() {
+  static const int lanes = detect_lanes();
+  return lanes;
 }
 
 }  // namespace cpu
 }  // namespace xbm_kernels
+
 #else
 #define XBM_CPU_VECTOR 0
+#define XBM_INLINE inline
+namespace xbm_kernels {
+namespace cpu {
+inline int simd_lanes() { return 4; }
+}  // namespace cpu
+}  // namespace xbm_kernels
 #endif
+
+// XBM_CPU_DISPATCH(ret, name, (params), (args)) defines `ret name(params)`, which calls the
+// template `name##_lanes<L>(args)` at L = simd_lanes(): each width compiled for its ISA (the
+// template and everything it calls being always_inline, the body is compiled in the caller).
+#if XBM_CPU_VECTOR && (defined(__x86_64__) || defined(__i386__))
+#define XBM_CPU_DISPATCH(ret, name, params, args)                                               \
+  __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl"))) ret name##_x16 params {         \
+    return name##_lanes<16> args;                                                               \
+  }                                                                                             \
+  __attribute__((target("avx2,fma"))) ret name##_x8 params { return name##_lanes<8> args; }    \
+  ret name params {                                                                             \
+    switch (::xbm_kernels::cpu::simd_lanes()) {                                                 \
+      case 16:                                                                                  \
+        return name##_x16 args;                                                                 \
+      case 8:                                                                                   \
+        return name##_x8 args;                                                                  \
+      default:                                                                                  \
+        return name##_lanes<4> args;                                                            \
+    }                                                                                           \
+  }
+#else
+#define XBM_CPU_DISPATCH(ret, name, params, args) \
+  ret name params { return name##_lanes<4> args; }
+#endif
+
+namespace xbm_kernels {
+namespace cpu {
+
+// <a, b> in fp32, four lanes then the tail, in a fixed order (the same on every call, so
+// two passes that compute one pair's S this way agree on it bit for bit).
+inline float dot(const float* a, const float* b, int64_t D) {
+  int64_t d = 0;
+  float out = 0.f;
+#if XBM_CPU_VECTOR
+  f32x4 acc = {0.f, 0.f, 0.f, 0.f};
+  for (; d + 4 <= D; d += 4) acc += load4(a + d) * load4(b + d);
+  out = sum4(acc);
+#endif
+  for (; d < D; ++d) out += a[d] * b[d];
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace xbm_kernels

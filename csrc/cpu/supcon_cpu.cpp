@@ -32,17 +32,23 @@ struct SupconSplits {
 };
 
 #if XBM_CPU_VECTOR
-// One row of supcon_tile whose columns are all valid (its own column is elsewhere), four
-// lanes at a time; the exponentials by cpu::exp4. Returns the row's positive count.
-int64_t supcon_row_vec(float* row, float* pos_row, int64_t w, const int32_t* z, int32_t yi, float inv_tau,
-                       float pos_thr, float& m, double& sum, double& pos_sum, int64_t* counts, float& rescale) {
+// One row of supcon_tile whose columns are all valid (its own column is elsewhere), L
+// lanes at a time (the CPU's widest, simd.h); the exponentials by Vec::exp. Returns the row's
+// positive count.
+template <int L>
+XBM_INLINE int64_t supcon_row_vec_lanes(float* row, float* pos_row, int64_t w, const int32_t* z, int32_t yi,
+                                        float inv_tau, float pos_thr, float& m, double& sum, double& pos_sum,
+                                        int64_t* counts, float& rescale) {
+  using V = cpu::Vec<L>;
+  using F = typename V::F;
+  using I = typename V::I;
   int64_t j = 0;
-  cpu::f32x4 mx = {-kInf, -kInf, -kInf, -kInf};
-  for (; j + 4 <= w; j += 4) {
-    const cpu::f32x4 v = cpu::load4(row + j);
-    mx = cpu::select4(v > mx, v, mx);
+  F mx = V::splat(-kInf);
+  for (; j + L <= w; j += L) {
+    const F v = V::load(row + j);
+    mx = V::select(V::gt(v, mx), v, mx);
   }
-  float vmax = cpu::max4(mx);
+  float vmax = V::max(mx);
   for (; j < w; ++j) vmax = std::max(vmax, row[j]);
   const float m_new = std::max(m, vmax * inv_tau);  // max(v) / tau = max(v / tau): rounding is monotone
   rescale = std::exp(m - m_new);                    // 0 when m was -inf
@@ -51,23 +57,23 @@ int64_t supcon_row_vec(float* row, float* pos_row, int64_t w, const int32_t* z, 
   for (j = 0; j < w;) {
     // float lanes over blocks of up to 256 columns, each block's sum added in double
     const int64_t end = std::min(w, j + 256);
-    cpu::f32x4 acc4 = {0.f, 0.f, 0.f, 0.f}, ps4 = acc4, np4 = acc4, nn4 = acc4;
-    for (; j + 4 <= end; j += 4) {
-      const cpu::f32x4 v = cpu::load4(row + j);
-      const cpu::f32x4 e = cpu::exp4(v * inv_tau - m_new);
-      const cpu::i32x4 same = cpu::load4(z + j) == yi;
-      const cpu::f32x4 pos = cpu::mask_to_one(same & (v < pos_thr));
+    F acc4 = V::splat(0.f), ps4 = acc4, np4 = acc4, nn4 = acc4;
+    for (; j + L <= end; j += L) {
+      const F v = V::load(row + j);
+      const F e = V::exp(v * inv_tau - m_new);
+      const I same = V::eq(V::load(z + j), yi);
+      const F pos = V::one_where(same & V::lt(v, pos_thr));
       acc4 += e;
       ps4 += pos * (v * inv_tau);  // S / tau: the same products as m
       np4 += pos;
-      nn4 += cpu::mask_to_one(~same);
-      cpu::store4(row + j, e);
-      if (pos_row) cpu::store4(pos_row + j, pos);
+      nn4 += V::one_where(~same);
+      V::store(row + j, e);
+      if (pos_row) V::store(pos_row + j, pos);
     }
-    float a = cpu::sum4(acc4), ps = cpu::sum4(ps4);
-    np += cpu::sum4(np4);
-    nn += cpu::sum4(nn4);
-    for (; j < end; ++j) {  // the last 0-3 columns of the row
+    float a = V::sum(acc4), ps = V::sum(ps4);
+    np += V::sum(np4);
+    nn += V::sum(nn4);
+    for (; j < end; ++j) {  // the last columns of the row
       const float v = row[j];
       const bool same = z[j] == yi, pos = same && v < pos_thr;
       const float e = std::exp(v * inv_tau - m_new);
@@ -88,6 +94,10 @@ int64_t supcon_row_vec(float* row, float* pos_row, int64_t w, const int32_t* z, 
   counts[1] += static_cast<int64_t>(nn);
   return static_cast<int64_t>(np);
 }
+XBM_CPU_DISPATCH(int64_t, supcon_row_vec,
+                 (float* row, float* pos_row, int64_t w, const int32_t* z, int32_t yi, float inv_tau, float pos_thr,
+                  float& m, double& sum, double& pos_sum, int64_t* counts, float& rescale),
+                 (row, pos_row, w, z, yi, inv_tau, pos_thr, m, sum, pos_sum, counts, rescale))
 #endif
 
 // Pass over one tile: updates the running state; with weights != nullptr writes
@@ -226,6 +236,31 @@ std::tuple<Tensor, Tensor, Tensor> supcon_fwd_cpu(const Tensor& x, const Tensor&
   return {rows.loss, grad, rows.counts.to(at::kInt)};
 }
 
+// One row of the backward's coefficients: the softmax exp(S / tau - LSE) over S, the
+// positive indicator into prow (before the row's own column is cleared).
+template <int L>
+XBM_INLINE void backward_row_lanes(float* crow, float* prow, int64_t w, const int32_t* z, int32_t yi, float inv_tau,
+                                   float pos_thr, float lse) {
+  int64_t j = 0;
+#if XBM_CPU_VECTOR
+  using V = cpu::Vec<L>;
+  for (; j + L <= w; j += L) {
+    const typename V::F v = V::load(crow + j);
+    V::store(prow + j, V::one_where(V::eq(V::load(z + j), yi) & V::lt(v, pos_thr)));
+    V::store(crow + j, V::exp(v * inv_tau - lse));
+  }
+#endif
+  for (; j < w; ++j) {
+    const float v = crow[j];
+    prow[j] = (z[j] == yi && v < pos_thr) ? 1.f : 0.f;
+    crow[j] = std::exp(v * inv_tau - lse);
+  }
+}
+XBM_CPU_DISPATCH(void, backward_row,
+                 (float* crow, float* prow, int64_t w, const int32_t* z, int32_t yi, float inv_tau, float pos_thr,
+                  float lse),
+                 (crow, prow, w, z, yi, inv_tau, pos_thr, lse))
+
 std::tuple<Tensor, Tensor> supcon_bwd_cpu(const Tensor& x, const Tensor& labels, const Tensor& ref,
                                           const Tensor& ref_labels, const c10::optional<Tensor>& self_index,
                                           int64_t ref_valid, double temperature, double pos_eps,
@@ -261,19 +296,7 @@ std::tuple<Tensor, Tensor> supcon_bwd_cpu(const Tensor& x, const Tensor& labels,
         std::fill(prow, prow + w, 0.f);
         continue;
       }
-      int64_t j = 0;
-#if XBM_CPU_VECTOR
-      for (; j + 4 <= w; j += 4) {
-        const cpu::f32x4 v = cpu::load4(crow + j);
-        cpu::store4(prow + j, cpu::mask_to_one((cpu::load4(z + j) == y[i]) & (v < pos_thr)));
-        cpu::store4(crow + j, cpu::exp4(v * inv_tau - lse_p[i]));
-      }
-#endif
-      for (; j < w; ++j) {
-        const float v = crow[j];
-        prow[j] = (z[j] == y[i] && v < pos_thr) ? 1.f : 0.f;
-        crow[j] = std::exp(v * inv_tau - lse_p[i]);
-      }
+      backward_row(crow, prow, w, z, y[i], inv_tau, pos_thr, lse_p[i]);
       const int64_t self_col = in.self_col(i) - c0;
       if (self_col >= 0 && self_col < w) crow[self_col] = prow[self_col] = 0.f;  // not in V_i
     }

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/simd.h"
 
 namespace xbm_kernels {
 namespace cpu {
@@ -128,7 +129,10 @@ inline bool vnni_enabled(at::ScalarType t) {
 // (bf16 only: lo holds the next 8 bits, so hi + lo is within 2^-17 |c|, far below the bf16
 // rounding of the returned gradient), 2 when they cannot (a non-finite value, an overflow,
 // or an inexact fp16 coefficient, whose lo could fall in fp16's subnormals): keep fp32.
-inline int split_limbs(at::ScalarType t, const float* c, int64_t n, void* hi_, void* lo_) {
+// (Compiled at every vector width like the epilogues: the compiler vectorises the bf16 loop, 4
+// lanes in the portable build, 16 with AVX-512; integer arithmetic, the same result at each.)
+template <int L>
+XBM_INLINE int split_limbs_lanes(at::ScalarType t, const float* c, int64_t n, void* hi_, void* lo_) {
   if (t == at::kBFloat16) {
     uint16_t* hi = static_cast<uint16_t*>(hi_);
     uint16_t* lo = static_cast<uint16_t*>(lo_);
@@ -157,6 +161,8 @@ inline int split_limbs(at::ScalarType t, const float* c, int64_t n, void* hi_, v
   }
   return 0;
 }
+XBM_CPU_DISPATCH(inline int, split_limbs, (at::ScalarType t, const float* c, int64_t n, void* hi_, void* lo_),
+                 (t, c, n, hi_, lo_))
 
 // The loss ops' inputs in the layout the kernels read: fp32 anchors, contiguous rows.
 struct LossInputs {
@@ -324,6 +330,34 @@ inline at::Tensor sum_splits(const at::Tensor& splits) {
   return out;
 }
 
+// o (B x D) += C r for a mostly zero (B x w) C: one row add per nonzero, in row-major order.
+// The zeros are skipped a vector at a time (the scan reads all of C, the adds few rows).
+template <int L>
+XBM_INLINE void sparse_row_adds_lanes(const float* cp, int64_t B, int64_t w, const float* r, int64_t D, float* o) {
+  for (int64_t i = 0; i < B; ++i) {
+    const float* ci = cp + i * w;
+    float* oi = o + i * D;
+    auto add = [&](int64_t j) {
+      const float cij = ci[j];
+      if (cij == 0.f) return;
+      const float* rj = r + j * D;
+      for (int64_t d = 0; d < D; ++d) oi[d] += cij * rj[d];
+    };
+    int64_t j = 0;
+#if XBM_CPU_VECTOR
+    using V = Vec<L>;
+    for (; j + L <= w; j += L) {
+      if (V::sum(V::one_where(V::ne(V::load(ci + j), 0.f))) == 0.f) continue;
+      for (int64_t k = j; k < j + L; ++k) add(k);
+    }
+#endif
+    for (; j < w; ++j) add(j);
+  }
+}
+XBM_CPU_DISPATCH(inline void, sparse_row_adds,
+                 (const float* cp, int64_t B, int64_t w, const float* r, int64_t D, float* o),
+                 (cp, B, w, r, D, o))
+
 // out += C R_tile for a (B x w) coefficient tile C with about `nonzeros` nonzero entries.
 // Sparse tiles (the positives of a memory of many classes) take one row add per nonzero,
 // 2 D flops per nonzero instead of the 2 B w D of a GEMM; tiles denser than 1/32 take the
@@ -337,18 +371,8 @@ inline void add_sparse_rows(TileScratch& scratch, const LossInputs& in, const at
     return;
   }
   if (nonzeros == 0) return;
-  const float* cp = c.data_ptr<float>();
-  const float* r = scratch.ref_tile(in.ref, c0, w).data_ptr<float>();
-  float* o = out.data_ptr<float>();
-  for (int64_t i = 0; i < B; ++i) {
-    for (int64_t j = 0; j < w; ++j) {
-      const float cij = cp[i * w + j];
-      if (cij == 0.f) continue;
-      const float* rj = r + j * D;
-      float* oi = o + i * D;
-      for (int64_t d = 0; d < D; ++d) oi[d] += cij * rj[d];
-    }
-  }
+  sparse_row_adds(c.data_ptr<float>(), B, w, scratch.ref_tile(in.ref, c0, w).data_ptr<float>(), D,
+                  out.data_ptr<float>());
 }
 
 // The reference-side backward shared by the losses whose gradient is a coefficient matrix:
