@@ -27,28 +27,42 @@ def _sets(x, y, r, z, pos_eps, ref_valid, self_index):
         yield i, s, P, N
 
 
+class _Outputs:
+    """An oracle's float64 outputs: rows (B,), d(sum_i w_i l_i)/dx (B, D), d(sum_i w_i l_i)/dr
+    (N, D) and counts (B, 2) int64, w = 1 by default; add(i, j, c) records dl_i/dS_ij = c."""
+
+    def __init__(self, x, r, weights):
+        B, D = x.shape
+        self.xd, self.rd = x.detach().double().cpu(), r.detach().double().cpu()
+        self.rows = torch.zeros(B, dtype=torch.float64)
+        self.grad = torch.zeros(B, D, dtype=torch.float64)
+        self.grad_ref = torch.zeros(r.shape[0], D, dtype=torch.float64)
+        self.counts = torch.zeros(B, 2, dtype=torch.int64)
+        self.w = [1.0] * B if weights is None else [float(v) for v in weights]
+
+    def add(self, i, j, c):
+        self.grad[i] += self.w[i] * c * self.rd[j]
+        self.grad_ref[j] += self.w[i] * c * self.xd[i]
+
+    def result(self):
+        return self.rows, self.grad, self.grad_ref, self.counts
+
+
 def contrastive_oracle(x, y, r, z, margin=0.5, pos_eps=1e-5, ref_valid=None, self_index=None, weights=None):
     """Returns (loss rows (B,) float64, grad (B, D) float64 = d(sum_i w_i l_i)/dx,
     grad_ref (N, D) float64 = d(sum_i w_i l_i)/dr, counts (B, 2) int64); w = 1 by default."""
-    B, D = x.shape
-    xd, rd = x.detach().double().cpu(), r.detach().double().cpu()
-    rows = torch.zeros(B, dtype=torch.float64)
-    grad = torch.zeros(B, D, dtype=torch.float64)
-    grad_ref = torch.zeros(r.shape[0], D, dtype=torch.float64)
-    counts = torch.zeros(B, 2, dtype=torch.int64)
-    w = [1.0] * B if weights is None else [float(v) for v in weights]
+    out = _Outputs(x, r, weights)
+    rows, counts = out.rows, out.counts
     for i, s, P, N in _sets(x, y, r, z, pos_eps, ref_valid, self_index):
         for j in P:
             rows[i] += 1.0 - s[j]
-            grad[i] -= w[i] * rd[j]
-            grad_ref[j] -= w[i] * xd[i]
+            out.add(i, j, -1.0)
         active = [j for j in N if s[j] > margin]
         for j in active:
             rows[i] += s[j]
-            grad[i] += w[i] * rd[j]
-            grad_ref[j] += w[i] * xd[i]
+            out.add(i, j, 1.0)
         counts[i, 0], counts[i, 1] = len(P), len(active)
-    return rows, grad, grad_ref, counts
+    return out.result()
 
 
 L2_ZERO = 2.0 ** -16  # 2 - 2S at or below it counts as d = 0 (CONTRACT.md section 1, contrastive_l2)
@@ -64,13 +78,8 @@ def contrastive_l2_oracle(x, y, r, z, pos_margin=0.0, neg_margin=1.0, pos_eps=1e
     """d_ij = sqrt(max(2 - 2 S_ij, 0)); l_i = sum_{P_i} max(0, d - pos_margin) + sum_{N_i}
     max(0, neg_margin - d). dl_i/dS_ij = -1/d (active positive), +1/d (active negative), and
     0 at d == 0 (torch.cdist's rule). counts: (active positives, active negatives)."""
-    B, D = x.shape
-    xd, rd = x.detach().double().cpu(), r.detach().double().cpu()
-    rows = torch.zeros(B, dtype=torch.float64)
-    grad = torch.zeros(B, D, dtype=torch.float64)
-    grad_ref = torch.zeros(r.shape[0], D, dtype=torch.float64)
-    counts = torch.zeros(B, 2, dtype=torch.int64)
-    w = [1.0] * B if weights is None else [float(v) for v in weights]
+    out = _Outputs(x, r, weights)
+    rows, counts = out.rows, out.counts
     for i, s, P, N in _sets(x, y, r, z, pos_eps, ref_valid, self_index):
         for j in P:
             d = l2_distance(s[j])
@@ -78,17 +87,15 @@ def contrastive_l2_oracle(x, y, r, z, pos_margin=0.0, neg_margin=1.0, pos_eps=1e
                 rows[i] += d - pos_margin
                 counts[i, 0] += 1
                 if d > 0:  # dl/dS = dl/dd * dd/dS = 1 * (-1/d)
-                    grad[i] -= w[i] / d * rd[j]
-                    grad_ref[j] -= w[i] / d * xd[i]
+                    out.add(i, j, -1.0 / d)
         for j in N:
             d = l2_distance(s[j])
             if d < neg_margin:
                 rows[i] += neg_margin - d
                 counts[i, 1] += 1
                 if d > 0:  # dl/dS = (-1) * (-1/d)
-                    grad[i] += w[i] / d * rd[j]
-                    grad_ref[j] += w[i] / d * xd[i]
-    return rows, grad, grad_ref, counts
+                    out.add(i, j, 1.0 / d)
+    return out.result()
 
 
 def reduce_rows(rows, reduction, denominator=None):
@@ -113,13 +120,8 @@ def min_threshold_distance(x, r, thresholds, ref_valid=None, self_index=None):
 
 def multi_similarity_oracle(x, y, r, z, alpha=2.0, beta=40.0, base=0.5, mining_margin=0.1, pos_eps=1e-5,
                             ref_valid=None, self_index=None, weights=None, mine=True, skip_incomplete=True):
-    B, D = x.shape
-    xd, rd = x.detach().double().cpu(), r.detach().double().cpu()
-    rows = torch.zeros(B, dtype=torch.float64)
-    grad = torch.zeros(B, D, dtype=torch.float64)
-    grad_ref = torch.zeros(r.shape[0], D, dtype=torch.float64)
-    counts = torch.zeros(B, 2, dtype=torch.int64)
-    w = [1.0] * B if weights is None else [float(v) for v in weights]
+    out = _Outputs(x, r, weights)
+    rows, counts = out.rows, out.counts
     for i, s, P, N in _sets(x, y, r, z, pos_eps, ref_valid, self_index):
         if mine:
             max_neg = max((s[j] for j in N), default=-math.inf)
@@ -136,24 +138,17 @@ def multi_similarity_oracle(x, y, r, z, alpha=2.0, beta=40.0, base=0.5, mining_m
         rows[i] = math.log1p(sp) / alpha + math.log1p(sn) / beta  # an empty set's term is log1p(0) = 0
         for j in Pm:  # d/dS_ij of (1/alpha) log(1 + sp) = -ep_j / (1 + sp)
             c = -ep[j] / (1 + sp)
-            grad[i] += w[i] * c * rd[j]
-            grad_ref[j] += w[i] * c * xd[i]
+            out.add(i, j, c)
         for j in Nm:
             c = en[j] / (1 + sn)
-            grad[i] += w[i] * c * rd[j]
-            grad_ref[j] += w[i] * c * xd[i]
+            out.add(i, j, c)
         counts[i, 0], counts[i, 1] = len(Pm), len(Nm)
-    return rows, grad, grad_ref, counts
+    return out.result()
 
 
 def triplet_oracle(x, y, r, z, margin=0.1, pos_eps=1e-5, ref_valid=None, self_index=None, weights=None):
-    B, D = x.shape
-    xd, rd = x.detach().double().cpu(), r.detach().double().cpu()
-    rows = torch.zeros(B, dtype=torch.float64)
-    grad = torch.zeros(B, D, dtype=torch.float64)
-    grad_ref = torch.zeros(r.shape[0], D, dtype=torch.float64)
-    counts = torch.zeros(B, 2, dtype=torch.int64)
-    w = [1.0] * B if weights is None else [float(v) for v in weights]
+    out = _Outputs(x, r, weights)
+    rows, counts = out.rows, out.counts
     for i, s, P, N in _sets(x, y, r, z, pos_eps, ref_valid, self_index):
         if not P or not N:
             continue
@@ -162,23 +157,17 @@ def triplet_oracle(x, y, r, z, margin=0.1, pos_eps=1e-5, ref_valid=None, self_in
         v = s[an] - s[ap] + margin
         if v > 0:
             rows[i] = v
-            grad[i] += w[i] * (rd[an] - rd[ap])
-            grad_ref[an] += w[i] * xd[i]
-            grad_ref[ap] -= w[i] * xd[i]
+            out.add(i, an, 1.0)
+            out.add(i, ap, -1.0)
             counts[i] = 1
-    return rows, grad, grad_ref, counts
+    return out.result()
 
 
 def supcon_oracle(x, y, r, z, temperature=0.1, pos_eps=1e-5, ref_valid=None, self_index=None, weights=None):
-    B, D = x.shape
-    xd, rd = x.detach().double().cpu(), r.detach().double().cpu()
-    rows = torch.zeros(B, dtype=torch.float64)
-    grad = torch.zeros(B, D, dtype=torch.float64)
-    grad_ref = torch.zeros(r.shape[0], D, dtype=torch.float64)
-    counts = torch.zeros(B, 2, dtype=torch.int64)
-    w = [1.0] * B if weights is None else [float(v) for v in weights]
+    out = _Outputs(x, r, weights)
+    rows, counts = out.rows, out.counts
     n = r.shape[0] if ref_valid is None else ref_valid
-    si = [-1] * B if self_index is None else [int(v) for v in self_index.cpu()]
+    si = [-1] * x.shape[0] if self_index is None else [int(v) for v in self_index.cpu()]
     for i, s, P, N in _sets(x, y, r, z, pos_eps, ref_valid, self_index):
         if not P:
             continue
@@ -188,22 +177,16 @@ def supcon_oracle(x, y, r, z, temperature=0.1, pos_eps=1e-5, ref_valid=None, sel
         rows[i] = -sum(s[p] / temperature - lse for p in P) / len(P)
         for j in V:
             c = math.exp(s[j] / temperature - lse) / temperature - ((1.0 / len(P) / temperature) if j in P else 0.0)
-            grad[i] += w[i] * c * rd[j]
-            grad_ref[j] += w[i] * c * xd[i]
+            out.add(i, j, c)
         counts[i, 0], counts[i, 1] = len(P), len(N)
-    return rows, grad, grad_ref, counts
+    return out.result()
 
 
 def ntxent_oracle(x, y, r, z, temperature=0.1, pos_eps=1e-5, ref_valid=None, self_index=None, weights=None):
     """l_i = sum_{p in P_i} -log(exp(s_ip) / (exp(s_ip) + sum_{n in N_i} exp(s_in))), s = S / tau;
     a pair's term is 0 when N_i is empty."""
-    B, D = x.shape
-    xd, rd = x.detach().double().cpu(), r.detach().double().cpu()
-    rows = torch.zeros(B, dtype=torch.float64)
-    grad = torch.zeros(B, D, dtype=torch.float64)
-    grad_ref = torch.zeros(r.shape[0], D, dtype=torch.float64)
-    counts = torch.zeros(B, 2, dtype=torch.int64)
-    w = [1.0] * B if weights is None else [float(v) for v in weights]
+    out = _Outputs(x, r, weights)
+    rows, counts = out.rows, out.counts
     for i, s, P, N in _sets(x, y, r, z, pos_eps, ref_valid, self_index):
         counts[i, 0], counts[i, 1] = len(P), len(N)
         if not P or not N:
@@ -220,22 +203,16 @@ def ntxent_oracle(x, y, r, z, temperature=0.1, pos_eps=1e-5, ref_valid=None, sel
             for n in N:
                 coef[n] += math.exp(s[n] / temperature - top) / total / temperature
         for j, c in coef.items():
-            grad[i] += w[i] * c * rd[j]
-            grad_ref[j] += w[i] * c * xd[i]
-    return rows, grad, grad_ref, counts
+            out.add(i, j, c)
+    return out.result()
 
 
 def circle_oracle(x, y, r, z, m=0.4, gamma=80.0, pos_eps=1e-5, ref_valid=None, self_index=None, weights=None):
     """l_i = softplus(LSE_P lp + LSE_N ln), lp_ij = -gamma [1 + m - S]_+ (S - (1 - m)),
     ln_ij = gamma [S + m]_+ (S - m), the [.]_+ factors constants for the gradient; 0 when P_i
     or N_i is empty."""
-    B, D = x.shape
-    xd, rd = x.detach().double().cpu(), r.detach().double().cpu()
-    rows = torch.zeros(B, dtype=torch.float64)
-    grad = torch.zeros(B, D, dtype=torch.float64)
-    grad_ref = torch.zeros(r.shape[0], D, dtype=torch.float64)
-    counts = torch.zeros(B, 2, dtype=torch.int64)
-    w = [1.0] * B if weights is None else [float(v) for v in weights]
+    out = _Outputs(x, r, weights)
+    rows, counts = out.rows, out.counts
     for i, s, P, N in _sets(x, y, r, z, pos_eps, ref_valid, self_index):
         counts[i, 0], counts[i, 1] = len(P), len(N)
         if not P or not N:
@@ -254,9 +231,8 @@ def circle_oracle(x, y, r, z, m=0.4, gamma=80.0, pos_eps=1e-5, ref_valid=None, s
         for name, cols in (("P", P), ("N", N)):
             for j in cols:
                 c = sig * math.exp(logit[j] - lse[name]) * scale[j]
-                grad[i] += w[i] * c * rd[j]
-                grad_ref[j] += w[i] * c * xd[i]
-    return rows, grad, grad_ref, counts
+                out.add(i, j, c)
+    return out.result()
 
 
 def triplet_all_oracle(x, y, r, z, margin=0.05, select_low=-3.0, select_high=3.0, pos_eps=1e-5, ref_valid=None,
@@ -264,13 +240,8 @@ def triplet_all_oracle(x, y, r, z, margin=0.05, select_low=-3.0, select_high=3.0
     """l_i = sum over p in P_i, n in N_i with select_low < S_ip - S_in <= select_high of
     max(0, S_in - S_ip + margin); counts: the selected triplets with a positive loss. One
     anchor at a time (its P x N triplets as a float64 matrix)."""
-    B, D = x.shape
-    xd, rd = x.detach().double().cpu(), r.detach().double().cpu()
-    rows = torch.zeros(B, dtype=torch.float64)
-    grad = torch.zeros(B, D, dtype=torch.float64)
-    grad_ref = torch.zeros(r.shape[0], D, dtype=torch.float64)
-    counts = torch.zeros(B, 2, dtype=torch.int64)
-    w = [1.0] * B if weights is None else [float(v) for v in weights]
+    out = _Outputs(x, r, weights)
+    rows, counts = out.rows, out.counts
     for i, s, P, N in _sets(x, y, r, z, pos_eps, ref_valid, self_index):
         if not P or not N:
             continue
@@ -285,9 +256,8 @@ def triplet_all_oracle(x, y, r, z, margin=0.05, select_low=-3.0, select_high=3.0
         for c, cols in ((coef_p, P), (coef_n, N)):
             for k, j in enumerate(cols):
                 if c[k] != 0:
-                    grad[i] += w[i] * float(c[k]) * rd[j]
-                    grad_ref[j] += w[i] * float(c[k]) * xd[i]
-    return rows, grad, grad_ref, counts
+                    out.add(i, j, float(c[k]))
+    return out.result()
 
 
 # --------------------------------------------------------------------------- lookup
