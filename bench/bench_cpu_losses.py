@@ -32,7 +32,7 @@ import torch.utils.benchmark as benchmark
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from measure import cpu_model, run_identity  # noqa: E402
-from providers import make_inputs  # noqa: E402
+from providers import cpu_loss_step, make_inputs  # noqa: E402
 
 import xbm_kernels as xk  # noqa: E402
 
@@ -41,12 +41,6 @@ CONFIGS = {  # name: (anchor dtype, memory dtype, product dtype of the GEMM rate
     "bf16": (torch.bfloat16, torch.bfloat16, "bfloat16"),
     "fp32-x/bf16-M": (torch.float32, torch.bfloat16, "float32"),
 }
-
-
-def loss_step(loss, x, inp):
-    fn = getattr(xk, f"{loss}_loss")
-    out = fn(x, inp.y, inp.mem, inp.mem_labels, self_index=inp.slots, backend="cpu")
-    return torch.autograd.grad(out, x)
 
 
 def main(argv=None):
@@ -84,8 +78,8 @@ def main(argv=None):
             for loss in losses:
                 for name in configs:
                     inp, x = inputs[name]
-                    loss_step(loss, x, inp)  # warm
-                    t = benchmark.Timer("f()", globals={"f": lambda: loss_step(loss, x, inp)}).timeit(2)
+                    cpu_loss_step(loss, x, inp)  # warm
+                    t = benchmark.Timer("f()", globals={"f": lambda: cpu_loss_step(loss, x, inp)}).timeit(2)
                     times[(loss, name)].append(t.median * 1e3)
                 for dt, (p, q) in sq.items():  # a GEMM after every loss: the rates drift with the losses
                     t = benchmark.Timer("torch.mm(p, q)", globals={"torch": torch, "p": p, "q": q}).timeit(2)

@@ -67,6 +67,13 @@ def make_inputs(B, K, D, dtype, device, seed):
                   slots=torch.arange(B, device=device))
 
 
+def cpu_loss_step(loss, x, inp):
+    """Forward and backward of `loss` on the cpu backend against the memory of `inp` (x the
+    anchors, requiring grad): one training step's memory loss."""
+    out = getattr(xk, f"{loss}_loss")(x, inp.y, inp.mem, inp.mem_labels, self_index=inp.slots, backend="cpu")
+    return torch.autograd.grad(out, x)
+
+
 # ---------------------------------------------------------------- loss providers
 # Each builder returns fn(inp, x) -> scalar loss ("mean": sum over anchors / B), or None
 # when the provider has no implementation of that loss.
