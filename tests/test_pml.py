@@ -650,3 +650,23 @@ def test_argument_names_for_labels_and_memory_dtype():
         m(torch.randn(3, D), "abc")
     with pytest.raises(TypeError, match="^memory_dtype: "):
         xpml.CrossBatchMemory(losses.SupConLoss(), D, MEMORY, memory_dtype=torch.int32)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: (losses.TripletMarginLoss(margin=0.0, distance=COS()), None),
+    lambda: (losses.TripletMarginLoss(margin=0.1, distance=COS()),
+             miners.TripletMarginMiner(0.1, distance=COS(), type_of_triplets="semihard")),
+    lambda: (losses.TripletMarginLoss(margin=0.1, distance=COS()),
+             miners.TripletMarginMiner(0.1, distance=COS(), type_of_triplets="hard"))],
+    ids=["all-margin0", "semihard", "hard"])
+def test_triplets_with_a_row_under_two_labels(make):
+    """A row held in the memory under two labels (label noise) puts u = S_ap - S_an = 0 exactly on
+    PML's side; the fused all-triplets path must see the same tie (found by a probe)."""
+    gen = torch.Generator().manual_seed(0)
+    rows = F.normalize(torch.randn(4, 16, generator=gen), dim=1)
+    first = (torch.cat([rows, rows]), torch.tensor([0, 1, 2, 3, 1, 0, 3, 2]))
+    second = (F.normalize(torch.randn(6, 16, generator=gen), dim=1), torch.tensor([0, 1, 2, 3, 0, 1]))
+    (ours, ours_g), (theirs, theirs_g) = _pair(make, [first, second], memory=16)
+    assert xpml.plan(*make())[0].startswith("triplet_all")
+    assert abs(float(ours) - float(theirs)) <= 1e-5 * max(1.0, abs(float(theirs)))
+    assert float((ours_g - theirs_g).abs().max()) <= 1e-5 * max(1.0, float(theirs_g.abs().max()))

@@ -50,10 +50,25 @@ def _allow_tf32():
     return torch.get_float32_matmul_precision() != "highest"
 
 
+COUNT_LIMIT = 2 ** 31 - 1  # counts are int32: an anchor's count saturates here
+
+
+def active_triplets(counts):
+    """The number of active triplets (int64) from triplet_all's counts; raises where one anchor's
+    count reached the int32 limit, beyond which it saturates and the total would be wrong (a
+    value check, so a host sync on a GPU, for this loss's mean only)."""
+    if counts.numel() and bool((counts[:, 0] >= COUNT_LIMIT).any()):
+        raise ValueError(f"triplet_all: an anchor has {COUNT_LIMIT} or more active triplets, past the int32 count "
+                         f"the op returns, so the mean over active triplets cannot be formed; use reduction='sum'")
+    return counts[:, 0].sum()
+
+
 def _mean_denominator(spec: Loss, rows, counts):
     if spec.mean_over == "anchors_with_positives":
         return (counts[:, 0] > 0).sum().clamp_min(1).to(rows.dtype)
-    if spec.mean_over in ("positive_pairs", "active_triplets"):
+    if spec.mean_over == "active_triplets":
+        return active_triplets(counts).clamp_min(1).to(rows.dtype)
+    if spec.mean_over == "positive_pairs":
         return counts[:, 0].sum().clamp_min(1).to(rows.dtype)
     assert spec.mean_over == "anchors", spec.mean_over
     return float(max(rows.shape[0], 1))  # a Python number: no host-to-device copy (a sync on a GPU)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _validate as V
-from .losses import check_inputs, run
+from .losses import active_triplets, check_inputs, run
 from .memory import CrossBatchMemory as _Memory
 from .reference import normalize_rows
 from .registry import LOSSES
@@ -365,7 +365,7 @@ def _triplet_all(loss, miner):
         # anchor's own slot never a positive (PML drops those triplets after mining); PML's
         # AvgNonZeroReducer: the mean over the triplets with a loss > 0
         rows, counts = step.run("triplet_all", params)
-        return rows.sum() / counts[:, 0].sum().clamp_min(1).to(rows.dtype)
+        return rows.sum() / active_triplets(counts).clamp_min(1).to(rows.dtype)
 
     return fused
 

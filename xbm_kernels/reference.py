@@ -259,5 +259,5 @@ def triplet_all(x, labels, ref, ref_labels, *, margin, select_low, select_high, 
         active.append((hinge > 0).sum())
     if not rows:  # no anchors: an empty row vector still tied to the inputs
         return S.sum(1), torch.zeros(0, 2, dtype=torch.int32, device=S.device)
-    active = torch.stack(active)
+    active = torch.stack(active).clamp_max(2 ** 31 - 1)  # int32 counts saturate, as the kernels'
     return torch.stack(rows), torch.stack([active, active], dim=1).to(torch.int32)

@@ -12,7 +12,10 @@
 // the number of negatives whose range holds p (a difference array per split over the sorted
 // positives), applied to the positive rows after the pass. A positive's S comes from the
 // gather only and a negative's from the tile GEMM only, so every triplet is decided on one
-// value. The reference-side gradient (in-batch loss) runs the pass for the positives' counts,
+// value; a negative whose u lies within 1e-5 of a bound or the margin for some positive is
+// decided on its S recomputed by the gather's own dot product instead, so that a row held twice
+// under two labels gives u = 0 exactly, as one GEMM over all columns (pytorch-metric-learning's)
+// does. The reference-side gradient (in-batch loss) runs the pass for the positives' counts,
 // then C = dl/dS per tile: dX = C R, dR = C^T X.
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
@@ -61,25 +64,31 @@ float row_dot(const float* x, const T* r, int64_t D) {
   return out;
 }
 
+// S_ij by the gather's dot product (the fp32 anchor against row j in its own dtype, in order).
+float pair_dot(const cpu::LossInputs& in, int64_t i, int64_t j) {
+  const float* x = in.x32.data_ptr<float>() + i * in.D;
+  switch (in.ref.scalar_type()) {
+    case at::kBFloat16: return row_dot(x, in.ref.data_ptr<at::BFloat16>() + j * in.D, in.D);
+    case at::kHalf: return row_dot(x, in.ref.data_ptr<at::Half>() + j * in.D, in.D);
+    default: return row_dot(x, in.ref.data_ptr<float>() + j * in.D, in.D);
+  }
+}
+
 Positives gather_positives(const cpu::LossInputs& in, float pos_thr) {
-  const int64_t B = in.B, D = in.D;
+  const int64_t B = in.B;
   const int32_t* y = in.y_ptr();
   const int32_t* z = in.z_ptr();
-  const float* x = in.x32.data_ptr<float>();
   std::vector<std::vector<std::pair<float, int64_t>>> per(B);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.ref.scalar_type(), "triplet_all_gather", [&] {
-    const scalar_t* r = in.ref.data_ptr<scalar_t>();
-    at::parallel_for(0, B, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t self_col = in.self_col(i);
-        for (int64_t j = 0; j < in.n; ++j) {
-          if (z[j] != y[i] || j == self_col) continue;
-          const float s = row_dot(x + i * D, r + j * D, D);
-          if (s < pos_thr) per[i].emplace_back(s, j);
-        }
-        std::sort(per[i].begin(), per[i].end());  // by S, then column: a fixed order
+  at::parallel_for(0, B, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t self_col = in.self_col(i);
+      for (int64_t j = 0; j < in.n; ++j) {
+        if (z[j] != y[i] || j == self_col) continue;
+        const float s = pair_dot(in, i, j);
+        if (s < pos_thr) per[i].emplace_back(s, j);
       }
-    });
+      std::sort(per[i].begin(), per[i].end());  // by S, then column: a fixed order
+    }
   });
   Positives out;
   out.start.assign(1, 0);
@@ -115,6 +124,23 @@ inline std::pair<int64_t, int64_t> negative_range(const Positives& pos, const Tr
   return prm.range(pos.s.data() + s0, np, sn);
 }
 
+// The S a negative (anchor i, column j, sn from the tile GEMM) is decided on: sn, or where some
+// positive puts u = S_ip - sn within 1e-5 of a bound or the margin, the gather's dot product (a
+// GEMM and a dot product round one row differently; a row held under two labels must give u = 0).
+inline float negative_s(const cpu::LossInputs& in, const Positives& pos, const TripletParams& prm, int64_t i,
+                        int64_t j, float sn) {
+  const float* sp = pos.s.data() + pos.start[i];
+  const float* end = pos.s.data() + pos.start[i + 1];
+  if (sp == end) return sn;
+  const float tol = 1e-5f * (1.f + std::abs(sn));
+  for (const float t : {prm.lo, prm.hi, prm.margin}) {
+    if (std::abs(t) > 2.5f) continue;  // +-3: no bound
+    const float* near = std::lower_bound(sp, end, sn + t - tol);
+    if (near != end && *near <= sn + t + tol) return pair_dot(in, i, j);
+  }
+  return sn;
+}
+
 TripletSplits triplet_pass(const cpu::LossInputs& in, const cpu::TilePlan& plan, const Positives& pos,
                            const TripletParams& prm, bool accumulate) {
   const int64_t B = in.B, D = in.D;
@@ -140,7 +166,7 @@ TripletSplits triplet_pass(const cpu::LossInputs& in, const cpu::TilePlan& plan,
       for (int64_t j = 0; j < w; ++j) {
         float c = 0.f;
         if (z[j] != y[i] && j != self_col) {  // a negative (other label, valid)
-          const float sn = row[j];
+          const float sn = negative_s(in, pos, prm, i, c0 + j, row[j]);
           const auto [a, b] = negative_range(pos, prm, i, sn);
           if (b > a) {
             const int64_t k = b - a;
@@ -197,10 +223,13 @@ std::tuple<Tensor, Tensor, Tensor> triplet_all_fwd_cpu(const Tensor& x, const Te
   const Tensor loss = cpu::sum_splits(st.loss).to(at::kFloat);
   const Tensor counts = int32_counts(cpu::sum_splits(st.active));
   if (!need_grad) return {loss, at::empty({0}, loss.options()), counts};
-  Tensor grad = cpu::sum_splits(st.grad);
-  // The positives' part: -count_p r_p, anchor by anchor in the sorted order.
+  // The negatives' part (the splits' C R) and the positives' part -count_p r_p, anchor by anchor
+  // in the sorted order, added in double: with many triplets the two are large integers times
+  // rows that cancel, and an fp32 sum of them would keep only their leading digits.
+  Tensor grad = st.grad.select(0, 0).to(at::kDouble);
+  for (int64_t p = 1; p < st.grad.size(0); ++p) grad.add_(st.grad.select(0, p));
   const std::vector<int64_t> pc = positive_counts(pos, st.diff);
-  float* g = grad.data_ptr<float>();
+  double* g = grad.data_ptr<double>();
   const int64_t D = in.D;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.ref.scalar_type(), "triplet_all_positives", [&] {
     const scalar_t* r = in.ref.data_ptr<scalar_t>();
@@ -208,13 +237,13 @@ std::tuple<Tensor, Tensor, Tensor> triplet_all_fwd_cpu(const Tensor& x, const Te
       for (int64_t i = i0; i < i1; ++i)
         for (int64_t k = pos.start[i]; k < pos.start[i + 1]; ++k) {
           if (pc[k] == 0) continue;
-          const float c = -static_cast<float>(pc[k]);
+          const double c = -static_cast<double>(pc[k]);
           const scalar_t* rp = r + pos.col[k] * D;
-          for (int64_t d = 0; d < D; ++d) g[i * D + d] += c * static_cast<float>(rp[d]);
+          for (int64_t d = 0; d < D; ++d) g[i * D + d] += c * static_cast<double>(rp[d]);
         }
     });
   });
-  return {loss, grad, counts};
+  return {loss, grad.to(at::kFloat), counts};
 }
 
 std::tuple<Tensor, Tensor> triplet_all_bwd_cpu(const Tensor& x, const Tensor& labels, const Tensor& ref,
@@ -249,7 +278,7 @@ std::tuple<Tensor, Tensor> triplet_all_bwd_cpu(const Tensor& x, const Tensor& la
       for (int64_t j = 0; j < w; ++j) {
         float coef = 0.f;
         if (z[j] != y[i] && j != self_col) {
-          const auto [a, b] = negative_range(pos, prm, i, row[j]);
+          const auto [a, b] = negative_range(pos, prm, i, negative_s(in, pos, prm, i, c0 + j, row[j]));
           coef = static_cast<float>(b - a);
         }
         row[j] = coef * gp[i];
