@@ -235,7 +235,7 @@ def circle_oracle(x, y, r, z, m=0.4, gamma=80.0, pos_eps=1e-5, ref_valid=None, s
     return out.result()
 
 
-def triplet_all_oracle(x, y, r, z, margin=0.05, select_low=-3.0, select_high=3.0, pos_eps=1e-5, ref_valid=None,
+def triplet_all_oracle(x, y, r, z, margin=0.2, select_low=-3.0, select_high=3.0, pos_eps=1e-5, ref_valid=None,
                        self_index=None, weights=None):
     """l_i = sum over p in P_i, n in N_i with select_low < S_ip - S_in <= select_high of
     max(0, S_in - S_ip + margin); counts: the selected triplets with a positive loss. One
@@ -358,19 +358,20 @@ def ntxent_boundaries(S, pos, neg, p):
 
 
 # triplet_all: S_ip - S_in clusters near multiples of 1/7 on tight classes; the thresholds sit halfway
-triplet_all_moved = dict(margin=1.5 / 7, select_low=-0.5 / 7, select_high=2.5 / 7)
+triplet_all_moved = dict(margin=3.5 / 7, select_low=-0.5 / 7, select_high=2.5 / 7)
 
 
 def triplet_all_boundaries(S, pos, neg, p):
     """The hinge and the selection bounds against u = S_ip - S_in, every triplet of every
-    anchor (one anchor at a time: B x P x N would not fit)."""
+    anchor (one anchor at a time: B x P x N would not fit). A bound on a difference of two of the
+    row's similarities, as multi_similarity's mining rule: moving."""
     out = []
     bounds = [t for t in (p["margin"], p["select_low"], p["select_high"]) if abs(t) < 2.5]  # +-3: no bound
     for i in range(S.shape[0]):
         u = (S[i][pos[i]][:, None] - S[i][neg[i]][None, :]).reshape(-1)
         if u.numel():
             out += [(u - t).abs().min().reshape(1) for t in bounds]  # each anchor's closest triplet
-    return (torch.cat(out) if out else _NONE), _NONE
+    return _NONE, (torch.cat(out) if out else _NONE)
 
 
 def circle_boundaries(S, pos, neg, p):

@@ -56,8 +56,9 @@ COUNT_LIMIT = 2 ** 31 - 1  # counts are int32: an anchor's count saturates here
 def active_triplets(counts):
     """The number of active triplets (int64) from triplet_all's counts; raises where one anchor's
     count reached the int32 limit, beyond which it saturates and the total would be wrong (a
-    value check, so a host sync on a GPU, for this loss's mean only)."""
-    if counts.numel() and bool((counts[:, 0] >= COUNT_LIMIT).any()):
+    value check, so a host sync on a GPU, for this loss's mean only; like the other value checks
+    it does not run while torch.compile traces)."""
+    if not torch.compiler.is_compiling() and counts.numel() and bool((counts[:, 0] >= COUNT_LIMIT).any()):
         raise ValueError(f"triplet_all: an anchor has {COUNT_LIMIT} or more active triplets, past the int32 count "
                          f"the op returns, so the mean over active triplets cannot be formed; use reduction='sum'")
     return counts[:, 0].sum()

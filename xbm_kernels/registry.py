@@ -196,7 +196,7 @@ LOSSES: Dict[str, Loss] = {loss.name: loss for loss in (
          "or N_i is empty",
          kernels=frozenset({"cpu", "triton"})),
     Loss("triplet_all",
-         (Param("margin", 0.05, "the hinge's margin", low=0.0, high=2.0),
+         (Param("margin", 0.2, "the hinge's margin", low=0.0, high=2.0),
           Param("select_low", -3.0, "triplets with u = S_ip - S_in > select_low are selected (-3: no bound)",
                 low=-3.0, high=3.0),
           Param("select_high", 3.0, "... and u <= select_high (3: no bound)", low=-3.0, high=3.0),
