@@ -107,3 +107,17 @@ def test_bench_cpu_losses_smoke(tmp_path):
     for r in rows:
         assert all(_finite_positive(r[k]) for k in ("median_ms", "x_contrastive", "gemms", "x_fp32"))
         assert r["commit"] and r["device"]
+
+
+def test_bench_gemm16_smoke(tmp_path):
+    """bench/gemm16.py --smoke: every loss with 16-bit products against the fp32 GEMM, timed."""
+    if "cpu" not in xk.available_backends():
+        import pytest
+        pytest.skip("the CPU kernels are not built")
+    out = tmp_path / "gemm16.csv"
+    proc = subprocess.run([sys.executable, os.path.join("bench", "gemm16.py"), "--smoke", "--csv", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"gemm16 --smoke exited {proc.returncode}\n{proc.stderr[-3000:]}"
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["loss"] for r in rows} == set(xk.LOSSES), rows[:2]

@@ -68,6 +68,8 @@ NOT_RUN = {
         "needs nvcc (tests/test_cuda_compile.py compiles the CUDA sources when it is there)",
     "python bench/bench.py --device cpu": "the full CPU sweep (an hour); tests/test_bench_smoke.py runs its --smoke",
     "python bench/bench_pml.py": "a minute of timing; tests/test_bench_smoke.py runs its --smoke",
+    "python bench/bench_cpu_losses.py --rounds 7": "minutes of timing; tests/test_bench_smoke.py runs its --smoke",
+    "python bench/gemm16.py --rounds 5": "minutes of timing; tests/test_bench_smoke.py runs its --smoke",
 }
 
 
