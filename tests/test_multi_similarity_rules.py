@@ -6,6 +6,8 @@ positives kernel without mining. tests/test_values.py runs every flag combinatio
 import pytest
 import torch
 
+import xbm_kernels as xk
+
 import cases
 import oracle
 from compare import FP32, assert_close, assert_equal_counts
@@ -125,3 +127,30 @@ def test_forward_and_backward_mine_the_same_sets(backend, device, classes, preci
                                                            torch.ones(x.shape[0]), False)
         assert int(counts.sum()) > 0
         assert_close(grad.double(), gx.double(), 1e-6, f"forward dX against backward dX ({skip_incomplete=})")
+
+
+@pytest.mark.backends("reference", "cpu", "triton")
+@pytest.mark.parametrize("skip_incomplete", [True, False])
+def test_a_row_under_two_labels_with_a_zero_mining_margin(backend, device, skip_incomplete):
+    """A row held twice in the memory, under the anchor's label and another, with
+    mining_margin = 0: the two copies sit exactly on both mining boundaries (S_p < max_neg,
+    S_n > min_pos with S_p == S_n), and with S a function of the values neither is mined.
+    Many classes, so the CPU's one-pass form would apply (found by an independent probe)."""
+    D, N = 33, 40
+    g = torch.Generator().manual_seed(1)
+    x = torch.nn.functional.normalize(torch.randn(1, D, generator=g), dim=1)
+    v = torch.nn.functional.normalize(x + torch.randn(1, D, generator=g), dim=1)[0]
+    r = torch.nn.functional.normalize(torch.randn(N, D, generator=g), dim=1)
+    r = r - 2 * (r @ x[0]).clamp(min=0)[:, None] * x  # the other rows less similar than the copies
+    r[0] = v
+    r[1] = v
+    y = torch.tensor([0])
+    z = torch.arange(1, N + 1)
+    z[0] = 0  # column 0 a positive, column 1 (the same row) a negative
+    params = dict(alpha=2.0, beta=40.0, base=0.5, mining_margin=0.0, pos_eps=1e-5, mine=True,
+                  skip_incomplete=skip_incomplete)
+    rows_e, _, _, counts_e = oracle.evaluate("multi_similarity", params, x, y, r, z)
+    rows, counts = xk.losses.compute("multi_similarity", x.to(device), y.to(device), r.to(device), z.to(device),
+                                     backend=backend, reduction="none", **params)
+    assert torch.equal(counts.cpu().long(), counts_e), (counts, counts_e)
+    assert torch.allclose(rows.double().cpu(), rows_e, atol=1e-6)

@@ -724,6 +724,14 @@ MsParams params(double alpha, double beta, double base, double mining_margin, do
   return {float(alpha), float(beta), float(base), float(mining_margin), float(1.0 - pos_eps), mine, skip_incomplete};
 }
 
+// Whether the one-pass form (positives' S by their own dot product, negatives' by the tile GEMM)
+// may decide the mined sets. Not with a mining margin of 0: a row held under two labels then sits
+// exactly on both mining boundaries (S_p < max_neg, S_n > min_pos with S_p == S_n), and the two
+// products round that one row differently, so the two-pass form (every S from the one GEMM, as
+// the reference's single product) decides it. Other exact ties need S values exactly
+// mining_margin apart: data on a boundary, which CONTRACT.md section 6 leaves to rounding.
+inline bool one_pass_applies(const MsParams& prm) { return prm.mine && prm.mining_margin != 0.f; }
+
 std::tuple<Tensor, Tensor, Tensor> multi_similarity_fwd_cpu(
     const Tensor& x, const Tensor& labels, const Tensor& ref, const Tensor& ref_labels,
     const c10::optional<Tensor>& self_index, int64_t ref_valid, double alpha, double beta, double base,
@@ -732,8 +740,8 @@ std::tuple<Tensor, Tensor, Tensor> multi_similarity_fwd_cpu(
   const auto in = cpu::prepare_inputs(x, labels, ref, ref_labels, self_index, ref_valid);
   const MsParams prm = params(alpha, beta, base, mining_margin, pos_eps, mine, skip_incomplete);
   Positives pos;
-  MsState st = prm.mine && gather_positives(in, pos) ? ms_one_pass_mined(in, prm, pos, need_grad)
-                                                     : ms_passes(in, prm, need_grad);
+  MsState st = one_pass_applies(prm) && gather_positives(in, pos) ? ms_one_pass_mined(in, prm, pos, need_grad)
+                                                                  : ms_passes(in, prm, need_grad);
   Tensor loss, fp, fn;
   ms_finish(st, prm, loss, fp, fn);
   Tensor grad = need_grad ? st.grad_p.mul_(fp.unsqueeze(1)).add_(st.grad_n.mul_(fn.unsqueeze(1)))
@@ -752,7 +760,7 @@ std::tuple<Tensor, Tensor> multi_similarity_bwd_cpu(const Tensor& x, const Tenso
   TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == in.B, "grad_rows: expected shape (", in.B, ",)");
   const MsParams prm = params(alpha, beta, base, mining_margin, pos_eps, mine, skip_incomplete);
   Positives pos;
-  const bool one_pass = prm.mine && gather_positives(in, pos);
+  const bool one_pass = one_pass_applies(prm) && gather_positives(in, pos);
   MsState st = one_pass ? ms_one_pass_mined(in, prm, pos, /*accumulate=*/false)
                         : ms_passes(in, prm, /*accumulate=*/false);
   Tensor loss, fp, fn;
