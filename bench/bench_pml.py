@@ -44,7 +44,7 @@ CONFIGS = {
     "triplet + batch-hard": lambda: (losses.TripletMarginLoss(margin=0.1, distance=COS()),
                                      miners.BatchHardMiner(distance=COS())),
     "circle": lambda: (losses.CircleLoss(), None),
-    "triplet, all triplets": lambda: (losses.TripletMarginLoss(margin=0.1, distance=COS()), None),
+    "triplet (all triplets)": lambda: (losses.TripletMarginLoss(margin=0.1, distance=COS()), None),
     "triplet + semihard miner": lambda: (losses.TripletMarginLoss(margin=0.1, distance=COS()),
                                          miners.TripletMarginMiner(0.2, distance=COS(), type_of_triplets="semihard")),
     "circle + miner (PML's loss on our memory)": lambda: (losses.CircleLoss(), miners.MultiSimilarityMiner()),
@@ -70,7 +70,7 @@ def _pml_too_large(name, B, K, n_classes, limit_bytes=4 * 2 ** 30):
     pos, neg = B * K / n_classes, B * K
     if name.startswith("ntxent"):
         need, what = 4 * pos * neg, "n_per_p matrix"
-    elif name == "triplet, all triplets":
+    elif name == "triplet (all triplets)":
         need, what = pos * neg, "pair-match matrix"
     elif name.startswith("triplet + semihard"):
         need, what = B * K * K, "triplet mask"
