@@ -104,7 +104,10 @@ def main(argv=None):
     B, K, D = (int(v) for v in args.shape.split(","))
     names = [n for n in CONFIGS if args.configs is None or n in args.configs.split(",")]
     identity = measure.run_identity(torch.device("cpu"), REPO)
-    fill, batches = _data(B, K, D, args.classes, steps=8)
+    # more distinct batches than the memory holds: a batch timed again must not find its own
+    # rows still in the memory (exact duplicates, which training never feeds, send batch-hard
+    # triplets to PML's own loss)
+    fill, batches = _data(B, K, D, args.classes, steps=max(8, -(-K // B) + 1))
     rows = []
     print(f"{identity['device']}, torch {identity['torch']}, commit {identity['commit']}, threads "
           f"{torch.get_num_threads()}; B={B} K={K} D={D}")
