@@ -26,6 +26,8 @@
 #include <numeric>
 #include <vector>
 
+#include "cpu/same_label.h"
+#include "cpu/simd.h"
 #include "cpu/tiles.h"
 
 namespace xbm_kernels {
@@ -57,39 +59,26 @@ struct Positives {
   int64_t total() const { return start.back(); }
 };
 
-template <typename T>
-float row_dot(const float* x, const T* r, int64_t D) {
-  float out = 0.f;
-  for (int64_t d = 0; d < D; ++d) out += x[d] * static_cast<float>(r[d]);
-  return out;
-}
-
-// S_ij by the gather's dot product (the fp32 anchor against row j in its own dtype, in order).
+// S_ij by the gather's dot product (cpu::gather_same_label's: the fp32 anchor against row j's
+// fp32 value), for a negative decided on it (negative_s).
 float pair_dot(const cpu::LossInputs& in, int64_t i, int64_t j) {
-  const float* x = in.x32.data_ptr<float>() + i * in.D;
-  switch (in.ref.scalar_type()) {
-    case at::kBFloat16: return row_dot(x, in.ref.data_ptr<at::BFloat16>() + j * in.D, in.D);
-    case at::kHalf: return row_dot(x, in.ref.data_ptr<at::Half>() + j * in.D, in.D);
-    default: return row_dot(x, in.ref.data_ptr<float>() + j * in.D, in.D);
-  }
+  thread_local std::vector<float> buf;
+  buf.resize(in.D);
+  return cpu::dot(in.x32.data_ptr<float>() + i * in.D, cpu::ref_row(in.ref, j, in.D, buf.data()), in.D);
 }
 
+// Each anchor's positives: its same-label columns (cpu::gather_same_label, uncapped: every
+// anchor is served this way) with S < 1 - pos_eps, sorted by S.
 Positives gather_positives(const cpu::LossInputs& in, float pos_thr) {
   const int64_t B = in.B;
-  const int32_t* y = in.y_ptr();
-  const int32_t* z = in.z_ptr();
+  cpu::SameLabel cand;
+  cpu::gather_same_label(in, cand, /*capped=*/false);
   std::vector<std::vector<std::pair<float, int64_t>>> per(B);
-  at::parallel_for(0, B, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t self_col = in.self_col(i);
-      for (int64_t j = 0; j < in.n; ++j) {
-        if (z[j] != y[i] || j == self_col) continue;
-        const float s = pair_dot(in, i, j);
-        if (s < pos_thr) per[i].emplace_back(s, j);
-      }
-      std::sort(per[i].begin(), per[i].end());  // by S, then column: a fixed order
-    }
-  });
+  for (int64_t i = 0; i < B; ++i) {
+    for (int64_t k = cand.start[i]; k < cand.start[i + 1]; ++k)
+      if (cand.s[k] < pos_thr) per[i].emplace_back(cand.s[k], cand.col[k]);
+    std::sort(per[i].begin(), per[i].end());  // by S, then column: a fixed order
+  }
   Positives out;
   out.start.assign(1, 0);
   for (int64_t i = 0; i < B; ++i) {
@@ -231,17 +220,15 @@ std::tuple<Tensor, Tensor, Tensor> triplet_all_fwd_cpu(const Tensor& x, const Te
   const std::vector<int64_t> pc = positive_counts(pos, st.diff);
   double* g = grad.data_ptr<double>();
   const int64_t D = in.D;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.ref.scalar_type(), "triplet_all_positives", [&] {
-    const scalar_t* r = in.ref.data_ptr<scalar_t>();
-    at::parallel_for(0, in.B, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i)
-        for (int64_t k = pos.start[i]; k < pos.start[i + 1]; ++k) {
-          if (pc[k] == 0) continue;
-          const double c = -static_cast<double>(pc[k]);
-          const scalar_t* rp = r + pos.col[k] * D;
-          for (int64_t d = 0; d < D; ++d) g[i * D + d] += c * static_cast<double>(rp[d]);
-        }
-    });
+  at::parallel_for(0, in.B, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> buf(D);
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t k = pos.start[i]; k < pos.start[i + 1]; ++k) {
+        if (pc[k] == 0) continue;
+        const double c = -static_cast<double>(pc[k]);
+        const float* rp = cpu::ref_row(in.ref, pos.col[k], D, buf.data());
+        for (int64_t d = 0; d < D; ++d) g[i * D + d] += c * static_cast<double>(rp[d]);
+      }
   });
   return {loss, grad.to(at::kFloat), counts};
 }

@@ -1,0 +1,125 @@
+// Each anchor's same-label columns, found by label, and their S by one dot product each:
+// the "positives first" step of the losses that know their few positives before the pass
+// over the memory (multi_similarity with mining, triplet_all). Shared by their CPU kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "cpu/simd.h"
+#include "cpu/tiles.h"
+
+namespace xbm_kernels {
+namespace cpu {
+
+// Anchor i's same-label valid columns (ascending) and their S, one dot product each. A
+// candidate is a positive exactly when its S < 1 - pos_eps (the others, same-label columns
+// at least that close to the anchor, are in neither set).
+struct SameLabel {
+  std::vector<int64_t> start;  // B + 1 offsets into col and s
+  std::vector<int64_t> col;
+  std::vector<float> s;
+};
+
+// Finds the candidates by label with one scan of the reference labels (an open-addressing
+// table of the batch's labels). With `capped`, returns false, finding nothing, when they are
+// more than 1/32 of the B x n pairs (the cut-off of cpu::add_sparse_rows): their dot products would cost
+// more than the statistics pass they replace. Decided from the labels alone, so the forward
+// and the backward take the same path.
+inline bool find_candidates(const LossInputs& in, SameLabel& out, bool capped = true) {
+  const int64_t B = in.B, n = in.n;
+  const int32_t* y = in.y_ptr();
+  const int32_t* z = in.z_ptr();
+  std::vector<int32_t> labs(y, y + B);
+  std::sort(labs.begin(), labs.end());
+  labs.erase(std::unique(labs.begin(), labs.end()), labs.end());
+  const int64_t U = static_cast<int64_t>(labs.size());
+  int bits = 4;
+  while ((int64_t{1} << bits) < 2 * U) ++bits;
+  const uint32_t mask = (uint32_t{1} << bits) - 1;
+  auto slot = [&](int32_t v) { return (static_cast<uint32_t>(v) * 0x9E3779B1u) >> (32 - bits); };
+  std::vector<int32_t> table(size_t{1} << bits, -1);  // label index, -1 empty
+  for (int64_t u = 0; u < U; ++u) {
+    uint32_t h = slot(labs[u]);
+    while (table[h] >= 0) h = (h + 1) & mask;
+    table[h] = static_cast<int32_t>(u);
+  }
+  auto find = [&](int32_t v) -> int64_t {
+    for (uint32_t h = slot(v);; h = (h + 1) & mask) {
+      const int32_t u = table[h];
+      if (u < 0 || labs[u] == v) return u;
+    }
+  };
+  // Columns per batch label, in column order (CSR).
+  std::vector<int64_t> lab_start(U + 1, 0);
+  std::vector<int32_t> col_lab(n);
+  for (int64_t j = 0; j < n; ++j) {
+    col_lab[j] = static_cast<int32_t>(find(z[j]));
+    if (col_lab[j] >= 0) ++lab_start[col_lab[j] + 1];
+  }
+  for (int64_t u = 0; u < U; ++u) lab_start[u + 1] += lab_start[u];
+  int64_t total = 0;
+  std::vector<int64_t> anchor_lab(B);
+  for (int64_t i = 0; i < B; ++i) {
+    anchor_lab[i] = std::lower_bound(labs.begin(), labs.end(), y[i]) - labs.begin();
+    total += lab_start[anchor_lab[i] + 1] - lab_start[anchor_lab[i]];
+  }
+  if (capped && total * 32 > B * n) return false;
+  std::vector<int64_t> lab_cols(lab_start[U]);
+  {
+    std::vector<int64_t> fill(lab_start.begin(), lab_start.end() - 1);
+    for (int64_t j = 0; j < n; ++j)
+      if (col_lab[j] >= 0) lab_cols[fill[col_lab[j]]++] = j;
+  }
+  out.start.assign(1, 0);
+  out.col.clear();
+  out.col.reserve(total);
+  for (int64_t i = 0; i < B; ++i) {
+    const int64_t self_col = in.self_col(i);
+    for (int64_t k = lab_start[anchor_lab[i]]; k < lab_start[anchor_lab[i] + 1]; ++k)
+      if (lab_cols[k] != self_col) out.col.push_back(lab_cols[k]);
+    out.start.push_back(static_cast<int64_t>(out.col.size()));
+  }
+  out.s.assign(out.col.size(), 0.f);
+  return true;
+}
+
+// Row j of the reference as fp32: the row itself, or converted into buf.
+inline const float* ref_row(const at::Tensor& ref, int64_t j, int64_t D, float* buf) {
+  switch (ref.scalar_type()) {
+    case at::kFloat:
+      return ref.data_ptr<float>() + j * D;
+    case at::kBFloat16: {
+      const at::BFloat16* r = ref.data_ptr<at::BFloat16>() + j * D;
+      for (int64_t d = 0; d < D; ++d) buf[d] = static_cast<float>(r[d]);
+      return buf;
+    }
+    default: {
+      const at::Half* r = ref.data_ptr<at::Half>() + j * D;
+      for (int64_t d = 0; d < D; ++d) buf[d] = static_cast<float>(r[d]);
+      return buf;
+    }
+  }
+}
+
+// The candidates of find_candidates with their S (cpu::dot of the fp32 anchor and the fp32
+// value of the row: the same fp32 products as the GEMM's, in a fixed order of its own).
+inline bool gather_same_label(const LossInputs& in, SameLabel& pos, bool capped = true) {
+  if (!find_candidates(in, pos, capped)) return false;
+  const float* x = in.x32.data_ptr<float>();
+  const int64_t D = in.D;
+  at::parallel_for(0, in.B, 16, [&](int64_t i0, int64_t i1) {
+    std::vector<float> buf(D);
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t k = pos.start[i]; k < pos.start[i + 1]; ++k)
+        pos.s[k] = dot(x + i * D, ref_row(in.ref, pos.col[k], D, buf.data()), D);
+  });
+  return true;
+}
+
+}  // namespace cpu
+}  // namespace xbm_kernels
