@@ -21,7 +21,6 @@ of its own shape run at the machine's GEMM rate (the S product plus a dense dX p
 The package is imported from this checkout (its in-place build).
 """
 import argparse
-import csv
 import os
 import statistics
 import sys
@@ -31,7 +30,7 @@ import torch.utils.benchmark as benchmark
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from measure import cpu_model, run_identity  # noqa: E402
+from measure import cpu_model, write_cpu_csv  # noqa: E402
 from providers import cpu_loss_step, make_inputs  # noqa: E402
 
 import xbm_kernels as xk  # noqa: E402
@@ -104,14 +103,7 @@ def main(argv=None):
                 rows.append(r)
                 print(f"| {loss} | {c} | {ms:.1f} | {r['x_contrastive']:.2f} | {r['gemms']:.2f} | {r['x_fp32']} |")
     if a.csv:
-        ident = run_identity(torch.device("cpu"), os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        os.makedirs(os.path.dirname(os.path.abspath(a.csv)), exist_ok=True)
-        with open(a.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]) + list(ident))
-            w.writeheader()
-            for r in rows:
-                w.writerow({**r, **ident})
-        print("wrote", a.csv)
+        write_cpu_csv(a.csv, rows)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ The package is imported from this checkout (its in-place build), not from wherev
 editable install points.
 """
 import argparse
-import csv
 import os
 import statistics
 import sys
@@ -30,7 +29,7 @@ import torch.utils.benchmark as benchmark
 # This checkout's package and build first (an editable install may point at another clone).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from measure import cpu_model, run_identity  # noqa: E402
+from measure import cpu_model, write_cpu_csv  # noqa: E402
 from providers import cpu_loss_step, make_inputs  # noqa: E402
 
 import xbm_kernels as xk  # noqa: E402
@@ -98,14 +97,7 @@ def main(argv=None):
                                  mm_fp32_gflops=round(r32, 1), mm_bf16_gflops=round(r16, 1),
                                  loss_gflops_nominal=round(4 * B * K * D / v / 1e6, 1)))
     if a.csv:
-        ident = run_identity(torch.device("cpu"), os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        os.makedirs(os.path.dirname(os.path.abspath(a.csv)), exist_ok=True)
-        with open(a.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]) + list(ident))
-            w.writeheader()
-            for r in rows:
-                w.writerow({**r, **ident})
-        print("wrote", a.csv)
+        write_cpu_csv(a.csv, rows)
 
 
 if __name__ == "__main__":

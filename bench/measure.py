@@ -195,6 +195,20 @@ def run_identity(device, repo_root):
     }
 
 
+def write_cpu_csv(path, rows):
+    """Writes `rows` (dicts with the same keys) to the CSV `path`, each with this CPU run's
+    identity (device, versions, commit, date) appended."""
+    import csv
+    ident = run_identity(torch.device("cpu"), os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) + list(ident))
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, **ident})
+    print("wrote", path)
+
+
 # ---------------------------------------------------------------- ceilings
 
 def _unit_rows(n, d, dtype, device, seed):
