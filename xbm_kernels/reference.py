@@ -86,6 +86,14 @@ def _valid_mask(B, N, device, ref_valid, self_index):
     return valid
 
 
+def _masked_logsumexp(a, mask):
+    """log sum_{mask} exp(a) per row; -inf for an empty row (gradient 0 there)."""
+    masked = torch.where(mask, a, a.new_tensor(float("-inf")))
+    has = mask.any(1, keepdim=True)
+    lse = torch.logsumexp(torch.where(has, masked, a.new_zeros(())), dim=1)  # no all -inf rows
+    return torch.where(has[:, 0], lse, a.new_tensor(float("-inf")))
+
+
 def _log1p_sum_exp(a, mask):
     """log(1 + sum_{mask} exp(a)) per row, stable for large a."""
     masked = torch.where(mask, a, a.new_tensor(float("-inf")))
@@ -175,21 +183,10 @@ def ntxent(x, labels, ref, ref_labels, *, temperature, pos_eps, ref_valid, self_
     S = similarity(x, ref)
     pos, neg = pair_sets(S, labels, ref_labels, ref_valid, self_index, pos_eps)
     logits = S / temperature
-    has_neg = neg.any(1, keepdim=True)
-    masked = torch.where(neg, logits, logits.new_tensor(float("-inf")))
-    lz = torch.logsumexp(torch.where(has_neg, masked, logits.new_zeros(())), dim=1, keepdim=True)  # no -inf rows
-    lz = torch.where(has_neg, lz, logits.new_tensor(float("-inf")))  # softplus(-inf) = 0, gradient 0
+    lz = _masked_logsumexp(logits, neg)[:, None]  # -inf without negatives: softplus(-inf) = 0, gradient 0
     rows = torch.where(pos, torch.nn.functional.softplus(lz - logits), logits.new_zeros(())).sum(1)
     counts = torch.stack([pos.sum(1), neg.sum(1)], dim=1)
     return rows, counts.to(torch.int32)
-
-
-def _masked_logsumexp(a, mask):
-    """log sum_{mask} exp(a) per row; -inf for an empty row (gradient 0 there)."""
-    masked = torch.where(mask, a, a.new_tensor(float("-inf")))
-    has = mask.any(1, keepdim=True)
-    lse = torch.logsumexp(torch.where(has, masked, a.new_zeros(())), dim=1)  # no all -inf rows
-    return torch.where(has[:, 0], lse, a.new_tensor(float("-inf")))
 
 
 def _circle_terms(S, pos, neg, m, gamma):
