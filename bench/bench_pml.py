@@ -21,7 +21,6 @@ import os
 import sys
 
 import torch
-import torch.utils.benchmark as tb
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import measure  # noqa: E402
@@ -112,7 +111,7 @@ def main(argv=None):
     print(f"{identity['device']}, torch {identity['torch']}, commit {identity['commit']}, threads "
           f"{torch.get_num_threads()}; B={B} K={K} D={D}")
     for name in names:
-        times, fused = {}, None
+        times, fns, fused = {}, {}, None
         for provider in ("pml", "xbm_kernels.pml"):
             skip = _pml_too_large(name, B, K, args.classes) if provider == "pml" else None
             if skip:
@@ -127,10 +126,10 @@ def main(argv=None):
             with torch.no_grad():
                 for x, y in fill:
                     module(x, y)  # a full memory
-            fn = _step(module, batches)
-            fn()  # warm-up
-            m = tb.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=args.min_run_time)
-            times[provider] = m.median * 1e3
+            fns[provider] = _step(module, batches)
+            fns[provider]()  # warm-up
+        # both providers in alternating order: their ratio holds under the machine's drift
+        times.update(measure.interleaved_ms(fns, torch.device("cpu"), min_run_time=args.min_run_time))
         timed = not isinstance(times["pml"], str)
         pml_ms = f"{times['pml']:.3f}" if timed else times["pml"]
         speedup = f"{times['pml'] / times['xbm_kernels.pml']:.2f}" if timed else ""

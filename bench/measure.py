@@ -77,6 +77,19 @@ def bench_ms(fn, device, *, estimate_s=None, min_run_time=0.3, max_run_time=3.0)
     return float(q[0]), float(q[1]), float(q[2])
 
 
+
+def interleaved_ms(fns, device, *, min_run_time=1.0, min_calls=5):
+    """{name: median ms} of callables timed in alternating order (A B, then B A, ...), one
+    call each per round, until each has run min_calls times and min_run_time seconds: the
+    machine's drift falls on all of them alike, so their ratios hold within one run."""
+    names, times = list(fns), {name: [] for name in fns}
+    r = 0
+    while r < min_calls or min(sum(t) for t in times.values()) < min_run_time:
+        for name in (names if r % 2 == 0 else names[::-1]):
+            times[name].append(time_once(fns[name], device))
+        r += 1
+    return {name: float(np.median(t)) * 1e3 for name, t in times.items()}
+
 # ---------------------------------------------------------------- memory
 
 @contextlib.contextmanager

@@ -670,3 +670,44 @@ def test_triplets_with_a_row_under_two_labels(make):
     assert xpml.plan(*make())[0].startswith("triplet_all")
     assert abs(float(ours) - float(theirs)) <= 1e-5 * max(1.0, abs(float(theirs)))
     assert float((ours_g - theirs_g).abs().max()) <= 1e-5 * max(1.0, float(theirs_g.abs().max()))
+
+
+@pytest.mark.parametrize("make, computed", [
+    (lambda: (losses.CircleLoss(), miners.MultiSimilarityMiner(0.1)), 1),
+    (lambda: (losses.ContrastiveLoss(), miners.PairMarginMiner(0.2, 0.8)), 1),
+    (lambda: (losses.CircleLoss(), miners.MultiSimilarityMiner(0.1, distance=COS(power=2))), 2),
+    (lambda: (losses.AngularLoss(), miners.AngularMiner()), None)])
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_a_miner_with_the_loss_distance_computes_no_matrix_of_its_own(make, computed, grad):
+    """On PML's loss with a miner whose distance is the loss's, the (anchors, memory) matrix
+    is computed once per step (PML: twice), and loss and gradient are PML's bitwise; with
+    another distance, or another call, each computes its own. The distances are restored."""
+    counts = {"xbm": 0, "pml": 0}
+    torch.manual_seed(0)
+    batches = [(F.normalize(torch.randn(6, D), dim=1), torch.randint(0, 3, (6,))) for _ in range(5)]
+    results = {}
+    for side, cls in (("pml", pml_cbm.CrossBatchMemory), ("xbm", xpml.CrossBatchMemory)):
+        loss, miner = make()
+        dists = {id(d): d for d in (loss.distance, miner.distance)}.values()
+        originals = {id(d): type(d).compute_mat for d in dists}
+
+        def counting(d, q, r, own, side=side):
+            counts[side] += q.shape[0] != r.shape[0] or q.data_ptr() != r.data_ptr()
+            return own(d, q, r)
+        for d in dists:
+            d.compute_mat = (lambda d, own: lambda q, r: counting(d, q, r, own))(d, type(d).compute_mat)
+        module, out = cls(loss, D, memory_size=16, miner=miner), []
+        for x0, y in batches:
+            x = x0.clone().requires_grad_()
+            with torch.set_grad_enabled(grad):
+                value = module(x, y)
+                if grad:
+                    value.backward()
+            out.append((value.detach(), x.grad))
+        results[side] = out
+        assert all("forward" not in vars(d) for d in dists)
+        assert all(type(d).compute_mat is originals[id(d)] for d in dists)
+    for (lx, gx), (lp, gp) in zip(results["xbm"], results["pml"]):
+        assert torch.equal(lx, lp) and (gx is None and gp is None or torch.equal(gx, gp))
+    if computed is not None:
+        assert counts["xbm"] == computed * len(batches) and counts["pml"] == 2 * len(batches), counts

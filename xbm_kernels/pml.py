@@ -629,24 +629,74 @@ class CrossBatchMemory(nn.Module):
     def _pml_loss(self, x, y, self_index, n, input_indices_tuple):
         """PML's own loss against this memory, as PML 2.9's wrapper runs it: its miner (or all
         pairs) over the memory with the batch's copies in it, then the (anchor, own slot)
-        pairs dropped, the caller's indices_tuple appended."""
+        pairs dropped, the caller's indices_tuple appended. A miner whose distance is the
+        loss's computes no matrix of its own (_SharedMatrix)."""
         _, _, _, _, c_f, lmu = _pml()
         mem = self.memory.embeddings[:n].to(x.dtype)
         mem_labels = self.memory.labels[:n].to(y.dtype)
-        if self.miner is not None:
-            indices = self.miner(x, y, mem, mem_labels)
-        else:
-            indices = lmu.get_all_pairs_indices(y, mem_labels)
-        if self_index is not None:
-            a, p = indices[0], indices[1]
-            keep = p != self_index[a]
-            indices = tuple(t[keep] for t in indices[:2]) + tuple(indices[2:]) if len(indices) == 4 \
-                else tuple(t[keep] for t in indices)
-        if input_indices_tuple is not None:
-            input_indices_tuple = tuple(t.long() for t in input_indices_tuple)
-            if len(input_indices_tuple) == 3 and len(indices) == 4:
-                input_indices_tuple = lmu.convert_to_pairs(input_indices_tuple, y)
-            elif len(input_indices_tuple) == 4 and len(indices) == 3:
-                input_indices_tuple = lmu.convert_to_triplets(input_indices_tuple, y)
-            indices = c_f.concatenate_indices_tuples(indices, input_indices_tuple)
-        return self.loss(x, y, indices, mem, mem_labels)
+        with _SharedMatrix(self.miner, self.loss, x, mem):
+            if self.miner is not None:
+                indices = self.miner(x, y, mem, mem_labels)
+            else:
+                indices = lmu.get_all_pairs_indices(y, mem_labels)
+            if self_index is not None:
+                a, p = indices[0], indices[1]
+                keep = p != self_index[a]
+                indices = tuple(t[keep] for t in indices[:2]) + tuple(indices[2:]) if len(indices) == 4 \
+                    else tuple(t[keep] for t in indices)
+            if input_indices_tuple is not None:
+                input_indices_tuple = tuple(t.long() for t in input_indices_tuple)
+                if len(input_indices_tuple) == 3 and len(indices) == 4:
+                    input_indices_tuple = lmu.convert_to_pairs(input_indices_tuple, y)
+                elif len(input_indices_tuple) == 4 and len(indices) == 3:
+                    input_indices_tuple = lmu.convert_to_triplets(input_indices_tuple, y)
+                indices = c_f.concatenate_indices_tuples(indices, input_indices_tuple)
+            return self.loss(x, y, indices, mem, mem_labels)
+
+
+class _SharedMatrix:
+    """While a miner and then its loss run on (x, mem): where both distances compute the same
+    matrix (the same PML distance class, not a subclass, with the same settings, collecting
+    no statistics), it is computed once, by the distance's own forward (bitwise what each
+    would compute), under the caller's grad mode: the miner (which mines under no_grad) gets a
+    copy, the loss (under grad) the matrix itself, once. PML computes it twice. A call on any other
+    tensors runs the distance as usual; outside the block the distances are untouched."""
+
+    SETTINGS = ("normalize_embeddings", "p", "power", "is_inverted")
+
+    def __init__(self, miner, loss, x, mem):
+        self.x, self.mem, self.grad, self.mat, self.given = x, mem, torch.is_grad_enabled(), None, False
+        dm, dl = getattr(miner, "distance", None), getattr(loss, "distance", None)
+        self.distances = [d for d in {id(dm): dm, id(dl): dl}.values()] if self._same(dm, dl) else []
+
+    @staticmethod
+    def _same(a, b):
+        classes = tuple(getattr(_pml()[0], n) for n in ("CosineSimilarity", "DotProductSimilarity", "LpDistance"))
+        return (type(a) in classes and type(a) is type(b)
+                and all(getattr(a, k) == getattr(b, k) for k in _SharedMatrix.SETTINGS)
+                and not a.collect_stats and not b.collect_stats)
+
+    def _forward(self, distance):
+        own = type(distance).forward
+
+        def forward(query_emb, ref_emb=None):
+            if query_emb is not self.x or ref_emb is not self.mem or self.given:
+                return own(distance, query_emb, ref_emb)
+            if self.mat is None:
+                with torch.set_grad_enabled(self.grad):
+                    self.mat = own(distance, query_emb, ref_emb)
+            if torch.is_grad_enabled():  # the loss: the matrix itself, once
+                self.given = True
+                return self.mat
+            return self.mat.detach().clone()  # a no-grad caller (the miner) may write into its copy
+        return forward
+
+    def __enter__(self):
+        for d in self.distances:
+            d.forward = self._forward(d)  # an instance attribute: nn.Module calls it
+        return self
+
+    def __exit__(self, *exc):
+        for d in self.distances:
+            del d.forward
+        return False
