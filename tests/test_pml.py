@@ -711,3 +711,36 @@ def test_a_miner_with_the_loss_distance_computes_no_matrix_of_its_own(make, comp
         assert torch.equal(lx, lp) and (gx is None and gp is None or torch.equal(gx, gp))
     if computed is not None:
         assert counts["xbm"] == computed * len(batches) and counts["pml"] == 2 * len(batches), counts
+
+
+def test_a_subclass_with_the_name_of_a_fused_loss_runs_its_own_loss():
+    """The plan matches PML's class itself, not its name: a user's subclass (here squaring
+    PML's rows) runs its own code, as in PML."""
+    class ContrastiveLoss(losses.ContrastiveLoss):
+        def _compute_loss(self, *args):
+            out = super()._compute_loss(*args)
+            for v in out.values():
+                v["losses"] = v["losses"] ** 2
+            return out
+    torch.manual_seed(0)
+    x, y = F.normalize(torch.randn(12, D), dim=1), torch.arange(12) % 3
+    ours, theirs = xpml.CrossBatchMemory(ContrastiveLoss(), D, 32), pml_cbm.CrossBatchMemory(ContrastiveLoss(), D, 32)
+    assert ours.fused is None
+    lo, lt = ours(x, y), theirs(x, y)
+    assert torch.allclose(lo, lt, rtol=1e-6) and not torch.allclose(lo, xpml.CrossBatchMemory(
+        losses.ContrastiveLoss(), D, 32)(x, y), rtol=1e-3)
+
+
+@pytest.mark.parametrize("where", ["anchor", "memory"])
+def test_a_row_whose_norm_overflows_is_a_zero_row_as_in_pml(where):
+    """Finite entries whose squared norm overflows fp32: F.normalize (PML's distances) makes
+    the row zero, so under LpDistance the step runs PML's own loss, as for a zero row."""
+    torch.manual_seed(0)
+    first, x, y = F.normalize(torch.randn(8, D), dim=1), F.normalize(torch.randn(8, D), dim=1), torch.arange(8) % 3
+    (first if where == "memory" else x)[2] *= 1e20  # squared norm 1e40
+    ours, theirs = xpml.CrossBatchMemory(losses.ContrastiveLoss(), D, 32), \
+        pml_cbm.CrossBatchMemory(losses.ContrastiveLoss(), D, 32)
+    for m in (ours, theirs):
+        m(first, y)
+    lo, lt = ours(x.clone(), y), theirs(x.clone(), y)
+    assert torch.isfinite(lo) and torch.allclose(lo, lt, rtol=1e-5, atol=1e-7), (float(lo), float(lt))

@@ -424,7 +424,7 @@ def plan(loss, miner=None):
     """(name, fused function) for a PML loss and miner as they are now, or (None, None):
     PML's own loss."""
     for name, cls, planner in _PLANS:
-        if type(loss).__name__ == cls:
+        if type(loss) is getattr(_pml()[1], cls):  # PML's class itself: a subclass may change its loss
             fn = planner(loss, miner)
             if fn is not None:
                 return name, fn
@@ -432,6 +432,14 @@ def plan(loss, miner=None):
 
 
 # --------------------------------------------------------------------------- the module
+
+
+def _not_unit(rows):
+    """Rows that F.normalize does not make unit (bool (n,)): norm <= 1e-12 (its eps), or a
+    norm that overflows the rows' dtype (finite entries whose squares do not fit: x / inf is a
+    zero row). PML's distances then see a zero row, which the fused plans with
+    `needs_nonzero_rows` leave to PML's own loss."""
+    return (rows.float().norm(dim=1) <= 1e-12) | torch.isinf(rows.norm(dim=1))
 
 
 def _check_indices_tuple(indices_tuple, n_anchors, n_ref, device):
@@ -524,10 +532,11 @@ class CrossBatchMemory(nn.Module):
     @torch.no_grad()
     def _derived(self, rows):
         """(unit rows, not-unit flags, keys) of raw rows: normalised as PML's distances do, in
-        the memory's dtype; a row of norm <= 1e-12 (F.normalize's eps) is not unit after it; the
+        the memory's dtype; a row of norm <= 1e-12 (F.normalize's eps) or whose norm overflows its
+        dtype (F.normalize then gives a zero row) is not unit after it (_not_unit); the
         key is an exact integer function of the row's bits (equal rows, equal keys)."""
         unit = normalize_rows(rows).to(rows.dtype)  # as PML's distances normalise them
-        tiny = rows.float().norm(dim=1) <= 1e-12
+        tiny = _not_unit(rows)
         bits = rows.contiguous().view({8: torch.int64, 4: torch.int32, 2: torch.int16}[rows.element_size()]).long()
         coef = torch.arange(1, rows.shape[1] + 1, device=rows.device, dtype=torch.int64) * 2654435761 % (1 << 20)
         keys = ((bits & 0xFFFF) * coef).sum(1) + (((bits >> 16) & 0xFFFF) * (coef + 1)).sum(1) * 7 \
@@ -617,7 +626,7 @@ class CrossBatchMemory(nn.Module):
             # memory dtype): no second rounding of the anchors
             x = normalize_rows(anchors)
             rule = getattr(fused_fn, "needs_nonzero_rows", None)
-            off_path = rule is not None and bool((anchors.detach().float().norm(dim=1) <= 1e-12).any()
+            off_path = rule is not None and bool(_not_unit(anchors.detach()).any()
                                                  | (rule == "anchors+memory" and tiny[:n].any()))
             if not off_path and getattr(fused_fn, "no_duplicate_copies", False) and self_index is not None:
                 off_path = self._has_duplicate_copies(keys, self_index, n)
