@@ -215,7 +215,7 @@ LOSSES: Dict[str, Loss] = {loss.name: loss for loss in (
          "(pytorch-metric-learning's GeneralizedLiftedStructureLoss).",
          "l_i = max(0, log sum_{P_i} exp(d_ij - pos_margin) + log sum_{N_i} exp(neg_margin - d_ij)), the term "
          "of an empty set 0",
-         kernels=frozenset({"cpu"})),
+         kernels=frozenset({"cpu", "triton"})),
 )}
 
 COMMON_ARGS_DOC = """S = X R^T accumulated in fp32 (inputs are expected L2-normalised; the functional losses do not
