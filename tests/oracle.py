@@ -406,6 +406,13 @@ def circle_boundaries(S, pos, neg, p):
     return _NONE, _NONE  # continuous in S: the [.]_+ factors reach 0 with their terms' slopes
 
 
+# generalized_lifted: margins a quarter of the way to the range's bounds would put every row below the
+# hinge (L = LSE_P(d) - 8 + LSE_N(-d) - 7.25); these put the in-batch case's rows on both sides of it
+# (each LSE grows with the log of its set's size: the other cases' rows fall on one side;
+# test_generalized_lifted_rules.py places the hinge in every backend's rows)
+generalized_lifted_moved = dict(pos_margin=3.0, neg_margin=-0.25)
+
+
 def generalized_lifted_boundaries(S, pos, neg, p):
     """The hinge max(0, L_i) at L_i = 0, L_i a sum over the whole row (moving, as a mining
     rule), and contrastive_l2's conditioning bound: every pair of a set carries a gradient

@@ -131,7 +131,7 @@ CONFIGS = {
                            [_set(("loss", "pos_margin"), 0.3), _set(("loss", "neg_margin"), 1.4),
                             _set(("loss", "neg_margin"), -0.5)]),
     "generalized-lifted-cos": (lambda: (losses.GeneralizedLiftedStructureLoss(distance=COS()), None), None, []),
-    "generalized-lifted-wide-margin": (lambda: (losses.GeneralizedLiftedStructureLoss(neg_margin=5.0), None), None,
+    "generalized-lifted-wide-margin": (lambda: (losses.GeneralizedLiftedStructureLoss(neg_margin=40.0), None), None,
                                        []),
     "generalized-lifted+miner": (lambda: (losses.GeneralizedLiftedStructureLoss(),
                                           miners.MultiSimilarityMiner(0.1)), None, []),

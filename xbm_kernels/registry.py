@@ -207,9 +207,9 @@ LOSSES: Dict[str, Loss] = {loss.name: loss for loss in (
          mean_over="active_triplets",
          kernels=frozenset({"cpu"})),
     Loss("generalized_lifted",
-         (Param("pos_margin", 0.0, "positives enter their log-sum-exp as d - pos_margin (d in [0, 2])", low=-4.0,
-                high=4.0),
-          Param("neg_margin", 1.0, "negatives enter theirs as neg_margin - d", low=-4.0, high=4.0),
+         (Param("pos_margin", 0.0, "positives enter their log-sum-exp as d - pos_margin (d in [0, 2]; a set's "
+                "log-sum-exp reaches log of its size, 21.5 for 2^31 pairs)", low=-32.0, high=32.0),
+          Param("neg_margin", 1.0, "negatives enter theirs as neg_margin - d", low=-32.0, high=32.0),
           POS_EPS),
          "Generalized lifted structure loss on the L2 distance of unit rows, d_ij = sqrt(max(2 - 2 S_ij, 0)) "
          "(pytorch-metric-learning's GeneralizedLiftedStructureLoss).",
