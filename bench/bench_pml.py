@@ -48,6 +48,7 @@ CONFIGS = {
                                          miners.TripletMarginMiner(0.2, distance=COS(), type_of_triplets="semihard")),
     "circle + miner (PML's loss on our memory)": lambda: (losses.CircleLoss(), miners.MultiSimilarityMiner()),
     "lifted (PML's loss on our memory)": lambda: (losses.LiftedStructureLoss(), None),
+    "generalized lifted (L2)": lambda: (losses.GeneralizedLiftedStructureLoss(), None),
 }
 
 

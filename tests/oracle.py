@@ -260,6 +260,34 @@ def triplet_all_oracle(x, y, r, z, margin=0.2, select_low=-3.0, select_high=3.0,
     return out.result()
 
 
+def generalized_lifted_oracle(x, y, r, z, pos_margin=0.0, neg_margin=1.0, pos_eps=1e-5, ref_valid=None,
+                              self_index=None, weights=None):
+    """d_ij as contrastive_l2's (0 within its floor); L_i = LSE_{P_i}(d - pos_margin) +
+    LSE_{N_i}(neg_margin - d), an empty set's term 0; l_i = max(0, L_i). dl_i/dS_ij = [L_i > 0]
+    softmax_set(logit)_j dlogit/dd dd/dS: -1/d on P, +1/d on N, 0 at d == 0. counts: (|P_i|, |N_i|)."""
+    out = _Outputs(x, r, weights)
+    for i, s, P, N in _sets(x, y, r, z, pos_eps, ref_valid, self_index):
+        out.counts[i, 0], out.counts[i, 1] = len(P), len(N)
+        total, terms = 0.0, []
+        for cols, sign, offset in ((P, 1.0, -pos_margin), (N, -1.0, neg_margin)):
+            if not cols:
+                continue
+            d = {j: l2_distance(s[j]) for j in cols}
+            logit = {j: sign * d[j] + offset for j in cols}
+            top = max(logit.values())
+            lse = top + math.log(sum(math.exp(v - top) for v in logit.values()))
+            total += lse
+            terms.append((d, logit, lse, sign))
+        if total <= 0.0:
+            continue
+        out.rows[i] = total
+        for d, logit, lse, sign in terms:
+            for j in d:
+                if d[j] > 0:  # dl/dS = softmax_j * sign * (-1/d)
+                    out.add(i, j, -sign * math.exp(logit[j] - lse) / d[j])
+    return out.result()
+
+
 # --------------------------------------------------------------------------- lookup
 
 
@@ -376,6 +404,28 @@ def triplet_all_boundaries(S, pos, neg, p):
 
 def circle_boundaries(S, pos, neg, p):
     return _NONE, _NONE  # continuous in S: the [.]_+ factors reach 0 with their terms' slopes
+
+
+# generalized_lifted: margins a quarter of the way to the range's bounds would put every row below the
+# hinge (L = LSE_P(d) - 8 + LSE_N(-d) - 7.25); these put the in-batch case's rows on both sides of it
+# (each LSE grows with the log of its set's size: the other cases' rows fall on one side;
+# test_generalized_lifted_rules.py places the hinge in every backend's rows)
+generalized_lifted_moved = dict(pos_margin=3.0, neg_margin=-0.25)
+
+
+def generalized_lifted_boundaries(S, pos, neg, p):
+    """The hinge max(0, L_i) at L_i = 0, L_i a sum over the whole row (moving, as a mining
+    rule), and contrastive_l2's conditioning bound: every pair of a set carries a gradient
+    softmax / d, so the pairs keep 1 - S >= L2_ACTIVE_MIN (copies at d = 0 are judged apart)."""
+    if S.shape[1] == 0:
+        return _NONE, _NONE
+    t = 2 - 2 * S
+    d = torch.where(t > L2_ZERO, t.clamp_min(0).sqrt(), torch.zeros_like(t))
+    ninf = torch.tensor(-math.inf, dtype=S.dtype)
+    lse = lambda a, m: torch.where(m.any(1), torch.where(m, a, ninf).logsumexp(1), torch.zeros_like(a[:, 0]))  # noqa: E731
+    total = lse(d - p["pos_margin"], pos) + lse(p["neg_margin"] - d, neg)
+    fixed = (1 - S - L2_ACTIVE_MIN + FIXED_GAP).clamp_min(0)[pos | neg]
+    return fixed, total.abs()[pos.any(1) | neg.any(1)]
 
 
 def decision_gap(loss, params, x, y, r, z, ref_valid=None, self_index=None, copies=()):

@@ -105,7 +105,8 @@ def _modules():
 def autotuned_kernels():
     """{name: (autotuned kernel, extra constexprs)}: every kernel whose configuration the launcher
     chooses (multi-similarity's forward and reference-side kernels with mining on and off, its
-    positives kernel in both phases)."""
+    positives kernel in both phases; circle's kernels in both forms, the second the generalized
+    lifted structure loss's)."""
     _, c, l2, ms, nx, sc, tr, ci = _modules()
     return {
         "contrastive_fwd": (c.contrastive_fwd_kernel, {}),
@@ -124,8 +125,10 @@ def autotuned_kernels():
         "ntxent_pos": (nx.ntxent_pos_kernel, {}),
         "ntxent_ref_grad": (nx.ntxent_ref_grad_kernel, {}),
         "triplet_hardest": (tr.triplet_hardest_kernel, {}),
-        "circle_fwd": (ci.circle_fwd_kernel, {}),
-        "circle_ref_grad": (ci.circle_ref_grad_kernel, {}),
+        "circle_fwd": (ci.circle_fwd_kernel, {"LIFTED": False}),
+        "circle_ref_grad": (ci.circle_ref_grad_kernel, {"LIFTED": False}),
+        "generalized_lifted_fwd": (ci.circle_fwd_kernel, {"LIFTED": True}),
+        "generalized_lifted_ref_grad": (ci.circle_ref_grad_kernel, {"LIFTED": True}),
     }
 
 

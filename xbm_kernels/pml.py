@@ -370,6 +370,27 @@ def _triplet_all(loss, miner):
     return fused
 
 
+def _generalized_lifted(loss, miner):
+    if miner is not None or getattr(loss, "embedding_regularizer", None) is not None \
+            or not (_is_plain(loss.distance, "LpDistance") and _reducer_is(loss.reducer, "MeanReducer")):
+        return None
+    params = _params("generalized_lifted", pos_margin=_number(loss.pos_margin),
+                     neg_margin=_number(loss.neg_margin), pos_eps=-1.0)
+    if params is None:
+        return None
+
+    def fused(step):
+        # PML's rows: relu(LSE_P(d - pm) + LSE_N(nm - d)), an empty set's LSE 0; the mean over
+        # every anchor (MeanReducer over PML's per-element losses)
+        rows, _ = step.run("generalized_lifted", params)
+        return step.few_pairs_zero(rows.mean())
+
+    # d = sqrt(2 - 2S) holds for unit rows; a zero row (PML: distance 1 to every unit row) runs
+    # PML's own loss for that step, as for the contrastive loss with LpDistance
+    fused.needs_nonzero_rows = "anchors+memory"
+    return fused
+
+
 def _triplet(loss, miner):
     miners = _pml()[2]
     if not (_plain_triplet_loss(loss) and type(miner) is miners.BatchHardMiner):
@@ -410,13 +431,16 @@ _PLANS = (
     ("triplet_all: TripletMarginLoss(distance=CosineSimilarity()), no miner or TripletMarginMiner("
      "distance=CosineSimilarity()) of any type", "TripletMarginLoss", _triplet_all),
     ("circle: CircleLoss(), no miner", "CircleLoss", _circle),
+    ("generalized_lifted: GeneralizedLiftedStructureLoss() (LpDistance()), no miner", "GeneralizedLiftedStructureLoss",
+     _generalized_lifted),
 )
 
 
 def fused_configurations():
     """The PML configurations that run on the fused kernels (default reducers, no embedding
     regularizer, CosineSimilarity() with its defaults (the contrastive loss: also
-    LpDistance() with its defaults); any loss parameters the kernels accept)."""
+    LpDistance() with its defaults; the generalized lifted structure loss: LpDistance() only);
+    any loss parameters the kernels accept)."""
     return [name for name, _, _ in _PLANS]
 
 

@@ -258,3 +258,18 @@ def triplet_all(x, labels, ref, ref_labels, *, margin, select_low, select_high, 
         return S.sum(1), torch.zeros(0, 2, dtype=torch.int32, device=S.device)
     active = torch.stack(active).clamp_max(2 ** 31 - 1)  # int32 counts saturate, as the kernels'
     return torch.stack(rows), torch.stack([active, active], dim=1).to(torch.int32)
+
+
+def generalized_lifted(x, labels, ref, ref_labels, *, pos_margin, neg_margin, pos_eps, ref_valid, self_index):
+    """pytorch-metric-learning's GeneralizedLiftedStructureLoss on unit rows: l_i =
+    max(0, LSE_{P_i}(d - pos_margin) + LSE_{N_i}(neg_margin - d)), an empty set's LSE 0, d the
+    L2 distance of unit rows (0, with gradient 0, within contrastive_l2's floor)."""
+    S = similarity(x, ref)
+    pos, neg = pair_sets(S, labels, ref_labels, ref_valid, self_index, pos_eps)
+    d = _l2_distance(S)
+    zero = S.new_zeros(())
+    lse_p = torch.where(pos.any(1), _masked_logsumexp(d - pos_margin, pos), zero)
+    lse_n = torch.where(neg.any(1), _masked_logsumexp(neg_margin - d, neg), zero)
+    rows = torch.relu(lse_p + lse_n)
+    counts = torch.stack([pos.sum(1), neg.sum(1)], dim=1)
+    return rows, counts.to(torch.int32)

@@ -206,6 +206,16 @@ LOSSES: Dict[str, Loss] = {loss.name: loss for loss in (
          "l_i = sum_{p in P_i, n in N_i, select_low < S_ip - S_in <= select_high} max(0, S_in - S_ip + margin)",
          mean_over="active_triplets",
          kernels=frozenset({"cpu"})),
+    Loss("generalized_lifted",
+         (Param("pos_margin", 0.0, "positives enter their log-sum-exp as d - pos_margin (d in [0, 2]; a set's "
+                "log-sum-exp reaches log of its size, 21.5 for 2^31 pairs)", low=-32.0, high=32.0),
+          Param("neg_margin", 1.0, "negatives enter theirs as neg_margin - d", low=-32.0, high=32.0),
+          POS_EPS),
+         "Generalized lifted structure loss on the L2 distance of unit rows, d_ij = sqrt(max(2 - 2 S_ij, 0)) "
+         "(pytorch-metric-learning's GeneralizedLiftedStructureLoss).",
+         "l_i = max(0, log sum_{P_i} exp(d_ij - pos_margin) + log sum_{N_i} exp(neg_margin - d_ij)), the term "
+         "of an empty set 0",
+         kernels=frozenset({"cpu", "triton"})),
 )}
 
 COMMON_ARGS_DOC = """S = X R^T accumulated in fp32 (inputs are expected L2-normalised; the functional losses do not
