@@ -121,11 +121,14 @@ def autotuned_kernels():
         "supcon_fwd": (sc.supcon_fwd_kernel, {}),
         "supcon_ref_grad": (sc.supcon_ref_grad_kernel, {}),
         "ntxent_fwd": (nx.ntxent_fwd_kernel, {}),
-        "ntxent_pos": (nx.ntxent_pos_kernel, {}),
-        "ntxent_ref_grad": (nx.ntxent_ref_grad_kernel, {}),
+        "ntxent_pos": (nx.ntxent_pos_kernel, {"ANGULAR": False}),
+        "ntxent_ref_grad": (nx.ntxent_ref_grad_kernel, {"ANGULAR": False}),
         "triplet_hardest": (tr.triplet_hardest_kernel, {}),
         "circle_fwd": (ci.circle_fwd_kernel, {}),
         "circle_ref_grad": (ci.circle_ref_grad_kernel, {}),
+        # tuplet_margin runs ntxent's kernels with the positive's angular logit
+        "tuplet_margin_pos": (nx.ntxent_pos_kernel, {"ANGULAR": True}),
+        "tuplet_margin_ref_grad": (nx.ntxent_ref_grad_kernel, {"ANGULAR": True}),
     }
 
 

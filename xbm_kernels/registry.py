@@ -217,7 +217,7 @@ LOSSES: Dict[str, Loss] = {loss.name: loss for loss in (
          "margin in degrees;\n    a pair's term is 0 when N_i is empty (CONTRACT.md: sin(theta) is 0 where "
          "1 - S^2 <= 2^-16)",
          mean_over="positive_pairs",
-         kernels=frozenset({"cpu"})),
+         kernels=frozenset({"cpu", "triton"})),
 )}
 
 COMMON_ARGS_DOC = """S = X R^T accumulated in fp32 (inputs are expected L2-normalised; the functional losses do not
