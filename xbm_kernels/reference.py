@@ -89,10 +89,15 @@ def _valid_mask(B, N, device, ref_valid, self_index):
 
 
 def _masked_logsumexp(a, mask):
-    """log sum_{mask} exp(a) per row; -inf for an empty row (gradient 0 there)."""
+    """log sum_{mask} exp(a) per row; -inf for an empty row (gradient 0 there). Written as
+    top + log sum exp(a - top), top the row's largest member (a constant): its gradient is then
+    exp(a - top) / sum, where torch.logsumexp's is exp(a - LSE), which costs the rounding of an
+    LSE of several hundred (tuplet_margin's scale) in every weight."""
     masked = torch.where(mask, a, a.new_tensor(float("-inf")))
     has = mask.any(1, keepdim=True)
-    lse = torch.logsumexp(torch.where(has, masked, a.new_zeros(())), dim=1)  # no all -inf rows
+    masked = torch.where(has, masked, a.new_zeros(()))  # no all -inf rows
+    top = masked.amax(1, keepdim=True).detach() if a.shape[1] else a.new_zeros(a.shape[0], 1)
+    lse = top[:, 0] + torch.log(torch.exp(masked - top).sum(1))
     return torch.where(has[:, 0], lse, a.new_tensor(float("-inf")))
 
 

@@ -26,7 +26,9 @@ in the tile): with dense label matches (a memory of 2 classes) every row, two re
 before. A positive's S comes only from the positives kernel, a negative's only from the pass.
 
 Backward to both sides, with g_i = dL/dl_i: grad_x = g * (forward gradient); grad_ref =
-C^T X with C_ij = g_i dl_i/dS_ij from the per-row LZ and w, a kernel where each program owns
+C^T X with C_ij = g_i dl_i/dS_ij from the per-row LZ, w and the negatives' max and sum (their
+weights exp(t - max) / sum, not exp(t - LZ): an LZ of several hundred, tuplet_margin's scale,
+rounded to fp32 would cost its 2^-24 relative error in every weight), a kernel where each program owns
 a tile of reference rows and streams the anchors (the in-batch loss, B x B: it recomputes S
 for every pair, after the forward's passes).
 
@@ -85,20 +87,22 @@ def _positive_logit(sim, inv_tau, cos_m, sin_m, ANGULAR: tl.constexpr):
 
 
 @triton.jit
-def _pair_weights(sim, pos, neg, lz, inv_tau, cos_m, sin_m, ANGULAR: tl.constexpr):
-    """sigmoid(LZ - a f) f' on the positives, exp(t - LZ) on the negatives (<= 1), 0
-    elsewhere; and the positives' loss terms. Rows without negatives (LZ = -inf) get all zeros."""
+def _pair_weights(sim, pos, neg, lz, shift, inv_tau, cos_m, sin_m, ANGULAR: tl.constexpr):
+    """sigmoid(LZ - a f) f' on the positives, exp(t - shift) on the negatives (<= 1, shift the
+    row's largest t over N_i: exp(t - LZ) times the sum, without the rounding of an LZ of several
+    hundred), 0 elsewhere; and the positives' loss terms. Rows without negatives (LZ = -inf) get
+    all zeros."""
     t = sim * inv_tau
     logit, slope = _positive_logit(sim, inv_tau, cos_m, sin_m, ANGULAR)
     u = lz[:, None] - logit
     sp = tl.where(pos, _sigmoid(u) * slope, 0.0)
     term = tl.where(pos, _softplus(u), 0.0)
-    en = tl.where(neg, tl.exp(tl.where(neg, t - lz[:, None], float("-inf"))), 0.0)
+    en = tl.where(neg, tl.exp(tl.where(neg, t - shift[:, None], float("-inf"))), 0.0)
     return sp, en, term
 
 
 @triton.jit
-def ntxent_stats_merge_kernel(stats_ws, lz_ptr, B, splits, ROWS: tl.constexpr):
+def ntxent_stats_merge_kernel(stats_ws, lz_ptr, shift_ptr, inv_sum_ptr, B, splits, ROWS: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < B
     rows64 = rows.to(tl.int64)
@@ -114,6 +118,8 @@ def ntxent_stats_merge_kernel(stats_ws, lz_ptr, B, splits, ROWS: tl.constexpr):
     # a row with a negative has s >= 1 (its largest term is exp(0))
     lz = tl.where(m == float("-inf"), float("-inf"), shift + tl.log(tl.where(m == float("-inf"), 1.0, s)))
     tl.store(lz_ptr + rows64, lz, mask=row_ok)
+    tl.store(shift_ptr + rows64, shift, mask=row_ok)  # for the reference-side gradient
+    tl.store(inv_sum_ptr + rows64, tl.where(s > 0.0, 1.0 / s, 0.0), mask=row_ok)
 
 
 @triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS),
@@ -257,7 +263,7 @@ def ntxent_merge_kernel(stats_ws, sums_ws, counts_ws, gp_ws, gn_ws, loss_ptr, co
                  key=["D", "B_BUCKET", "N_BUCKET", "PRECISION", "X_LIMBS", "ANGULAR"],
                  prune_configs_by={"early_config_prune": _REF_PRUNE}, **_common.AUTOTUNE_OPTIONS)
 @triton.jit
-def ntxent_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, lz_ptr, gp_ptr, gn_ptr, gref_ptr,
+def ntxent_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, lz_ptr, shift_ptr, gp_ptr, gn_ptr, gref_ptr,
                            B, D, n, inv_tau, cos_m, sin_m, pos_thr, B_BUCKET, N_BUCKET,
                            ANGULAR: tl.constexpr, HAS_SELF_INDEX: tl.constexpr, PRECISION: tl.constexpr, X_LIMBS: tl.constexpr,
                            W_LIMBS: tl.constexpr, LO_SCALE: tl.constexpr,
@@ -270,11 +276,12 @@ def ntxent_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, lz_ptr, gp_ptr, g
         x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
                                                          r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_LIMBS, LO_SCALE)
         lz = tl.load(lz_ptr + rows, mask=row_ok, other=float("-inf"))
+        shift = tl.load(shift_ptr + rows, mask=row_ok, other=0.0)
         cp = tl.load(gp_ptr + rows, mask=row_ok, other=0.0)  # g a
-        cn = tl.load(gn_ptr + rows, mask=row_ok, other=0.0)  # g w a
+        cn = tl.load(gn_ptr + rows, mask=row_ok, other=0.0)  # g w a / sum_N exp(t - shift)
         sim = scores(x_hi, x_mid, x_lo, r, PRECISION, X_LIMBS, LO_SCALE)
         _, pos, neg = pair_sets(sim, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX)
-        sp, en, _ = _pair_weights(sim, pos, neg, lz, inv_tau, cos_m, sin_m, ANGULAR)
+        sp, en, _ = _pair_weights(sim, pos, neg, lz, shift, inv_tau, cos_m, sin_m, ANGULAR)
         c = en * cn[:, None] - sp * cp[:, None]
         acc = ref_grad_acc(tl.trans(c), x, x_hi, acc, X_LIMBS, W_LIMBS, PRECISION)
     tl.store(gref_ptr + col_off, acc, mask=col_ok[:, None] & dim_ok[None, :])
@@ -293,12 +300,13 @@ def positive_logit(scale, margin=None):
 
 
 def forward(call, logit, pos_eps, need_grad, splits):
-    """The op's outputs plus per-row LZ (-inf for rows without negatives) and w, for the
-    positives' logits `logit` (positive_logit())."""
+    """The op's outputs plus per-row LZ (-inf for rows without negatives), w, and the shift
+    and 1 / sum of the negatives' exp(t - shift), for the positives' logits `logit`
+    (positive_logit())."""
     loss, grad, counts = call.outputs(need_grad)
-    lz, w = call.f32(call.B), call.f32(call.B)
+    lz, w, shift, inv_sum = (call.f32(call.B) for _ in range(4))
     if call.B == 0:
-        return loss, grad, counts, lz, w
+        return loss, grad, counts, lz, w, shift, inv_sum
     B = call.B
     splits = call.plan(_FWD_CONFIGS, splits)
     need_grad = bool(need_grad)
@@ -307,21 +315,22 @@ def forward(call, logit, pos_eps, need_grad, splits):
     ws = dict(stats_ws=call.workspace(2, B), sums_ws=call.workspace(2, B),
               counts_ws=call.workspace(B, 2, dtype=torch.int32), gp_ws=call.grad_workspace(grad, need_grad),
               gn_ws=call.grad_workspace(grad, need_grad))
-    call.split_k(ntxent_fwd_kernel, ntxent_stats_merge_kernel, lz_ptr=lz, NEED_GRAD=need_grad, **ws, **scalars)
+    call.split_k(ntxent_fwd_kernel, ntxent_stats_merge_kernel, lz_ptr=lz, shift_ptr=shift, inv_sum_ptr=inv_sum,
+                 NEED_GRAD=need_grad, **ws, **scalars)
     call.stream(ntxent_pos_kernel, idx_ws=_common.candidate_ws(B, splits, call.args["cols_per_split"], call.x.device),
                 lz_ptr=lz, NEED_GRAD=need_grad, **ws, **logit, pos_thr=scalars["pos_thr"])
     call.merge(ntxent_merge_kernel, loss_ptr=loss, counts_ptr=counts, grad_ptr=grad, w_ptr=w, NEED_GRAD=need_grad,
                **ws, **scalars)
-    return loss, grad, counts, lz, w
+    return loss, grad, counts, lz, w, shift, inv_sum
 
 
 def backward(call, logit, pos_eps, grad_rows):
     """(grad_x, grad_ref) for the loss sum_i grad_rows[i] l_i."""
     g = call.grad_rows(grad_rows)
-    _, grad, _, lz, w = forward(call, logit, pos_eps, True, None)
+    _, grad, _, lz, w, shift, inv_sum = forward(call, logit, pos_eps, True, None)
     gp = g * logit["inv_tau"]
-    return call.ref_grad(ntxent_ref_grad_kernel, grad, g, lz_ptr=lz, gp_ptr=gp, gn_ptr=gp * w, **logit,
-                         pos_thr=1.0 - float(pos_eps))
+    return call.ref_grad(ntxent_ref_grad_kernel, grad, g, lz_ptr=lz, shift_ptr=shift, gp_ptr=gp,
+                         gn_ptr=gp * w * inv_sum, **logit, pos_thr=1.0 - float(pos_eps))
 
 
 def _check_temperature(temperature):
