@@ -140,6 +140,7 @@ CONFIGS = {
                        _set(("loss", "margin"), -0.3)]),  # PML reads the margin in radians after construction
     "tuplet-margin-nonzero": (lambda: (losses.TupletMarginLoss(margin=2.0, scale=16,
                                                                reducer=reducers.AvgNonZeroReducer()), None), None, []),
+    "tuplet-margin-stats": (lambda: (losses.TupletMarginLoss(collect_stats=True), None), None, []),
     "ntxent+regularizer": (lambda: (losses.NTXentLoss(embedding_regularizer=regularizers.LpRegularizer()), None),
                            None, []),
     "multi_similarity-dot": (lambda: (losses.MultiSimilarityLoss(distance=distances.DotProductSimilarity()), None),

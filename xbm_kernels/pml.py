@@ -338,6 +338,8 @@ TUPLET_NEAR_ONE = 1e-5
 def _tuplet_margin(loss, miner):
     if miner is not None or not (_plain_loss(loss) and _reducer_is(loss.reducer, "MeanReducer")):
         return None
+    if loss.collect_stats:  # PML's loss then records avg_pos_angle / avg_neg_angle, which the op does not
+        return None
     margin = _number(loss.margin)  # radians: PML's constructor converts its degrees, and reads radians
     params = _params("tuplet_margin", margin=None if margin is None else math.degrees(margin),
                      scale=_number(loss.scale), pos_eps=TUPLET_NEAR_ONE)
