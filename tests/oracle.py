@@ -285,6 +285,40 @@ def generalized_lifted_oracle(x, y, r, z, pos_margin=0.0, neg_margin=1.0, pos_ep
             for j in d:
                 if d[j] > 0:  # dl/dS = softmax_j * sign * (-1/d)
                     out.add(i, j, -sign * math.exp(logit[j] - lse) / d[j])
+
+
+SIN2_ZERO = 2.0 ** -16  # 1 - S^2 at or below it: sin(theta) = 0 (CONTRACT.md section 1, tuplet_margin)
+
+
+def tuplet_margin_oracle(x, y, r, z, margin=5.73, scale=64.0, pos_eps=1e-5, ref_valid=None, self_index=None,
+                         weights=None):
+    """Per positive pair (i, p): log(1 + sum_{n in N_i} exp(scale (S_in - t_ip))), t_ip =
+    cos(acos(S_ip) - m), m = margin in radians; dt/dS = sin(theta - m) / sin(theta) (acos' chain
+    rule). Where 1 - S^2 <= SIN2_ZERO: sin(theta) = 0, t = S cos m and dt/dS = cos m."""
+    out = _Outputs(x, r, weights)
+    rows, counts = out.rows, out.counts
+    m = math.radians(margin)
+    for i, s, P, N in _sets(x, y, r, z, pos_eps, ref_valid, self_index):
+        counts[i, 0], counts[i, 1] = len(P), len(N)
+        if not P or not N:
+            continue
+        coef = {j: 0.0 for j in P + N}  # dl_i/dS_ij, summed over the pairs
+        for p in P:
+            if (1.0 - s[p]) * (1.0 + s[p]) > SIN2_ZERO:
+                theta = math.acos(s[p])
+                t, slope = math.cos(theta - m), math.sin(theta - m) / math.sin(theta)
+            else:
+                t, slope = s[p] * math.cos(m), math.cos(m)
+            logits = [scale * (s[n] - t) for n in N]
+            top = max(max(logits), 0.0)
+            total = math.exp(-top) + sum(math.exp(v - top) for v in logits)  # (1 + sum exp) / e^top
+            rows[i] += top + math.log(total)
+            for n, v in zip(N, logits):  # d/dS_in: scale softmax_n; d/dt: -scale sum_n softmax_n
+                share = math.exp(v - top) / total
+                coef[n] += scale * share
+                coef[p] -= scale * share * slope
+        for j, c in coef.items():
+            out.add(i, j, c)
     return out.result()
 
 
@@ -426,6 +460,17 @@ def generalized_lifted_boundaries(S, pos, neg, p):
     total = lse(d - p["pos_margin"], pos) + lse(p["neg_margin"] - d, neg)
     fixed = (1 - S - L2_ACTIVE_MIN + FIXED_GAP).clamp_min(0)[pos | neg]
     return fixed, total.abs()[pos.any(1) | neg.any(1)]
+
+
+TUPLET_POS_MIN = 0.02  # a tuplet_margin positive keeps 1 - |S| >= this: see below
+
+
+def tuplet_margin_boundaries(S, pos, neg, p):
+    """A conditioning bound: a positive's slope cos m - S sin m / sin(theta) magnifies the
+    rounding of S by about sin m / sin(theta)^3, so positives keep 1 - |S| >= TUPLET_POS_MIN
+    (as a distance that is below FIXED_GAP exactly when they do not); the exact copies of the
+    pos_eps < 0 variant (S = 1, sin(theta) = 0 by the contract's floor) are judged apart."""
+    return (1 - S.abs() - TUPLET_POS_MIN + FIXED_GAP).clamp_min(0)[pos], _NONE
 
 
 def decision_gap(loss, params, x, y, r, z, ref_valid=None, self_index=None, copies=()):

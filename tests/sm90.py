@@ -122,13 +122,16 @@ def autotuned_kernels():
         "supcon_fwd": (sc.supcon_fwd_kernel, {}),
         "supcon_ref_grad": (sc.supcon_ref_grad_kernel, {}),
         "ntxent_fwd": (nx.ntxent_fwd_kernel, {}),
-        "ntxent_pos": (nx.ntxent_pos_kernel, {}),
-        "ntxent_ref_grad": (nx.ntxent_ref_grad_kernel, {}),
+        "ntxent_pos": (nx.ntxent_pos_kernel, {"ANGULAR": False}),
+        "ntxent_ref_grad": (nx.ntxent_ref_grad_kernel, {"ANGULAR": False}),
         "triplet_hardest": (tr.triplet_hardest_kernel, {}),
         "circle_fwd": (ci.circle_fwd_kernel, {"LIFTED": False}),
         "circle_ref_grad": (ci.circle_ref_grad_kernel, {"LIFTED": False}),
         "generalized_lifted_fwd": (ci.circle_fwd_kernel, {"LIFTED": True}),
         "generalized_lifted_ref_grad": (ci.circle_ref_grad_kernel, {"LIFTED": True}),
+        # tuplet_margin runs ntxent's kernels with the positive's angular logit
+        "tuplet_margin_pos": (nx.ntxent_pos_kernel, {"ANGULAR": True}),
+        "tuplet_margin_ref_grad": (nx.ntxent_ref_grad_kernel, {"ANGULAR": True}),
     }
 
 

@@ -53,6 +53,8 @@ KERNELS = {
     "circle_fwd": circle.circle_fwd_kernel,
     "circle_merge": circle.circle_merge_kernel,
     "circle_ref_grad": circle.circle_ref_grad_kernel,
+    "tuplet_margin_pos": ntxent.ntxent_pos_kernel,  # ntxent's with ANGULAR (sm90.autotuned_kernels)
+    "tuplet_margin_ref_grad": ntxent.ntxent_ref_grad_kernel,
     "enqueue": enqueue.enqueue_kernel,
 }
 
@@ -73,7 +75,7 @@ def _cases():
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
 @pytest.mark.parametrize("name,operands,switch,on", list(_cases()))
 def test_kernel_compiles_for_sm90(name, operands, switch, on):
-    flags = {switch: on} if switch else {}
+    flags = {**sm90.autotuned_kernels().get(name, (None, {}))[1], **({switch: on} if switch else {})}
     constexprs = sm90.constexprs(operands, **flags, BLOCK_D=64, BLOCK_B=16, BLOCK_K=32, ROWS=16, BLOCK_DC=64,
                                  BLOCK_R=16)
     compiled = sm90.compile_kernel(KERNELS[name], *sm90.OPERANDS[operands][:2], constexprs)
@@ -93,7 +95,8 @@ def test_kernel_compiles_for_sm90(name, operands, switch, on):
 FAST = [("contrastive_fwd", 128, "bf16"), ("supcon_fwd", 256, "fp32-on-bf16"), ("contrastive_fwd", 2048, "bf16"),
         ("supcon_fwd", 1024, "fp32"), ("multi_similarity_fwd-mine", 512, "bf16"), ("supcon_fwd", 512, "fp32"),
         ("multi_similarity_fwd-mine", 256, "fp32"), ("ntxent_fwd", 512, "fp32-tf32"), ("circle_fwd", 256, "fp32"),
-        ("supcon_ref_grad", 128, "bf16"), ("generalized_lifted_fwd", 256, "fp32")]
+        ("supcon_ref_grad", 128, "bf16"), ("generalized_lifted_fwd", 256, "fp32"),
+        ("tuplet_margin_pos", 256, "fp32-tf32"), ("tuplet_margin_ref_grad", 128, "bf16")]
 
 
 def _resource_cases(slow):

@@ -28,6 +28,7 @@ function against the memory. A configuration runs fused only where the numbers a
 """
 import functools
 import importlib.util
+import math
 
 import torch
 import torch.distributed as dist
@@ -161,6 +162,13 @@ class _Step:
             return torch.zeros((), dtype=torch.bool, device=self.x.device)
         first = self.y[0].to(self.mem_labels.dtype)
         return (self.mem_labels[:self.n] != first).any() | (self.y.to(self.mem_labels.dtype) != first).any()
+
+    def same_label_pairs(self):
+        """The number of (anchor, valid same-label column) pairs, own slots excluded (a copy has
+        its anchor's label): counted by sorting the memory's labels, O(n log n)."""
+        labels, _ = self.mem_labels[:self.n].sort()
+        own = 0 if self.self_index is None else self.x.shape[0]
+        return _count_in(labels, self.y.to(labels.dtype).contiguous()).sum() - own
 
     def lonely(self):
         """Anchors whose only same-label row in the memory is their own copy (bool (B,)):
@@ -321,6 +329,35 @@ def _circle(loss, miner):
     return fused
 
 
+# tuplet_margin's pos_eps in the drop-in: PML takes every same-label pair as a positive, and its
+# acos is NaN beyond S = 1 and has an infinite slope at S = 1 (an exact duplicate), ill
+# conditioned near it; a step where a same-label pair has S >= 1 - this runs PML's own loss.
+TUPLET_NEAR_ONE = 1e-5
+
+
+def _tuplet_margin(loss, miner):
+    if miner is not None or not (_plain_loss(loss) and _reducer_is(loss.reducer, "MeanReducer")):
+        return None
+    if loss.collect_stats:  # PML's loss then records avg_pos_angle / avg_neg_angle, which the op does not
+        return None
+    margin = _number(loss.margin)  # radians: PML's constructor converts its degrees, and reads radians
+    params = _params("tuplet_margin", margin=None if margin is None else math.degrees(margin),
+                     scale=_number(loss.scale), pos_eps=TUPLET_NEAR_ONE)
+    if params is None:
+        return None
+
+    def fused(step):
+        rows, counts = step.run("tuplet_margin", params)
+        n_pos = counts[:, 0].sum()
+        if bool(n_pos != step.same_label_pairs()):  # a same-label pair at S >= 1 - TUPLET_NEAR_ONE
+            return None
+        # the mean over positive pairs; a pair without negatives contributes 0 and counts (PML's
+        # log(1 + empty sum)); 0 without any positive pair
+        return step.few_pairs_zero(rows.sum() / n_pos.clamp_min(1))
+
+    return fused
+
+
 def _triplet_interval(miner):
     """(select_low, select_high) on u = S_ip - S_in of the triplets a TripletMarginMiner with
     CosineSimilarity keeps (its triplet margin is S_ap - S_an), or None for another miner or
@@ -433,6 +470,7 @@ _PLANS = (
     ("circle: CircleLoss(), no miner", "CircleLoss", _circle),
     ("generalized_lifted: GeneralizedLiftedStructureLoss() (LpDistance()), no miner", "GeneralizedLiftedStructureLoss",
      _generalized_lifted),
+    ("tuplet_margin: TupletMarginLoss(), no miner", "TupletMarginLoss", _tuplet_margin),
 )
 
 
@@ -656,7 +694,9 @@ class CrossBatchMemory(nn.Module):
                 off_path = self._has_duplicate_copies(keys, self_index, n)
             if not off_path:
                 step = _Step(x, anchor_labels, unit, self.memory.labels, n, self_index, self.backend)
-                return fused_fn(step)
+                loss = fused_fn(step)
+                if loss is not None:  # None: the plan declined this step's rows (PML's loss runs)
+                    return loss
         return self._pml_loss(anchors, anchor_labels, self_index, n, indices_tuple)
 
     def _pml_loss(self, x, y, self_index, n, input_indices_tuple):

@@ -7,6 +7,8 @@ fallback on any device; it is slow and memory-hungry for large memories by desig
 Every function returns (loss_rows (B,) float32, counts (B, 2) int32) where counts holds
 the active positive / negative pairs per anchor.
 """
+import math
+
 import torch
 
 
@@ -87,10 +89,15 @@ def _valid_mask(B, N, device, ref_valid, self_index):
 
 
 def _masked_logsumexp(a, mask):
-    """log sum_{mask} exp(a) per row; -inf for an empty row (gradient 0 there)."""
+    """log sum_{mask} exp(a) per row; -inf for an empty row (gradient 0 there). Written as
+    top + log sum exp(a - top), top the row's largest member (a constant): its gradient is then
+    exp(a - top) / sum, where torch.logsumexp's is exp(a - LSE), which costs the rounding of an
+    LSE of several hundred (tuplet_margin's scale) in every weight."""
     masked = torch.where(mask, a, a.new_tensor(float("-inf")))
     has = mask.any(1, keepdim=True)
-    lse = torch.logsumexp(torch.where(has, masked, a.new_zeros(())), dim=1)  # no all -inf rows
+    masked = torch.where(has, masked, a.new_zeros(()))  # no all -inf rows
+    top = masked.amax(1, keepdim=True).detach() if a.shape[1] else a.new_zeros(a.shape[0], 1)
+    lse = top[:, 0] + torch.log(torch.exp(masked - top).sum(1))
     return torch.where(has[:, 0], lse, a.new_tensor(float("-inf")))
 
 
@@ -271,5 +278,33 @@ def generalized_lifted(x, labels, ref, ref_labels, *, pos_margin, neg_margin, po
     lse_p = torch.where(pos.any(1), _masked_logsumexp(d - pos_margin, pos), zero)
     lse_n = torch.where(neg.any(1), _masked_logsumexp(neg_margin - d, neg), zero)
     rows = torch.relu(lse_p + lse_n)
+    counts = torch.stack([pos.sum(1), neg.sum(1)], dim=1)
+    return rows, counts.to(torch.int32)
+
+
+# 1 - S^2 at or below this: sin(theta) counts as 0 (CONTRACT.md section 1, tuplet_margin): S
+# within 7.6e-6 of +-1, where acos' gradient is infinite and an exact copy's fp32 S lands on
+# either side of 1.
+SIN2_ZERO = 2.0 ** -16
+
+
+def _cos_minus_margin(S, margin):
+    """cos(acos(S) - margin) = S cos(margin) + sin(theta) sin(margin), sin(theta) = sqrt((1 - S)
+    (1 + S)) where that product exceeds SIN2_ZERO, else 0 with gradient 0; margin in radians."""
+    t = (1.0 - S) * (1.0 + S)
+    above = t > SIN2_ZERO
+    sin = torch.where(above, torch.sqrt(torch.where(above, t, torch.ones_like(t))), torch.zeros_like(t))
+    return S * math.cos(margin) + sin * math.sin(margin)
+
+
+def tuplet_margin(x, labels, ref, ref_labels, *, margin, scale, pos_eps, ref_valid, self_index):
+    """Tuplet margin loss per positive pair: l_i = sum_{p in P_i} softplus(LZ_i - scale
+    cos(acos(S_ip) - margin)), LZ_i = log sum_{n in N_i} exp(scale S_in), margin in degrees; 0
+    for a pair when N_i is empty (ntxent's form with the positive's logit transformed)."""
+    S = similarity(x, ref)
+    pos, neg = pair_sets(S, labels, ref_labels, ref_valid, self_index, pos_eps)
+    lz = _masked_logsumexp(scale * S, neg)[:, None]  # -inf without negatives: softplus(-inf) = 0, gradient 0
+    pos_logit = scale * _cos_minus_margin(S, math.radians(margin))
+    rows = torch.where(pos, torch.nn.functional.softplus(lz - pos_logit), S.new_zeros(())).sum(1)
     counts = torch.stack([pos.sum(1), neg.sum(1)], dim=1)
     return rows, counts.to(torch.int32)

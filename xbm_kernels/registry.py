@@ -216,6 +216,18 @@ LOSSES: Dict[str, Loss] = {loss.name: loss for loss in (
          "l_i = max(0, log sum_{P_i} exp(d_ij - pos_margin) + log sum_{N_i} exp(neg_margin - d_ij)), the term "
          "of an empty set 0",
          kernels=frozenset({"cpu", "triton"})),
+    Loss("tuplet_margin",
+         (Param("margin", 5.73, "the angular margin in degrees (as pytorch-metric-learning's constructor takes it): "
+                "a positive's logit is scale cos(theta - margin), theta = acos(S)", low=-180.0, high=180.0),
+          Param("scale", 64.0, "the scale of the logits", low=0.0, open_low=True),
+          POS_EPS),
+         "Tuplet margin loss (Yu and Tao 2019), as pytorch-metric-learning's TupletMarginLoss: one log-sum-exp "
+         "term per positive pair against the anchor's negatives, the positive's angle widened by the margin.",
+         "l_i = sum_{p in P_i} softplus(log sum_{n in N_i} exp(scale S_in) - scale cos(acos(S_ip) - margin)), "
+         "margin in degrees;\n    a pair's term is 0 when N_i is empty (CONTRACT.md: sin(theta) is 0 where "
+         "1 - S^2 <= 2^-16)",
+         mean_over="positive_pairs",
+         kernels=frozenset({"cpu", "triton"})),
 )}
 
 COMMON_ARGS_DOC = """S = X R^T accumulated in fp32 (inputs are expected L2-normalised; the functional losses do not

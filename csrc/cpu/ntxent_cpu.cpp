@@ -1,16 +1,17 @@
-// Fused NT-Xent loss (InfoNCE per positive pair, as pytorch-metric-learning's NTXentLoss)
-// over a reference set on the CPU:
-//   s_ij = S_ij / tau,  LZ_i = log sum_{n in N_i} exp(s_in)   (-inf when N_i is empty)
-//   l_i = sum_{p in P_i} log(exp(s_ip) + exp(LZ_i)) - s_ip = sum_{p in P_i} softplus(LZ_i - s_ip)
-//   dl_i/dS_ip = -(1/tau) sigmoid(LZ_i - s_ip),  dl_i/dS_in = (1/tau) w_i exp(s_in - LZ_i),
-//   w_i = sum_{p in P_i} sigmoid(LZ_i - s_ip)
+// Fused NT-Xent form (cpu/ntxent.h) over a reference set on the CPU: NT-Xent (InfoNCE per
+// positive pair, as pytorch-metric-learning's NTXentLoss, a = 1/tau, f(S) = S) and the tuplet
+// margin loss (tuplet_margin_cpu.cpp, f(S) = cos(acos(S) - m)):
+//   s_ij = a S_ij,  LZ_i = log sum_{n in N_i} exp(s_in)   (-inf when N_i is empty)
+//   l_i = sum_{p in P_i} log(exp(a f_ip) + exp(LZ_i)) - a f_ip = sum_{p in P_i} softplus(LZ_i - a f_ip)
+//   dl_i/dS_ip = -a f'_ip sigmoid(LZ_i - a f_ip),  dl_i/dS_in = a w_i exp(s_in - LZ_i),
+//   w_i = sum_{p in P_i} sigmoid(LZ_i - a f_ip)
 // Pass 1 streams the memory for LZ with an online log-sum-exp over the negatives (running
 // max m, sum, and the softmax numerator G = sum exp(s - m) r rescaled when m grows, as in
 // supcon_cpu.cpp). Pass 2 visits the positives only: a tile's labels are compared first
 // and, when few pairs match (many classes: the usual memory), each matching pair's dot
 // product is computed alone, 2 D flops instead of the tile GEMM; tiles where more than
 // 1/32 of the pairs match take the GEMM. Then dl_i/dx_i = (1/tau) (w_i G_i / sum_i -
-// sum_p sigmoid(.) r_p). The reference-side gradient (in-batch loss) runs both passes for
+// sum_p sigmoid(.) f'_p r_p), with a = 1/tau. The reference-side gradient (in-batch loss) runs both passes for
 // LZ and w, then C = dl/dS per tile: dX = C R, dR = C^T X. Every pass decides a tile's
 // sparse or dense form from the labels alone, so all of them see the same S_ip and agree
 // on P_i.
@@ -22,6 +23,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/ntxent.h"
 #include "cpu/simd.h"
 #include "cpu/tiles.h"
 
@@ -217,23 +219,27 @@ NegRows merge_negatives(const NegSplits& st) {
   return out;
 }
 
-// One positive pair's loss term and sigmoid(LZ - s), both 0 without negatives.
-inline void positive_pair(double lz, float v, float inv_tau, double& loss, double& weight) {
-  if (lz == -std::numeric_limits<double>::infinity()) return;
-  const double d = lz - double(v * inv_tau);
+// One positive pair: adds its loss term to `loss` and q = sigmoid(LZ - a f(v)) to `weight`;
+// returns q f'(v). All 0 without negatives.
+inline double positive_pair(double lz, float v, const cpu::PositiveLogit& pl, double& loss, double& weight) {
+  if (lz == -std::numeric_limits<double>::infinity()) return 0.0;
+  double slope;
+  const double d = lz - pl.logit(v, slope);
   const double e = std::exp(-std::abs(d));
-  loss += std::max(d, 0.0) + std::log1p(e);    // softplus(d)
-  weight += d >= 0 ? 1.0 / (1.0 + e) : e / (1.0 + e);  // sigmoid(d)
+  loss += std::max(d, 0.0) + std::log1p(e);  // softplus(d)
+  const double q = d >= 0 ? 1.0 / (1.0 + e) : e / (1.0 + e);  // sigmoid(d)
+  weight += q;
+  return q * slope;
 }
 
-// Pass 2, per split: the loss rows, w_i, |P_i| and (accumulate) sum_p sigmoid(.) r_p.
+// Pass 2, per split: the loss rows, w_i, |P_i| and (accumulate) sum_p sigmoid(.) f'_p r_p.
 struct PosSplits {
   Tensor loss, w, count;  // (P, B) f64, f64, int64
   Tensor gpos;            // (P, B, D) f32 or undefined
 };
 
-PosSplits positives_pass(const cpu::LossInputs& in, const cpu::TilePlan& plan, const double* lz, float inv_tau,
-                        float pos_thr, bool accumulate) {
+PosSplits positives_pass(const cpu::LossInputs& in, const cpu::TilePlan& plan, const double* lz,
+                        const cpu::PositiveLogit& pl, float pos_thr, bool accumulate) {
   const int64_t B = in.B, D = in.D;
   const auto f32 = in.x32.options();
   PosSplits st;
@@ -262,11 +268,9 @@ PosSplits positives_pass(const cpu::LossInputs& in, const cpu::TilePlan& plan, c
           const float v = cpu::dot(x + i * D, rj, D);
           if (!(v < pos_thr)) continue;
           ++count[i];
-          double sig = 0;
-          positive_pair(lz[i], v, inv_tau, loss[i], sig);
-          wt[i] += sig;
-          if (gpos && sig != 0) {
-            const float c = static_cast<float>(sig);
+          const double coef = positive_pair(lz[i], v, pl, loss[i], wt[i]);
+          if (gpos && coef != 0) {
+            const float c = static_cast<float>(coef);
             float* gi = gpos + i * D;
             for (int64_t d = 0; d < D; ++d) gi[d] += c * rj[d];
           }
@@ -284,14 +288,13 @@ PosSplits positives_pass(const cpu::LossInputs& in, const cpu::TilePlan& plan, c
       const int64_t self_col = in.self_col(i) - c0;
       for (int64_t j = 0; j < w; ++j) {
         const float v = sp[i * w + j];
-        double sig = 0;
+        double coef = 0;
         if (z[j] == y[i] && j != self_col && v < pos_thr) {
           ++count[i];
           ++npos;
-          positive_pair(lz[i], v, inv_tau, loss[i], sig);
-          wt[i] += sig;
+          coef = positive_pair(lz[i], v, pl, loss[i], wt[i]);
         }
-        cp[i * w + j] = static_cast<float>(sig);
+        cp[i * w + j] = static_cast<float>(coef);
       }
     }
     if (gpos) cpu::add_sparse_rows(scratch[p], in, c, c0, st.gpos[p], npos);
@@ -306,40 +309,38 @@ struct NtxentRows {
   Tensor grad;    // (B, D) f32 d(sum_i l_i)/dx, if accumulated
 };
 
-NtxentRows ntxent_rows(const cpu::LossInputs& in, float inv_tau, float pos_thr, bool need_grad) {
+NtxentRows ntxent_rows(const cpu::LossInputs& in, const cpu::PositiveLogit& pl, float pos_thr, bool need_grad) {
   const auto plan = cpu::plan_tiles(in.B, in.n);
-  const NegRows neg = merge_negatives(negatives_pass(in, plan, inv_tau, need_grad));
-  const PosSplits pos = positives_pass(in, plan, neg.lz.data_ptr<double>(), inv_tau, pos_thr, need_grad);
+  const NegRows neg = merge_negatives(negatives_pass(in, plan, pl.scale, need_grad));
+  const PosSplits pos = positives_pass(in, plan, neg.lz.data_ptr<double>(), pl, pos_thr, need_grad);
   NtxentRows out;
   out.loss = cpu::sum_splits(pos.loss).to(at::kFloat);
   out.lz = neg.lz;
   out.w = cpu::sum_splits(pos.w);
   out.counts = at::stack({cpu::sum_splits(pos.count), neg.count}, 1);
   if (need_grad) {
-    // (1/tau) (w_i G_i - sum_p sigmoid(.) r_p)
-    out.grad = neg.g.mul_(out.w.to(at::kFloat).unsqueeze(1)).sub_(cpu::sum_splits(pos.gpos)).mul_(inv_tau);
+    // a (w_i G_i - sum_p sigmoid(.) f'_p r_p)
+    out.grad = neg.g.mul_(out.w.to(at::kFloat).unsqueeze(1)).sub_(cpu::sum_splits(pos.gpos)).mul_(pl.scale);
   }
   return out;
 }
 
-void check_temperature(double temperature) {
-  TORCH_CHECK(temperature > 0, "temperature: expected > 0, got ", temperature);
-}
+}  // namespace
 
-std::tuple<Tensor, Tensor, Tensor> ntxent_fwd_cpu(const Tensor& x, const Tensor& labels, const Tensor& ref,
-                                                  const Tensor& ref_labels, const c10::optional<Tensor>& self_index,
-                                                  int64_t ref_valid, double temperature, double pos_eps,
-                                                  bool need_grad, bool /*allow_tf32*/) {
+std::tuple<Tensor, Tensor, Tensor> cpu::ntxent_form_fwd(const Tensor& x, const Tensor& labels, const Tensor& ref,
+                                                        const Tensor& ref_labels,
+                                                        const c10::optional<Tensor>& self_index, int64_t ref_valid,
+                                                        const PositiveLogit& logit, float pos_thr, bool need_grad) {
   at::AutoDispatchBelowADInplaceOrView guard;
-  check_temperature(temperature);
   const auto in = cpu::prepare_inputs(x, labels, ref, ref_labels, self_index, ref_valid);
-  const float inv_tau = static_cast<float>(1.0 / temperature), pos_thr = static_cast<float>(1.0 - pos_eps);
-  NtxentRows rows = ntxent_rows(in, inv_tau, pos_thr, need_grad);
+  NtxentRows rows = ntxent_rows(in, logit, pos_thr, need_grad);
   Tensor grad = need_grad ? rows.grad : at::empty({0}, rows.loss.options());
   return {rows.loss, grad, rows.counts.to(at::kInt)};
 }
 
-// The backward's negatives over one row: c exp(S / tau - LZ) in place of S; the other columns
+namespace {
+
+// The backward's negatives over one row: c exp(a S - LZ) in place of S; the other columns
 // keep S (the positives are done after), the row's own column 0.
 template <int L>
 XBM_INLINE void backward_neg_row_lanes(float* row, int64_t w, int64_t self_col, const int32_t* z, int32_t yi,
@@ -362,18 +363,19 @@ XBM_CPU_DISPATCH(void, backward_neg_row,
                   float c),
                  (row, w, self_col, z, yi, inv_tau, lz, c))
 
-std::tuple<Tensor, Tensor> ntxent_bwd_cpu(const Tensor& x, const Tensor& labels, const Tensor& ref,
-                                          const Tensor& ref_labels, const c10::optional<Tensor>& self_index,
-                                          int64_t ref_valid, double temperature, double pos_eps,
-                                          const Tensor& grad_rows, bool /*allow_tf32*/) {
+}  // namespace
+
+std::tuple<Tensor, Tensor> cpu::ntxent_form_bwd(const Tensor& x, const Tensor& labels, const Tensor& ref,
+                                                const Tensor& ref_labels, const c10::optional<Tensor>& self_index,
+                                                int64_t ref_valid, const PositiveLogit& pl, float pos_thr,
+                                                const Tensor& grad_rows) {
   at::AutoDispatchBelowADInplaceOrView guard;
-  check_temperature(temperature);
   const auto in = cpu::prepare_inputs(x, labels, ref, ref_labels, self_index, ref_valid);
   TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == in.B, "grad_rows: expected shape (", in.B, ",)");
   const int64_t B = in.B, D = in.D;
-  const float inv_tau = static_cast<float>(1.0 / temperature), pos_thr = static_cast<float>(1.0 - pos_eps);
-  const NtxentRows rows = ntxent_rows(in, inv_tau, pos_thr, /*need_grad=*/false);
-  // Last pass: C_in = g_i/tau w_i exp(s_in - LZ_i), C_ip = -g_i/tau sigmoid(LZ_i - s_ip); rows
+  const float inv_tau = pl.scale;
+  const NtxentRows rows = ntxent_rows(in, pl, pos_thr, /*need_grad=*/false);
+  // Last pass: C_in = g_i a w_i exp(s_in - LZ_i), C_ip = -g_i a sigmoid(LZ_i - a f_ip) f'_ip; rows
   // without negatives 0 (their loss is 0).
   const Tensor g = grad_rows.to(at::kFloat).mul(inv_tau).contiguous();
   const float* gp = g.data_ptr<float>();
@@ -395,14 +397,17 @@ std::tuple<Tensor, Tensor> ntxent_bwd_cpu(const Tensor& x, const Tensor& labels,
         std::fill(row, row + w, 0.f);
         continue;
       }
-      const float lzi = static_cast<float>(lz[i]), cn = static_cast<float>(gp[i] * wt[i]);
+      // LZ's fp32 rounding (a scale of 256 puts LZ near 256, an ulp of 3e-5) folded into the
+      // weight's factor, in double: exp(a S - lz_f) exp(lz_f - LZ) = exp(a S - LZ)
+      const float lzi = static_cast<float>(lz[i]);
+      const float cn = static_cast<float>(gp[i] * wt[i] * std::exp(double(lzi) - lz[i]));
       const int64_t self_col = in.self_col(i) - c0;
       // negatives; label-matching columns keep S for the positives below
       backward_neg_row(row, w, self_col, z, y[i], inv_tau, lzi, cn);
       auto positive = [&](int64_t j, float v) {
-        double loss = 0, sig = 0;
-        if (v < pos_thr) positive_pair(lz[i], v, inv_tau, loss, sig);
-        row[j] = static_cast<float>(-gp[i] * sig);
+        double loss = 0, q = 0;
+        const double coef = v < pos_thr ? positive_pair(lz[i], v, pl, loss, q) : 0.0;
+        row[j] = static_cast<float>(-gp[i] * coef);
       };
       if (mt.dense) {
         for (int64_t j = 0; j < w; ++j)
@@ -419,6 +424,32 @@ std::tuple<Tensor, Tensor> ntxent_bwd_cpu(const Tensor& x, const Tensor& labels,
       }
     }
   });
+}
+
+namespace {
+
+void check_temperature(double temperature) {
+  TORCH_CHECK(temperature > 0, "temperature: expected > 0, got ", temperature);
+}
+
+std::tuple<Tensor, Tensor, Tensor> ntxent_fwd_cpu(const Tensor& x, const Tensor& labels, const Tensor& ref,
+                                                  const Tensor& ref_labels, const c10::optional<Tensor>& self_index,
+                                                  int64_t ref_valid, double temperature, double pos_eps,
+                                                  bool need_grad, bool /*allow_tf32*/) {
+  check_temperature(temperature);
+  return cpu::ntxent_form_fwd(x, labels, ref, ref_labels, self_index, ref_valid,
+                              cpu::PositiveLogit::identity(static_cast<float>(1.0 / temperature)),
+                              static_cast<float>(1.0 - pos_eps), need_grad);
+}
+
+std::tuple<Tensor, Tensor> ntxent_bwd_cpu(const Tensor& x, const Tensor& labels, const Tensor& ref,
+                                          const Tensor& ref_labels, const c10::optional<Tensor>& self_index,
+                                          int64_t ref_valid, double temperature, double pos_eps,
+                                          const Tensor& grad_rows, bool /*allow_tf32*/) {
+  check_temperature(temperature);
+  return cpu::ntxent_form_bwd(x, labels, ref, ref_labels, self_index, ref_valid,
+                              cpu::PositiveLogit::identity(static_cast<float>(1.0 / temperature)),
+                              static_cast<float>(1.0 - pos_eps), grad_rows);
 }
 
 }  // namespace
