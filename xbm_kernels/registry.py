@@ -219,7 +219,8 @@ LOSSES: Dict[str, Loss] = {loss.name: loss for loss in (
     Loss("tuplet_margin",
          (Param("margin", 5.73, "the angular margin in degrees (as pytorch-metric-learning's constructor takes it): "
                 "a positive's logit is scale cos(theta - margin), theta = acos(S)", low=-180.0, high=180.0),
-          Param("scale", 64.0, "the scale of the logits", low=0.0, open_low=True),
+          Param("scale", 64.0, "the scale of the logits (at most 1e6: a pair's logit and its gradient sums stay "
+                "finite in fp32)", low=0.0, high=1e6, open_low=True),
           POS_EPS),
          "Tuplet margin loss (Yu and Tao 2019), as pytorch-metric-learning's TupletMarginLoss: one log-sum-exp "
          "term per positive pair against the anchor's negatives, the positive's angle widened by the margin.",
