@@ -285,6 +285,7 @@ def generalized_lifted_oracle(x, y, r, z, pos_margin=0.0, neg_margin=1.0, pos_ep
             for j in d:
                 if d[j] > 0:  # dl/dS = softmax_j * sign * (-1/d)
                     out.add(i, j, -sign * math.exp(logit[j] - lse) / d[j])
+    return out.result()
 
 
 SIN2_ZERO = 2.0 ** -16  # 1 - S^2 at or below it: sin(theta) = 0 (CONTRACT.md section 1, tuplet_margin)

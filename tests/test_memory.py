@@ -337,6 +337,19 @@ def test_memory_keeps_its_dtype():
     assert mem.embeddings.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "double", "float"])
+def test_a_cast_of_the_model_keeps_the_rows_exactly(cast):
+    """model.half() leaves the memory's rows as they were, not cast to fp16 and back."""
+    mem = xk.CrossBatchMemory(8, 3)
+    x = torch.randn(5, 3) * 1.2345678
+    mem.enqueue(x, torch.arange(5))
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3))
+    model.mem = mem
+    getattr(model, cast)()
+    emb, _ = mem.get()
+    assert emb.dtype == torch.float32 and torch.equal(emb, x)
+
+
 def test_enqueue_casts_and_detaches():
     mem = xk.CrossBatchMemory(4, 2, dtype=torch.float16)
     x = torch.randn(3, 2, requires_grad=True)

@@ -615,7 +615,7 @@ def test_casting_the_wrapper_keeps_the_memory_and_its_normalised_copy_in_step(ca
     assert float(m(x1, y1)) == float(ref(x1, y1))
 
 
-@pytest.mark.parametrize("how", ["memory.enqueue", "memory.load_state_dict", "memory.reset"])
+@pytest.mark.parametrize("how", ["memory.enqueue", "memory.load_state_dict", "memory.reset", "in-place edit"])
 def test_rows_changed_through_the_public_memory_reach_the_fused_kernels(how):
     g = torch.Generator().manual_seed(0)
     x0, x1 = torch.randn(4, 4, generator=g), torch.randn(3, 4, generator=g)
@@ -630,6 +630,10 @@ def test_rows_changed_through_the_public_memory_reach_the_fused_kernels(how):
     elif how == "memory.reset":
         ours.memory.reset()
         theirs.reset_queue()
+    elif how == "in-place edit":  # the rows tensor edited in place: no call of the memory's
+        with torch.no_grad():
+            ours.memory.embeddings[2] *= -1
+            theirs.embedding_memory[2] *= -1
     else:
         other = xpml.CrossBatchMemory(losses.SupConLoss(), 4, 8)
         other(extra, extra_y)

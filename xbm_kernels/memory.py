@@ -326,11 +326,12 @@ class CrossBatchMemory(nn.Module):
         self._version += 1
 
     def _apply(self, fn, recurse=True):
-        # Module.to(dtype) / .half() would cast the memory; it keeps its own dtype instead.
-        dtype = self.embeddings.dtype
+        # Module.to(dtype) / .half() would cast the memory; it keeps its own dtype, and its rows
+        # exactly (not cast there and back: .half() would round them to fp16), on the new device.
+        rows = self.embeddings
         super()._apply(fn, recurse)
-        if self.embeddings.dtype != dtype:
-            self.embeddings = self.embeddings.to(dtype)
+        if self.embeddings.dtype != rows.dtype:
+            self.embeddings = rows.to(self.embeddings.device)
         return self
 
 

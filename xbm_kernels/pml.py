@@ -608,32 +608,38 @@ class CrossBatchMemory(nn.Module):
     @torch.no_grad()
     def _unit_memory(self):
         """The derived rows of the memory's filled prefix, rebuilt whenever the memory changed
-        other than through this module's own enqueue (memory.enqueue, load_state_dict, reset),
-        was cast or moved."""
+        other than through this module's own enqueue (memory.enqueue, load_state_dict, reset, an
+        in-place edit of its rows), was cast or moved."""
         mem = self.memory.embeddings
         n = self.memory._num_filled  # as written this step (len() would wait for its deferred check)
         u = self._unit
-        if u is None or self._unit_version != self.memory._version or u[0].dtype != mem.dtype \
+        if u is None or self._unit_version != self._stamp() or u[0].dtype != mem.dtype \
                 or u[0].device != mem.device or u[0].shape != mem.shape:
             unit = torch.zeros_like(mem)
             tiny = torch.zeros(mem.shape[0], dtype=torch.bool, device=mem.device)
             keys = torch.zeros(mem.shape[0], dtype=torch.int64, device=mem.device)
             unit[:n], tiny[:n], keys[:n] = self._derived(mem[:n])
-            self._unit, self._unit_version = (unit, tiny, keys), self.memory._version
+            self._unit, self._unit_version = (unit, tiny, keys), self._stamp()
         return self._unit
+
+    def _stamp(self):
+        """What changes with the memory's rows: its own version (its operations), and its rows
+        tensor's identity and autograd version counter (an in-place edit by anyone)."""
+        mem = self.memory.embeddings
+        return self.memory._version, mem.data_ptr(), mem._version
 
     @torch.no_grad()
     def _write(self, gx, gy, gmask, b, guard):
         """The enqueue, keeping the derived rows in step when they were."""
         u = self._unit
-        in_step = u is not None and self._unit_version == self.memory._version \
+        in_step = u is not None and self._unit_version == self._stamp() \
             and u[0].dtype == self.memory.dtype and u[0].device == self.memory.embeddings.device
         slots = self.memory.write_checked(gx, gy, gmask, b, guard=guard)
         if in_step:
             if slots.numel():
                 unit, tiny, keys = u
                 unit[slots], tiny[slots], keys[slots] = self._derived(self.memory.embeddings[slots])
-            self._unit_version = self.memory._version
+            self._unit_version = self._stamp()
         return slots
 
     def _has_duplicate_copies(self, keys, self_index, n):
