@@ -35,10 +35,11 @@ OPERANDS = {"fp32": (torch.float32, torch.float32, "ieee"), "fp32-tf32": (torch.
             "fp32-on-bf16": (torch.float32, torch.bfloat16, "ieee")}
 DIMS = (3, 17, 100, 128, 130, 256, 512, 1024, 2048)
 FLOAT_SCALARS = {"alpha", "beta", "base", "mining_margin", "pos_thr", "margin", "inv_tau", "pos_margin", "m", "gamma",
-                 "neg_margin"}
+                 "neg_margin", "select_low", "select_high"}
 INT32_POINTERS = {"y_ptr", "z_ptr", "counts_ws", "counts_ptr", "idx_ws", "chosen_ptr", "mem_labels_ptr",
-                  "labels_ptr"}
-INT64_POINTERS = {"si_ptr", "slots_ptr"}
+                  "labels_ptr", "count_ws", "pcount_ws"}
+INT64_POINTERS = {"si_ptr", "slots_ptr", "active_ws"}
+FLOAT64_POINTERS = {"loss_f64_ws"}
 
 
 def jit_function(kernel):
@@ -58,6 +59,8 @@ def signature(fn, x_dtype, ref_dtype):
                 sig[name] = "*i32"
             elif name in INT64_POINTERS:
                 sig[name] = "*i64"
+            elif name in FLOAT64_POINTERS:
+                sig[name] = "*fp64"
             elif name in ("x_ptr", "emb_ptr"):
                 sig[name] = "*" + TRITON_DTYPE[x_dtype]
             elif name in ("r_ptr", "mem_ptr"):
@@ -98,15 +101,15 @@ def resources(compiled):
 @functools.lru_cache(maxsize=None)
 def _modules():
     from xbm_kernels.triton import _common, circle, contrastive, contrastive_l2, multi_similarity, ntxent, supcon
-    from xbm_kernels.triton import triplet
-    return _common, contrastive, contrastive_l2, multi_similarity, ntxent, supcon, triplet, circle
+    from xbm_kernels.triton import triplet, triplet_all
+    return _common, contrastive, contrastive_l2, multi_similarity, ntxent, supcon, triplet, circle, triplet_all
 
 
 def autotuned_kernels():
     """{name: (autotuned kernel, extra constexprs)}: every kernel whose configuration the launcher
     chooses (multi-similarity's forward and reference-side kernels with mining on and off, its
     positives kernel in both phases)."""
-    _, c, l2, ms, nx, sc, tr, ci = _modules()
+    _, c, l2, ms, nx, sc, tr, ci, ta = _modules()
     return {
         "contrastive_fwd": (c.contrastive_fwd_kernel, {}),
         "contrastive_ref_grad": (c.contrastive_ref_grad_kernel, {}),
@@ -126,6 +129,9 @@ def autotuned_kernels():
         "triplet_hardest": (tr.triplet_hardest_kernel, {}),
         "circle_fwd": (ci.circle_fwd_kernel, {}),
         "circle_ref_grad": (ci.circle_ref_grad_kernel, {}),
+        "triplet_all_fwd": (ta.triplet_all_fwd_kernel, {"POS_COUNTS": False}),
+        "triplet_all_fwd-pos-counts": (ta.triplet_all_fwd_kernel, {"POS_COUNTS": True}),
+        "triplet_all_ref_grad": (ta.triplet_all_ref_grad_kernel, {}),
     }
 
 
@@ -150,7 +156,7 @@ def constexprs(operands, **values):
     operands' precision and limbs, then `values`."""
     x_dtype, ref_dtype, precision = OPERANDS[operands]
     c = dict(HAS_SELF_INDEX=True, NEED_GRAD=True, MINE=True, FINISH=True, SKIP_INCOMPLETE=False,
-             PRECISION=precision)
+             PRECISION=precision, POS_COUNTS=True)
     c.update(_modules()[0].operand_limbs(x_dtype, ref_dtype))
     c.update(values)
     return c

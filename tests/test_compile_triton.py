@@ -25,7 +25,7 @@ except ImportError as exc:  # an older or newer Triton without the ahead-of-time
     pytest.skip(f"Triton {triton.__version__}: no ahead-of-time compile API ({exc})", allow_module_level=True)
 
 from xbm_kernels.triton import _common, contrastive, contrastive_l2, enqueue, multi_similarity  # noqa: E402
-from xbm_kernels.triton import circle, ntxent, supcon, triplet  # noqa: E402
+from xbm_kernels.triton import circle, ntxent, supcon, triplet, triplet_all  # noqa: E402
 
 # fp32, 16-bit, fp32 anchors in 16-bit limbs (2 for fp16, 3 for bf16); IEEE products
 OPERANDS = ("fp32", "bf16", "fp32-on-fp16", "fp32-on-bf16")
@@ -53,11 +53,16 @@ KERNELS = {
     "circle_fwd": circle.circle_fwd_kernel,
     "circle_merge": circle.circle_merge_kernel,
     "circle_ref_grad": circle.circle_ref_grad_kernel,
+    "triplet_all_gather": triplet_all.triplet_all_gather_kernel,
+    "triplet_all_fwd": triplet_all.triplet_all_fwd_kernel,
+    "triplet_all_merge": triplet_all.triplet_all_merge_kernel,
+    "triplet_all_ref_grad": triplet_all.triplet_all_ref_grad_kernel,
     "enqueue": enqueue.enqueue_kernel,
 }
 
 
-SWITCHES = ("MINE", "FINISH")  # constexprs compiled both ways: mining, the positives kernel's phase
+SWITCHES = ("MINE", "FINISH", "POS_COUNTS")  # compiled both ways: mining, the positives kernel's phase,
+# triplet_all's positive counts for the reference side
 
 
 def _cases():

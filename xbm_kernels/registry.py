@@ -205,7 +205,7 @@ LOSSES: Dict[str, Loss] = {loss.name: loss for loss in (
          "(pytorch-metric-learning's TripletMarginLoss with all triplets or a TripletMarginMiner).",
          "l_i = sum_{p in P_i, n in N_i, select_low < S_ip - S_in <= select_high} max(0, S_in - S_ip + margin)",
          mean_over="active_triplets",
-         kernels=frozenset({"cpu"})),
+         kernels=frozenset({"cpu", "triton"})),
 )}
 
 COMMON_ARGS_DOC = """S = X R^T accumulated in fp32 (inputs are expected L2-normalised; the functional losses do not

@@ -1,0 +1,262 @@
+"""Fused all-triplets margin loss over a reference set (CONTRACT.md section 1), Triton kernels.
+
+    l_i = sum_{p in P_i, n in N_i, lo < u <= hi} max(0, margin - u),  u = S_ip - S_in (fp32, as written)
+    dl_i/dS_in = #active triplets with negative n,  dl_i/dS_ip = -#active triplets with positive p
+
+Positives first, as the CPU kernel: a gather kernel lists, per tile of 16 anchors, the columns
+that share a label with one of them (the reference *labels* only: _common.gather_candidates;
+few in a memory of many classes). The pass over the memory (grid: anchor tiles x splits)
+takes the negatives of each memory tile (BLOCK_K columns) and meets them with the tile's
+candidate list in blocks of BLOCK_K: S of the candidates by the same product, of the same
+shape, as the memory tile's (_common.candidate_tile), so that a row held under two labels
+gives u = 0 exactly, as one product over all columns does; every (anchor, negative, positive)
+triplet of the two blocks is decided by the predicates as written (lo < u, u <= hi,
+margin - u > 0) in one (16 x BLOCK_K x BLOCK_K) tile. Per block: the loss (fp64 per row), each
+negative's count (summed over the blocks) and each positive's (at most BLOCK_K: exact in 16
+bits). The memory tile's gradient, counts_n R_n - sum over the blocks of counts_p R_p, is
+formed apart and then added to the split's: with many duplicate rows the two parts are large
+integer multiples of rows that cancel, and they cancel at the tile's scale. Correct for any
+number of positives (the blocks loop over the list); the work is B x n x (candidates / 16),
+so it suits a memory of many classes (PML's all-triplets loss enumerates every triplet).
+
+A merge kernel adds the splits in split order: loss rows (fp64), active triplets (int64,
+saturated to int32 for the counts) and the gradient (fp64).
+
+Backward to both sides (the in-batch loss), with g_i = dL/dl_i: grad_x = g * (forward
+gradient); grad_ref = C^T X with C_ij = g_i (count as negative - count as positive). The
+forward then also adds each positive's count into a (tiles, n, 16) int32 table by column
+(integer atomics: exact, so deterministic); the reference-side kernel owns a tile of
+reference rows, recomputes the negatives' counts against each anchor tile's candidate list
+and reads the positives' from the table.
+
+dtypes as in contrastive.py; the negatives' counts enter the tensor cores in limbs when they
+may not be exact in 16 bits (_common.dot_acc).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+from ._common import anchor_tile, candidate_tile, dot_acc, gather_candidates, memory_tile, pair_sets
+from ._common import ref_grad_acc, reference_block, scores
+
+ROWS = _common.CANDIDATE_ROWS  # anchors per tile: the gather's lists are per 16 anchors
+_SCAN_K = 128  # label columns per step of the gather
+# (BLOCK_B = ROWS, BLOCK_K, num_warps, num_stages): the (16 x BLOCK_K x BLOCK_K) triplet tile
+# bounds BLOCK_K (ptxas for sm_90).
+_FWD_CONFIGS = [(ROWS, 16, 4, 2), (ROWS, 16, 4, 3), (ROWS, 32, 8, 2), (ROWS, 16, 2, 2)]
+# (BLOCK_K reference rows, BLOCK_B = ROWS anchors, num_warps, num_stages)
+_REF_CONFIGS = [(16, ROWS, 4, 2), (32, ROWS, 8, 2), (16, ROWS, 2, 2)]
+_FWD_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 512, acc_tiles=2, temps=12)
+_REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 512, acc_tiles=1, temps=12,
+                                   fp32_product_when_limbed=True)
+
+
+@triton.jit
+def triplet_all_gather_kernel(y_ptr, z_ptr, si_ptr, idx_ws, count_ws, B, n, HAS_SELF_INDEX: tl.constexpr,
+                              BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Per tile of BLOCK_B anchors: its candidate list (columns sharing a label with one of
+    them, ascending) into idx_ws[tile * n:], its length into count_ws[tile]; BLOCK_K labels
+    per step."""
+    tile = tl.program_id(0)
+    rows = tile * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    yi = tl.load(y_ptr + rows, mask=row_ok, other=0)
+    self_col = rows
+    if HAS_SELF_INDEX:
+        self_col = tl.load(si_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
+    count = gather_candidates(z_ptr, yi, self_col, row_ok, 0, n, idx_ws + tile.to(tl.int64) * n, HAS_SELF_INDEX,
+                              BLOCK_K)
+    tl.store(count_ws + tile, count)
+
+
+@triton.jit
+def _triplets(sn, neg, sp, pos, margin, select_low, select_high):
+    """The active triplets of a (rows x K negatives) and a (rows x P positives) block: a
+    (rows x K x P) mask and the hinge margin - u on it (0 elsewhere)."""
+    u = sp[:, None, :] - sn[:, :, None]
+    act = (pos[:, None, :] & neg[:, :, None]) & (u > select_low) & (u <= select_high) & (margin - u > 0.0)
+    return act, tl.where(act, margin - u, 0.0)
+
+
+@triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS),
+                 key=["D", "B_BUCKET", "COLS_BUCKET", "PRECISION", "X_LIMBS", "NEED_GRAD", "POS_COUNTS"],
+                 prune_configs_by={"early_config_prune": _FWD_PRUNE}, restore_value=["pcount_ws"],
+                 **_common.AUTOTUNE_OPTIONS)
+@triton.jit
+def triplet_all_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, idx_ws, count_ws, loss_f64_ws, active_ws, grad_ws,
+                           pcount_ws, B, D, n, cols_per_split, margin, select_low, select_high, pos_thr,
+                           B_BUCKET, COLS_BUCKET, HAS_SELF_INDEX: tl.constexpr, NEED_GRAD: tl.constexpr,
+                           POS_COUNTS: tl.constexpr, PRECISION: tl.constexpr, X_LIMBS: tl.constexpr,
+                           W_LIMBS: tl.constexpr, LO_SCALE: tl.constexpr, BLOCK_D: tl.constexpr,
+                           BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    tl.static_assert(BLOCK_B == 16)  # the gather's tiles (CANDIDATE_ROWS)
+    tile = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = tile * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < D
+    x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
+                                                      r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_LIMBS, LO_SCALE)
+    count = tl.load(count_ws + tile)
+    idx_ptr = idx_ws + tile.to(tl.int64) * n
+    loss = tl.zeros([BLOCK_B], dtype=tl.float64)
+    active = tl.zeros([BLOCK_B], dtype=tl.int64)
+    grad = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+    col_start = pid_s * cols_per_split
+    col_end = tl.minimum(col_start + cols_per_split, n)
+    for k0 in range(col_start, col_end, BLOCK_K):
+        cols, col_ok, r, zj, sn = memory_tile(x_hi, x_mid, x_lo, r_ptr, z_ptr, k0, col_end, dims, dim_ok, D,
+                                              PRECISION, BLOCK_K, X_LIMBS, LO_SCALE)
+        _, _, neg = pair_sets(sn, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX)
+        wn = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.int32)
+        g_tile = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+        if tl.max(tl.max(neg.to(tl.int32), axis=1), axis=0) > 0:
+            for c0 in range(0, count, BLOCK_K):
+                same, rp, sp = candidate_tile(x_hi, x_mid, x_lo, r_ptr, z_ptr, idx_ptr, c0, count, yi, self_col,
+                                              row_ok, dims, dim_ok, D, PRECISION, HAS_SELF_INDEX, BLOCK_K, X_LIMBS,
+                                              LO_SCALE)
+                pos = same & (sp < pos_thr)
+                act, hinge = _triplets(sn, neg, sp, pos, margin, select_low, select_high)
+                a = act.to(tl.int32)
+                loss += tl.sum(tl.sum(hinge, axis=2), axis=1).to(tl.float64)
+                wn += tl.sum(a, axis=2)
+                if NEED_GRAD or POS_COUNTS:
+                    cp = tl.sum(a, axis=1)  # (rows x P): at most BLOCK_K, exact in 16 bits
+                    if NEED_GRAD:
+                        g_tile = dot_acc(-cp.to(tl.float32), rp, g_tile, 1, PRECISION)
+                    if POS_COUNTS:
+                        k = c0 + tl.arange(0, BLOCK_K)
+                        pcols = tl.load(idx_ptr + k, mask=k < count, other=0)
+                        slot = (tile.to(tl.int64) * n + pcols.to(tl.int64))[None, :] * BLOCK_B + \
+                            tl.arange(0, BLOCK_B)[:, None]
+                        tl.atomic_add(pcount_ws + slot, cp, mask=cp > 0)
+        active += tl.sum(wn, axis=1).to(tl.int64)
+        if NEED_GRAD:
+            # the memory tile's gradient apart, then added: the positives' and negatives' parts
+            # cancel at the tile's scale, not at the split's (many duplicate rows)
+            grad += dot_acc(wn.to(tl.float32), r, g_tile, W_LIMBS, PRECISION)
+    out = pid_s.to(tl.int64) * B + rows64
+    tl.store(loss_f64_ws + out, loss, mask=row_ok)
+    tl.store(active_ws + out, active, mask=row_ok)
+    if NEED_GRAD:
+        gmask = row_ok[:, None] & dim_ok[None, :]
+        tl.store(grad_ws + out[:, None] * D + dims[None, :], grad, mask=gmask)
+
+
+@triton.jit
+def triplet_all_merge_kernel(loss_f64_ws, active_ws, grad_ws, loss_ptr, counts_ptr, grad_ptr, B, D, splits,
+                             NEED_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The splits in split order: loss rows, active triplets (saturated to int32, twice) and
+    the gradient, summed in fp64."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)
+    dims = tl.arange(0, BLOCK_D)
+    gmask = row_ok[:, None] & (dims < D)[None, :]
+    loss = tl.zeros([ROWS], dtype=tl.float64)
+    active = tl.zeros([ROWS], dtype=tl.int64)
+    grad = tl.zeros([ROWS, BLOCK_D], dtype=tl.float64)
+    for p in range(0, splits):
+        base = p * B + rows64
+        loss += tl.load(loss_f64_ws + base, mask=row_ok, other=0.0)
+        active += tl.load(active_ws + base, mask=row_ok, other=0)
+        if NEED_GRAD:
+            grad += tl.load(grad_ws + base[:, None] * D + dims[None, :], mask=gmask, other=0.0).to(tl.float64)
+    c = tl.minimum(active, 2147483647).to(tl.int32)
+    tl.store(loss_ptr + rows64, loss.to(tl.float32), mask=row_ok)
+    tl.store(counts_ptr + 2 * rows64, c, mask=row_ok)
+    tl.store(counts_ptr + 2 * rows64 + 1, c, mask=row_ok)
+    if NEED_GRAD:
+        tl.store(grad_ptr + rows64[:, None] * D + dims[None, :], grad.to(tl.float32), mask=gmask)
+
+
+@triton.autotune(configs=_common.autotune_configs(_REF_CONFIGS, "BLOCK_K", "BLOCK_B"),
+                 key=["D", "B_BUCKET", "N_BUCKET", "PRECISION", "X_LIMBS"],
+                 prune_configs_by={"early_config_prune": _REF_PRUNE}, **_common.AUTOTUNE_OPTIONS)
+@triton.jit
+def triplet_all_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, idx_ws, count_ws, pcount_ws, g_ptr, gref_ptr,
+                                B, D, n, margin, select_low, select_high, pos_thr, B_BUCKET, N_BUCKET,
+                                HAS_SELF_INDEX: tl.constexpr, PRECISION: tl.constexpr, X_LIMBS: tl.constexpr,
+                                W_LIMBS: tl.constexpr, LO_SCALE: tl.constexpr, BLOCK_D: tl.constexpr,
+                                BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
+    tl.static_assert(BLOCK_B == 16)  # the gather's tiles (CANDIDATE_ROWS)
+    cols, col_ok, dims, dim_ok, col_off, r, zj = reference_block(r_ptr, z_ptr, n, D, BLOCK_D, BLOCK_K)
+    acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+    for tile in range(0, tl.cdiv(B, BLOCK_B)):
+        rows = tile * BLOCK_B + tl.arange(0, BLOCK_B)
+        row_ok = rows < B
+        x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
+                                                         r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_LIMBS, LO_SCALE)
+        g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
+        sn = scores(x_hi, x_mid, x_lo, r, PRECISION, X_LIMBS, LO_SCALE)
+        _, _, neg = pair_sets(sn, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX)
+        tile64 = tl.zeros([], dtype=tl.int64) + tile  # a Python int under the interpreter
+        count = tl.load(count_ws + tile)
+        idx_ptr = idx_ws + tile64 * n
+        wn = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.int32)
+        if tl.max(tl.max(neg.to(tl.int32), axis=1), axis=0) > 0:
+            for c0 in range(0, count, BLOCK_K):
+                same, rp, sp = candidate_tile(x_hi, x_mid, x_lo, r_ptr, z_ptr, idx_ptr, c0, count, yi, self_col,
+                                              row_ok, dims, dim_ok, D, PRECISION, HAS_SELF_INDEX, BLOCK_K, X_LIMBS,
+                                              LO_SCALE)
+                act = _triplets(sn, neg, sp, same & (sp < pos_thr), margin, select_low, select_high)[0]
+                wn += tl.sum(act.to(tl.int32), axis=2)
+        # this block's columns as positives: the forward's counts, by column (0 elsewhere)
+        slot = (tile64 * n + cols.to(tl.int64))[None, :] * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
+        cp = tl.load(pcount_ws + slot, mask=row_ok[:, None] & col_ok[None, :], other=0)
+        c = g[:, None] * (wn - cp).to(tl.float32)
+        acc = ref_grad_acc(tl.trans(c), x, x_hi, acc, X_LIMBS, W_LIMBS, PRECISION)
+    tl.store(gref_ptr + col_off, acc, mask=col_ok[:, None] & dim_ok[None, :])
+
+
+# The autotuned kernels: launch_problem() asks their prunes whether a shape can launch.
+KERNELS = (triplet_all_fwd_kernel, triplet_all_ref_grad_kernel)
+
+
+def _scalars(margin, select_low, select_high, pos_eps):
+    return dict(margin=float(margin), select_low=float(select_low), select_high=float(select_high),
+                pos_thr=1.0 - float(pos_eps))
+
+
+def _forward(call, scalars, need_grad, pos_counts, splits):
+    """The op's outputs plus the candidate lists (idx_ws, count_ws) and, with pos_counts, the
+    positives' counts by column ((tiles, n, 16) int32)."""
+    loss, grad, counts = call.outputs(need_grad)
+    B, n = call.B, call.ref_valid
+    tiles = triton.cdiv(B, ROWS)
+    dev = call.x.device
+    lists = dict(idx_ws=torch.empty(max(tiles * n, 1), dtype=torch.int32, device=dev),
+                 count_ws=torch.empty(max(tiles, 1), dtype=torch.int32, device=dev))
+    pcount = torch.zeros(tiles * n * ROWS if pos_counts else 1, dtype=torch.int32, device=dev)
+    if B == 0:
+        return loss, grad, counts, lists, pcount
+    need_grad = bool(need_grad)
+    call.launch(triplet_all_gather_kernel, (tiles,), num_warps=4, BLOCK_B=ROWS, BLOCK_K=_SCAN_K, **lists)
+    call.plan(_FWD_CONFIGS, splits)
+    ws = dict(loss_f64_ws=call.workspace(B, dtype=torch.float64), active_ws=call.workspace(B, dtype=torch.int64),
+              grad_ws=call.grad_workspace(grad, need_grad))
+    call.stream(triplet_all_fwd_kernel, pcount_ws=pcount, NEED_GRAD=need_grad, POS_COUNTS=bool(pos_counts), **ws,
+                **lists, **scalars)
+    call.merge(triplet_all_merge_kernel, loss_ptr=loss, counts_ptr=counts, grad_ptr=grad, NEED_GRAD=need_grad, **ws)
+    return loss, grad, counts, lists, pcount
+
+
+def triplet_all_fwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, margin, select_low, select_high,
+                           pos_eps, need_grad, allow_tf32, splits=None):
+    """(loss_rows (B,) f32, grad (B, D) f32 or (0,) when not need_grad, counts (B, 2) int32).
+    `splits` overrides the split plan (tests)."""
+    call = _common.LossCall(KERNELS, "triplet_all", x, labels, ref, ref_labels, self_index, ref_valid, allow_tf32)
+    return _forward(call, _scalars(margin, select_low, select_high, pos_eps), need_grad, False, splits)[:3]
+
+
+def triplet_all_bwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, margin, select_low, select_high,
+                           pos_eps, grad_rows, allow_tf32):
+    """(grad_x (B, D) f32, grad_ref (N, D) f32) for the loss sum_i grad_rows[i] l_i."""
+    call = _common.LossCall(KERNELS, "triplet_all", x, labels, ref, ref_labels, self_index, ref_valid, allow_tf32)
+    g = call.grad_rows(grad_rows)
+    scalars = _scalars(margin, select_low, select_high, pos_eps)
+    _, grad, _, lists, pcount = _forward(call, scalars, True, True, None)
+    return call.ref_grad(triplet_all_ref_grad_kernel, grad, g, pcount_ws=pcount, g_ptr=g, **lists, **scalars)
