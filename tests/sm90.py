@@ -130,7 +130,7 @@ def autotuned_kernels():
         "circle_fwd": (ci.circle_fwd_kernel, {}),
         "circle_ref_grad": (ci.circle_ref_grad_kernel, {}),
         "triplet_all_fwd": (ta.triplet_all_fwd_kernel, {"POS_COUNTS": False}),
-        "triplet_all_fwd-pos-counts": (ta.triplet_all_fwd_kernel, {"POS_COUNTS": True}),
+        "triplet_all_fwd-pos-counts": (ta.triplet_all_fwd_kernel, {"POS_COUNTS": True, "NEED_GRAD": False}),
         "triplet_all_ref_grad": (ta.triplet_all_ref_grad_kernel, {}),
     }
 

@@ -23,11 +23,11 @@ A merge kernel adds the splits in split order: loss rows (fp64), active triplets
 saturated to int32 for the counts) and the gradient (fp64).
 
 Backward to both sides (the in-batch loss), with g_i = dL/dl_i: grad_x = g * (forward
-gradient); grad_ref = C^T X with C_ij = g_i (count as negative - count as positive). The
-forward then also adds each positive's count into a (tiles, n, 16) int32 table by column
-(integer atomics: exact, so deterministic); the reference-side kernel owns a tile of
-reference rows, recomputes the negatives' counts against each anchor tile's candidate list
-and reads the positives' from the table.
+gradient); grad_ref = C^T X with C_ij = g_i (count as negative - count as positive). A pass
+before the forward's (POS_COUNTS, without the gradient) adds each positive's count into a
+(tiles, n, 16) int32 table by column (integer atomics: exact, so deterministic); the
+reference-side kernel owns a tile of reference rows, recomputes the negatives' counts against
+each anchor tile's candidate list and reads the positives' from the table.
 
 dtypes as in contrastive.py; the negatives' counts enter the tensor cores in limbs when they
 may not be exact in 16 bits (_common.dot_acc).
@@ -42,14 +42,20 @@ from ._common import ref_grad_acc, reference_block, scores
 
 ROWS = _common.CANDIDATE_ROWS  # anchors per tile: the gather's lists are per 16 anchors
 _SCAN_K = 128  # label columns per step of the gather
-# (BLOCK_B = ROWS, BLOCK_K, num_warps, num_stages): the (16 x BLOCK_K x BLOCK_K) triplet tile
-# bounds BLOCK_K (ptxas for sm_90).
-_FWD_CONFIGS = [(ROWS, 16, 4, 2), (ROWS, 16, 4, 3), (ROWS, 32, 8, 2), (ROWS, 16, 2, 2)]
-# (BLOCK_K reference rows, BLOCK_B = ROWS anchors, num_warps, num_stages)
-_REF_CONFIGS = [(16, ROWS, 4, 2), (32, ROWS, 8, 2), (16, ROWS, 2, 2)]
-_FWD_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 512, acc_tiles=2, temps=12)
-_REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 512, acc_tiles=1, temps=12,
-                                   fp32_product_when_limbed=True)
+# (BLOCK_B = ROWS, BLOCK_K, num_warps, num_stages) of the pass, and (BLOCK_K reference rows,
+# BLOCK_B = ROWS anchors, ...) of the reference side. The (16 x BLOCK_K x BLOCK_K) triplet tile
+# sets the sizes (ptxas for sm_90 at D = 128): 4 warps spill, and so do 32-column tiles.
+_FWD_CONFIGS = [(ROWS, 16, 8, 2), (ROWS, 16, 8, 1)]
+_REF_CONFIGS = [(16, ROWS, 8, 2), (16, ROWS, 8, 1)]
+# The register model of _common.prune_configs, its temporaries standing for the triplet tile,
+# calibrated on ptxas for sm_90 (Triton 3.9): the pass keeps its tiles to D = 256 with 16-bit
+# rows and to D = 128 with fp32 or limbed anchors; the reference side to D = 128 with 16-bit
+# rows or TF32 (its IEEE fp32 product spills even there: the prune then keeps one config).
+_FWD_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 256, acc_tiles=2, temps=30,
+                                   budgets={"wgmma": 0, "mma4": 0, "mma8": 80, "fma4": 0, "fma8": 80})
+_REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 256, acc_tiles=1, temps=40,
+                                   fp32_product_when_limbed=True,
+                                   budgets={"wgmma": 0, "mma4": 0, "mma8": 70, "fma4": 0, "fma8": 40})
 
 
 @triton.jit
@@ -72,11 +78,12 @@ def triplet_all_gather_kernel(y_ptr, z_ptr, si_ptr, idx_ws, count_ws, B, n, HAS_
 
 @triton.jit
 def _triplets(sn, neg, sp, pos, margin, select_low, select_high):
-    """The active triplets of a (rows x K negatives) and a (rows x P positives) block: a
-    (rows x K x P) mask and the hinge margin - u on it (0 elsewhere)."""
+    """The active triplets of a (rows x K negatives) and a (rows x P positives) block, as
+    counts: per negative (rows x K) and per positive (rows x P), int32."""
     u = sp[:, None, :] - sn[:, :, None]
     act = (pos[:, None, :] & neg[:, :, None]) & (u > select_low) & (u <= select_high) & (margin - u > 0.0)
-    return act, tl.where(act, margin - u, 0.0)
+    a = act.to(tl.int32)
+    return tl.sum(a, axis=2), tl.sum(a, axis=1)
 
 
 @triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS),
@@ -119,21 +126,21 @@ def triplet_all_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, idx_ws, count_ws,
                                               row_ok, dims, dim_ok, D, PRECISION, HAS_SELF_INDEX, BLOCK_K, X_LIMBS,
                                               LO_SCALE)
                 pos = same & (sp < pos_thr)
-                act, hinge = _triplets(sn, neg, sp, pos, margin, select_low, select_high)
-                a = act.to(tl.int32)
-                loss += tl.sum(tl.sum(hinge, axis=2), axis=1).to(tl.float64)
-                wn += tl.sum(a, axis=2)
-                if NEED_GRAD or POS_COUNTS:
-                    cp = tl.sum(a, axis=1)  # (rows x P): at most BLOCK_K, exact in 16 bits
-                    if NEED_GRAD:
-                        g_tile = dot_acc(-cp.to(tl.float32), rp, g_tile, 1, PRECISION)
-                    if POS_COUNTS:
-                        k = c0 + tl.arange(0, BLOCK_K)
-                        pcols = tl.load(idx_ptr + k, mask=k < count, other=0)
-                        slot = (tile.to(tl.int64) * n + pcols.to(tl.int64))[None, :] * BLOCK_B + \
-                            tl.arange(0, BLOCK_B)[:, None]
-                        tl.atomic_add(pcount_ws + slot, cp, mask=cp > 0)
-        active += tl.sum(wn, axis=1).to(tl.int64)
+                cn, cp = _triplets(sn, neg, sp, pos, margin, select_low, select_high)
+                wn += cn
+                if not POS_COUNTS:  # the hinge sum margin - S_ip + S_in over the block's triplets, its S_ip part
+                    loss -= tl.sum(cp.to(tl.float64) * sp.to(tl.float64), axis=1)
+                if NEED_GRAD:  # cp <= BLOCK_K: exact in 16 bits
+                    g_tile = dot_acc(-cp.to(tl.float32), rp, g_tile, 1, PRECISION)
+                if POS_COUNTS:
+                    k = c0 + tl.arange(0, BLOCK_K)
+                    pcols = tl.load(idx_ptr + k, mask=k < count, other=0)
+                    slot = (tile.to(tl.int64) * n + pcols.to(tl.int64))[None, :] * BLOCK_B + \
+                        tl.arange(0, BLOCK_B)[:, None]
+                    tl.atomic_add(pcount_ws + slot, cp, mask=cp > 0)
+        if not POS_COUNTS:  # ... and its S_in + margin part, in fp64 (as the CPU kernel's prefix sums)
+            loss += tl.sum(wn.to(tl.float64) * (sn.to(tl.float64) + margin), axis=1)
+            active += tl.sum(wn, axis=1).to(tl.int64)
         if NEED_GRAD:
             # the memory tile's gradient apart, then added: the positives' and negatives' parts
             # cancel at the tile's scale, not at the split's (many duplicate rows)
@@ -202,8 +209,7 @@ def triplet_all_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, idx_ws, coun
                 same, rp, sp = candidate_tile(x_hi, x_mid, x_lo, r_ptr, z_ptr, idx_ptr, c0, count, yi, self_col,
                                               row_ok, dims, dim_ok, D, PRECISION, HAS_SELF_INDEX, BLOCK_K, X_LIMBS,
                                               LO_SCALE)
-                act = _triplets(sn, neg, sp, same & (sp < pos_thr), margin, select_low, select_high)[0]
-                wn += tl.sum(act.to(tl.int32), axis=2)
+                wn += _triplets(sn, neg, sp, same & (sp < pos_thr), margin, select_low, select_high)[0]
         # this block's columns as positives: the forward's counts, by column (0 elsewhere)
         slot = (tile64 * n + cols.to(tl.int64))[None, :] * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
         cp = tl.load(pcount_ws + slot, mask=row_ok[:, None] & col_ok[None, :], other=0)
@@ -238,8 +244,11 @@ def _forward(call, scalars, need_grad, pos_counts, splits):
     call.plan(_FWD_CONFIGS, splits)
     ws = dict(loss_f64_ws=call.workspace(B, dtype=torch.float64), active_ws=call.workspace(B, dtype=torch.int64),
               grad_ws=call.grad_workspace(grad, need_grad))
-    call.stream(triplet_all_fwd_kernel, pcount_ws=pcount, NEED_GRAD=need_grad, POS_COUNTS=bool(pos_counts), **ws,
-                **lists, **scalars)
+    if pos_counts:  # a pass of its own: with the gradient's tiles too, the pass spills (ptxas for sm_90)
+        call.stream(triplet_all_fwd_kernel, pcount_ws=pcount, NEED_GRAD=False, POS_COUNTS=True, **ws, **lists,
+                    **scalars)
+    call.stream(triplet_all_fwd_kernel, pcount_ws=pcount, NEED_GRAD=need_grad, POS_COUNTS=False, **ws, **lists,
+                **scalars)
     call.merge(triplet_all_merge_kernel, loss_ptr=loss, counts_ptr=counts, grad_ptr=grad, NEED_GRAD=need_grad, **ws)
     return loss, grad, counts, lists, pcount
 
