@@ -3,7 +3,8 @@
     l_i = sum_{p in P_i, n in N_i, lo < u <= hi} max(0, margin - u),  u = S_ip - S_in (fp32, as written)
     dl_i/dS_in = #active triplets with negative n,  dl_i/dS_ip = -#active triplets with positive p
 
-Positives first, as the CPU kernel: a gather kernel lists, per tile of 16 anchors, the columns
+Positives first, as the CPU kernel. The anchors are sorted by label (the outputs put back):
+a tile of 16 then holds few labels. A gather kernel lists, per tile of 16 anchors, the columns
 that share a label with one of them (the reference *labels* only: _common.gather_candidates;
 few in a memory of many classes). The pass over the memory (grid: anchor tiles x splits)
 takes the negatives of each memory tile (BLOCK_K columns) and meets them with the tile's
@@ -51,11 +52,33 @@ _REF_CONFIGS = [(16, ROWS, 8, 2), (16, ROWS, 8, 1)]
 # calibrated on ptxas for sm_90 (Triton 3.9): the pass keeps its tiles to D = 256 with 16-bit
 # rows and to D = 128 with fp32 or limbed anchors; the reference side to D = 128 with 16-bit
 # rows or TF32 (its IEEE fp32 product spills even there: the prune then keeps one config).
-_FWD_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 256, acc_tiles=2, temps=30,
-                                   budgets={"wgmma": 0, "mma4": 0, "mma8": 80, "fma4": 0, "fma8": 80})
-_REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 256, acc_tiles=1, temps=40,
-                                   fp32_product_when_limbed=True,
-                                   budgets={"wgmma": 0, "mma4": 0, "mma8": 70, "fma4": 0, "fma8": 40})
+# Shared memory: the memory tile's rows and the candidates' are both staged, so the common
+# model (one streamed tile) under-estimates; rows of BLOCK_D take about 3 (BLOCK_K x BLOCK_D)
+# tiles of R and the anchors' operand tile (ptxas for sm_90: 1.3-2x the common model's bytes).
+
+
+def _with_smem(prune, fp32_product_when_limbed=False):
+    def smem_ok(c, nargs, kwargs):
+        r_bytes = nargs["r_ptr"].element_size()
+        x_bytes = _common.operand_bytes(nargs["x_ptr"].element_size(), r_bytes, kwargs["X_LIMBS"])
+        if fp32_product_when_limbed and kwargs["X_LIMBS"] > 1:
+            x_bytes += 4
+        return kwargs["BLOCK_D"] * (3 * c.kwargs["BLOCK_K"] * r_bytes + ROWS * x_bytes) + 4096 <= _common.SMEM_LIMIT
+
+    def pruned(configs, nargs, **kwargs):
+        out = prune(configs, nargs, **kwargs)
+        return out if _common.interpreting() else [c for c in out if smem_ok(c, nargs, kwargs)]
+
+    pruned.fits = lambda c, nargs, **kwargs: prune.fits(c, nargs, **kwargs) and smem_ok(c, nargs, kwargs)
+    return pruned
+
+
+_FWD_PRUNE = _with_smem(_common.prune_configs("BLOCK_B", "BLOCK_K", "B", 256, acc_tiles=2, temps=30,
+                                              budgets={"wgmma": 0, "mma4": 0, "mma8": 80, "fma4": 0, "fma8": 80}))
+_REF_PRUNE = _with_smem(_common.prune_configs("BLOCK_K", "BLOCK_B", "n", 256, acc_tiles=1, temps=40,
+                                              fp32_product_when_limbed=True,
+                                              budgets={"wgmma": 0, "mma4": 0, "mma8": 70, "fma4": 0, "fma8": 40}),
+                        fp32_product_when_limbed=True)
 
 
 @triton.jit
@@ -227,6 +250,29 @@ def _scalars(margin, select_low, select_high, pos_eps):
                 pos_thr=1.0 - float(pos_eps))
 
 
+def _by_label(call):
+    """Sorts the call's anchors by label (stable): a tile of 16 anchors then holds few labels,
+    so its candidate list, and the blocks each tile of negatives meets, are short (a batch
+    holds several samples per class). Returns the order (_unsort puts the rows back)."""
+    y = call.args["y_ptr"]
+    order = torch.argsort(y, stable=True)
+    y = y[order]
+    si = call.args["si_ptr"][order] if call.args["HAS_SELF_INDEX"] else y
+    call.args.update(x_ptr=call.args["x_ptr"][order], y_ptr=y, si_ptr=si)
+    return order
+
+
+def _unsort(order, *rows):
+    """Per-anchor tensors back in the caller's order (a (0,) placeholder as it is)."""
+    out = []
+    for t in rows:
+        if t.shape[0] == order.shape[0]:
+            t, sorted_rows = torch.empty_like(t), t
+            t[order] = sorted_rows
+        out.append(t)
+    return tuple(out)
+
+
 def _forward(call, scalars, need_grad, pos_counts, splits):
     """The op's outputs plus the candidate lists (idx_ws, count_ws) and, with pos_counts, the
     positives' counts by column ((tiles, n, 16) int32)."""
@@ -258,7 +304,9 @@ def triplet_all_fwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, ma
     """(loss_rows (B,) f32, grad (B, D) f32 or (0,) when not need_grad, counts (B, 2) int32).
     `splits` overrides the split plan (tests)."""
     call = _common.LossCall(KERNELS, "triplet_all", x, labels, ref, ref_labels, self_index, ref_valid, allow_tf32)
-    return _forward(call, _scalars(margin, select_low, select_high, pos_eps), need_grad, False, splits)[:3]
+    order = _by_label(call)
+    return _unsort(order, *_forward(call, _scalars(margin, select_low, select_high, pos_eps), need_grad, False,
+                                    splits)[:3])
 
 
 def triplet_all_bwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, margin, select_low, select_high,
@@ -266,6 +314,10 @@ def triplet_all_bwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, ma
     """(grad_x (B, D) f32, grad_ref (N, D) f32) for the loss sum_i grad_rows[i] l_i."""
     call = _common.LossCall(KERNELS, "triplet_all", x, labels, ref, ref_labels, self_index, ref_valid, allow_tf32)
     g = call.grad_rows(grad_rows)
+    order = _by_label(call)
+    g = g[order]
     scalars = _scalars(margin, select_low, select_high, pos_eps)
     _, grad, _, lists, pcount = _forward(call, scalars, True, True, None)
-    return call.ref_grad(triplet_all_ref_grad_kernel, grad, g, pcount_ws=pcount, g_ptr=g, **lists, **scalars)
+    grad_x, grad_ref = call.ref_grad(triplet_all_ref_grad_kernel, grad, g, pcount_ws=pcount, g_ptr=g, **lists,
+                                     **scalars)
+    return _unsort(order, grad_x)[0], grad_ref
