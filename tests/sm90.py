@@ -129,8 +129,8 @@ def autotuned_kernels():
         "triplet_hardest": (tr.triplet_hardest_kernel, {}),
         "circle_fwd": (ci.circle_fwd_kernel, {}),
         "circle_ref_grad": (ci.circle_ref_grad_kernel, {}),
-        "triplet_all_fwd": (ta.triplet_all_fwd_kernel, {"POS_COUNTS": False}),
-        "triplet_all_fwd-pos-counts": (ta.triplet_all_fwd_kernel, {"POS_COUNTS": True, "NEED_GRAD": False}),
+        "triplet_all_fwd": (ta.triplet_all_fwd_kernel, {}),
+        "triplet_all_pos_counts": (ta.triplet_all_pos_counts_kernel, {}),
         "triplet_all_ref_grad": (ta.triplet_all_ref_grad_kernel, {}),
     }
 
@@ -156,7 +156,7 @@ def constexprs(operands, **values):
     operands' precision and limbs, then `values`."""
     x_dtype, ref_dtype, precision = OPERANDS[operands]
     c = dict(HAS_SELF_INDEX=True, NEED_GRAD=True, MINE=True, FINISH=True, SKIP_INCOMPLETE=False,
-             PRECISION=precision, POS_COUNTS=True)
+             PRECISION=precision)
     c.update(_modules()[0].operand_limbs(x_dtype, ref_dtype))
     c.update(values)
     return c

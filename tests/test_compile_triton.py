@@ -55,14 +55,14 @@ KERNELS = {
     "circle_ref_grad": circle.circle_ref_grad_kernel,
     "triplet_all_gather": triplet_all.triplet_all_gather_kernel,
     "triplet_all_fwd": triplet_all.triplet_all_fwd_kernel,
+    "triplet_all_pos_counts": triplet_all.triplet_all_pos_counts_kernel,
     "triplet_all_merge": triplet_all.triplet_all_merge_kernel,
     "triplet_all_ref_grad": triplet_all.triplet_all_ref_grad_kernel,
     "enqueue": enqueue.enqueue_kernel,
 }
 
 
-SWITCHES = ("MINE", "FINISH", "POS_COUNTS")  # compiled both ways: mining, the positives kernel's phase,
-# triplet_all's positive counts for the reference side
+SWITCHES = ("MINE", "FINISH")  # constexprs compiled both ways: mining, the positives kernel's phase
 
 
 def _cases():

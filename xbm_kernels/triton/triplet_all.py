@@ -25,8 +25,8 @@ saturated to int32 for the counts) and the gradient (fp64).
 
 Backward to both sides (the in-batch loss), with g_i = dL/dl_i: grad_x = g * (forward
 gradient); grad_ref = C^T X with C_ij = g_i (count as negative - count as positive). A pass
-before the forward's (POS_COUNTS, without the gradient) adds each positive's count into a
-(tiles, n, 16) int32 table by column (integer atomics: exact, so deterministic); the
+of its own (triplet_all_pos_counts_kernel) adds each positive's count into a (tiles, n, 16)
+int32 table by column (integer atomics: exact, so deterministic); the
 reference-side kernel owns a tile of reference rows, recomputes the negatives' counts against
 each anchor tile's candidate list and reads the positives' from the table.
 
@@ -110,14 +110,13 @@ def _triplets(sn, neg, sp, pos, margin, select_low, select_high):
 
 
 @triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS),
-                 key=["D", "B_BUCKET", "COLS_BUCKET", "PRECISION", "X_LIMBS", "NEED_GRAD", "POS_COUNTS"],
-                 prune_configs_by={"early_config_prune": _FWD_PRUNE}, restore_value=["pcount_ws"],
-                 **_common.AUTOTUNE_OPTIONS)
+                 key=["D", "B_BUCKET", "COLS_BUCKET", "PRECISION", "X_LIMBS", "NEED_GRAD"],
+                 prune_configs_by={"early_config_prune": _FWD_PRUNE}, **_common.AUTOTUNE_OPTIONS)
 @triton.jit
 def triplet_all_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, idx_ws, count_ws, loss_f64_ws, active_ws, grad_ws,
-                           pcount_ws, B, D, n, cols_per_split, margin, select_low, select_high, pos_thr,
+                           B, D, n, cols_per_split, margin, select_low, select_high, pos_thr,
                            B_BUCKET, COLS_BUCKET, HAS_SELF_INDEX: tl.constexpr, NEED_GRAD: tl.constexpr,
-                           POS_COUNTS: tl.constexpr, PRECISION: tl.constexpr, X_LIMBS: tl.constexpr,
+                           PRECISION: tl.constexpr, X_LIMBS: tl.constexpr,
                            W_LIMBS: tl.constexpr, LO_SCALE: tl.constexpr, BLOCK_D: tl.constexpr,
                            BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
     tl.static_assert(BLOCK_B == 16)  # the gather's tiles (CANDIDATE_ROWS)
@@ -151,19 +150,13 @@ def triplet_all_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, idx_ws, count_ws,
                 pos = same & (sp < pos_thr)
                 cn, cp = _triplets(sn, neg, sp, pos, margin, select_low, select_high)
                 wn += cn
-                if not POS_COUNTS:  # the hinge sum margin - S_ip + S_in over the block's triplets, its S_ip part
-                    loss -= tl.sum(cp.to(tl.float64) * sp.to(tl.float64), axis=1)
+                # the hinge sum margin - S_ip + S_in over the block's triplets, its S_ip part
+                loss -= tl.sum(cp.to(tl.float64) * sp.to(tl.float64), axis=1)
                 if NEED_GRAD:  # cp <= BLOCK_K: exact in 16 bits
                     g_tile = dot_acc(-cp.to(tl.float32), rp, g_tile, 1, PRECISION)
-                if POS_COUNTS:
-                    k = c0 + tl.arange(0, BLOCK_K)
-                    pcols = tl.load(idx_ptr + k, mask=k < count, other=0)
-                    slot = (tile.to(tl.int64) * n + pcols.to(tl.int64))[None, :] * BLOCK_B + \
-                        tl.arange(0, BLOCK_B)[:, None]
-                    tl.atomic_add(pcount_ws + slot, cp, mask=cp > 0)
-        if not POS_COUNTS:  # ... and its S_in + margin part, in fp64 (as the CPU kernel's prefix sums)
-            loss += tl.sum(wn.to(tl.float64) * (sn.to(tl.float64) + margin), axis=1)
-            active += tl.sum(wn, axis=1).to(tl.int64)
+        # ... and its S_in + margin part, in fp64 (as the CPU kernel's prefix sums)
+        loss += tl.sum(wn.to(tl.float64) * (sn.to(tl.float64) + margin), axis=1)
+        active += tl.sum(wn, axis=1).to(tl.int64)
         if NEED_GRAD:
             # the memory tile's gradient apart, then added: the positives' and negatives' parts
             # cancel at the tile's scale, not at the split's (many duplicate rows)
@@ -174,6 +167,48 @@ def triplet_all_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, idx_ws, count_ws,
     if NEED_GRAD:
         gmask = row_ok[:, None] & dim_ok[None, :]
         tl.store(grad_ws + out[:, None] * D + dims[None, :], grad, mask=gmask)
+
+
+# restore_value: the autotuner's timing runs would otherwise add into the table too
+@triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS),
+                 key=["D", "B_BUCKET", "COLS_BUCKET", "PRECISION", "X_LIMBS"],
+                 prune_configs_by={"early_config_prune": _FWD_PRUNE}, restore_value=["pcount_ws"],
+                 **_common.AUTOTUNE_OPTIONS)
+@triton.jit
+def triplet_all_pos_counts_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, idx_ws, count_ws, pcount_ws, B, D, n,
+                                  cols_per_split, margin, select_low, select_high, pos_thr, B_BUCKET, COLS_BUCKET,
+                                  HAS_SELF_INDEX: tl.constexpr, PRECISION: tl.constexpr, X_LIMBS: tl.constexpr,
+                                  LO_SCALE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr,
+                                  BLOCK_K: tl.constexpr):
+    """The positives' counts for the reference side: the forward's triplets with the loops
+    swapped (each block of candidates meets the split's memory tiles), so that a block's
+    counts are added to the (tiles, n, 16) table once per split (integer atomics)."""
+    tl.static_assert(BLOCK_B == 16)  # the gather's tiles (CANDIDATE_ROWS)
+    tile = tl.program_id(0)
+    rows = tile * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < D
+    x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
+                                                      r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_LIMBS, LO_SCALE)
+    count = tl.load(count_ws + tile)
+    idx_ptr = idx_ws + tile.to(tl.int64) * n
+    col_start = tl.program_id(1) * cols_per_split
+    col_end = tl.minimum(col_start + cols_per_split, n)
+    for c0 in range(0, count, BLOCK_K):
+        same, rp, sp = candidate_tile(x_hi, x_mid, x_lo, r_ptr, z_ptr, idx_ptr, c0, count, yi, self_col, row_ok,
+                                      dims, dim_ok, D, PRECISION, HAS_SELF_INDEX, BLOCK_K, X_LIMBS, LO_SCALE)
+        pos = same & (sp < pos_thr)
+        cp = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.int32)
+        for k0 in range(col_start, col_end, BLOCK_K):
+            cols, col_ok, r, zj, sn = memory_tile(x_hi, x_mid, x_lo, r_ptr, z_ptr, k0, col_end, dims, dim_ok, D,
+                                                  PRECISION, BLOCK_K, X_LIMBS, LO_SCALE)
+            _, _, neg = pair_sets(sn, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX)
+            cp += _triplets(sn, neg, sp, pos, margin, select_low, select_high)[1]
+        k = c0 + tl.arange(0, BLOCK_K)
+        pcols = tl.load(idx_ptr + k, mask=k < count, other=0)
+        slot = (tile.to(tl.int64) * n + pcols.to(tl.int64))[None, :] * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
+        tl.atomic_add(pcount_ws + slot, cp, mask=cp > 0)
 
 
 @triton.jit
@@ -242,7 +277,7 @@ def triplet_all_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, idx_ws, coun
 
 
 # The autotuned kernels: launch_problem() asks their prunes whether a shape can launch.
-KERNELS = (triplet_all_fwd_kernel, triplet_all_ref_grad_kernel)
+KERNELS = (triplet_all_fwd_kernel, triplet_all_pos_counts_kernel, triplet_all_ref_grad_kernel)
 
 
 def _scalars(margin, select_low, select_high, pos_eps):
@@ -290,11 +325,9 @@ def _forward(call, scalars, need_grad, pos_counts, splits):
     call.plan(_FWD_CONFIGS, splits)
     ws = dict(loss_f64_ws=call.workspace(B, dtype=torch.float64), active_ws=call.workspace(B, dtype=torch.int64),
               grad_ws=call.grad_workspace(grad, need_grad))
-    if pos_counts:  # a pass of its own: with the gradient's tiles too, the pass spills (ptxas for sm_90)
-        call.stream(triplet_all_fwd_kernel, pcount_ws=pcount, NEED_GRAD=False, POS_COUNTS=True, **ws, **lists,
-                    **scalars)
-    call.stream(triplet_all_fwd_kernel, pcount_ws=pcount, NEED_GRAD=need_grad, POS_COUNTS=False, **ws, **lists,
-                **scalars)
+    if pos_counts:  # a pass of its own: in the forward's, the table's updates spilled (ptxas for sm_90)
+        call.stream(triplet_all_pos_counts_kernel, pcount_ws=pcount, **lists, **scalars)
+    call.stream(triplet_all_fwd_kernel, NEED_GRAD=need_grad, **ws, **lists, **scalars)
     call.merge(triplet_all_merge_kernel, loss_ptr=loss, counts_ptr=counts, grad_ptr=grad, NEED_GRAD=need_grad, **ws)
     return loss, grad, counts, lists, pcount
 
