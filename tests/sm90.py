@@ -35,10 +35,11 @@ OPERANDS = {"fp32": (torch.float32, torch.float32, "ieee"), "fp32-tf32": (torch.
             "fp32-on-bf16": (torch.float32, torch.bfloat16, "ieee")}
 DIMS = (3, 17, 100, 128, 130, 256, 512, 1024, 2048)
 FLOAT_SCALARS = {"alpha", "beta", "base", "mining_margin", "pos_thr", "margin", "inv_tau", "pos_margin", "m", "gamma",
-                 "neg_margin"}
+                 "neg_margin", "select_low", "select_high"}
 INT32_POINTERS = {"y_ptr", "z_ptr", "counts_ws", "counts_ptr", "idx_ws", "chosen_ptr", "mem_labels_ptr",
-                  "labels_ptr"}
-INT64_POINTERS = {"si_ptr", "slots_ptr"}
+                  "labels_ptr", "count_ws", "pcount_ws"}
+INT64_POINTERS = {"si_ptr", "slots_ptr", "active_ws"}
+FLOAT64_POINTERS = {"loss_f64_ws"}
 
 
 def jit_function(kernel):
@@ -58,6 +59,8 @@ def signature(fn, x_dtype, ref_dtype):
                 sig[name] = "*i32"
             elif name in INT64_POINTERS:
                 sig[name] = "*i64"
+            elif name in FLOAT64_POINTERS:
+                sig[name] = "*fp64"
             elif name in ("x_ptr", "emb_ptr"):
                 sig[name] = "*" + TRITON_DTYPE[x_dtype]
             elif name in ("r_ptr", "mem_ptr"):
@@ -98,8 +101,8 @@ def resources(compiled):
 @functools.lru_cache(maxsize=None)
 def _modules():
     from xbm_kernels.triton import _common, circle, contrastive, contrastive_l2, multi_similarity, ntxent, supcon
-    from xbm_kernels.triton import triplet
-    return _common, contrastive, contrastive_l2, multi_similarity, ntxent, supcon, triplet, circle
+    from xbm_kernels.triton import triplet, triplet_all
+    return _common, contrastive, contrastive_l2, multi_similarity, ntxent, supcon, triplet, circle, triplet_all
 
 
 def autotuned_kernels():
@@ -107,7 +110,7 @@ def autotuned_kernels():
     chooses (multi-similarity's forward and reference-side kernels with mining on and off, its
     positives kernel in both phases; circle's kernels in both forms, the second the generalized
     lifted structure loss's)."""
-    _, c, l2, ms, nx, sc, tr, ci = _modules()
+    _, c, l2, ms, nx, sc, tr, ci, ta = _modules()
     return {
         "contrastive_fwd": (c.contrastive_fwd_kernel, {}),
         "contrastive_ref_grad": (c.contrastive_ref_grad_kernel, {}),
@@ -132,6 +135,9 @@ def autotuned_kernels():
         # tuplet_margin runs ntxent's kernels with the positive's angular logit
         "tuplet_margin_pos": (nx.ntxent_pos_kernel, {"ANGULAR": True}),
         "tuplet_margin_ref_grad": (nx.ntxent_ref_grad_kernel, {"ANGULAR": True}),
+        "triplet_all_fwd": (ta.triplet_all_fwd_kernel, {}),
+        "triplet_all_pos_counts": (ta.triplet_all_pos_counts_kernel, {}),
+        "triplet_all_ref_grad": (ta.triplet_all_ref_grad_kernel, {}),
     }
 
 

@@ -25,7 +25,7 @@ except ImportError as exc:  # an older or newer Triton without the ahead-of-time
     pytest.skip(f"Triton {triton.__version__}: no ahead-of-time compile API ({exc})", allow_module_level=True)
 
 from xbm_kernels.triton import _common, contrastive, contrastive_l2, enqueue, multi_similarity  # noqa: E402
-from xbm_kernels.triton import circle, ntxent, supcon, triplet  # noqa: E402
+from xbm_kernels.triton import circle, ntxent, supcon, triplet, triplet_all  # noqa: E402
 
 # fp32, 16-bit, fp32 anchors in 16-bit limbs (2 for fp16, 3 for bf16); IEEE products
 OPERANDS = ("fp32", "bf16", "fp32-on-fp16", "fp32-on-bf16")
@@ -55,6 +55,11 @@ KERNELS = {
     "circle_ref_grad": circle.circle_ref_grad_kernel,
     "tuplet_margin_pos": ntxent.ntxent_pos_kernel,  # ntxent's with ANGULAR (sm90.autotuned_kernels)
     "tuplet_margin_ref_grad": ntxent.ntxent_ref_grad_kernel,
+    "triplet_all_gather": triplet_all.triplet_all_gather_kernel,
+    "triplet_all_fwd": triplet_all.triplet_all_fwd_kernel,
+    "triplet_all_pos_counts": triplet_all.triplet_all_pos_counts_kernel,
+    "triplet_all_merge": triplet_all.triplet_all_merge_kernel,
+    "triplet_all_ref_grad": triplet_all.triplet_all_ref_grad_kernel,
     "enqueue": enqueue.enqueue_kernel,
 }
 
@@ -96,7 +101,8 @@ FAST = [("contrastive_fwd", 128, "bf16"), ("supcon_fwd", 256, "fp32-on-bf16"), (
         ("supcon_fwd", 1024, "fp32"), ("multi_similarity_fwd-mine", 512, "bf16"), ("supcon_fwd", 512, "fp32"),
         ("multi_similarity_fwd-mine", 256, "fp32"), ("ntxent_fwd", 512, "fp32-tf32"), ("circle_fwd", 256, "fp32"),
         ("supcon_ref_grad", 128, "bf16"), ("generalized_lifted_fwd", 256, "fp32"),
-        ("tuplet_margin_pos", 256, "fp32-tf32"), ("tuplet_margin_ref_grad", 128, "bf16")]
+        ("tuplet_margin_pos", 256, "fp32-tf32"), ("tuplet_margin_ref_grad", 128, "bf16"),
+        ("triplet_all_fwd", 128, "bf16"), ("triplet_all_ref_grad", 128, "fp32-tf32")]
 
 
 def _resource_cases(slow):

@@ -31,7 +31,7 @@ def _duplicated_memory(seed=5, B=9, D=37, distinct=4):
     return x, torch.zeros(B, dtype=torch.long), r, z
 
 
-@pytest.mark.backends("reference", "cpu")
+@pytest.mark.backends("reference", "cpu", "triton")
 @pytest.mark.parametrize("params", [dict(margin=0.05, select_low=-3.0, select_high=0.0),
                                     dict(margin=0.05, select_low=0.0, select_high=3.0),
                                     dict(margin=0.0, select_low=-3.0, select_high=3.0)],
@@ -51,9 +51,11 @@ def test_a_row_under_two_labels_ties_exactly(backend, device, params):
     assert_close(xa.grad, gx_e, FP32, "grad_x")
 
 
-@pytest.mark.backends("cpu")
+@pytest.mark.backends("cpu", "triton")
 def test_saturated_counts_refuse_the_mean(backend, device):
     """One anchor, 50000 positives at S = 0.5 and 50000 negatives at 0.875: 2.5e9 active triplets."""
+    if backend == "triton" and device == "cpu":
+        pytest.skip("2.5e9 triplets in blocks: hours under the Triton interpreter; runs on CUDA tensors")
     n = 50000
     x = torch.tensor([[1.0]], device=device)
     r = torch.cat([torch.full((n, 1), 0.5), torch.full((n, 1), 0.875)]).to(device)
@@ -65,7 +67,7 @@ def test_saturated_counts_refuse_the_mean(backend, device):
         xk.triplet_all_loss(x, y, r, z, margin=0.125, reduction="mean", backend=backend)
 
 
-@pytest.mark.backends("reference", "cpu")
+@pytest.mark.backends("reference", "cpu", "triton")
 def test_many_duplicates_keep_the_gradient_accurate(backend, device):
     gen = torch.Generator().manual_seed(3)
     D, P = 16, 2000

@@ -205,7 +205,7 @@ LOSSES: Dict[str, Loss] = {loss.name: loss for loss in (
          "(pytorch-metric-learning's TripletMarginLoss with all triplets or a TripletMarginMiner).",
          "l_i = sum_{p in P_i, n in N_i, select_low < S_ip - S_in <= select_high} max(0, S_in - S_ip + margin)",
          mean_over="active_triplets",
-         kernels=frozenset({"cpu"})),
+         kernels=frozenset({"cpu", "triton"})),
     Loss("generalized_lifted",
          (Param("pos_margin", 0.0, "positives enter their log-sum-exp as d - pos_margin (d in [0, 2]; a set's "
                 "log-sum-exp reaches log of its size, 21.5 for 2^31 pairs)", low=-32.0, high=32.0),
