@@ -32,6 +32,8 @@ MEAN_OVER = {
     "anchors_with_positives": "the number of anchors with at least one positive",
     "positive_pairs": "the number of positive pairs",
     "active_triplets": "the number of selected triplets with a non-zero loss",
+    "active_triplet_terms": "the number of triplets with a non-zero positive term plus the number with a non-zero "
+                            "negative term (pytorch-metric-learning's MarginLoss divisor)",
 }
 
 
@@ -206,6 +208,16 @@ LOSSES: Dict[str, Loss] = {loss.name: loss for loss in (
          "l_i = sum_{p in P_i, n in N_i, select_low < S_ip - S_in <= select_high} max(0, S_in - S_ip + margin)",
          mean_over="active_triplets",
          kernels=frozenset({"cpu"})),
+    Loss("margin",
+         (Param("margin", 0.2, "the margin around beta", low=0.0, high=2.0),
+          Param("beta", 1.2, "the boundary between positive and negative distances (any finite value)"),
+          POS_EPS),
+         "Margin loss (Wu et al. 2017) over every (positive, negative) triplet of the anchor, on the L2 distance "
+         "of unit rows d = sqrt(max(2 - 2 S, 0)) (pytorch-metric-learning's MarginLoss, all triplets).",
+         "l_i = sum_{p in P_i, n in N_i} [max(0, d_ip - beta + margin) + max(0, beta - d_in + margin)]\n"
+         "    = |N_i| sum_{P_i} max(0, d_ip - beta + margin) + |P_i| sum_{N_i} max(0, beta - d_in + margin)",
+         mean_over="active_triplet_terms",
+         kernels=frozenset()),
 )}
 
 COMMON_ARGS_DOC = """S = X R^T accumulated in fp32 (inputs are expected L2-normalised; the functional losses do not
