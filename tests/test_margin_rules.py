@@ -12,6 +12,16 @@ import xbm_kernels as xk
 def test_saturated_counts_refuse_the_mean(backend, device):
     """One anchor, 50000 positives at d = 1 and 50000 negatives at d = 0.5 (S = 0.5 and 0.875),
     beta 0.7 and margin 0.2: every one of the 2.5e9 triplets has both terms active (0.5 + 0.4)."""
+    _saturated(backend, device)
+
+
+@pytest.mark.backends("triton")
+@pytest.mark.cuda_tensors  # 100000 columns: minutes under the interpreter
+def test_saturated_counts_refuse_the_mean_on_a_gpu(backend, device):
+    _saturated(backend, device)
+
+
+def _saturated(backend, device):
     n = 50000
     x = torch.tensor([[1.0]], device=device)
     r = torch.cat([torch.full((n, 1), 0.5), torch.full((n, 1), 0.875)]).to(device)

@@ -217,7 +217,7 @@ LOSSES: Dict[str, Loss] = {loss.name: loss for loss in (
          "l_i = sum_{p in P_i, n in N_i} [max(0, d_ip - beta + margin) + max(0, beta - d_in + margin)]\n"
          "    = |N_i| sum_{P_i} max(0, d_ip - beta + margin) + |P_i| sum_{N_i} max(0, beta - d_in + margin)",
          mean_over="active_triplet_terms",
-         kernels=frozenset({"cpu"})),
+         kernels=frozenset({"cpu", "triton"})),
 )}
 
 COMMON_ARGS_DOC = """S = X R^T accumulated in fp32 (inputs are expected L2-normalised; the functional losses do not
