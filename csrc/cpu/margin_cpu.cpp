@@ -104,20 +104,20 @@ std::tuple<Tensor, Tensor, Tensor> margin_fwd_cpu(const Tensor& x, const Tensor&
     out_counts[2 * i + 1] = saturated(P.n_pos[i] * static_cast<int64_t>(nc[2 * i + 1]));
   }
   if (!need_grad) return {rows, at::empty({0}, in.x32.options()), counts};
-  // dl_i/dx_i = |N_i| sum_{active P} -r_j / d + |P_i| (the pass's sum_{active N} r_j / d), added in
-  // double: the two parts have opposite signs and large weights
+  // dl_i/dx_i = |N_i| sum_{active P} -r_j / d + |P_i| (the pass's sum_{active N} r_j / d): each
+  // sum in fp32 (as the pass's), the weighted parts added in double (opposite signs, large weights)
   Tensor grad = at::empty({B, D}, in.x32.options());
   const float* gn = neg_grad.data_ptr<float>();
   float* g = grad.data_ptr<float>();
   at::parallel_for(0, B, 16, [&](int64_t i0, int64_t i1) {
-    std::vector<float> buf(D);
-    std::vector<double> acc(D);
+    std::vector<float> buf(D), acc(D);
     for (int64_t i = i0; i < i1; ++i) {
-      std::fill(acc.begin(), acc.end(), 0.0);
+      std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t k = P.cand.start[i]; k < P.cand.start[i + 1]; ++k) {
-        if (P.coef[k] == 0.f) continue;
+        const float c = P.coef[k];
+        if (c == 0.f) continue;
         const float* r = cpu::ref_row(in.ref, P.cand.col[k], D, buf.data());
-        for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<double>(P.coef[k] * r[d]);
+        for (int64_t d = 0; d < D; ++d) acc[d] += c * r[d];
       }
       const double wp = static_cast<double>(P.n_neg[i]), wn = static_cast<double>(P.n_pos[i]);
       for (int64_t d = 0; d < D; ++d) g[i * D + d] = static_cast<float>(wp * acc[d] + wn * gn[i * D + d]);
