@@ -47,6 +47,7 @@ CONFIGS = {
     "triplet + semihard miner": lambda: (losses.TripletMarginLoss(margin=0.1, distance=COS()),
                                          miners.TripletMarginMiner(0.2, distance=COS(), type_of_triplets="semihard")),
     "tuplet_margin": lambda: (losses.TupletMarginLoss(), None),
+    "margin (all triplets)": lambda: (losses.MarginLoss(), None),
     "circle + miner (PML's loss on our memory)": lambda: (losses.CircleLoss(), miners.MultiSimilarityMiner()),
     "lifted (PML's loss on our memory)": lambda: (losses.LiftedStructureLoss(), None),
     "generalized lifted (L2)": lambda: (losses.GeneralizedLiftedStructureLoss(), None),
@@ -65,7 +66,7 @@ def _data(B, K, D, n_classes, steps, seed=0):
 
 def _pml_too_large(name, B, K, n_classes, limit_bytes=4 * 2 ** 30):
     """What PML would allocate where it does not fit (recorded instead of timed): NTXentLoss,
-    TupletMarginLoss and TripletMarginLoss without a miner match every positive pair with every negative pair
+    TupletMarginLoss and TripletMarginLoss (and MarginLoss) without a miner match every positive pair with every negative pair
     (B K / classes by B K entries: 4 bytes each for NTXent, a bool for the triplets); the
     TripletMarginMiner builds a B x K x K mask of every (anchor, positive, negative)."""
     pos, neg = B * K / n_classes, B * K
@@ -73,7 +74,7 @@ def _pml_too_large(name, B, K, n_classes, limit_bytes=4 * 2 ** 30):
         need, what = 4 * pos * neg, "n_per_p matrix"
     elif name.startswith("tuplet_margin"):  # PML repeats the negative pairs once per positive pair
         need, what = 4 * pos * neg, "positive x negative pairs matrix"
-    elif name == "triplet (all triplets)":
+    elif name in ("triplet (all triplets)", "margin (all triplets)"):
         need, what = pos * neg, "pair-match matrix"
     elif name.startswith("triplet + semihard"):
         need, what = B * K * K, "triplet mask"

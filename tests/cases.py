@@ -129,7 +129,9 @@ def variants(loss):
     moved (_moved, pos_eps kept; or `<loss>_moved` where oracle.py declares one); each other combination of its bool parameters; pos_eps = -1
     (every same-label column a positive, exact copies too). name -> params (schema order)."""
     spec = LOSSES[loss]
-    d = dict(spec.defaults)
+    # `<loss>_defaults` in oracle.py: where the registry defaults put a fixed threshold among the
+    # data's similarities (margin: d = beta + margin = 1.4, S = 0.02, among the orthogonal rows)
+    d = {**spec.defaults, **getattr(oracle, f"{loss}_defaults", {})}
     out = {"defaults": d}
     floats = [p for p in spec.parameters if p.kind == "float" and p.name != "pos_eps"]
     if floats:
@@ -279,5 +281,7 @@ def mean_denominator(loss, counts):
         return max(int((counts[:, 0] > 0).sum()), 1)
     if rule in ("positive_pairs", "active_triplets"):
         return max(int(counts[:, 0].sum()), 1)
+    if rule == "active_triplet_terms":
+        return max(int(counts.sum()), 1)
     assert rule == "anchors", rule
     return max(counts.shape[0], 1)

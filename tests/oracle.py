@@ -323,6 +323,32 @@ def tuplet_margin_oracle(x, y, r, z, margin=5.73, scale=64.0, pos_eps=1e-5, ref_
     return out.result()
 
 
+def margin_oracle(x, y, r, z, margin=0.2, beta=1.2, pos_eps=1e-5, ref_valid=None, self_index=None, weights=None):
+    """Every triplet (p in P_i, n in N_i) of the anchor, d = contrastive_l2's distance: loss
+    max(0, d_ip - beta + margin) + max(0, beta - d_in + margin); counts: the triplets with a
+    non-zero positive term, those with a non-zero negative term. dl/dS_ip = -1/d_ip per triplet
+    whose positive term is non-zero, dl/dS_in = +1/d_in per triplet whose negative term is (0 at
+    d = 0). One anchor at a time (its P_i x N_i triplets as a float64 matrix)."""
+    out = _Outputs(x, r, weights)
+    rows, counts = out.rows, out.counts
+    for i, s, P, N in _sets(x, y, r, z, pos_eps, ref_valid, self_index):
+        if not P or not N:
+            continue
+        dp = torch.tensor([l2_distance(s[j]) for j in P], dtype=torch.float64)
+        dn = torch.tensor([l2_distance(s[j]) for j in N], dtype=torch.float64)
+        pos_term = (dp[:, None] - beta + margin).expand(len(P), len(N)).clamp_min(0)
+        neg_term = (beta - dn[None, :] + margin).expand(len(P), len(N)).clamp_min(0)
+        rows[i] = float((pos_term + neg_term).sum())
+        counts[i, 0], counts[i, 1] = int((pos_term > 0).sum()), int((neg_term > 0).sum())
+        for k, j in enumerate(P):
+            if dp[k] > 0:
+                out.add(i, j, -float((pos_term[k] > 0).sum()) / float(dp[k]))
+        for k, j in enumerate(N):
+            if dn[k] > 0:
+                out.add(i, j, float((neg_term[:, k] > 0).sum()) / float(dn[k]))
+    return out.result()
+
+
 # --------------------------------------------------------------------------- lookup
 
 
@@ -472,6 +498,28 @@ def tuplet_margin_boundaries(S, pos, neg, p):
     (as a distance that is below FIXED_GAP exactly when they do not); the exact copies of the
     pos_eps < 0 variant (S = 1, sin(theta) = 0 by the contract's floor) are judged apart."""
     return (1 - S.abs() - TUPLET_POS_MIN + FIXED_GAP).clamp_min(0)[pos], _NONE
+
+
+def _margin_at(s_pos, s_neg):
+    """margin's (margin, beta) whose thresholds d = beta -+ margin sit at S = s_pos on positives and
+    S = s_neg on negatives (d = sqrt(2 - 2S))."""
+    dp, dn = (2 * (1 - s_pos)) ** 0.5, (2 * (1 - s_neg)) ** 0.5
+    return dict(margin=(dn - dp) / 2, beta=(dn + dp) / 2)
+
+
+# margin: PML's defaults (0.2, 1.2) put the negatives' threshold d = 1.4 at S = 0.02, among the
+# near-orthogonal rows of other classes (S near 0): the tests' "defaults" are the nearest
+# thresholds halfway between multiples of 1/7 (S = 3.5/7 as PML's, and -0.5/7: 0.232, 1.232);
+# the moved set puts them at S = 2.5/7 and -1.5/7
+margin_defaults = _margin_at(3.5 / 7, -0.5 / 7)
+margin_moved = _margin_at(2.5 / 7, -1.5 / 7)
+
+
+def margin_boundaries(S, pos, neg, p):
+    """contrastive_l2's, with pos_margin = beta - margin and neg_margin = beta + margin (a
+    triplet's terms are its two pairs' contrastive_l2 terms; |P_i| and |N_i| are set sizes)."""
+    return contrastive_l2_boundaries(S, pos, neg, dict(pos_margin=p["beta"] - p["margin"],
+                                                       neg_margin=p["beta"] + p["margin"]))
 
 
 def decision_gap(loss, params, x, y, r, z, ref_valid=None, self_index=None, copies=()):

@@ -114,8 +114,10 @@ def autotuned_kernels():
     return {
         "contrastive_fwd": (c.contrastive_fwd_kernel, {}),
         "contrastive_ref_grad": (c.contrastive_ref_grad_kernel, {}),
-        "contrastive_l2_fwd": (l2.contrastive_l2_fwd_kernel, {}),
-        "contrastive_l2_ref_grad": (l2.contrastive_l2_ref_grad_kernel, {}),
+        "contrastive_l2_fwd": (l2.contrastive_l2_fwd_kernel, {"WEIGHTED": False}),
+        "contrastive_l2_ref_grad": (l2.contrastive_l2_ref_grad_kernel, {"WEIGHTED": False}),
+        "margin_fwd": (l2.contrastive_l2_fwd_kernel, {"WEIGHTED": True}),  # margin: contrastive_l2's, weighted
+        "margin_ref_grad": (l2.contrastive_l2_ref_grad_kernel, {"WEIGHTED": True}),
         "multi_similarity_pos": (ms.multi_similarity_pos_kernel, {"FINISH": False}),
         "multi_similarity_pos-finish": (ms.multi_similarity_pos_kernel, {"FINISH": True}),
         "multi_similarity_fwd-mine": (ms.multi_similarity_fwd_kernel, {"MINE": True}),
@@ -161,7 +163,7 @@ def constexprs(operands, **values):
     """Constexprs of a compile with `operands` (a key of OPERANDS): every feature flag on, the
     operands' precision and limbs, then `values`."""
     x_dtype, ref_dtype, precision = OPERANDS[operands]
-    c = dict(HAS_SELF_INDEX=True, NEED_GRAD=True, MINE=True, FINISH=True, SKIP_INCOMPLETE=False,
+    c = dict(HAS_SELF_INDEX=True, NEED_GRAD=True, MINE=True, FINISH=True, SKIP_INCOMPLETE=False, WEIGHTED=True,
              PRECISION=precision)
     c.update(_modules()[0].operand_limbs(x_dtype, ref_dtype))
     c.update(values)

@@ -64,8 +64,8 @@ KERNELS = {
 }
 
 
-SWITCHES = ("MINE", "FINISH", "LIFTED")  # constexprs compiled both ways: mining, the positives kernel's phase,
-# circle's kernels' form (LIFTED: the generalized lifted structure loss's)
+SWITCHES = ("MINE", "FINISH", "LIFTED", "WEIGHTED")  # constexprs compiled both ways: mining, the positives kernel's phase,
+# circle's kernels' form (LIFTED: the generalized lifted structure loss's), contrastive_l2's per-anchor weights (the margin loss)
 
 
 def _cases():
@@ -102,7 +102,8 @@ FAST = [("contrastive_fwd", 128, "bf16"), ("supcon_fwd", 256, "fp32-on-bf16"), (
         ("multi_similarity_fwd-mine", 256, "fp32"), ("ntxent_fwd", 512, "fp32-tf32"), ("circle_fwd", 256, "fp32"),
         ("supcon_ref_grad", 128, "bf16"), ("generalized_lifted_fwd", 256, "fp32"),
         ("tuplet_margin_pos", 256, "fp32-tf32"), ("tuplet_margin_ref_grad", 128, "bf16"),
-        ("triplet_all_fwd", 128, "bf16"), ("triplet_all_ref_grad", 128, "fp32-tf32")]
+        ("triplet_all_fwd", 128, "bf16"), ("triplet_all_ref_grad", 128, "fp32-tf32"),
+        ("margin_fwd", 128, "bf16")]
 
 
 def _resource_cases(slow):

@@ -92,6 +92,21 @@ def _circle_margin(m):
     return change
 
 
+def _margin_beta(beta):
+    """MarginLoss's beta (a Parameter with learn_beta) set in place, as an optimizer step would."""
+    def change(loss, miner, module):
+        with torch.no_grad():
+            loss.beta.fill_(beta)
+    return change
+
+
+def _beta_parameter(loss):
+    """A MarginLoss whose beta a user made a Parameter without learn_beta: PML differentiates it
+    through the margin terms (no nu term)."""
+    loss.beta = torch.nn.Parameter(loss.beta.clone())
+    return loss
+
+
 CONFIGS = {
     "contrastive-lp": (lambda: (losses.ContrastiveLoss(), None), "contrastive",
                        [_set(("loss", "pos_margin"), 0.3), _set(("loss", "neg_margin"), 1.3)]),
@@ -136,7 +151,14 @@ CONFIGS = {
                                        []),
     "generalized-lifted+miner": (lambda: (losses.GeneralizedLiftedStructureLoss(),
                                           miners.MultiSimilarityMiner(0.1)), None, []),
-    "margin": (lambda: (losses.MarginLoss(learn_beta=True, num_classes=None), None), None, []),
+    "margin": (lambda: (losses.MarginLoss(learn_beta=True, num_classes=None), None), "margin",
+               [_margin_beta(0.9), _set(("loss", "nu"), 0.1), _set(("loss", "margin"), 0.35), _margin_beta(1.35)]),
+    "margin-fixed-beta": (lambda: (losses.MarginLoss(margin=0.1, beta=1.0), None), "margin",
+                          [_set(("loss", "margin"), 0.25)]),
+    "margin-beta-parameter-not-learned": (lambda: (_beta_parameter(losses.MarginLoss()), None), "margin",
+                                          [_margin_beta(0.9)]),
+    "margin-per-class-beta": (lambda: (losses.MarginLoss(learn_beta=True, num_classes=CLASSES), None), None, []),
+    "margin+miner": (lambda: (losses.MarginLoss(), miners.TripletMarginMiner(0.2)), None, []),
     "nca": (lambda: (losses.NCALoss(), None), None, []),
     "angular": (lambda: (losses.AngularLoss(), None), None, []),
     "angular+miner": (lambda: (losses.AngularLoss(), miners.AngularMiner()), None, []),
@@ -448,6 +470,37 @@ def test_zero_row_under_lp_distance():
             lo, go = _run_step(ours, r, y[:r.shape[0]], None, None, [])
             lt, gt = _run_step(theirs, r, y[:r.shape[0]], None, None, [])
             assert _err(lo, lt) <= 1e-5 and _err(go[0], gt[0]) <= 1e-5
+
+
+@pytest.mark.parametrize("kernel_backend", ["reference", "cpu"])
+def test_margin_beta_without_triplets_or_active_terms(kernel_backend):
+    """MarginLoss(learn_beta=True, nu=0.1): a step without any triplet (every anchor's one
+    same-label row is its copy) is PML's zero losses, beta gets no gradient at all (not nu); a
+    step with triplets but no active term (positives near, negatives opposite) is beta * nu, and
+    beta's gradient nu; then a step with active terms. Loss, embedding and beta gradients as PML's."""
+    e = torch.zeros(D, dtype=torch.float64)
+    e[0] = 1.0
+    gen = torch.Generator().manual_seed(4)
+    near = lambda sign, k: F.normalize(sign * e + 0.01 * torch.randn(k, D, generator=gen, dtype=torch.float64),
+                                       dim=1).float()  # noqa: E731
+    steps = [(torch.cat([near(1, 3), near(-1, 3)]), torch.tensor([0, 0, 0, 1, 1, 1])),  # none active
+             (torch.randn(4, D, generator=gen), torch.arange(7, 11)),                  # no triplet
+             (torch.randn(6, D, generator=gen), torch.tensor([0, 1, 0, 1, 2, 2]))]
+    make = lambda: losses.MarginLoss(learn_beta=True, nu=0.1)  # noqa: E731
+    ours = xpml.CrossBatchMemory(make(), D, MEMORY, backend=kernel_backend)
+    theirs = FixedPML(make(), D, MEMORY)
+    assert ours.fused.startswith("margin")
+    for k, (x, y) in enumerate(steps):
+        for m in (ours, theirs):
+            m.loss.beta.grad = None
+        lo, go = _run_step(ours, x, y, None, None, [])
+        lt, gt = _run_step(theirs, x, y, None, None, [])
+        bo, bt = ours.loss.beta.grad, theirs.loss.beta.grad
+        assert (bo is None) == (bt is None) == (k == 1), (k, bo, bt)
+        assert _err(lo, lt) <= 1e-5 and _err(go[0], gt[0]) <= 1e-5, k
+        if k != 1:
+            assert abs(float(bo) - float(bt)) <= 1e-5 * max(1.0, abs(float(bt))), (k, bo, bt)
+    assert abs(float(bt) - 0.1) > 1e-3  # the last step's gradient is not nu alone
 
 
 def test_float64_embeddings_on_a_fused_configuration():

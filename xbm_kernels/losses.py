@@ -53,15 +53,17 @@ def _allow_tf32():
 COUNT_LIMIT = 2 ** 31 - 1  # counts are int32: an anchor's count saturates here
 
 
-def active_triplets(counts):
-    """The number of active triplets (int64) from triplet_all's counts; raises where one anchor's
-    count reached the int32 limit, beyond which it saturates and the total would be wrong (a
-    value check, so a host sync on a GPU, for this loss's mean only; like the other value checks
-    it does not run while torch.compile traces)."""
-    if not torch.compiler.is_compiling() and counts.numel() and bool((counts[:, 0] >= COUNT_LIMIT).any()):
-        raise ValueError(f"triplet_all: an anchor has {COUNT_LIMIT} or more active triplets, past the int32 count "
-                         f"the op returns, so the mean over active triplets cannot be formed; use reduction='sum'")
-    return counts[:, 0].sum()
+def active_triplets(counts, loss="triplet_all"):
+    """The number of active triplets (int64) from triplet_all's counts (column 0), or for
+    loss="margin" the active triplet terms (both columns: positive and negative terms); raises
+    where one anchor's count reached the int32 limit, beyond which it saturates and the total
+    would be wrong (a value check, so a host sync on a GPU, for these losses' mean only; like the
+    other value checks it does not run while torch.compile traces)."""
+    c, what = (counts, "triplet terms") if loss == "margin" else (counts[:, :1], "triplets")
+    if not torch.compiler.is_compiling() and c.numel() and bool((c >= COUNT_LIMIT).any()):
+        raise ValueError(f"{loss}: an anchor has {COUNT_LIMIT} or more active {what}, past the int32 count "
+                         f"the op returns, so the mean over active {what} cannot be formed; use reduction='sum'")
+    return c.sum()
 
 
 def _mean_denominator(spec: Loss, rows, counts):
@@ -69,6 +71,8 @@ def _mean_denominator(spec: Loss, rows, counts):
         return (counts[:, 0] > 0).sum().clamp_min(1).to(rows.dtype)
     if spec.mean_over == "active_triplets":
         return active_triplets(counts).clamp_min(1).to(rows.dtype)
+    if spec.mean_over == "active_triplet_terms":
+        return active_triplets(counts, spec.name).clamp_min(1).to(rows.dtype)
     if spec.mean_over == "positive_pairs":
         return counts[:, 0].sum().clamp_min(1).to(rows.dtype)
     assert spec.mean_over == "anchors", spec.mean_over

@@ -170,6 +170,14 @@ class _Step:
         own = 0 if self.self_index is None else self.x.shape[0]
         return _count_in(labels, self.y.to(labels.dtype).contiguous()).sum() - own
 
+    def any_triplet(self):
+        """Whether some anchor has a positive (a same-label row other than its copy) and a
+        negative: counted by sorting the memory's labels, O(n log n)."""
+        labels, _ = self.mem_labels[:self.n].sort()
+        same = _count_in(labels, self.y.to(labels.dtype).contiguous())
+        own = 0 if self.self_index is None else 1
+        return ((same - own > 0) & (same < self.n)).any()
+
     def lonely(self):
         """Anchors whose only same-label row in the memory is their own copy (bool (B,)):
         counted by sorting the memory's labels, O(n log n), not a B x n comparison."""
@@ -455,6 +463,49 @@ def _triplet(loss, miner):
     return fused
 
 
+def _margin(loss, miner):
+    reducers = _pml()[3]
+    r = loss.reducer
+    if miner is not None or getattr(loss, "embedding_regularizer", None) is not None \
+            or not _is_plain(loss.distance, "LpDistance") or loss.triplets_per_anchor != "all":
+        return None
+    if not (type(r) is reducers.MultipleReducers and set(r.reducers) == {"margin_loss", "beta_reg_loss"}
+            and all(type(v) is reducers.DivisorReducer for v in r.reducers.values())):
+        return None
+    # one beta for every anchor (a per-class beta, num_classes, runs PML's own loss: its thresholds
+    # would differ per anchor label); a learned beta is read at its current value
+    beta = loss.beta
+    if not (isinstance(beta, torch.Tensor) and beta.numel() == 1):
+        return None
+    nu = _number(loss.nu)
+    params = _params("margin", margin=_number(loss.margin), beta=float(beta.detach()), pos_eps=-1.0)
+    if params is None or nu is None:
+        return None
+    learn_beta = bool(loss.learn_beta)
+    grad_beta = beta.requires_grad  # PML differentiates beta whenever it requires grad, learn_beta or not
+
+    def fused(step):
+        # every triplet of the anchor: the op's rows sum its triplets' losses and its counts are
+        # the triplets with a non-zero positive / negative term, PML's DivisorReducer's divisor
+        rows, counts = step.run("margin", params)
+        divisor = active_triplets(counts, "margin").clamp_min(1).to(rows.dtype)
+        out = rows.sum() / divisor
+        if not (learn_beta or grad_beta) or not bool(step.any_triplet()):
+            return out  # PML: no triplet, zero losses (beta gets no gradient, not even nu's)
+        # PML differentiates beta: d out / d beta = (active negative terms - active positive
+        # terms) / divisor; beta enters with that slope at its value; with learn_beta, PML adds
+        # beta * nu
+        b = beta.to(device=rows.device, dtype=rows.dtype).reshape(())
+        slope = (counts[:, 1].sum() - counts[:, 0].sum()).to(rows.dtype) / divisor
+        out = out + (b - b.detach()) * slope
+        return out + b * nu if learn_beta else out
+
+    # d = sqrt(2 - 2S) holds for unit rows; a zero row (PML: distance 1 to every unit row) runs
+    # PML's own loss for that step
+    fused.needs_nonzero_rows = "anchors+memory"
+    return fused
+
+
 # (name, PML loss class name, planner): the fused configurations, in the order tried.
 _PLANS = (
     ("contrastive: ContrastiveLoss() (LpDistance, PML's default) or ContrastiveLoss(distance=CosineSimilarity()), "
@@ -471,6 +522,7 @@ _PLANS = (
     ("generalized_lifted: GeneralizedLiftedStructureLoss() (LpDistance()), no miner", "GeneralizedLiftedStructureLoss",
      _generalized_lifted),
     ("tuplet_margin: TupletMarginLoss(), no miner", "TupletMarginLoss", _tuplet_margin),
+    ("margin: MarginLoss() (LpDistance, scalar beta, learned or not), no miner", "MarginLoss", _margin),
 )
 
 

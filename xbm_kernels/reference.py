@@ -308,3 +308,23 @@ def tuplet_margin(x, labels, ref, ref_labels, *, margin, scale, pos_eps, ref_val
     rows = torch.where(pos, torch.nn.functional.softplus(lz - pos_logit), S.new_zeros(())).sum(1)
     counts = torch.stack([pos.sum(1), neg.sum(1)], dim=1)
     return rows, counts.to(torch.int32)
+
+
+def margin(x, labels, ref, ref_labels, *, margin, beta, pos_eps, ref_valid, self_index):
+    """pytorch-metric-learning's MarginLoss over every triplet (i, p, n), p in P_i, n in N_i, on
+    the L2 distance of unit rows (contrastive_l2's d): each triplet's loss max(0, d_ip - beta +
+    margin) + max(0, beta - d_in + margin) depends on one pair per term, so the row factors into
+    |N_i| sum_{P_i} max(0, d - (beta - margin)) + |P_i| sum_{N_i} max(0, beta + margin - d).
+    counts: (|N_i| x active positives, |P_i| x active negatives), the triplets with a non-zero
+    positive / negative term, saturating at the int32 limit as the kernels'."""
+    S = similarity(x, ref)
+    pos, neg = pair_sets(S, labels, ref_labels, ref_valid, self_index, pos_eps)
+    d = _l2_distance(S)
+    active_pos = pos & (d > beta - margin)
+    active_neg = neg & (d < beta + margin)
+    zero = S.new_zeros(())
+    n_pos, n_neg = pos.sum(1), neg.sum(1)
+    rows = n_neg.to(S.dtype) * torch.where(active_pos, d - (beta - margin), zero).sum(1) \
+        + n_pos.to(S.dtype) * torch.where(active_neg, (beta + margin) - d, zero).sum(1)
+    counts = torch.stack([n_neg * active_pos.sum(1), n_pos * active_neg.sum(1)], dim=1)
+    return rows, counts.clamp_max(2 ** 31 - 1).to(torch.int32)

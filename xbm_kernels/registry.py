@@ -32,6 +32,8 @@ MEAN_OVER = {
     "anchors_with_positives": "the number of anchors with at least one positive",
     "positive_pairs": "the number of positive pairs",
     "active_triplets": "the number of selected triplets with a non-zero loss",
+    "active_triplet_terms": "the number of triplets with a non-zero positive term plus the number with a non-zero "
+                            "negative term (pytorch-metric-learning's MarginLoss divisor)",
 }
 
 
@@ -228,6 +230,17 @@ LOSSES: Dict[str, Loss] = {loss.name: loss for loss in (
          "margin in degrees;\n    a pair's term is 0 when N_i is empty (CONTRACT.md: sin(theta) is 0 where "
          "1 - S^2 <= 2^-16)",
          mean_over="positive_pairs",
+         kernels=frozenset({"cpu", "triton"})),
+    Loss("margin",
+         (Param("margin", 0.2, "the margin around beta", low=0.0, high=2.0),
+          Param("beta", 1.2, "the boundary between positive and negative distances (d is in [0, 2]: beyond +-4 "
+                "every term is constant)", low=-4.0, high=4.0),
+          POS_EPS),
+         "Margin loss (Wu et al. 2017) over every (positive, negative) triplet of the anchor, on the L2 distance "
+         "of unit rows d = sqrt(max(2 - 2 S, 0)) (pytorch-metric-learning's MarginLoss, all triplets).",
+         "l_i = sum_{p in P_i, n in N_i} [max(0, d_ip - beta + margin) + max(0, beta - d_in + margin)]\n"
+         "    = |N_i| sum_{P_i} max(0, d_ip - beta + margin) + |P_i| sum_{N_i} max(0, beta - d_in + margin)",
+         mean_over="active_triplet_terms",
          kernels=frozenset({"cpu", "triton"})),
 )}
 

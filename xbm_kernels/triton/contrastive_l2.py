@@ -16,6 +16,10 @@ them in split order (deterministic, no atomics); one split writes the outputs di
 A switched-off term (neg_margin <= 0, or pos_eps >= 2 so that no column is a positive)
 simply has no active pairs.
 
+WEIGHTED (the margin loss, triton/margin.py): each anchor's positive terms and coefficients are
+scaled by wp_i, its negative ones by wn_i (per-anchor weights read once per anchor tile); the
+counts stay the unweighted active pairs.
+
 Backward to both sides, with g_i = dL/dl_i:
     grad_x   = g * (C R)     the forward kernel's dX, each row scaled by g_i
     grad_ref = (g C)^T X     each program owns a tile of reference rows and streams the anchors.
@@ -42,9 +46,22 @@ _REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 256, acc_tiles=1, 
 
 
 @triton.jit
-def _coefficients(s, yi, zj, cols, row_ok, col_ok, self_col, pos_margin, neg_margin, pos_thr,
-                  HAS_SELF_INDEX: tl.constexpr):
-    """(active positives, active negatives, loss terms, dl/dS) of a tile of S."""
+def _row_weights(wp_ptr, wn_ptr, rows, row_ok, WEIGHTED: tl.constexpr):
+    """The anchors' (positive, negative) weights with WEIGHTED; otherwise placeholders, unused."""
+    if WEIGHTED:
+        wp = tl.load(wp_ptr + rows, mask=row_ok, other=0.0)
+        wn = tl.load(wn_ptr + rows, mask=row_ok, other=0.0)
+    else:
+        wp = row_ok
+        wn = row_ok
+    return wp, wn
+
+
+@triton.jit
+def _coefficients(s, yi, zj, cols, row_ok, col_ok, self_col, pos_margin, neg_margin, pos_thr, wp, wn,
+                  HAS_SELF_INDEX: tl.constexpr, WEIGHTED: tl.constexpr):
+    """(active positives, active negatives, loss terms, dl/dS) of a tile of S; with WEIGHTED the
+    terms and dl/dS of row i scaled by wp_i on positives and wn_i on negatives."""
     _, pos, neg = pair_sets(s, yi, zj, cols, row_ok, col_ok, self_col, pos_thr, HAS_SELF_INDEX)
     t = 2.0 - 2.0 * s
     d = tl.sqrt(tl.where(t > 1.52587890625e-05, t, 0.0))  # 2 - 2S <= 2^-16 counts as d = 0 (CONTRACT.md)
@@ -53,17 +70,22 @@ def _coefficients(s, yi, zj, cols, row_ok, col_ok, self_col, pos_margin, neg_mar
     term = tl.where(act_p, d - pos_margin, tl.where(act_n, neg_margin - d, 0.0))
     inv_d = tl.where(d > 0.0, 1.0 / tl.where(d > 0.0, d, 1.0), 0.0)  # no 1/0 even where masked
     c = tl.where(act_n, inv_d, 0.0) - tl.where(act_p, inv_d, 0.0)
+    if WEIGHTED:  # term and c are 0 off the active pairs, and act_p, act_n are disjoint
+        w = tl.where(act_p, wp[:, None], wn[:, None])
+        term = term * w
+        c = c * w
     return act_p, act_n, term, c
 
 
 @triton.autotune(configs=_common.autotune_configs(_FWD_CONFIGS),
-                 key=["D", "B_BUCKET", "COLS_BUCKET", "NEED_GRAD", "PRECISION", "X_LIMBS"],
+                 key=["D", "B_BUCKET", "COLS_BUCKET", "NEED_GRAD", "WEIGHTED", "PRECISION", "X_LIMBS"],
                  prune_configs_by={"early_config_prune": _FWD_PRUNE}, **_common.AUTOTUNE_OPTIONS)
 @triton.jit
-def contrastive_l2_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, loss_ptr, counts_ptr, grad_ptr,
+def contrastive_l2_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, wp_ptr, wn_ptr, loss_ptr, counts_ptr, grad_ptr,
                               B, D, n, cols_per_split, pos_margin, neg_margin, pos_thr, B_BUCKET, COLS_BUCKET,
-                              HAS_SELF_INDEX: tl.constexpr, NEED_GRAD: tl.constexpr, PRECISION: tl.constexpr,
-                              X_LIMBS: tl.constexpr, W_LIMBS: tl.constexpr, LO_SCALE: tl.constexpr,
+                              HAS_SELF_INDEX: tl.constexpr, NEED_GRAD: tl.constexpr, WEIGHTED: tl.constexpr,
+                              PRECISION: tl.constexpr, X_LIMBS: tl.constexpr, W_LIMBS: tl.constexpr,
+                              LO_SCALE: tl.constexpr,
                               BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -75,6 +97,7 @@ def contrastive_l2_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, loss_ptr, coun
 
     x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
                                                       r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_LIMBS, LO_SCALE)
+    wp, wn = _row_weights(wp_ptr, wn_ptr, rows, row_ok, WEIGHTED)
 
     loss = tl.zeros([BLOCK_B], dtype=tl.float32)
     npos = tl.zeros([BLOCK_B], dtype=tl.int32)
@@ -87,7 +110,7 @@ def contrastive_l2_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, loss_ptr, coun
         cols, col_ok, r, zj, s = memory_tile(x_hi, x_mid, x_lo, r_ptr, z_ptr, k0, col_end, dims, dim_ok, D,
                                              PRECISION, BLOCK_K, X_LIMBS, LO_SCALE)
         act_p, act_n, term, c = _coefficients(s, yi, zj, cols, row_ok, col_ok, self_col, pos_margin, neg_margin,
-                                              pos_thr, HAS_SELF_INDEX)
+                                              pos_thr, wp, wn, HAS_SELF_INDEX, WEIGHTED)
         loss += tl.sum(term, axis=1)
         npos += tl.sum(act_p.to(tl.int32), axis=1)
         nneg += tl.sum(act_n.to(tl.int32), axis=1)
@@ -103,13 +126,13 @@ def contrastive_l2_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, loss_ptr, coun
 
 
 @triton.autotune(configs=_common.autotune_configs(_common.REF_CONFIGS, "BLOCK_K", "BLOCK_B"),
-                 key=["D", "B_BUCKET", "N_BUCKET", "PRECISION", "X_LIMBS"],
+                 key=["D", "B_BUCKET", "N_BUCKET", "WEIGHTED", "PRECISION", "X_LIMBS"],
                  prune_configs_by={"early_config_prune": _REF_PRUNE}, **_common.AUTOTUNE_OPTIONS)
 @triton.jit
-def contrastive_l2_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, g_ptr, gref_ptr,
+def contrastive_l2_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, wp_ptr, wn_ptr, g_ptr, gref_ptr,
                                    B, D, n, pos_margin, neg_margin, pos_thr, B_BUCKET, N_BUCKET,
-                                   HAS_SELF_INDEX: tl.constexpr, PRECISION: tl.constexpr, X_LIMBS: tl.constexpr,
-                                   W_LIMBS: tl.constexpr, LO_SCALE: tl.constexpr,
+                                   HAS_SELF_INDEX: tl.constexpr, WEIGHTED: tl.constexpr, PRECISION: tl.constexpr,
+                                   X_LIMBS: tl.constexpr, W_LIMBS: tl.constexpr, LO_SCALE: tl.constexpr,
                                    BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
     cols, col_ok, dims, dim_ok, col_off, r, zj = reference_block(r_ptr, z_ptr, n, D, BLOCK_D, BLOCK_K)
     acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
@@ -119,9 +142,10 @@ def contrastive_l2_ref_grad_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, g_ptr, gr
         x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
                                                          r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_LIMBS, LO_SCALE)
         g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
+        wp, wn = _row_weights(wp_ptr, wn_ptr, rows, row_ok, WEIGHTED)
         s = scores(x_hi, x_mid, x_lo, r, PRECISION, X_LIMBS, LO_SCALE)
         _, _, _, c = _coefficients(s, yi, zj, cols, row_ok, col_ok, self_col, pos_margin, neg_margin, pos_thr,
-                                   HAS_SELF_INDEX)
+                                   wp, wn, HAS_SELF_INDEX, WEIGHTED)
         acc = ref_grad_acc(tl.trans(c * g[:, None]), x, x_hi, acc, X_LIMBS, W_LIMBS, PRECISION)
     tl.store(gref_ptr + col_off, acc, mask=col_ok[:, None] & dim_ok[None, :])
 
@@ -135,10 +159,16 @@ def split_plan(B: int, n: int, device: torch.device, splits=None):
     return _common.split_plan(B, n, device, _FWD_CONFIGS, splits)
 
 
-def _scalars(pos_margin, neg_margin, pos_eps):
+def scalars(pos_margin, neg_margin, pos_eps):
+    """The kernels' own scalars: the margins and pos_thr = 1 - pos_eps."""
     # pos_thr > 1 for a negative pos_eps (every same-label column a positive), < -1 for
     # pos_eps > 2 (none); neg_margin <= 0: no negative is ever active.
     return dict(pos_margin=float(pos_margin), neg_margin=float(neg_margin), pos_thr=1.0 - float(pos_eps))
+
+
+def unweighted(call):
+    """WEIGHTED off, with placeholders for the weight pointers (never read)."""
+    return dict(wp_ptr=call.args["x_ptr"], wn_ptr=call.args["x_ptr"], WEIGHTED=False)
 
 
 def contrastive_l2_fwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, pos_margin, neg_margin, pos_eps,
@@ -147,7 +177,7 @@ def contrastive_l2_fwd_triton(x, labels, ref, ref_labels, self_index, ref_valid,
     `splits` overrides the split plan (tests)."""
     call = _common.LossCall(KERNELS, "contrastive_l2", x, labels, ref, ref_labels, self_index, ref_valid, allow_tf32)
     return call.sum_forward(contrastive_l2_fwd_kernel, _FWD_CONFIGS, need_grad, splits,
-                            **_scalars(pos_margin, neg_margin, pos_eps))
+                            **unweighted(call), **scalars(pos_margin, neg_margin, pos_eps))
 
 
 def contrastive_l2_bwd_triton(x, labels, ref, ref_labels, self_index, ref_valid, pos_margin, neg_margin, pos_eps,
@@ -155,6 +185,6 @@ def contrastive_l2_bwd_triton(x, labels, ref, ref_labels, self_index, ref_valid,
     """(grad_x (B, D) f32, grad_ref (N, D) f32) for the loss sum_i grad_rows[i] l_i."""
     call = _common.LossCall(KERNELS, "contrastive_l2", x, labels, ref, ref_labels, self_index, ref_valid, allow_tf32)
     g = call.grad_rows(grad_rows)
-    scalars = _scalars(pos_margin, neg_margin, pos_eps)
-    _, grad, _ = call.sum_forward(contrastive_l2_fwd_kernel, _FWD_CONFIGS, True, **scalars)
-    return call.ref_grad(contrastive_l2_ref_grad_kernel, grad, g, g_ptr=g, **scalars)
+    named = dict(unweighted(call), **scalars(pos_margin, neg_margin, pos_eps))
+    _, grad, _ = call.sum_forward(contrastive_l2_fwd_kernel, _FWD_CONFIGS, True, **named)
+    return call.ref_grad(contrastive_l2_ref_grad_kernel, grad, g, g_ptr=g, **named)
