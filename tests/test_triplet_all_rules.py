@@ -82,3 +82,20 @@ def test_many_duplicates_keep_the_gradient_accurate(backend, device):
     xk.triplet_all_loss(xa, y.to(device), r.to(device), z.to(device), **params, backend=backend,
                         reduction="sum").backward()
     assert_close(xa.grad, gx_e, FP32, "grad_x")
+
+
+@pytest.mark.backends("reference", "cpu", "triton")
+def test_the_margin_and_bounds_are_fp32(backend, device):
+    """margin and the selection bounds act as fp32 numbers on every backend (a GPU launch passes
+    Python floats to a Triton kernel as fp32; the interpreter would keep them in fp64): 22500
+    triplets, each with u = 0.1875 exactly and margin 0.1875 + 1e-6, sum 22500 (fp32(margin) - u),
+    not 0.0225."""
+    x = torch.tensor([[1.0, 0.0]], device=device)
+    r = torch.cat([torch.tensor([[0.5, 0.5]]).repeat(150, 1), torch.tensor([[0.3125, 0.5]]).repeat(150, 1)]).to(device)
+    z = torch.cat([torch.zeros(150), torch.ones(150)]).long().to(device)
+    margin = 0.1875 + 1e-6
+    expected = 22500 * (float(torch.tensor(margin, dtype=torch.float32)) - 0.1875)
+    for low, high in ((-3.0, 3.0), (0.1875 - 1e-9, 3.0)):  # the lower bound rounds to u itself: excluded
+        loss = xk.triplet_all_loss(x, torch.tensor([0], device=device), r, z, margin=margin, select_low=low,
+                                   select_high=high, pos_eps=-1.0, reduction="sum", backend=backend)
+        assert abs(float(loss) - (expected if low < 0 else 0.0)) <= 1e-9, (low, float(loss))

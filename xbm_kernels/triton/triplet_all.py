@@ -102,9 +102,12 @@ def triplet_all_gather_kernel(y_ptr, z_ptr, si_ptr, idx_ws, count_ws, B, n, HAS_
 @triton.jit
 def _triplets(sn, neg, sp, pos, margin, select_low, select_high):
     """The active triplets of a (rows x K negatives) and a (rows x P positives) block, as
-    counts: per negative (rows x K) and per positive (rows x P), int32."""
+    counts: per negative (rows x K) and per positive (rows x P), int32. The scalars are fp32, as
+    a GPU launch passes them (the interpreter would keep Python floats in fp64)."""
     u = sp[:, None, :] - sn[:, :, None]
-    act = (pos[:, None, :] & neg[:, :, None]) & (u > select_low) & (u <= select_high) & (margin - u > 0.0)
+    lo, hi = tl.full((), select_low, tl.float32), tl.full((), select_high, tl.float32)
+    m = tl.full((), margin, tl.float32)
+    act = (pos[:, None, :] & neg[:, :, None]) & (u > lo) & (u <= hi) & (m - u > 0.0)
     a = act.to(tl.int32)
     return tl.sum(a, axis=2), tl.sum(a, axis=1)
 
@@ -155,7 +158,7 @@ def triplet_all_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, idx_ws, count_ws,
                 if NEED_GRAD:  # cp <= BLOCK_K: exact in 16 bits
                     g_tile = dot_acc(-cp.to(tl.float32), rp, g_tile, 1, PRECISION)
         # ... and its S_in + margin part, in fp64 (as the CPU kernel's prefix sums)
-        loss += tl.sum(wn.to(tl.float64) * (sn.to(tl.float64) + margin), axis=1)
+        loss += tl.sum(wn.to(tl.float64) * (sn.to(tl.float64) + tl.full((), margin, tl.float32).to(tl.float64)), axis=1)
         active += tl.sum(wn, axis=1).to(tl.int64)
         if NEED_GRAD:
             # the memory tile's gradient apart, then added: the positives' and negatives' parts
