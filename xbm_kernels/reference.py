@@ -258,3 +258,20 @@ def triplet_all(x, labels, ref, ref_labels, *, margin, select_low, select_high, 
         return S.sum(1), torch.zeros(0, 2, dtype=torch.int32, device=S.device)
     active = torch.stack(active).clamp_max(2 ** 31 - 1)  # int32 counts saturate, as the kernels'
     return torch.stack(rows), torch.stack([active, active], dim=1).to(torch.int32)
+
+
+def nca(x, labels, ref, ref_labels, *, scale, pos_eps, ref_valid, self_index):
+    """NCA: the log of the softmax mass of the positives, the softmax of 2 scale S over V_i
+    (pytorch-metric-learning's -scale d^2 on unit rows, up to a constant that cancels):
+    l_i = LSE_{V_i}(2 scale S) - LSE_{P_i}(2 scale S), 0 when P_i is empty."""
+    S = similarity(x, ref)
+    pos, neg = pair_sets(S, labels, ref_labels, ref_valid, self_index, pos_eps)
+    valid = _valid_mask(S.shape[0], S.shape[1], S.device, ref_valid, self_index)
+    logits = (2.0 * scale) * S
+    has_pos = pos.any(1)
+    # the -inf of an empty set never reaches the subtraction: 0 there, gradient 0
+    lse_v = torch.where(has_pos, _masked_logsumexp(logits, valid), S.new_zeros(()))
+    lse_p = torch.where(has_pos, _masked_logsumexp(logits, pos), S.new_zeros(()))
+    rows = lse_v - lse_p
+    counts = torch.stack([pos.sum(1), neg.sum(1)], dim=1) * has_pos[:, None]
+    return rows, counts.to(torch.int32)

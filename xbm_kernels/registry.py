@@ -206,6 +206,14 @@ LOSSES: Dict[str, Loss] = {loss.name: loss for loss in (
          "l_i = sum_{p in P_i, n in N_i, select_low < S_ip - S_in <= select_high} max(0, S_in - S_ip + margin)",
          mean_over="active_triplets",
          kernels=frozenset({"cpu"})),
+    Loss("nca",
+         (Param("scale", 1.0, "the softmax scale on the squared L2 distance of unit rows, d^2 = 2 - 2 S (logits "
+                "2 scale S up to a constant)", low=0.0, open_low=True),
+          POS_EPS),
+         "Neighbourhood components analysis loss (Goldberger et al. 2004), pytorch-metric-learning's NCALoss on "
+         "unit rows.",
+         "l_i = log sum_{a in V_i} exp(2 scale S_ia) - log sum_{p in P_i} exp(2 scale S_ip), 0 when P_i is empty",
+         mean_over="anchors_with_positives"),
 )}
 
 COMMON_ARGS_DOC = """S = X R^T accumulated in fp32 (inputs are expected L2-normalised; the functional losses do not
