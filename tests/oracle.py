@@ -403,8 +403,9 @@ def circle_boundaries(S, pos, neg, p):
     return _NONE, _NONE  # continuous in S: the [.]_+ factors reach 0 with their terms' slopes
 
 
-# nca: a sharper softmax than the generic 1.5 x the default (logits 2 scale S spanning 32)
-nca_moved = dict(scale=8.0)
+# nca: a sharper softmax than the generic 1.5 x the default (logits 2 scale S spanning 20, as supcon's
+# default temperature)
+nca_moved = dict(scale=5.0)
 
 
 def nca_boundaries(S, pos, neg, p):
