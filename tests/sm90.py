@@ -118,8 +118,10 @@ def autotuned_kernels():
         "multi_similarity_fwd": (ms.multi_similarity_fwd_kernel, {"MINE": False}),
         "multi_similarity_ref_grad-mine": (ms.multi_similarity_ref_grad_kernel, {"MINE": True}),
         "multi_similarity_ref_grad": (ms.multi_similarity_ref_grad_kernel, {"MINE": False}),
-        "supcon_fwd": (sc.supcon_fwd_kernel, {}),
-        "supcon_ref_grad": (sc.supcon_ref_grad_kernel, {}),
+        "supcon_fwd": (sc.supcon_fwd_kernel, {"NCA": False}),
+        "supcon_ref_grad": (sc.supcon_ref_grad_kernel, {"NCA": False}),
+        "nca_fwd": (sc.supcon_fwd_kernel, {"NCA": True}),
+        "nca_ref_grad": (sc.supcon_ref_grad_kernel, {"NCA": True}),
         "ntxent_fwd": (nx.ntxent_fwd_kernel, {}),
         "ntxent_pos": (nx.ntxent_pos_kernel, {}),
         "ntxent_ref_grad": (nx.ntxent_ref_grad_kernel, {}),
@@ -149,7 +151,7 @@ def constexprs(operands, **values):
     """Constexprs of a compile with `operands` (a key of OPERANDS): every feature flag on, the
     operands' precision and limbs, then `values`."""
     x_dtype, ref_dtype, precision = OPERANDS[operands]
-    c = dict(HAS_SELF_INDEX=True, NEED_GRAD=True, MINE=True, FINISH=True, SKIP_INCOMPLETE=False,
+    c = dict(HAS_SELF_INDEX=True, NEED_GRAD=True, MINE=True, FINISH=True, SKIP_INCOMPLETE=False, NCA=False,
              PRECISION=precision)
     c.update(_modules()[0].operand_limbs(x_dtype, ref_dtype))
     c.update(values)

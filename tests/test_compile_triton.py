@@ -57,7 +57,8 @@ KERNELS = {
 }
 
 
-SWITCHES = ("MINE", "FINISH")  # constexprs compiled both ways: mining, the positives kernel's phase
+SWITCHES = ("MINE", "FINISH", "NCA")  # constexprs compiled both ways: mining, the positives kernel's phase, nca
+# on supcon's kernels
 
 
 def _cases():
@@ -92,7 +93,7 @@ def test_kernel_compiles_for_sm90(name, operands, switch, on):
 FAST = [("contrastive_fwd", 128, "bf16"), ("supcon_fwd", 256, "fp32-on-bf16"), ("contrastive_fwd", 2048, "bf16"),
         ("supcon_fwd", 1024, "fp32"), ("multi_similarity_fwd-mine", 512, "bf16"), ("supcon_fwd", 512, "fp32"),
         ("multi_similarity_fwd-mine", 256, "fp32"), ("ntxent_fwd", 512, "fp32-tf32"), ("circle_fwd", 256, "fp32"),
-        ("supcon_ref_grad", 128, "bf16")]
+        ("supcon_ref_grad", 128, "bf16"), ("nca_fwd", 256, "fp32"), ("nca_ref_grad", 128, "bf16")]
 
 
 def _resource_cases(slow):

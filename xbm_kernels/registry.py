@@ -214,7 +214,7 @@ LOSSES: Dict[str, Loss] = {loss.name: loss for loss in (
          "unit rows.",
          "l_i = log sum_{a in V_i} exp(2 scale S_ia) - log sum_{p in P_i} exp(2 scale S_ip), 0 when P_i is empty",
          mean_over="anchors_with_positives",
-         kernels=frozenset({"cpu"})),
+         kernels=frozenset({"cpu", "triton"})),
 )}
 
 COMMON_ARGS_DOC = """S = X R^T accumulated in fp32 (inputs are expected L2-normalised; the functional losses do not
