@@ -47,6 +47,7 @@ CONFIGS = {
     "triplet (all triplets)": lambda: (losses.TripletMarginLoss(margin=0.1, distance=COS()), None),
     "triplet + semihard miner": lambda: (losses.TripletMarginLoss(margin=0.1, distance=COS()),
                                          miners.TripletMarginMiner(0.2, distance=COS(), type_of_triplets="semihard")),
+    "nca": lambda: (losses.NCALoss(), None),
     "circle + miner (PML's loss on our memory)": lambda: (losses.CircleLoss(), miners.MultiSimilarityMiner()),
     "lifted (PML's loss on our memory)": lambda: (losses.LiftedStructureLoss(), None),
 }
