@@ -1,8 +1,9 @@
 // Fused NCA loss on the CPU (CONTRACT.md section 1), with a = 2 scale S:
 //   l_i = LSE_{V_i}(a) - LSE_{P_i}(a) = log(1 + R_i),  R_i = sum_{V_i \ P_i} exp(a_ij - LSE_{P_i})
 //   dl_i/dS_ij = 2 scale ( softmax_V(a)_j - [j in P_i] softmax_P(a)_j )
-// The positives first: each anchor's same-label columns by label and their S by one dot
-// product each (cpu/same_label.h) give LSE_{P_i}, and the dropped duplicates' terms. Then ONE
+// The positives first: each anchor's same-label columns by label and their S, by one dot
+// product each, or per label by one product of its anchors and columns where they are many
+// (cpu/same_label.h), give LSE_{P_i}, and the dropped duplicates' terms. Then ONE
 // pass over the memory keeps supcon's online log-sum-exp (cpu/online_lse.h) over the
 // negatives only, with their softmax numerator G_N, so the gradient comes out of the forward.
 // The loss is formed as log1p(R_i), and a positive's coefficient as softmax_P * expm1(-l_i):
@@ -51,7 +52,7 @@ NcaSameLabel nca_same_label(const cpu::LossInputs& in, float a_scale, float pos_
   out.pos_thr = pos_thr;
   out.a_scale = a_scale;
   // Uncapped: the loss needs every same-label column's logit, however many there are.
-  cpu::gather_same_label(in, out.cand, /*capped=*/false);
+  cpu::gather_same_label_uncapped(in, out.cand);
   out.count.assign(in.B, 0);
   out.lse_pos.assign(in.B, kNegInf);
   out.lse_dup.assign(in.B, kNegInf);

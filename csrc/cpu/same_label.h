@@ -121,5 +121,51 @@ inline bool gather_same_label(const LossInputs& in, SameLabel& pos, bool capped 
   return true;
 }
 
+// The candidates of find_candidates with their S for any number of them: gather_same_label's
+// dot products where they are few (at most 1/32 of the pairs), else one product per label (the
+// label's anchors against its columns, a block of columns at a time): the same fp32 products at
+// the GEMM's rate where a label's columns are many (a memory of few labels).
+inline void gather_same_label_uncapped(const LossInputs& in, SameLabel& pos) {
+  if (gather_same_label(in, pos, /*capped=*/true)) return;
+  find_candidates(in, pos, /*capped=*/false);
+  const int64_t B = in.B, n = in.n;
+  const int32_t* y = in.y_ptr();
+  std::vector<int64_t> order(B);
+  for (int64_t i = 0; i < B; ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return y[a] < y[b]; });
+  std::vector<int64_t> slot(n, -1);  // a column's place among its label's columns
+  constexpr int64_t kBlock = 2048;   // columns per product: (anchors of the label) x kBlock fp32
+  for (int64_t g0 = 0; g0 < B;) {
+    int64_t g1 = g0;
+    while (g1 < B && y[order[g1]] == y[order[g0]]) ++g1;
+    std::vector<int64_t> cols;  // the union of the group's candidates (each anchor's: all but its own)
+    for (int64_t a = g0; a < g1; ++a)
+      for (int64_t k = pos.start[order[a]]; k < pos.start[order[a] + 1]; ++k)
+        if (slot[pos.col[k]] < 0) {
+          slot[pos.col[k]] = static_cast<int64_t>(cols.size());
+          cols.push_back(pos.col[k]);
+        }
+    const int64_t m = static_cast<int64_t>(cols.size());
+    if (m > 0) {
+      const auto i64 = at::TensorOptions().dtype(at::kLong);
+      const at::Tensor rows = at::from_blob(order.data() + g0, {g1 - g0}, i64).clone();
+      const at::Tensor xg = in.x32.index_select(0, rows);
+      for (int64_t c0 = 0; c0 < m; c0 += kBlock) {
+        const int64_t w = std::min(kBlock, m - c0);
+        const at::Tensor idx = at::from_blob(cols.data() + c0, {w}, i64).clone();
+        const at::Tensor sg = at::mm(xg, in.ref.index_select(0, idx).to(at::kFloat).t()).contiguous();
+        const float* sp = sg.data_ptr<float>();
+        for (int64_t a = g0; a < g1; ++a)
+          for (int64_t k = pos.start[order[a]]; k < pos.start[order[a] + 1]; ++k) {
+            const int64_t j = slot[pos.col[k]] - c0;
+            if (j >= 0 && j < w) pos.s[k] = sp[(a - g0) * w + j];
+          }
+      }
+    }
+    for (int64_t c : cols) slot[c] = -1;
+    g0 = g1;
+  }
+}
+
 }  // namespace cpu
 }  // namespace xbm_kernels
