@@ -134,26 +134,19 @@ std::tuple<Tensor, Tensor, Tensor> nca_fwd_cpu(const Tensor& x, const Tensor& la
   // grad_i = a_scale ( G_N exp(m_N - LSE_V) + sum_dup exp(a_d - LSE_V) r_d
   //                    - pos_factor sum_P exp(a_p - LSE_P) r_p ); 0 without positives
   Tensor grad = neg.g;
+  Tensor w_neg = at::zeros({B, 1}, f32);
+  std::vector<float> coef(sl.cand.col.size(), 0.f);
   const float* m_n = neg.m.data_ptr<float>();
-  float* gp = grad.data_ptr<float>();
-  at::parallel_for(0, B, 16, [&](int64_t i0, int64_t i1) {
-    std::vector<float> buf(D);
-    for (int64_t i = i0; i < i1; ++i) {
-      float* gi = gp + i * D;
-      const float w_neg = sl.count[i] > 0 && m_n[i] != -cpu::kLseInf
-                              ? static_cast<float>(std::exp(m_n[i] - rows.lse_v[i])) : 0.f;
-      for (int64_t d = 0; d < D; ++d) gi[d] *= w_neg;
-      if (sl.count[i] == 0) continue;
-      for (int64_t k = sl.cand.start[i]; k < sl.cand.start[i + 1]; ++k) {
-        const double w = sl.is_pos(k) ? -rows.pos_factor[i] * std::exp(sl.logit(k) - sl.lse_pos[i])
-                                      : std::exp(sl.logit(k) - rows.lse_v[i]);
-        const float wk = static_cast<float>(w);
-        const float* rk = cpu::ref_row(in.ref, sl.cand.col[k], D, buf.data());
-        for (int64_t d = 0; d < D; ++d) gi[d] += wk * rk[d];
-      }
-      for (int64_t d = 0; d < D; ++d) gi[d] *= a_scale;
-    }
-  });
+  for (int64_t i = 0; i < B; ++i) {
+    if (sl.count[i] == 0) continue;
+    if (m_n[i] != -cpu::kLseInf) w_neg.data_ptr<float>()[i] = static_cast<float>(std::exp(m_n[i] - rows.lse_v[i]));
+    for (int64_t k = sl.cand.start[i]; k < sl.cand.start[i + 1]; ++k)
+      coef[k] = static_cast<float>(sl.is_pos(k) ? -rows.pos_factor[i] * std::exp(sl.logit(k) - sl.lse_pos[i])
+                                                : std::exp(sl.logit(k) - rows.lse_v[i]));
+  }
+  grad.mul_(w_neg);
+  cpu::add_candidate_rows(in, sl.cand, coef, grad);
+  grad.mul_(a_scale);
   return {loss, grad, counts};
 }
 
