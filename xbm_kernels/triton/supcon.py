@@ -103,13 +103,13 @@ def supcon_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ws, counts_ws, g
             ep = tl.exp(tp - shift_p[:, None])
             pos_sum = pos_sum * scale_p + tl.sum(ep, axis=1)
             m_pos = mp_new
-            if NEED_GRAD:
-                g = dot_acc(e, r, g * scale[:, None], W_LIMBS, PRECISION)
-                gpos = dot_acc(ep, r, gpos * scale_p[:, None], W_LIMBS, PRECISION)
         else:
             pos_sum += tl.sum(tl.where(pos, sim * inv_tau, 0.0), axis=1)  # S / tau: the same products as m
-            if NEED_GRAD:
-                g = dot_acc(e, r, g * scale[:, None], W_LIMBS, PRECISION)
+        if NEED_GRAD:
+            g = dot_acc(e, r, g * scale[:, None], W_LIMBS, PRECISION)
+            if NCA:
+                gpos = dot_acc(ep, r, gpos * scale_p[:, None], W_LIMBS, PRECISION)
+            else:
                 gpos = dot_acc(pos.to(tl.float32), r, gpos, 1, PRECISION)
 
     out = pid_s.to(tl.int64) * B + rows64  # row of this split's slice of the workspaces
