@@ -131,14 +131,15 @@ def autotuned_kernels():
     }
 
 
-def kept_configs(kernel, D, operands, count=4096):
+def kept_configs(kernel, D, operands, count=4096, extra=None):
     """The configurations the launcher's prune keeps for `kernel` at D with `operands`
-    (a key of OPERANDS) and `count` anchors (reference rows for reference-side kernels)."""
+    (a key of OPERANDS), `count` anchors (reference rows for reference-side kernels) and the
+    `extra` constexprs of autotuned_kernels() (a prune may read them: supcon's reads NCA)."""
     _common = _modules()[0]
     x_dtype, ref_dtype, precision = OPERANDS[operands]
     fn = jit_function(kernel)
     limbs = _common.operand_limbs(x_dtype, ref_dtype)
-    kwargs = dict(BLOCK_D=_common.block_d(D), PRECISION=precision, **limbs)
+    kwargs = dict(BLOCK_D=_common.block_d(D), PRECISION=precision, **limbs, **(extra or {}))
     nargs = {"r_ptr": torch.empty(0, dtype=ref_dtype), "x_ptr": torch.empty(0, dtype=x_dtype), "B": count, "n": count,
              "D": D}
     prune = kernel.early_config_prune
@@ -181,11 +182,11 @@ def table(dims=DIMS, operands=tuple(OPERANDS), names=None, out=sys.stdout, every
           file=out, flush=True)
     print("kernel,D,operands,BLOCK_B,BLOCK_K,warps,stages,kept,shared,regs,spill,seconds", file=out, flush=True)
     for name in names or autotuned_kernels():
-        kernel, _ = autotuned_kernels()[name]
+        kernel, extra = autotuned_kernels()[name]
         for op in operands:
             for D in dims:
-                kept = [config_tuple(c) for c in kept_configs(kernel, D, op)]
-                todo = kernel.configs if every else kept_configs(kernel, D, op)
+                kept = [config_tuple(c) for c in kept_configs(kernel, D, op, extra=extra)]
+                todo = kernel.configs if every else kept_configs(kernel, D, op, extra=extra)
                 if configs:
                     first, second = list(kernel.configs[0].kwargs)
                     todo = [triton.Config({first: a, second: b}, num_warps=w, num_stages=st) for a, b, w, st in configs]

@@ -109,8 +109,8 @@ def _resource_cases(slow):
 def _check_resources(name, D, operands):
     if sm90.cuobjdump() is None:
         pytest.skip("no cuobjdump (Triton's or the CUDA toolkit's) to read the registers")
-    kernel, _ = sm90.autotuned_kernels()[name]
-    kept = sm90.kept_configs(kernel, D, operands)
+    kernel, extra = sm90.autotuned_kernels()[name]
+    kept = sm90.kept_configs(kernel, D, operands, extra=extra)
     if not kept:
         assert _common.launch_problem((kernel,), name, D, *sm90.OPERANDS[operands][:2]), "kept nothing, said nothing"
         return

@@ -40,8 +40,16 @@ from ._common import TWO_ACC_FWD_CONFIGS as _FWD_CONFIGS
 
 # Register tiles: G and Gpos plus the tile's weights; IEEE fp32 (FMA) dots spill beyond 16 x 16
 # (ptxas for sm_90). The reference-side kernels hold one accumulator and the weights (hi, lo).
-_FWD_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 256, acc_tiles=2, temps=6,
-                                    budgets=_common.TWO_ACC_BUDGETS)
+_SUPCON_FWD_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 256, acc_tiles=2, temps=6,
+                                           budgets=_common.TWO_ACC_BUDGETS)
+# NCA: one (B x K) tile more, the second log-sum-exp's exponentials (32 B of spills at D = 128,
+# 32 x 64 with fp32 anchors in bf16 limbs, with supcon's 6), as circle's
+_NCA_FWD_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 256, acc_tiles=2, temps=7,
+                                        budgets=_common.TWO_ACC_BUDGETS)
+
+
+def _FWD_PRUNE(configs, nargs, **kwargs):
+    return (_NCA_FWD_PRUNE if kwargs.get("NCA") else _SUPCON_FWD_PRUNE)(configs, nargs, **kwargs)
 _REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 256, acc_tiles=1, temps=6,
                                     fp32_product_when_limbed=True, budgets=_common.REF_BUDGETS)
 
