@@ -48,6 +48,7 @@ CONFIGS = {
                                          miners.TripletMarginMiner(0.2, distance=COS(), type_of_triplets="semihard")),
     "tuplet_margin": lambda: (losses.TupletMarginLoss(), None),
     "margin (all triplets)": lambda: (losses.MarginLoss(), None),
+    "nca": lambda: (losses.NCALoss(), None),
     "circle + miner (PML's loss on our memory)": lambda: (losses.CircleLoss(), miners.MultiSimilarityMiner()),
     "snr contrastive (PML's loss on our memory)": lambda: (losses.SignalToNoiseRatioContrastiveLoss(), None),
     "generalized lifted (L2)": lambda: (losses.GeneralizedLiftedStructureLoss(), None),

@@ -349,6 +349,31 @@ def margin_oracle(x, y, r, z, margin=0.2, beta=1.2, pos_eps=1e-5, ref_valid=None
     return out.result()
 
 
+def nca_oracle(x, y, r, z, scale=1.0, pos_eps=1e-5, ref_valid=None, self_index=None, weights=None):
+    """l_i = log sum_{V_i} exp(a_ij) - log sum_{P_i} exp(a_ij), a = 2 scale S; 0 when P_i is empty.
+    dl_i/dS_ij = 2 scale (softmax_V(a)_j - [j in P_i] softmax_P(a)_j)."""
+    out = _Outputs(x, r, weights)
+    rows, counts = out.rows, out.counts
+    n = r.shape[0] if ref_valid is None else ref_valid
+    si = [-1] * x.shape[0] if self_index is None else [int(v) for v in self_index.cpu()]
+    for i, s, P, N in _sets(x, y, r, z, pos_eps, ref_valid, self_index):
+        if not P:
+            continue
+        V = [j for j in range(n) if j != si[i]]
+        a = {j: 2.0 * scale * s[j] for j in V}
+        lse = {}
+        for name, cols in (("V", V), ("P", P)):
+            top = max(a[j] for j in cols)
+            lse[name] = top + math.log(sum(math.exp(a[j] - top) for j in cols))
+        rows[i] = lse["V"] - lse["P"]
+        positives = set(P)
+        for j in V:
+            c = math.exp(a[j] - lse["V"]) - (math.exp(a[j] - lse["P"]) if j in positives else 0.0)
+            out.add(i, j, 2.0 * scale * c)
+        counts[i, 0], counts[i, 1] = len(P), len(N)
+    return out.result()
+
+
 # --------------------------------------------------------------------------- lookup
 
 
@@ -520,6 +545,15 @@ def margin_boundaries(S, pos, neg, p):
     triplet's terms are its two pairs' contrastive_l2 terms; |P_i| and |N_i| are set sizes)."""
     return contrastive_l2_boundaries(S, pos, neg, dict(pos_margin=p["beta"] - p["margin"],
                                                        neg_margin=p["beta"] + p["margin"]))
+
+
+# nca: a sharper softmax than the generic 1.5 x the default (logits 2 scale S spanning 20, as supcon's
+# default temperature)
+nca_moved = dict(scale=5.0)
+
+
+def nca_boundaries(S, pos, neg, p):
+    return _NONE, _NONE  # smooth in S: only the sets themselves
 
 
 def decision_gap(loss, params, x, y, r, z, ref_valid=None, self_index=None, copies=()):

@@ -124,8 +124,10 @@ def autotuned_kernels():
         "multi_similarity_fwd": (ms.multi_similarity_fwd_kernel, {"MINE": False}),
         "multi_similarity_ref_grad-mine": (ms.multi_similarity_ref_grad_kernel, {"MINE": True}),
         "multi_similarity_ref_grad": (ms.multi_similarity_ref_grad_kernel, {"MINE": False}),
-        "supcon_fwd": (sc.supcon_fwd_kernel, {}),
-        "supcon_ref_grad": (sc.supcon_ref_grad_kernel, {}),
+        "supcon_fwd": (sc.supcon_fwd_kernel, {"NCA": False}),
+        "supcon_ref_grad": (sc.supcon_ref_grad_kernel, {"NCA": False}),
+        "nca_fwd": (sc.supcon_fwd_kernel, {"NCA": True}),
+        "nca_ref_grad": (sc.supcon_ref_grad_kernel, {"NCA": True}),
         "ntxent_fwd": (nx.ntxent_fwd_kernel, {}),
         "ntxent_pos": (nx.ntxent_pos_kernel, {"ANGULAR": False}),
         "ntxent_ref_grad": (nx.ntxent_ref_grad_kernel, {"ANGULAR": False}),
@@ -143,14 +145,15 @@ def autotuned_kernels():
     }
 
 
-def kept_configs(kernel, D, operands, count=4096):
+def kept_configs(kernel, D, operands, count=4096, extra=None):
     """The configurations the launcher's prune keeps for `kernel` at D with `operands`
-    (a key of OPERANDS) and `count` anchors (reference rows for reference-side kernels)."""
+    (a key of OPERANDS), `count` anchors (reference rows for reference-side kernels) and the
+    `extra` constexprs of autotuned_kernels() (a prune may read them: supcon's reads NCA)."""
     _common = _modules()[0]
     x_dtype, ref_dtype, precision = OPERANDS[operands]
     fn = jit_function(kernel)
     limbs = _common.operand_limbs(x_dtype, ref_dtype)
-    kwargs = dict(BLOCK_D=_common.block_d(D), PRECISION=precision, **limbs)
+    kwargs = dict(BLOCK_D=_common.block_d(D), PRECISION=precision, **limbs, **(extra or {}))
     nargs = {"r_ptr": torch.empty(0, dtype=ref_dtype), "x_ptr": torch.empty(0, dtype=x_dtype), "B": count, "n": count,
              "D": D}
     prune = kernel.early_config_prune
@@ -163,7 +166,7 @@ def constexprs(operands, **values):
     """Constexprs of a compile with `operands` (a key of OPERANDS): every feature flag on, the
     operands' precision and limbs, then `values`."""
     x_dtype, ref_dtype, precision = OPERANDS[operands]
-    c = dict(HAS_SELF_INDEX=True, NEED_GRAD=True, MINE=True, FINISH=True, SKIP_INCOMPLETE=False, WEIGHTED=True,
+    c = dict(HAS_SELF_INDEX=True, NEED_GRAD=True, MINE=True, FINISH=True, SKIP_INCOMPLETE=False, WEIGHTED=True, NCA=False,
              PRECISION=precision)
     c.update(_modules()[0].operand_limbs(x_dtype, ref_dtype))
     c.update(values)
@@ -193,11 +196,11 @@ def table(dims=DIMS, operands=tuple(OPERANDS), names=None, out=sys.stdout, every
           file=out, flush=True)
     print("kernel,D,operands,BLOCK_B,BLOCK_K,warps,stages,kept,shared,regs,spill,seconds", file=out, flush=True)
     for name in names or autotuned_kernels():
-        kernel, _ = autotuned_kernels()[name]
+        kernel, extra = autotuned_kernels()[name]
         for op in operands:
             for D in dims:
-                kept = [config_tuple(c) for c in kept_configs(kernel, D, op)]
-                todo = kernel.configs if every else kept_configs(kernel, D, op)
+                kept = [config_tuple(c) for c in kept_configs(kernel, D, op, extra=extra)]
+                todo = kernel.configs if every else kept_configs(kernel, D, op, extra=extra)
                 if configs:
                     first, second = list(kernel.configs[0].kwargs)
                     todo = [triton.Config({first: a, second: b}, num_warps=w, num_stages=st) for a, b, w, st in configs]

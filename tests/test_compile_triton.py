@@ -64,8 +64,9 @@ KERNELS = {
 }
 
 
-SWITCHES = ("MINE", "FINISH", "LIFTED", "WEIGHTED")  # constexprs compiled both ways: mining, the positives kernel's phase,
-# circle's kernels' form (LIFTED: the generalized lifted structure loss's), contrastive_l2's per-anchor weights (the margin loss)
+SWITCHES = ("MINE", "FINISH", "LIFTED", "WEIGHTED", "NCA")  # constexprs compiled both ways: mining, the positives kernel's
+# phase, circle's kernels' form (LIFTED: the generalized lifted structure loss's), contrastive_l2's per-anchor weights
+# (the margin loss), nca on supcon's kernels
 
 
 def _cases():
@@ -103,7 +104,8 @@ FAST = [("contrastive_fwd", 128, "bf16"), ("supcon_fwd", 256, "fp32-on-bf16"), (
         ("supcon_ref_grad", 128, "bf16"), ("generalized_lifted_fwd", 256, "fp32"),
         ("tuplet_margin_pos", 256, "fp32-tf32"), ("tuplet_margin_ref_grad", 128, "bf16"),
         ("triplet_all_fwd", 128, "bf16"), ("triplet_all_ref_grad", 128, "fp32-tf32"),
-        ("margin_fwd", 128, "bf16")]
+        ("margin_fwd", 128, "bf16"),
+        ("nca_fwd", 256, "fp32"), ("nca_ref_grad", 128, "bf16")]
 
 
 def _resource_cases(slow):
@@ -119,8 +121,8 @@ def _resource_cases(slow):
 def _check_resources(name, D, operands):
     if sm90.cuobjdump() is None:
         pytest.skip("no cuobjdump (Triton's or the CUDA toolkit's) to read the registers")
-    kernel, _ = sm90.autotuned_kernels()[name]
-    kept = sm90.kept_configs(kernel, D, operands)
+    kernel, extra = sm90.autotuned_kernels()[name]
+    kept = sm90.kept_configs(kernel, D, operands, extra=extra)
     if not kept:
         assert _common.launch_problem((kernel,), name, D, *sm90.OPERANDS[operands][:2]), "kept nothing, said nothing"
         return

@@ -7,7 +7,8 @@ steps, rows that are not unit-norm and zero rows. After every step the loss, the
 
 Where PML 2.9 itself is wrong, the comparison is with PML with that bug fixed (`FixedPML`):
 a one-row batch keeps its self-pair (its wrap-around test `e <= s` holds for one row), an
-all-False enqueue_mask marks the memory full, an empty batch raises. CONTRACT.md says so.
+all-False enqueue_mask marks the memory full, an empty batch raises, NCALoss's mean over no
+anchor is NaN. CONTRACT.md says so.
 
 Tolerances (compare.py's meaning: the largest error over the largest expected entry):
 float32 and float64 within 1e-5 of PML, or of PML in float64 within twice PML's own error;
@@ -42,12 +43,23 @@ class FixedPML(pml_cbm.CrossBatchMemory):
         queued = len(embeddings) if enqueue_mask is None else int(enqueue_mask.sum())
         empty = not self.has_been_filled and self.queue_idx == 0 and queued == 0
         if anchors and not empty:
-            return super().forward(embeddings, labels, indices_tuple, enqueue_mask)
+            out = super().forward(embeddings, labels, indices_tuple, enqueue_mask)
+            anchor_labels = labels if enqueue_mask is None else labels[~enqueue_mask]
+            return self._nca_without_positives(out, embeddings, anchor_labels)
         self.embedding_memory = self.embedding_memory.to(embeddings.device, embeddings.dtype)
         self.label_memory = self.label_memory.to(labels.device, labels.dtype)
         keep = slice(None) if enqueue_mask is None else enqueue_mask
         self.add_to_memory(embeddings[keep], labels[keep], queued)
         return embeddings.sum() * 0
+
+    def _nca_without_positives(self, out, embeddings, anchor_labels):
+        """PML's NCALoss under a MeanReducer when no anchor has a same-label row in the memory
+        (an enqueue_mask step): NaN (the mean of no element) in PML, 0 here."""
+        n = self.memory_size if self.has_been_filled else self.queue_idx
+        if isinstance(self.loss, losses.NCALoss) and isinstance(self.loss.reducer, reducers.MeanReducer) \
+                and not (anchor_labels[:, None] == self.label_memory[:n][None, :]).any():
+            return embeddings.sum() * 0
+        return out
 
     def add_to_memory(self, embeddings, labels, batch_size):
         if batch_size == 0:
@@ -159,7 +171,13 @@ CONFIGS = {
                                           [_margin_beta(0.9)]),
     "margin-per-class-beta": (lambda: (losses.MarginLoss(learn_beta=True, num_classes=CLASSES), None), None, []),
     "margin+miner": (lambda: (losses.MarginLoss(), miners.TripletMarginMiner(0.2)), None, []),
-    "nca": (lambda: (losses.NCALoss(), None), None, []),
+    "nca": (lambda: (losses.NCALoss(), None), "nca",
+            [_set(("loss", "softmax_scale"), 4.0), _set(("loss", "softmax_scale"), 0.5),
+             _set(("loss", "softmax_scale"), 20.0)]),
+    "nca-cos": (lambda: (losses.NCALoss(softmax_scale=8, distance=COS()), None), "nca",
+                [_set(("loss", "softmax_scale"), 30.0), _set(("loss", "softmax_scale"), 40.0)]),
+    "nca-hot": (lambda: (losses.NCALoss(softmax_scale=25), None), None, []),
+    "nca+miner": (lambda: (losses.NCALoss(), miners.MultiSimilarityMiner(0.1)), None, []),
     "angular": (lambda: (losses.AngularLoss(), None), None, []),
     "angular+miner": (lambda: (losses.AngularLoss(), miners.AngularMiner()), None, []),
     "intra-pair-variance": (lambda: (losses.IntraPairVarianceLoss(), None), None, []),
@@ -848,3 +866,24 @@ def test_a_row_whose_norm_overflows_is_a_zero_row_as_in_pml(where):
         m(first, y)
     lo, lt = ours(x.clone(), y), theirs(x.clone(), y)
     assert torch.isfinite(lo) and torch.allclose(lo, lt, rtol=1e-5, atol=1e-7), (float(lo), float(lt))
+
+
+@pytest.mark.parametrize("scale", [1.0, 25.0], ids=["fused", "pml-loss"])
+def test_nca_step_without_same_label_rows_gives_zero(scale):
+    """An enqueue_mask step whose anchors have no same-label row in the memory: PML's NCALoss
+    drops every row and its MeanReducer returns NaN; the drop-in returns 0 with zero gradients,
+    fused or on PML's own loss (softmax_scale above 20)."""
+    x, _, _ = _batch(5, 8, torch.float32, zero_rows=False)
+    y = torch.tensor([0, 0, 1, 1, 2, 3, 2, 3])
+    mask = torch.tensor([True, True, True, True, False, False, False, False])
+    raw = pml_cbm.CrossBatchMemory(losses.NCALoss(softmax_scale=scale), D, MEMORY)
+    assert torch.isnan(raw(x, y, enqueue_mask=mask))  # the PML behaviour this deviates from
+    ours = xpml.CrossBatchMemory(losses.NCALoss(softmax_scale=scale), D, MEMORY)
+    assert (ours.fused is not None) == (scale <= xpml.NCA_MAX_SCALE)
+    xx = x.clone().requires_grad_()
+    out = ours(xx, y, enqueue_mask=mask)
+    out.backward()
+    assert float(out) == 0.0 and bool((xx.grad == 0).all())
+    theirs = FixedPML(losses.NCALoss(softmax_scale=scale), D, MEMORY)
+    assert float(theirs(x, y, enqueue_mask=mask)) == 0.0  # the parity tests' PML has the same fix
+    assert float(ours(x, y)) == pytest.approx(float(theirs(x, y)), rel=1e-5, abs=1e-6)  # then PML's numbers

@@ -506,6 +506,53 @@ def _margin(loss, miner):
     return fused
 
 
+# The largest kernel scale the NCA drop-in runs fused: the logits 2 scale S then span at most 80,
+# so PML's fp32 softmax keeps every positive mass above 0 (exp(-80) / n is at least a subnormal);
+# with a wider span it can round a row's mass to 0 and drop the row, which a log-sum-exp does not.
+NCA_MAX_SCALE = 20.0
+
+
+def _is_squared_l2(distance):
+    distances = _pml()[0]
+    return (type(distance) is distances.LpDistance and distance.normalize_embeddings is True and distance.p == 2
+            and distance.power == 2)
+
+
+def _nca(loss, miner):
+    if miner is not None or getattr(loss, "embedding_regularizer", None) is not None \
+            or not _reducer_is(loss.reducer, "MeanReducer"):
+        return None
+    softmax_scale = _number(loss.softmax_scale)
+    if softmax_scale is None:
+        return None
+    # PML's logits: -softmax_scale d^2 = 2 softmax_scale S - 2 softmax_scale on unit rows
+    # (LpDistance(power=2), its default), or softmax_scale S (CosineSimilarity): the kernel's
+    # logits are 2 scale S, the constant cancels
+    if _is_squared_l2(loss.distance):
+        scale, needs_nonzero_rows = softmax_scale, "anchors+memory"  # d^2 = 2 - 2S holds for unit rows only
+    elif _is_plain(loss.distance, "CosineSimilarity"):
+        scale, needs_nonzero_rows = softmax_scale / 2, None
+    else:
+        return None
+    params = _params("nca", scale=scale, pos_eps=-1.0)
+    if params is None or scale > NCA_MAX_SCALE:
+        return None
+
+    def fused(step):
+        # PML compares the anchors with the whole memory (query is not reference): the anchor's
+        # own copy is in its softmax and among its positives, so no slot is excluded; every
+        # anchor appears in as many pairs, so convert_to_weights gives each weight 1
+        rows, counts = step.run("nca", params, subset=slice(None))
+        if step.x.shape[0] <= 1:
+            return rows.sum() * 0  # PML's NCALoss: zero losses for at most one anchor
+        # MeanReducer over the anchors with a positive mass (the rest are dropped); 0 without
+        # one (PML: NaN, see _nca_without_positives)
+        return rows.sum() / (counts[:, 0] > 0).sum().clamp_min(1).to(rows.dtype)
+
+    fused.needs_nonzero_rows = needs_nonzero_rows
+    return fused
+
+
 # (name, PML loss class name, planner): the fused configurations, in the order tried.
 _PLANS = (
     ("contrastive: ContrastiveLoss() (LpDistance, PML's default) or ContrastiveLoss(distance=CosineSimilarity()), "
@@ -523,6 +570,8 @@ _PLANS = (
      _generalized_lifted),
     ("tuplet_margin: TupletMarginLoss(), no miner", "TupletMarginLoss", _tuplet_margin),
     ("margin: MarginLoss() (LpDistance, scalar beta, learned or not), no miner", "MarginLoss", _margin),
+    ("nca: NCALoss() (LpDistance(power=2), PML's default) or NCALoss(distance=CosineSimilarity()), no miner",
+     "NCALoss", _nca),
 )
 
 
@@ -755,7 +804,19 @@ class CrossBatchMemory(nn.Module):
                 loss = fused_fn(step)
                 if loss is not None:  # None: the plan declined this step's rows (PML's loss runs)
                     return loss
-        return self._pml_loss(anchors, anchor_labels, self_index, n, indices_tuple)
+        out = self._pml_loss(anchors, anchor_labels, self_index, n, indices_tuple)
+        return self._nca_without_positives(out, anchor_labels, n)
+
+    def _nca_without_positives(self, out, y, n):
+        """PML's NCALoss drops the anchors without a same-label row in the memory (a positive
+        mass of 0), and MeanReducer's mean of no anchor is NaN (only with an enqueue_mask,
+        whose anchors have no copy): 0 instead, with zero gradients, as the fused path gives
+        and as a step without pairs gives on every loss."""
+        if not (type(self.loss) is _pml()[1].NCALoss and isinstance(self.loss.reducer, _pml()[3].MeanReducer)):
+            return out
+        labels, _ = self.memory.labels[:n].sort()
+        none = (_count_in(labels, y.to(labels.dtype).contiguous()) == 0).all()
+        return torch.where(none, out.new_zeros(()), out)
 
     def _pml_loss(self, x, y, self_index, n, input_indices_tuple):
         """PML's own loss against this memory, as PML 2.9's wrapper runs it: its miner (or all

@@ -328,3 +328,25 @@ def margin(x, labels, ref, ref_labels, *, margin, beta, pos_eps, ref_valid, self
         + n_pos.to(S.dtype) * torch.where(active_neg, (beta + margin) - d, zero).sum(1)
     counts = torch.stack([n_neg * active_pos.sum(1), n_pos * active_neg.sum(1)], dim=1)
     return rows, counts.clamp_max(2 ** 31 - 1).to(torch.int32)
+
+
+def nca(x, labels, ref, ref_labels, *, scale, pos_eps, ref_valid, self_index):
+    """NCA: minus the log of the softmax mass of the positives, the softmax of 2 scale S over V_i
+    (pytorch-metric-learning's -scale d^2 on unit rows, up to a constant that cancels):
+    l_i = LSE_{V_i}(2 scale S) - LSE_{P_i}(2 scale S), 0 when P_i is empty. Evaluated as
+    softplus(LSE_{V_i \\ P_i} - LSE_{P_i}) (CONTRACT.md section 1): exactly 0, with a zero gradient,
+    when P_i = V_i, and no difference of two sums near 1 when the positives hold almost all the mass."""
+    S = similarity(x, ref)
+    pos, neg = pair_sets(S, labels, ref_labels, ref_valid, self_index, pos_eps)
+    valid = _valid_mask(S.shape[0], S.shape[1], S.device, ref_valid, self_index)
+    logits = (2.0 * scale) * S
+    has_pos = pos.any(1)
+    rest = valid & ~pos  # the negatives and the dropped duplicates
+    # log R_i = LSE_rest - LSE_P: -inf for an empty rest (softplus 0, gradient 0); rows without
+    # positives never reach the subtraction (their LSE_P is -inf)
+    zero = S.new_zeros(())
+    lse_p = torch.where(has_pos, _masked_logsumexp(logits, pos), zero)
+    log_r = torch.where(has_pos, _masked_logsumexp(logits, rest) - lse_p, zero)
+    rows = torch.where(has_pos, torch.nn.functional.softplus(log_r), zero)
+    counts = torch.stack([pos.sum(1), neg.sum(1)], dim=1) * has_pos[:, None]
+    return rows, counts.to(torch.int32)

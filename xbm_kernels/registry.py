@@ -242,6 +242,16 @@ LOSSES: Dict[str, Loss] = {loss.name: loss for loss in (
          "    = |N_i| sum_{P_i} max(0, d_ip - beta + margin) + |P_i| sum_{N_i} max(0, beta - d_in + margin)",
          mean_over="active_triplet_terms",
          kernels=frozenset({"cpu", "triton"})),
+    Loss("nca",
+         (Param("scale", 1.0, "the softmax scale on the squared L2 distance of unit rows, d^2 = 2 - 2 S (logits "
+                "2 scale S up to a constant; at most 1e6: 2 scale S stays finite in fp32)", low=0.0, high=1e6,
+                open_low=True),
+          POS_EPS),
+         "Neighbourhood components analysis loss (Goldberger et al. 2004), pytorch-metric-learning's NCALoss on "
+         "unit rows.",
+         "l_i = log sum_{a in V_i} exp(2 scale S_ia) - log sum_{p in P_i} exp(2 scale S_ip), 0 when P_i is empty",
+         mean_over="anchors_with_positives",
+         kernels=frozenset({"cpu", "triton"})),
 )}
 
 COMMON_ARGS_DOC = """S = X R^T accumulated in fp32 (inputs are expected L2-normalised; the functional losses do not

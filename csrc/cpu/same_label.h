@@ -121,5 +121,102 @@ inline bool gather_same_label(const LossInputs& in, SameLabel& pos, bool capped 
   return true;
 }
 
+// Whether the candidates are few: at most 1/32 of the B x n pairs (find_candidates' cap).
+inline bool few_candidates(const LossInputs& in, const SameLabel& pos) {
+  return static_cast<int64_t>(pos.col.size()) * 32 <= in.B * in.n;
+}
+
+// Per anchor label: fn(anchors, cols, a0, a1, k_slot) for its anchors (order[a0, a1), an int64
+// tensor of them) and the union of their candidates, kLabelBlock columns at a time (cols, an
+// int64 tensor); k_slot(a, k) is candidate k of anchor order[a]'s place in the block, or -1.
+constexpr int64_t kLabelBlock = 2048;  // columns per product: (anchors of the label) x kLabelBlock fp32
+
+template <typename Fn>
+inline void for_each_label_block(const LossInputs& in, const SameLabel& pos, const Fn& fn) {
+  const int64_t B = in.B;
+  const int32_t* y = in.y_ptr();
+  std::vector<int64_t> order(B);
+  for (int64_t i = 0; i < B; ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return y[a] < y[b]; });
+  std::vector<int64_t> slot(in.n, -1);  // a column's place among the label's columns
+  const auto i64 = at::TensorOptions().dtype(at::kLong);
+  for (int64_t g0 = 0; g0 < B;) {
+    int64_t g1 = g0;
+    while (g1 < B && y[order[g1]] == y[order[g0]]) ++g1;
+    std::vector<int64_t> cols;  // the union of the group's candidates (each anchor's: all but its own)
+    for (int64_t a = g0; a < g1; ++a)
+      for (int64_t k = pos.start[order[a]]; k < pos.start[order[a] + 1]; ++k)
+        if (slot[pos.col[k]] < 0) {
+          slot[pos.col[k]] = static_cast<int64_t>(cols.size());
+          cols.push_back(pos.col[k]);
+        }
+    const at::Tensor anchors = at::from_blob(order.data() + g0, {g1 - g0}, i64).clone();
+    const int64_t m = static_cast<int64_t>(cols.size());
+    for (int64_t c0 = 0; c0 < m; c0 += kLabelBlock) {
+      const int64_t w = std::min(kLabelBlock, m - c0);
+      const at::Tensor block = at::from_blob(cols.data() + c0, {w}, i64).clone();
+      fn(anchors, block, [&](int64_t a, int64_t k) {
+        const int64_t j = slot[pos.col[k]] - c0;
+        return j >= 0 && j < w ? j : int64_t{-1};
+      }, order.data(), g0, g1);
+    }
+    for (int64_t c : cols) slot[c] = -1;
+    g0 = g1;
+  }
+}
+
+// The candidates of find_candidates with their S for any number of them: gather_same_label's
+// dot products where they are few, else one product per label (its anchors against its
+// columns, a block at a time): the same fp32 products at the GEMM's rate where a label's
+// columns are many (a memory of few labels).
+inline void gather_same_label_uncapped(const LossInputs& in, SameLabel& pos) {
+  if (gather_same_label(in, pos, /*capped=*/true)) return;
+  find_candidates(in, pos, /*capped=*/false);
+  for_each_label_block(in, pos, [&](const at::Tensor& anchors, const at::Tensor& cols, const auto& k_slot,
+                                    const int64_t* order, int64_t g0, int64_t g1) {
+    const at::Tensor sg = at::mm(in.x32.index_select(0, anchors), in.ref.index_select(0, cols).to(at::kFloat).t());
+    const float* sp = sg.data_ptr<float>();
+    const int64_t w = cols.size(0);
+    for (int64_t a = g0; a < g1; ++a)
+      for (int64_t k = pos.start[order[a]]; k < pos.start[order[a] + 1]; ++k) {
+        const int64_t j = k_slot(a, k);
+        if (j >= 0) pos.s[k] = sp[(a - g0) * w + j];
+      }
+  });
+}
+
+// out (B x D, fp32) += sum over each anchor's candidates k of coef[k] r_{col k}: row adds where
+// the candidates are few, else per label one product of the coefficients (its anchors x its
+// columns, a block at a time) and the rows.
+inline void add_candidate_rows(const LossInputs& in, const SameLabel& pos, const std::vector<float>& coef,
+                               at::Tensor out) {
+  const int64_t D = in.D;
+  if (few_candidates(in, pos)) {
+    float* o = out.data_ptr<float>();
+    at::parallel_for(0, in.B, 16, [&](int64_t i0, int64_t i1) {
+      std::vector<float> buf(D);
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t k = pos.start[i]; k < pos.start[i + 1]; ++k) {
+          if (coef[k] == 0.f) continue;
+          const float* rk = ref_row(in.ref, pos.col[k], D, buf.data());
+          for (int64_t d = 0; d < D; ++d) o[i * D + d] += coef[k] * rk[d];
+        }
+    });
+    return;
+  }
+  for_each_label_block(in, pos, [&](const at::Tensor& anchors, const at::Tensor& cols, const auto& k_slot,
+                                    const int64_t* order, int64_t g0, int64_t g1) {
+    const int64_t w = cols.size(0);
+    at::Tensor cg = at::zeros({g1 - g0, w}, out.options());
+    float* cp = cg.data_ptr<float>();
+    for (int64_t a = g0; a < g1; ++a)
+      for (int64_t k = pos.start[order[a]]; k < pos.start[order[a] + 1]; ++k) {
+        const int64_t j = k_slot(a, k);
+        if (j >= 0) cp[(a - g0) * w + j] = coef[k];
+      }
+    out.index_add_(0, anchors, at::mm(cg, in.ref.index_select(0, cols).to(at::kFloat)));
+  });
+}
+
 }  // namespace cpu
 }  // namespace xbm_kernels
