@@ -64,9 +64,9 @@ KERNELS = {
 }
 
 
-SWITCHES = ("MINE", "FINISH", "LIFTED", "WEIGHTED", "NCA")  # constexprs compiled both ways: mining, the positives kernel's
-# phase, circle's kernels' form (LIFTED: the generalized lifted structure loss's), contrastive_l2's per-anchor weights
-# (the margin loss), nca on supcon's kernels
+# constexprs compiled both ways: mining, the positives kernel's phase, circle's kernels' form (LIFTED: the
+# generalized lifted structure loss's), contrastive_l2's per-anchor weights (the margin loss), nca on supcon's kernels
+SWITCHES = ("MINE", "FINISH", "LIFTED", "WEIGHTED", "NCA")
 
 
 def _cases():
