@@ -167,7 +167,7 @@ def constexprs(operands, **values):
     operands' precision and limbs, then `values`."""
     x_dtype, ref_dtype, precision = OPERANDS[operands]
     c = dict(HAS_SELF_INDEX=True, NEED_GRAD=True, MINE=True, FINISH=True, SKIP_INCOMPLETE=False, WEIGHTED=True,
-             NCA=False,             PRECISION=precision)
+             NCA=False, PRECISION=precision)
     c.update(_modules()[0].operand_limbs(x_dtype, ref_dtype))
     c.update(values)
     return c
