@@ -795,15 +795,17 @@ def test_triplets_with_a_row_under_two_labels(make):
 
 
 @pytest.mark.parametrize("make, computed", [
-    (lambda: (losses.CircleLoss(), miners.MultiSimilarityMiner(0.1)), 1),
     (lambda: (losses.ContrastiveLoss(), miners.PairMarginMiner(0.2, 0.8)), 1),
-    (lambda: (losses.CircleLoss(), miners.MultiSimilarityMiner(0.1, distance=COS(power=2))), 2),
+    (lambda: (losses.TripletMarginLoss(), miners.TripletMarginMiner(0.2, type_of_triplets="semihard")), 1),
+    (lambda: (losses.ContrastiveLoss(), miners.PairMarginMiner(0.2, 0.8, distance=LP(power=2))), 2),
+    (lambda: (losses.CircleLoss(), miners.MultiSimilarityMiner(0.1)), 2),  # writes into its matrix
     (lambda: (losses.AngularLoss(), miners.AngularMiner()), None)])
 @pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
 def test_a_miner_with_the_loss_distance_computes_no_matrix_of_its_own(make, computed, grad):
-    """On PML's loss with a miner whose distance is the loss's, the (anchors, memory) matrix
-    is computed once per step (PML: twice), and loss and gradient are PML's bitwise; with
-    another distance, or another call, each computes its own. The distances are restored."""
+    """On PML's loss with a miner that only reads its matrix and whose distance is the loss's,
+    the (anchors, memory) matrix is computed once per step (PML: twice), and loss and gradient
+    are PML's bitwise; with another distance, a miner that writes into its matrix, or another
+    call, each computes its own. The distances are restored."""
     counts = {"xbm": 0, "pml": 0}
     torch.manual_seed(0)
     batches = [(F.normalize(torch.randn(6, D), dim=1), torch.randint(0, 3, (6,))) for _ in range(5)]

@@ -847,19 +847,24 @@ class CrossBatchMemory(nn.Module):
 
 
 class _SharedMatrix:
-    """While a miner and then its loss run on (x, mem): where both distances compute the same
-    matrix (the same PML distance class, not a subclass, with the same settings, collecting
-    no statistics), it is computed once, by the distance's own forward (bitwise what each
-    would compute), under the caller's grad mode: the miner (which mines under no_grad) gets a
-    copy, the loss (under grad) the matrix itself, once. PML computes it twice. A call on any other
-    tensors runs the distance as usual; outside the block the distances are untouched."""
+    """While a miner and then its loss run on (x, mem): where the miner only reads its matrix
+    (READ_ONLY_MINERS) and both distances compute the same matrix (the same PML distance class,
+    not a subclass, with the same settings, collecting no statistics), it is computed once, by
+    the distance's own forward (bitwise what each would compute), under the caller's grad mode:
+    the miner (which mines under no_grad) gets it detached, the loss (under grad) the matrix
+    itself, once. PML computes it twice. A miner that writes into its matrix
+    (MultiSimilarityMiner fills entries in place) would need a copy, which costs what the saved
+    product does: it computes its own, as in PML. A call on any other tensors runs the distance
+    as usual; outside the block the distances are untouched."""
 
     SETTINGS = ("normalize_embeddings", "p", "power", "is_inverted")
+    READ_ONLY_MINERS = ("PairMarginMiner", "TripletMarginMiner")  # read the matrix by indexing only
 
     def __init__(self, miner, loss, x, mem):
         self.x, self.mem, self.grad, self.mat, self.given = x, mem, torch.is_grad_enabled(), None, False
         dm, dl = getattr(miner, "distance", None), getattr(loss, "distance", None)
-        self.distances = [d for d in {id(dm): dm, id(dl): dl}.values()] if self._same(dm, dl) else []
+        read_only = any(type(miner) is getattr(_pml()[2], n) for n in self.READ_ONLY_MINERS)
+        self.distances = [d for d in {id(dm): dm, id(dl): dl}.values()] if read_only and self._same(dm, dl) else []
 
     @staticmethod
     def _same(a, b):
@@ -880,7 +885,7 @@ class _SharedMatrix:
             if torch.is_grad_enabled():  # the loss: the matrix itself, once
                 self.given = True
                 return self.mat
-            return self.mat.detach().clone()  # a no-grad caller (the miner) may write into its copy
+            return self.mat.detach()  # the miner (no grad), which only reads it
         return forward
 
     def __enter__(self):
