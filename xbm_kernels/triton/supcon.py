@@ -48,8 +48,16 @@ _NCA_FWD_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 256, acc_tiles
                                         budgets=_common.TWO_ACC_BUDGETS)
 
 
+def _fwd_prune_of(kwargs):
+    return _NCA_FWD_PRUNE if kwargs.get("NCA") else _SUPCON_FWD_PRUNE
+
+
 def _FWD_PRUNE(configs, nargs, **kwargs):
-    return (_NCA_FWD_PRUNE if kwargs.get("NCA") else _SUPCON_FWD_PRUNE)(configs, nargs, **kwargs)
+    return _fwd_prune_of(kwargs)(configs, nargs, **kwargs)
+
+
+# the model's admission test of one configuration, as every prune exposes it (tests/test_triton_configs.py)
+_FWD_PRUNE.fits = lambda config, nargs, **kwargs: _fwd_prune_of(kwargs).fits(config, nargs, **kwargs)
 _REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 256, acc_tiles=1, temps=6,
                                     fp32_product_when_limbed=True, budgets=_common.REF_BUDGETS)
 
