@@ -125,6 +125,7 @@ class _Step:
         # the kernels take 32- and 16-bit rows: float64 anchors or memory run the reference
         self.backend = "reference" if torch.float64 in (x.dtype, mem.dtype) else backend
         self._checked = {}  # loss name -> (backend, ref_valid, self_index): one check per step, not per pass
+        self._same_counts = None  # same_label_counts(), once per step
 
     def run(self, loss, params, subset=None):
         """(rows, counts) of `loss`; with `subset` (anchor indices), those anchors alone with
@@ -163,26 +164,36 @@ class _Step:
         first = self.y[0].to(self.mem_labels.dtype)
         return (self.mem_labels[:self.n] != first).any() | (self.y.to(self.mem_labels.dtype) != first).any()
 
+    def same_label_counts(self):
+        """Per anchor, the filled memory rows with its label, its own copy included (int (B,)):
+        counted once per step by sorting the memory's labels, O(n log n), not a B x n
+        comparison."""
+        if self._same_counts is None:
+            self._same_counts = _same_label_counts(self.mem_labels, self.n, self.y)
+        return self._same_counts
+
     def same_label_pairs(self):
         """The number of (anchor, valid same-label column) pairs, own slots excluded (a copy has
-        its anchor's label): counted by sorting the memory's labels, O(n log n)."""
-        labels, _ = self.mem_labels[:self.n].sort()
+        its anchor's label)."""
         own = 0 if self.self_index is None else self.x.shape[0]
-        return _count_in(labels, self.y.to(labels.dtype).contiguous()).sum() - own
+        return self.same_label_counts().sum() - own
 
     def any_triplet(self):
         """Whether some anchor has a positive (a same-label row other than its copy) and a
-        negative: counted by sorting the memory's labels, O(n log n)."""
-        labels, _ = self.mem_labels[:self.n].sort()
-        same = _count_in(labels, self.y.to(labels.dtype).contiguous())
+        negative."""
+        same = self.same_label_counts()
         own = 0 if self.self_index is None else 1
         return ((same - own > 0) & (same < self.n)).any()
 
     def lonely(self):
-        """Anchors whose only same-label row in the memory is their own copy (bool (B,)):
-        counted by sorting the memory's labels, O(n log n), not a B x n comparison."""
-        labels, _ = self.mem_labels[:self.n].sort()
-        return _count_in(labels, self.y.to(labels.dtype).contiguous()) <= 1
+        """Anchors whose only same-label row in the memory is their own copy (bool (B,))."""
+        return self.same_label_counts() <= 1
+
+
+def _same_label_counts(mem_labels, n, y):
+    """How many of the first n memory labels equal each of y (int (B,)), by one sort."""
+    labels, _ = mem_labels[:n].sort()
+    return _count_in(labels, y.to(labels.dtype).contiguous())
 
 
 def _contrastive(loss, miner):
@@ -814,8 +825,7 @@ class CrossBatchMemory(nn.Module):
         and as a step without pairs gives on every loss."""
         if not (type(self.loss) is _pml()[1].NCALoss and isinstance(self.loss.reducer, _pml()[3].MeanReducer)):
             return out
-        labels, _ = self.memory.labels[:n].sort()
-        none = (_count_in(labels, y.to(labels.dtype).contiguous()) == 0).all()
+        none = (_same_label_counts(self.memory.labels, n, y) == 0).all()
         return torch.where(none, out.new_zeros(()), out)
 
     def _pml_loss(self, x, y, self_index, n, input_indices_tuple):
