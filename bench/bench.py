@@ -4,6 +4,7 @@ on the same inputs, in one run.
     python bench/bench.py                 # full sweep for this machine (GPU if present, else CPU)
     python bench/bench.py --smoke         # seconds on a CPU; what CI runs
     python bench/bench.py --device cpu --shapes 256,65536,128 --dtypes float32
+    python bench/bench.py --loss-ratios   # CPU: every loss against contrastive and the GEMM rates
 
 Writes <out>/<device>/bench.csv and one PNG per shape group, and prints a table. See
 bench/README.md for the columns and for how time, memory and the ceilings are measured.
@@ -68,6 +69,11 @@ def parse_args(argv=None):
                    help="results root; files go to <out>/<device>/ (default bench/results, "
                         "bench/results/smoke with --smoke)")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--loss-ratios", action="store_true",
+                   help="CPU: every loss's forward+backward against the contrastive loss and the fp32 and bf16 "
+                        "GEMM rates, in fp32, bf16 and fp32 anchors on a bf16 memory, interleaved in one run "
+                        "(bench_cpu_losses.py; --shapes, --losses, --smoke apply): writes cpu-losses.csv")
+    p.add_argument("--rounds", type=int, default=7, help="--loss-ratios: interleaved rounds (medians over them)")
     p.add_argument("--replot", metavar="CSV", default=None,
                    help="only redraw the plots (and summaries) of an existing bench CSV, next to it")
     return p.parse_args(argv)
@@ -331,10 +337,27 @@ def replot(path):
     return 0
 
 
+def loss_ratios(args):
+    """The CPU losses' ratio rows: bench_cpu_losses.py into <out>/<device>/cpu-losses[-<tag>].csv."""
+    import bench_cpu_losses
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    identity = measure.run_identity(torch.device("cpu"), REPO)
+    root = args.out or os.path.join(REPO, "bench", "results", *(["smoke"] if args.smoke else []))
+    path = os.path.join(root, identity["device"], f"cpu-losses-{args.tag}.csv" if args.tag else "cpu-losses.csv")
+    argv = ["--csv", path, "--rounds", str(args.rounds)] + (["--smoke"] if args.smoke else [])
+    argv += (["--shapes", args.shapes] if args.shapes else []) + (["--losses", args.losses] if args.losses else [])
+    bench_cpu_losses.main(argv)
+    print("csv:", os.path.relpath(path, os.getcwd()))
+    return 0
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.replot:
         return replot(args.replot)
+    if args.loss_ratios:
+        return loss_ratios(args)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     if device.type == "cuda" and not torch.cuda.is_available():

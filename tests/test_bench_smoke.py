@@ -1,5 +1,6 @@
 """bench/bench.py --smoke runs end to end and writes a usable CSV (CI keeps the benchmark alive)."""
 import csv
+import glob
 import importlib.util
 import math
 import os
@@ -90,15 +91,17 @@ def test_bench_pml_smoke(tmp_path):
 
 
 def test_bench_cpu_losses_smoke(tmp_path):
-    """bench/bench_cpu_losses.py --smoke: every loss in every configuration timed, with its ratio
-    to contrastive and to the GEMM rates."""
+    """bench/bench.py --loss-ratios --smoke (bench_cpu_losses.py): every loss in every configuration
+    timed, with its ratio to contrastive and to the GEMM rates."""
     if "cpu" not in xk.available_backends():
         import pytest
         pytest.skip("the CPU kernels are not built")
-    out = tmp_path / "cpu-losses.csv"
-    proc = subprocess.run([sys.executable, os.path.join("bench", "bench_cpu_losses.py"), "--smoke", "--csv", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"bench_cpu_losses --smoke exited {proc.returncode}\n{proc.stderr[-3000:]}"
+    proc = subprocess.run([sys.executable, os.path.join("bench", "bench.py"), "--loss-ratios", "--smoke",
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"bench.py --loss-ratios --smoke exited {proc.returncode}\n{proc.stderr[-3000:]}"
+    found = glob.glob(str(tmp_path / "*" / "cpu-losses.csv"))
+    assert len(found) == 1, f"expected one cpu-losses.csv under {tmp_path}, found {found}"
+    out = found[0]
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
     sys.path.insert(0, os.path.join(ROOT, "bench"))
