@@ -378,7 +378,7 @@ MsState ms_one_pass_mined(const cpu::LossInputs& in, const MsParams& prm, const 
     }
     if (accumulate) cpu::add_sparse_rows(scratch[p], in, s_tile, c0, gn_splits[p], mined);
   });
-  st.max_neg = std::get<0>(max_splits.max(0)).contiguous();  // exact in any order
+  st.max_neg = max_splits.amax(0).contiguous();  // exact in any order
   st.shift_p = at::empty_like(st.min_pos);
   st.shift_n = at::empty_like(st.max_neg);
   ms_shifts(prm, min_pos, st.max_neg.data_ptr<float>(), B, st.shift_p.data_ptr<float>(),
@@ -492,8 +492,8 @@ MsState ms_passes(const cpu::LossInputs& in, const MsParams& prm, bool accumulat
   };
   MsState st;
   auto merge_stats = [&]() {
-    st.min_pos = std::get<0>(min_splits.min(0)).contiguous();  // min/max are exact: any order
-    st.max_neg = std::get<0>(max_splits.max(0)).contiguous();
+    st.min_pos = min_splits.amin(0).contiguous();  // min/max are exact: any order
+    st.max_neg = max_splits.amax(0).contiguous();
     st.shift_p = at::empty_like(st.min_pos);
     st.shift_n = at::empty_like(st.max_neg);
     ms_shifts(prm, st.min_pos.data_ptr<float>(), st.max_neg.data_ptr<float>(), B, st.shift_p.data_ptr<float>(),

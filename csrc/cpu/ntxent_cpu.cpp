@@ -204,7 +204,7 @@ struct NegRows {
 
 // Merges the splits in order.
 NegRows merge_negatives(const NegSplits& st) {
-  Tensor m = std::get<0>(st.m.max(0));  // exact in any order
+  Tensor m = st.m.amax(0);  // exact in any order
   Tensor scale = at::exp(st.m - m.unsqueeze(0)).nan_to_num_(0.f);  // -inf - -inf rows: 0
   Tensor sum = cpu::sum_splits(st.sum * scale.to(at::kDouble));
   NegRows out;
@@ -255,27 +255,36 @@ PosSplits positives_pass(const cpu::LossInputs& in, const cpu::TilePlan& plan, c
     TileMatches& mt = matches[p];
     find_matches(B, w, c0, in, mt);
     if (!mt.dense && mt.cols.empty()) return;  // no positives here: no GEMM, no conversion
-    Tensor rt = scratch[p].ref_tile(in.ref, c0, w);
-    const float* r = rt.data_ptr<float>();
     double* loss = st.loss[p].data_ptr<double>();
     double* wt = st.w[p].data_ptr<double>();
     int64_t* count = st.count[p].data_ptr<int64_t>();
     float* gpos = accumulate ? st.gpos[p].data_ptr<float>() : nullptr;
     if (!mt.dense) {
-      for (int64_t i = 0; i < B; ++i) {
-        for (int64_t k = mt.start[i]; k < mt.start[i + 1]; ++k) {
-          const float* rj = r + int64_t(mt.cols[k]) * D;
-          const float v = cpu::dot(x + i * D, rj, D);
-          if (!(v < pos_thr)) continue;
-          ++count[i];
-          const double coef = positive_pair(lz[i], v, pl, loss[i], wt[i]);
-          if (gpos && coef != 0) {
-            const float c = static_cast<float>(coef);
-            float* gi = gpos + i * D;
-            for (int64_t d = 0; d < D; ++d) gi[d] += c * rj[d];
+      // the named rows read in the memory's dtype (a 16-bit row widened exactly: the same S and
+      // sums as on an fp32 copy of the tile, without converting the tile)
+      auto pairs = [&](const auto* r) {
+        for (int64_t i = 0; i < B; ++i) {
+          for (int64_t k = mt.start[i]; k < mt.start[i + 1]; ++k) {
+            const auto* rj = r + int64_t(mt.cols[k]) * D;
+            const float v = cpu::dot(x + i * D, rj, D);
+            if (!(v < pos_thr)) continue;
+            ++count[i];
+            const double coef = positive_pair(lz[i], v, pl, loss[i], wt[i]);
+            if (gpos && coef != 0) {
+              const float c = static_cast<float>(coef);
+              float* gi = gpos + i * D;
+              for (int64_t d = 0; d < D; ++d) gi[d] += c * static_cast<float>(rj[d]);
+            }
           }
         }
-      }
+      };
+      const int64_t off = c0 * D;
+      if (in.ref.scalar_type() == at::kBFloat16)
+        pairs(static_cast<const at::BFloat16*>(in.ref.data_ptr()) + off);
+      else if (in.ref.scalar_type() == at::kHalf)
+        pairs(static_cast<const at::Half*>(in.ref.data_ptr()) + off);
+      else
+        pairs(scratch[p].ref_tile(in.ref, c0, w).data_ptr<float>());
       return;
     }
     Tensor s = scratch[p].similarity(in, c0, w);

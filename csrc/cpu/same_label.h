@@ -191,6 +191,7 @@ inline void gather_same_label_uncapped(const LossInputs& in, SameLabel& pos) {
 inline void add_candidate_rows(const LossInputs& in, const SameLabel& pos, const std::vector<float>& coef,
                                at::Tensor out) {
   const int64_t D = in.D;
+  TORCH_INTERNAL_ASSERT(out.is_contiguous() && out.scalar_type() == at::kFloat);
   if (few_candidates(in, pos)) {
     float* o = out.data_ptr<float>();
     at::parallel_for(0, in.B, 16, [&](int64_t i0, int64_t i1) {
@@ -214,7 +215,13 @@ inline void add_candidate_rows(const LossInputs& in, const SameLabel& pos, const
         const int64_t j = k_slot(a, k);
         if (j >= 0) cp[(a - g0) * w + j] = coef[k];
       }
-    out.index_add_(0, anchors, at::mm(cg, in.ref.index_select(0, cols).to(at::kFloat)));
+    // the label's anchors are distinct rows: added in place, in order (index_add_ would open an
+    // OpenMP region per label block, which costs milliseconds on a busy machine)
+    const at::Tensor prod = at::mm(cg, in.ref.index_select(0, cols).to(at::kFloat));
+    const float* pp = prod.data_ptr<float>();
+    float* o = out.data_ptr<float>();
+    for (int64_t a = g0; a < g1; ++a)
+      for (int64_t d = 0; d < D; ++d) o[order[a] * D + d] += pp[(a - g0) * D + d];
   });
 }
 

@@ -241,5 +241,24 @@ inline float dot(const float* a, const float* b, int64_t D) {
   return out;
 }
 
+// The same with b's elements of another type (bf16, fp16) widened exactly to fp32: the same
+// value as dot(a, fp32 copy of b) bit for bit.
+template <class T>
+inline float dot(const float* a, const T* b, int64_t D) {
+  int64_t d = 0;
+  float out = 0.f;
+#if XBM_CPU_VECTOR
+  f32x4 acc = {0.f, 0.f, 0.f, 0.f};
+  for (; d + 4 <= D; d += 4) {
+    const f32x4 bv = {static_cast<float>(b[d]), static_cast<float>(b[d + 1]), static_cast<float>(b[d + 2]),
+                      static_cast<float>(b[d + 3])};
+    acc += load4(a + d) * bv;
+  }
+  out = sum4(acc);
+#endif
+  for (; d < D; ++d) out += a[d] * static_cast<float>(b[d]);
+  return out;
+}
+
 }  // namespace cpu
 }  // namespace xbm_kernels

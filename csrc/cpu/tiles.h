@@ -199,6 +199,8 @@ struct TileScratch {
   at::Tensor aux_tile(int64_t B, int64_t w) { return aux.narrow(0, 0, B * w).view({B, w}); }
   at::Tensor current_ref;  // the tile ref_tile returned last (epilogues that read R rows)
   int64_t current_c0 = -1, current_w = -1;
+  // Whether ref_tile(ref, c0, w) is an fp32 copy made already (no conversion to ask for it).
+  bool holds_ref32(int64_t c0, int64_t w) const { return ref32.defined() && c0 == current_c0 && w == current_w; }
   // fp32 view of ref rows [c0, c0 + w); converted once per tile however often it is asked for
   at::Tensor ref_tile(const at::Tensor& ref, int64_t c0, int64_t w) {
     if (c0 == current_c0 && w == current_w) return current_ref;
@@ -331,17 +333,19 @@ inline at::Tensor sum_splits(const at::Tensor& splits) {
 }
 
 // o (B x D) += C r for a mostly zero (B x w) C: one row add per nonzero, in row-major order.
-// The zeros are skipped a vector at a time (the scan reads all of C, the adds few rows).
-template <int L>
-XBM_INLINE void sparse_row_adds_lanes(const float* cp, int64_t B, int64_t w, const float* r, int64_t D, float* o) {
+// The zeros are skipped a vector at a time (the scan reads all of C, the adds few rows). r's
+// rows are fp32, or 16-bit rows read as they are (each element widened exactly: the same sums
+// as on an fp32 copy of the tile, without converting the rows no coefficient names).
+template <int L, class T>
+XBM_INLINE void sparse_row_adds_typed(const float* cp, int64_t B, int64_t w, const T* r, int64_t D, float* o) {
   for (int64_t i = 0; i < B; ++i) {
     const float* ci = cp + i * w;
     float* oi = o + i * D;
     auto add = [&](int64_t j) {
       const float cij = ci[j];
       if (cij == 0.f) return;
-      const float* rj = r + j * D;
-      for (int64_t d = 0; d < D; ++d) oi[d] += cij * rj[d];
+      const T* rj = r + j * D;
+      for (int64_t d = 0; d < D; ++d) oi[d] += cij * static_cast<float>(rj[d]);
     };
     int64_t j = 0;
 #if XBM_CPU_VECTOR
@@ -354,8 +358,28 @@ XBM_INLINE void sparse_row_adds_lanes(const float* cp, int64_t B, int64_t w, con
     for (; j < w; ++j) add(j);
   }
 }
+template <int L>
+XBM_INLINE void sparse_row_adds_lanes(const float* cp, int64_t B, int64_t w, const float* r, int64_t D, float* o) {
+  sparse_row_adds_typed<L>(cp, B, w, r, D, o);
+}
+template <int L>
+XBM_INLINE void sparse_row_adds_bf16_lanes(const float* cp, int64_t B, int64_t w, const at::BFloat16* r, int64_t D,
+                                           float* o) {
+  sparse_row_adds_typed<L>(cp, B, w, r, D, o);
+}
+template <int L>
+XBM_INLINE void sparse_row_adds_f16_lanes(const float* cp, int64_t B, int64_t w, const at::Half* r, int64_t D,
+                                          float* o) {
+  sparse_row_adds_typed<L>(cp, B, w, r, D, o);
+}
 XBM_CPU_DISPATCH(inline void, sparse_row_adds,
                  (const float* cp, int64_t B, int64_t w, const float* r, int64_t D, float* o),
+                 (cp, B, w, r, D, o))
+XBM_CPU_DISPATCH(inline void, sparse_row_adds_bf16,
+                 (const float* cp, int64_t B, int64_t w, const at::BFloat16* r, int64_t D, float* o),
+                 (cp, B, w, r, D, o))
+XBM_CPU_DISPATCH(inline void, sparse_row_adds_f16,
+                 (const float* cp, int64_t B, int64_t w, const at::Half* r, int64_t D, float* o),
                  (cp, B, w, r, D, o))
 
 // out += C R_tile for a (B x w) coefficient tile C with about `nonzeros` nonzero entries.
@@ -371,6 +395,19 @@ inline void add_sparse_rows(TileScratch& scratch, const LossInputs& in, const at
     return;
   }
   if (nonzeros == 0) return;
+  const at::ScalarType t = in.ref.scalar_type();
+  if ((t == at::kBFloat16 || t == at::kHalf) && !scratch.holds_ref32(c0, w)) {
+    // a 16-bit memory whose tile has no fp32 copy yet (the 16-bit GEMM read it as it is): read
+    // the named rows as they are rather than converting the whole tile
+    const int64_t off = c0 * D;
+    if (t == at::kBFloat16)
+      sparse_row_adds_bf16(c.data_ptr<float>(), B, w, static_cast<const at::BFloat16*>(in.ref.data_ptr()) + off, D,
+                           out.data_ptr<float>());
+    else
+      sparse_row_adds_f16(c.data_ptr<float>(), B, w, static_cast<const at::Half*>(in.ref.data_ptr()) + off, D,
+                          out.data_ptr<float>());
+    return;
+  }
   sparse_row_adds(c.data_ptr<float>(), B, w, scratch.ref_tile(in.ref, c0, w).data_ptr<float>(), D,
                   out.data_ptr<float>());
 }
