@@ -63,8 +63,9 @@ inline float lse_rescale(float old, float now) {
 // row's positive count.
 template <int L, class Form>
 XBM_INLINE int64_t pair_lse_row_vec_lanes(float* row, float* crow, int64_t w, const int32_t* z, int32_t yi,
-                                          const Form& prm, float& mx_p, float& mx_n, double& sum_p, double& sum_n,
+                                          const Form& form, float& mx_p, float& mx_n, double& sum_p, double& sum_n,
                                           int64_t* counts, float& scale_p, float& scale_n) {
+  const Form prm = form;  // a local copy: the row's stores cannot alias its parameters (kept in registers)
   using V = Vec<L>;
   using F = typename V::F;
   using I = typename V::I;
@@ -157,8 +158,9 @@ XBM_INLINE int64_t pair_lse_row_vec_lanes(float* row, float* crow, int64_t w, co
 // One row of pair_lse_bwd's coefficients, L lanes at a time: C_ij = w_set exp(logit - top_set) k
 // (0 outside P_i and N_i), as the scalar loop there, over crow (the row's S) in place.
 template <int L, class Form>
-XBM_INLINE void pair_lse_coef_row_vec_lanes(float* crow, int64_t w, const int32_t* z, int32_t yi, const Form& prm,
+XBM_INLINE void pair_lse_coef_row_vec_lanes(float* crow, int64_t w, const int32_t* z, int32_t yi, const Form& form,
                                             float tp, float tn, float wp, float wn) {
+  const Form prm = form;  // as above
   using V = Vec<L>;
   using F = typename V::F;
   using I = typename V::I;
@@ -314,8 +316,15 @@ PairLseSplits pair_lse_pass(const LossInputs& in, const TilePlan& plan, const Fo
         st.sum[1][p].data_ptr<double>(), st.counts[p].data_ptr<int64_t>(), sc[0].data_ptr<float>(),
         sc[1].data_ptr<float>());
     if (accumulate) {
-      scratch[p].add_product(in, c_neg, c0, w, st.g[1][p].mul_(sc[1].unsqueeze(1)));
-      add_sparse_rows(scratch[p], in, c_pos, c0, st.g[0][p].mul_(sc[0].unsqueeze(1)), npos);
+      // G scaled by each row's rescale factor, skipped where every factor is 1 (no row's max
+      // grew in this tile: most tiles after the first few)
+      auto rescaled = [&](int set) {
+        at::Tensor g = st.g[set][p];
+        const float* f = sc[set].data_ptr<float>();
+        return std::all_of(f, f + B, [](float r) { return r == 1.f; }) ? g : g.mul_(sc[set].unsqueeze(1));
+      };
+      scratch[p].add_product(in, c_neg, c0, w, rescaled(1));
+      add_sparse_rows(scratch[p], in, c_pos, c0, rescaled(0), npos);
     }
   });
   return st;
