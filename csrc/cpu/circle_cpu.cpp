@@ -27,7 +27,23 @@ struct CircleForm {
     k = gamma * std::max(0.f, v + m);
     logit = k * (v - m);
   }
+#if XBM_CPU_VECTOR
+  // The same lane by lane (std::max(0, t) is t where 0 < t, else 0).
+  template <class V>
+  XBM_INLINE void pos_vec(typename V::F v, typename V::F& logit, typename V::F& k) const {
+    const typename V::F t = (1.f + m) - v;
+    k = -gamma * V::select(V::gt(t, 0.f), t, V::splat(0.f));
+    logit = k * (v - (1.f - m));
+  }
+  template <class V>
+  XBM_INLINE void neg_vec(typename V::F v, typename V::F& logit, typename V::F& k) const {
+    const typename V::F t = v + m;
+    k = gamma * V::select(V::gt(t, 0.f), t, V::splat(0.f));
+    logit = k * (v - m);
+  }
+#endif
 };
+XBM_PAIR_LSE_VECTOR(CircleForm)
 
 CircleForm params(double m, double gamma, double pos_eps) {
   TORCH_CHECK(gamma > 0, "gamma: expected > 0, got ", gamma);

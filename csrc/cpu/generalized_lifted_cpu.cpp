@@ -40,7 +40,31 @@ struct LiftedForm {
     logit = neg_margin - d;
     k = -dd;
   }
+#if XBM_CPU_VECTOR
+  // The same lane by lane (Vec::sqrt is IEEE, as std::sqrt); the lanes a select drops may hold
+  // sqrt of a negative or -1/0.
+  template <class V>
+  static XBM_INLINE void distance_vec(typename V::F v, typename V::F& d, typename V::F& dd) {
+    const typename V::F t = 2.f - 2.f * v, zero = V::splat(0.f);
+    d = V::select(V::gt(t, kL2Zero), V::sqrt(t), zero);
+    dd = V::select(V::gt(d, 0.f), -1.f / d, zero);
+  }
+  template <class V>
+  XBM_INLINE void pos_vec(typename V::F v, typename V::F& logit, typename V::F& k) const {
+    typename V::F d;
+    distance_vec<V>(v, d, k);
+    logit = d - pos_margin;
+  }
+  template <class V>
+  XBM_INLINE void neg_vec(typename V::F v, typename V::F& logit, typename V::F& k) const {
+    typename V::F d, dd;
+    distance_vec<V>(v, d, dd);
+    logit = neg_margin - d;
+    k = -dd;
+  }
+#endif
 };
+XBM_PAIR_LSE_VECTOR(LiftedForm)
 
 LiftedForm params(double pos_margin, double neg_margin, double pos_eps) {
   return {static_cast<float>(pos_margin), static_cast<float>(neg_margin), static_cast<float>(1.0 - pos_eps)};

@@ -8,7 +8,11 @@
 //     static constexpr bool kBothSets;  // true: l_i = 0 unless P_i and N_i are both non-empty;
 //                                       // false: an empty set's term is 0
 //     static constexpr Outer kOuter;    // softplus or relu of L_i
+//     // pos() / neg() lane by lane on a Vec<L> (simd.h): the same arithmetic per lane
+//     template <class V> void pos_vec(typename V::F v, typename V::F& logit, typename V::F& k) const;
+//     template <class V> void neg_vec(typename V::F v, typename V::F& logit, typename V::F& k) const;
 //   };
+//   XBM_PAIR_LSE_VECTOR(Form)  // after it, in its namespace: the vector row sweeps, see below
 //   dl_i/dS_ij = outer'(L_i) softmax_{set(j)}(logit)_j k_ij.
 // Forward: ONE pass over the memory with two online log-sum-exps (running max, sum, and the
 // weighted rows G = sum exp(logit - max) k r, rescaled when the max grows), one per set; the
@@ -26,6 +30,7 @@
 #include <cmath>
 #include <limits>
 
+#include "cpu/simd.h"
 #include "cpu/tiles.h"
 
 namespace xbm_kernels {
@@ -46,6 +51,167 @@ inline float lse_rescale(float old, float now) {
   return now == -std::numeric_limits<float>::infinity() ? 1.f : std::exp(old - now);
 }
 
+#if XBM_CPU_VECTOR
+// One row of pair_lse_tile whose columns are all valid (its own column is elsewhere), L lanes
+// at a time (the CPU's widest, simd.h), the last w % L columns by the scalar Form. Sweep 1
+// computes each column's logit (-inf where the pair is in neither set: a same-label column at or
+// above pos_thr) and, with crow, its slope k (0 there) into row / crow, the tile's largest logit
+// of each set and the counts; sweep 2 the exponentials exp(logit - max_new) (Vec::exp), summed
+// in float lanes over blocks of up to 256 columns, each block's sum added in double, and with
+// crow the coefficients exp(logit - max_new) k into row (negatives) and crow (positives), 0 in
+// the other. Without crow (no G accumulated) the coefficients are not written. Returns the
+// row's positive count.
+template <int L, class Form>
+XBM_INLINE int64_t pair_lse_row_vec_lanes(float* row, float* crow, int64_t w, const int32_t* z, int32_t yi,
+                                          const Form& form, float& mx_p, float& mx_n, double& sum_p, double& sum_n,
+                                          int64_t* counts, float& scale_p, float& scale_n) {
+  const Form prm = form;  // a local copy: the row's stores cannot alias its parameters (kept in registers)
+  using V = Vec<L>;
+  using F = typename V::F;
+  using I = typename V::I;
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  const F zero = V::splat(0.f), ninf = V::splat(-kInf);
+  F top_p = ninf, top_n = ninf;
+  I np4 = I{}, nn4 = I{};  // -1 per counted lane: exact
+  int64_t j = 0;
+  for (; j + L <= w; j += L) {
+    const F v = V::load(row + j);
+    const I same = V::eq(V::load(z + j), yi);
+    const I pos = same & V::lt(v, prm.pos_thr);
+    F lp, kp, ln, kn;
+    prm.template pos_vec<V>(v, lp, kp);
+    prm.template neg_vec<V>(v, ln, kn);
+    top_p = V::select(pos & V::gt(lp, top_p), lp, top_p);  // std::max(top, logit): NaN keeps top
+    top_n = V::select(~same & V::gt(ln, top_n), ln, top_n);
+    np4 += pos;
+    nn4 += ~same;
+    V::store(row + j, V::select(same, V::select(pos, lp, ninf), ln));
+    if (crow) V::store(crow + j, V::select(same, V::select(pos, kp, zero), kn));
+  }
+  float tp = V::max(top_p), tn = V::max(top_n);  // exact in any order (no NaN among them)
+  int64_t np = 0, nn = 0;
+  for (int k = 0; k < L; ++k) {
+    np -= np4[k];
+    nn -= nn4[k];
+  }
+  for (int64_t t = j; t < w; ++t) {  // the last columns: the scalar Form
+    const float v = row[t];
+    float logit = -kInf, k = 0.f;
+    if (z[t] == yi) {
+      if (v < prm.pos_thr) {
+        prm.pos(v, logit, k);
+        tp = std::max(tp, logit);
+        ++np;
+      }
+    } else {
+      prm.neg(v, logit, k);
+      tn = std::max(tn, logit);
+      ++nn;
+    }
+    row[t] = logit;
+    if (crow) crow[t] = k;
+  }
+  const float new_p = std::max(mx_p, tp), new_n = std::max(mx_n, tn);
+  scale_p = lse_rescale(mx_p, new_p);
+  scale_n = lse_rescale(mx_n, new_n);
+  // -inf only where the set has no pair yet: shift by 0 there (its -inf logits give 0, no inf - inf)
+  const float sp = new_p == -kInf ? 0.f : new_p, sn = new_n == -kInf ? 0.f : new_n;
+  const F sp4 = V::splat(sp), sn4 = V::splat(sn);
+  double acc_p = 0, acc_n = 0;
+  for (j = 0; j < w;) {
+    const int64_t end = std::min(w, j + 256);
+    F ap = zero, an = zero;
+    for (; j + L <= end; j += L) {
+      const I same = V::eq(V::load(z + j), yi);
+      const F e = V::exp(V::load(row + j) - V::select(same, sp4, sn4));
+      ap += V::select(same, e, zero);
+      an += V::select(same, zero, e);
+      if (crow) {
+        const F c = e * V::load(crow + j);
+        V::store(row + j, V::select(same, zero, c));
+        V::store(crow + j, V::select(same, c, zero));
+      }
+    }
+    float a_p = V::sum(ap), a_n = V::sum(an);
+    for (; j < end; ++j) {
+      const bool same = z[j] == yi;
+      const float e = std::exp(row[j] - (same ? sp : sn));
+      (same ? a_p : a_n) += e;
+      if (crow) {
+        const float c = e * crow[j];
+        row[j] = same ? 0.f : c;
+        crow[j] = same ? c : 0.f;
+      }
+    }
+    acc_p += a_p;
+    acc_n += a_n;
+  }
+  sum_p = sum_p * scale_p + acc_p;
+  sum_n = sum_n * scale_n + acc_n;
+  mx_p = new_p;
+  mx_n = new_n;
+  counts[0] += np;
+  counts[1] += nn;
+  return np;
+}
+
+// One row of pair_lse_bwd's coefficients, L lanes at a time: C_ij = w_set exp(logit - top_set) k
+// (0 outside P_i and N_i), as the scalar loop there, over crow (the row's S) in place.
+template <int L, class Form>
+XBM_INLINE void pair_lse_coef_row_vec_lanes(float* crow, int64_t w, const int32_t* z, int32_t yi, const Form& form,
+                                            float tp, float tn, float wp, float wn) {
+  const Form prm = form;  // as above
+  using V = Vec<L>;
+  using F = typename V::F;
+  using I = typename V::I;
+  const F zero = V::splat(0.f), tp4 = V::splat(tp), tn4 = V::splat(tn), wp4 = V::splat(wp), wn4 = V::splat(wn);
+  int64_t j = 0;
+  for (; j + L <= w; j += L) {
+    const F v = V::load(crow + j);
+    const I same = V::eq(V::load(z + j), yi);
+    F lp, kp, ln, kn;
+    prm.template pos_vec<V>(v, lp, kp);
+    prm.template neg_vec<V>(v, ln, kn);
+    const F e = V::exp(V::select(same, lp, ln) - V::select(same, tp4, tn4));
+    const F c = V::select(same, wp4, wn4) * e * V::select(same, kp, kn);
+    V::store(crow + j, V::select(~same | V::lt(v, prm.pos_thr), c, zero));
+  }
+  for (; j < w; ++j) {
+    const float v = crow[j];
+    float logit, k, c_ij = 0.f;
+    if (z[j] == yi) {
+      if (v < prm.pos_thr) {
+        prm.pos(v, logit, k);
+        c_ij = wp * std::exp(logit - tp) * k;
+      }
+    } else {
+      prm.neg(v, logit, k);
+      c_ij = wn * std::exp(logit - tn) * k;
+    }
+    crow[j] = c_ij;
+  }
+}
+
+// The two row functions above for one Form, compiled at each vector width and chosen at run time
+// (XBM_CPU_DISPATCH): pair_lse_row_vec(..., const Form&) and pair_lse_coef_row_vec(..., const
+// Form&), found by pair_lse_tile / pair_lse_bwd through the Form's namespace. Expanded once per
+// Form, after its definition and in its namespace.
+#define XBM_PAIR_LSE_VECTOR(Form)                                                                                  \
+  using ::xbm_kernels::cpu::pair_lse_row_vec_lanes;                                                              \
+  using ::xbm_kernels::cpu::pair_lse_coef_row_vec_lanes;                                                         \
+  XBM_CPU_DISPATCH(int64_t, pair_lse_row_vec,                                                                    \
+                   (float* row, float* crow, int64_t w, const int32_t* z, int32_t yi, const Form& prm,           \
+                    float& mx_p, float& mx_n, double& sum_p, double& sum_n, int64_t* counts, float& scale_p,    \
+                    float& scale_n),                                                                             \
+                   (row, crow, w, z, yi, prm, mx_p, mx_n, sum_p, sum_n, counts, scale_p, scale_n))                \
+  XBM_CPU_DISPATCH(void, pair_lse_coef_row_vec,                                                                  \
+                   (float* crow, int64_t w, const int32_t* z, int32_t yi, const Form& prm, float tp, float tn,   \
+                    float wp, float wn),                                                                         \
+                   (crow, w, z, yi, prm, tp, tn, wp, wn))
+#else
+#define XBM_PAIR_LSE_VECTOR(Form)
+#endif
+
 // One tile of the pass: updates the running state of every row; with coef != nullptr writes
 // the tile's coefficients exp(logit - max_new) k into `s` (negatives) and `coef` (positives),
 // 0 elsewhere, and each row's rescale factors into scale_p / scale_n. Returns the number of
@@ -62,7 +228,15 @@ int64_t pair_lse_tile(float* s, float* coef, int64_t w, int64_t c0, const LossIn
     float* row = s + i * w;
     float* crow = coef ? coef + i * w : nullptr;
     const int64_t self_col = in.self_col(i) - c0;
-    // First sweep: the tile's largest logit of each set.
+#if XBM_CPU_VECTOR
+    if (self_col < 0 || self_col >= w) {  // every column valid: the vector path
+      tile_pos += pair_lse_row_vec(row, crow, w, z, y[i], prm, mx_p[i], mx_n[i], sum_p[i], sum_n[i], counts + 2 * i,
+                                   scale_p[i], scale_n[i]);
+      continue;
+    }
+#endif
+    // The row whose own column is in this tile (once per row and pass), and the scalar
+    // definition of the vector path. First sweep: the tile's largest logit of each set.
     float top_p = -kInf, top_n = -kInf;
     for (int64_t j = 0; j < w; ++j) {
       if (j == self_col) continue;
@@ -142,8 +316,15 @@ PairLseSplits pair_lse_pass(const LossInputs& in, const TilePlan& plan, const Fo
         st.sum[1][p].data_ptr<double>(), st.counts[p].data_ptr<int64_t>(), sc[0].data_ptr<float>(),
         sc[1].data_ptr<float>());
     if (accumulate) {
-      scratch[p].add_product(in, c_neg, c0, w, st.g[1][p].mul_(sc[1].unsqueeze(1)));
-      add_sparse_rows(scratch[p], in, c_pos, c0, st.g[0][p].mul_(sc[0].unsqueeze(1)), npos);
+      // G scaled by each row's rescale factor, skipped where every factor is 1 (no row's max
+      // grew in this tile: most tiles after the first few)
+      auto rescaled = [&](int set) {
+        at::Tensor g = st.g[set][p];
+        const float* f = sc[set].data_ptr<float>();
+        return std::all_of(f, f + B, [](float r) { return r == 1.f; }) ? g : g.mul_(sc[set].unsqueeze(1));
+      };
+      scratch[p].add_product(in, c_neg, c0, w, rescaled(1));
+      add_sparse_rows(scratch[p], in, c_pos, c0, rescaled(0), npos);
     }
   });
   return st;
@@ -246,6 +427,12 @@ std::tuple<at::Tensor, at::Tensor> pair_lse_bwd(const at::Tensor& x, const at::T
         continue;
       }
       const int64_t self_col = in.self_col(i) - c0;
+#if XBM_CPU_VECTOR
+      if (self_col < 0 || self_col >= w) {  // every column valid: the vector path
+        pair_lse_coef_row_vec(crow, w, z, y[i], prm, tp[i], tn[i], wp_p[i], wn_p[i]);
+        continue;
+      }
+#endif
       for (int64_t j = 0; j < w; ++j) {
         const float v = crow[j];
         float logit, k, c_ij = 0.f;
