@@ -351,7 +351,7 @@ inline PairLseRows pair_lse_merge(const PairLseSplits& st, bool both_sets, Outer
   at::Tensor scale[2], sum[2], lse[2], counted[2];
   for (int set = 0; set < 2; ++set) {
     counted[set] = out.active.logical_and(has[set]);  // the set's term enters L_i
-    at::Tensor top = std::get<0>(st.mx[set].max(0));                          // exact in any order
+    at::Tensor top = st.mx[set].amax(0);  // exact in any order (amax: no OpenMP region per call)
     scale[set] = at::exp(st.mx[set] - top.unsqueeze(0)).nan_to_num_(0.f);      // -inf - -inf: 0
     sum[set] = sum_splits(st.sum[set] * scale[set].to(at::kDouble));
     lse[set] = at::where(counted[set], top.to(at::kDouble) + sum[set].log(), zero);
