@@ -7,6 +7,7 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 
 #include "cpu/simd.h"
@@ -24,54 +25,69 @@ struct Hardest {
 };
 
 #if XBM_CPU_VECTOR
-// One row of hardest_tile with every column valid, four lanes at a time. Each lane keeps
-// its first extreme (strict comparisons, columns visited in order); the lanes then merge
-// by value and, among equal values, by the lowest column; the tile's result replaces the
-// running one only when strictly better, so the lowest column wins ties overall.
-void hardest_row_vec(const float* row, int64_t w, int64_t c0, const int32_t* z, int32_t yi, float pos_thr,
-                     float& pv, int64_t& pi, float& nv, int64_t& ni) {
-  cpu::f32x4 p4 = {kInf, kInf, kInf, kInf}, n4 = {-kInf, -kInf, -kInf, -kInf};
-  cpu::i32x4 pj = {-1, -1, -1, -1}, nj = pj, col = {0, 1, 2, 3};
+// One row of hardest_tile with every column valid, L lanes at a time (simd.h, the CPU's
+// widest). Each lane keeps its first extreme (strict comparisons, columns visited in order);
+// the lanes then merge by value and, among equal values, by the lowest column; the tile's
+// result replaces the running one only when strictly better, so the lowest column wins ties
+// overall.
+template <int L>
+XBM_INLINE void hardest_row_vec(const float* row, int64_t w, int64_t c0, const int32_t* z, int32_t yi, float pos_thr,
+                                float& pv, int64_t& pi, float& nv, int64_t& ni) {
+  using V = cpu::Vec<L>;
+  using F = typename V::F;
+  using I = typename V::I;
+  F pl = V::splat(kInf), nl = V::splat(-kInf);
+  I pj = I{} - 1, nj = pj, col;
+  for (int k = 0; k < L; ++k) col[k] = k;
   int64_t j = 0;
-  for (; j + 4 <= w; j += 4, col += 4) {
-    const cpu::f32x4 v = cpu::load4(row + j);
-    const cpu::i32x4 same = cpu::load4(z + j) == yi;
-    const cpu::i32x4 better_p = same & (v < pos_thr) & (v < p4);
-    const cpu::i32x4 better_n = ~same & (v > n4);
-    p4 = cpu::select4(better_p, v, p4);
+  for (; j + L <= w; j += L, col += L) {
+    const F v = V::load(row + j);
+    const I same = V::eq(V::load(z + j), yi);
+    const I better_p = same & V::lt(v, pos_thr) & V::lt(v, pl);
+    const I better_n = ~same & V::gt(v, nl);
+    pl = V::select(better_p, v, pl);
     pj = (better_p & col) | (~better_p & pj);
-    n4 = cpu::select4(better_n, v, n4);
+    nl = V::select(better_n, v, nl);
     nj = (better_n & col) | (~better_n & nj);
   }
-  float bp = kInf, bn = -kInf;
-  int64_t bpj = -1, bnj = -1;
-  for (int k = 0; k < 4; ++k) {
-    if (pj[k] >= 0 && (p4[k] < bp || (p4[k] == bp && pj[k] < bpj))) bp = p4[k], bpj = pj[k];
-    if (nj[k] >= 0 && (n4[k] > bn || (n4[k] == bn && nj[k] < bnj))) bn = n4[k], bnj = nj[k];
+  // A lane that found a positive holds a value below +inf (strict v < +inf), a negative one
+  // above -inf: the lanes' extreme is that of the found ones, and the lowest column among the
+  // lanes holding it (a lane's column is -1 only where it holds the initial infinity).
+  float bp = V::min(pl), bn = V::max(nl);
+  const int32_t none = std::numeric_limits<int32_t>::max();
+  const I pc = V::keep(pl == bp) & V::gt(pj, -1), nc = V::keep(nl == bn) & V::gt(nj, -1);
+  const I pk = (pc & pj) | (~pc & none), nk = (nc & nj) | (~nc & none);
+  int32_t bpj = pk[0], bnj = nk[0];
+  for (int k = 1; k < L; ++k) {
+    bpj = std::min(bpj, pk[k]);
+    bnj = std::min(bnj, nk[k]);
   }
-  for (; j < w; ++j) {  // the last 0-3 columns come after every lane's columns
+  int64_t bpc = bpj == none ? -1 : bpj, bnc = bnj == none ? -1 : bnj;
+  for (; j < w; ++j) {  // the last columns come after every lane's columns
     const float v = row[j];
     if (z[j] == yi) {
-      if (v < pos_thr && v < bp) bp = v, bpj = j;
+      if (v < pos_thr && v < bp) bp = v, bpc = j;
     } else if (v > bn) {
-      bn = v, bnj = j;
+      bn = v, bnc = j;
     }
   }
-  if (bpj >= 0 && bp < pv) pv = bp, pi = c0 + bpj;
-  if (bnj >= 0 && bn > nv) nv = bn, ni = c0 + bnj;
+  if (bpc >= 0 && bp < pv) pv = bp, pi = c0 + bpc;
+  if (bnc >= 0 && bn > nv) nv = bn, ni = c0 + bnc;
 }
 #endif
 
-void hardest_tile(const float* s, int64_t B, int64_t w, int64_t c0, const cpu::LossInputs& in, float pos_thr,
-                  float* pv, int64_t* pi, float* nv, int64_t* ni) {
-  const int32_t* y = in.y_ptr();
-  const int32_t* z = in.z_ptr() + c0;
+// The hardest positive and negative of each row of the tile s (B x w), merged into the running
+// (pv, pi, nv, ni) of the split.
+template <int L>
+XBM_INLINE void hardest_tile_lanes(const float* s, int64_t B, int64_t w, int64_t c0, const int32_t* y,
+                                   const int32_t* z, const int64_t* self_idx, float pos_thr, float* pv, int64_t* pi,
+                                   float* nv, int64_t* ni) {
   for (int64_t i = 0; i < B; ++i) {
     const float* row = s + i * w;
-    const int64_t self_col = in.self_col(i) - c0;
+    const int64_t self_col = self_idx ? self_idx[i] - c0 : -1;
 #if XBM_CPU_VECTOR
     if (self_col < 0 || self_col >= w) {  // every column valid
-      hardest_row_vec(row, w, c0, z, y[i], pos_thr, pv[i], pi[i], nv[i], ni[i]);
+      hardest_row_vec<L>(row, w, c0, z, y[i], pos_thr, pv[i], pi[i], nv[i], ni[i]);
       continue;
     }
 #endif
@@ -86,6 +102,10 @@ void hardest_tile(const float* s, int64_t B, int64_t w, int64_t c0, const cpu::L
     }
   }
 }
+XBM_CPU_DISPATCH(void, hardest_tile,
+                 (const float* s, int64_t B, int64_t w, int64_t c0, const int32_t* y, const int32_t* z,
+                  const int64_t* self_idx, float pos_thr, float* pv, int64_t* pi, float* nv, int64_t* ni),
+                 (s, B, w, c0, y, z, self_idx, pos_thr, pv, pi, nv, ni))
 
 Hardest find_hardest(const cpu::LossInputs& in, float pos_thr) {
   const int64_t B = in.B;
@@ -96,8 +116,8 @@ Hardest find_hardest(const cpu::LossInputs& in, float pos_thr) {
   Tensor pi = at::full({plan.splits, B}, -1, f32.dtype(at::kLong)), ni = at::full({plan.splits, B}, -1, pi.options());
   cpu::for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
     Tensor st = scratch[p].similarity(in, c0, w);
-    hardest_tile(st.data_ptr<float>(), B, w, c0, in, pos_thr, pv[p].data_ptr<float>(), pi[p].data_ptr<int64_t>(),
-                 nv[p].data_ptr<float>(), ni[p].data_ptr<int64_t>());
+    hardest_tile(st.data_ptr<float>(), B, w, c0, in.y_ptr(), in.z_ptr() + c0, in.self_ptr(), pos_thr,
+                 pv[p].data_ptr<float>(), pi[p].data_ptr<int64_t>(), nv[p].data_ptr<float>(), ni[p].data_ptr<int64_t>());
   });
   // Splits hold increasing column ranges: merging in order with strict comparisons
   // keeps the lowest column among equal values.
