@@ -40,6 +40,32 @@ inline float l2_pair(float v, bool same, const PairRule& q, float& c, float& p, 
   return p * (d - q.pos_margin) + n * (q.neg_margin - d);
 }
 
+#if XBM_CPU_VECTOR
+// Whether any lane of a comparison mask is set: one test instruction at 8 and 16 lanes (an asm,
+// as Vec's members: those widths are compiled only for AVX2 / AVX-512, and an intrinsic would
+// not inline into this template), a movemask at 4 with SSE2; Vec::sum elsewhere.
+template <int L>
+XBM_INLINE bool any_lane(typename Vec<L>::I m) {
+#if defined(__x86_64__) || defined(__i386__)
+  if constexpr (L == 16) {
+    bool r;
+    uint16_t k;
+    asm("vptestmd %2, %2, %0\n\tkortestw %0, %0" : "=&k"(k), "=@ccnz"(r) : "v"(m));
+    return r;
+  }
+  if constexpr (L == 8) {
+    bool r;
+    asm("vptest %1, %1" : "=@ccnz"(r) : "x"(m));
+    return r;
+  }
+#endif
+#if defined(__SSE2__)
+  if constexpr (L == 4) return _mm_movemask_epi8(reinterpret_cast<__m128i>(m)) != 0;
+#endif
+  return Vec<L>::sum(Vec<L>::one_where(m)) != 0.f;
+}
+#endif
+
 // Overwrites s (B x w, row-major) with c_ij, times row_scale[i] where row_scale is given (the
 // backward's dL/dl_i: ((n - p) / d) g_i, the product the separate scaling of C computed); adds
 // per-row loss and active-pair counts. Columns are c0 .. c0 + w - 1 of the reference; all of
@@ -75,7 +101,7 @@ XBM_INLINE int64_t contrastive_l2_epilogue_lanes(float* s, int64_t B, int64_t w,
       F t = 2.f - 2.f * v;
       t = V::select(V::keep(t <= kL2Zero), zero, t);
       const I pos_cand = same & V::lt(v, q.pos_thr);
-      if (V::sum(V::one_where(pos_cand | ~V::keep(t >= q.neg_t))) == 0.f) {
+      if (!any_lane<L>(pos_cand | ~V::keep(t >= q.neg_t))) {
         V::store(row + j, scaled_zero);
         continue;
       }

@@ -8,7 +8,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "cpu/simd.h"
 #include "cpu/tiles.h"
@@ -25,6 +27,24 @@ struct Hardest {
 };
 
 #if XBM_CPU_VECTOR
+// The least (kMax: greatest) lane of v, v holding floats (no NaN) or int32: lane-wise over
+// halves down to 4 lanes (vector instructions), then the last 4. The order of a min/max does
+// not change its value, except that of -0 and +0: callers read the winner back by its column.
+template <bool kMax, int L, class T>
+XBM_INLINE auto lane_extreme(T v) {
+  if constexpr (L > 4) {
+    constexpr bool is_float = std::is_same_v<std::remove_cv_t<std::remove_reference_t<decltype(v[0])>>, float>;
+    typedef std::conditional_t<is_float, typename cpu::Lanes<L / 2>::F, typename cpu::Lanes<L / 2>::I> H;
+    H lo, hi;
+    std::memcpy(&lo, &v, sizeof(H));
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(H), sizeof(H));
+    return lane_extreme<kMax, L / 2>(kMax ? (hi > lo ? hi : lo) : (hi < lo ? hi : lo));
+  } else {
+    auto pick = [](auto a, auto b) { return kMax ? std::max(a, b) : std::min(a, b); };
+    return pick(pick(v[0], v[1]), pick(v[2], v[3]));
+  }
+}
+
 // One row of hardest_tile with every column valid, L lanes at a time (simd.h, the CPU's
 // widest). Each lane keeps its first extreme (strict comparisons, columns visited in order);
 // the lanes then merge by value and, among equal values, by the lowest column; the tile's
@@ -36,9 +56,9 @@ XBM_INLINE void hardest_row_vec(const float* row, int64_t w, int64_t c0, const i
   using V = cpu::Vec<L>;
   using F = typename V::F;
   using I = typename V::I;
+  alignas(64) static constexpr int32_t kIota[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   F pl = V::splat(kInf), nl = V::splat(-kInf);
-  I pj = I{} - 1, nj = pj, col;
-  for (int k = 0; k < L; ++k) col[k] = k;
+  I pj = I{} - 1, nj = pj, col = V::load(kIota);
   int64_t j = 0;
   for (; j + L <= w; j += L, col += L) {
     const F v = V::load(row + j);
@@ -51,18 +71,18 @@ XBM_INLINE void hardest_row_vec(const float* row, int64_t w, int64_t c0, const i
     nj = (better_n & col) | (~better_n & nj);
   }
   // A lane that found a positive holds a value below +inf (strict v < +inf), a negative one
-  // above -inf: the lanes' extreme is that of the found ones, and the lowest column among the
-  // lanes holding it (a lane's column is -1 only where it holds the initial infinity).
-  float bp = V::min(pl), bn = V::max(nl);
+  // above -inf: the lanes' extreme is that of the found ones; the winner is the lowest column
+  // among the lanes holding it (a lane's column is -1 only where it holds the initial
+  // infinity), its value read back from the row.
   const int32_t none = std::numeric_limits<int32_t>::max();
-  const I pc = V::keep(pl == bp) & V::gt(pj, -1), nc = V::keep(nl == bn) & V::gt(nj, -1);
-  const I pk = (pc & pj) | (~pc & none), nk = (nc & nj) | (~nc & none);
-  int32_t bpj = pk[0], bnj = nk[0];
-  for (int k = 1; k < L; ++k) {
-    bpj = std::min(bpj, pk[k]);
-    bnj = std::min(bnj, nk[k]);
-  }
-  int64_t bpc = bpj == none ? -1 : bpj, bnc = bnj == none ? -1 : bnj;
+  const float pmin = lane_extreme<false, L>(pl), nmax = lane_extreme<true, L>(nl);
+  const I pc = V::eq(pl, pmin) & V::gt(pj, -1), nc = V::eq(nl, nmax) & V::gt(nj, -1);
+  const int32_t bpj = lane_extreme<false, L>((pc & pj) | (~pc & none));
+  const int32_t bnj = lane_extreme<false, L>((nc & nj) | (~nc & none));
+  float bp = kInf, bn = -kInf;
+  int64_t bpc = -1, bnc = -1;
+  if (bpj != none) bp = row[bpj], bpc = bpj;
+  if (bnj != none) bn = row[bnj], bnc = bnj;
   for (; j < w; ++j) {  // the last columns come after every lane's columns
     const float v = row[j];
     if (z[j] == yi) {
