@@ -125,10 +125,11 @@ std::tuple<Tensor, Tensor> contrastive_bwd_cpu(const Tensor& x, const Tensor& la
   const auto plan = cpu::plan_tiles(in.B, in.n);
   Tensor loss_scratch = at::zeros({plan.splits, in.B}, in.x32.options().dtype(at::kDouble));
   Tensor count_scratch = at::zeros({plan.splits, in.B, 2}, in.x32.options().dtype(at::kLong));
-  return cpu::coefficient_backward(in, ref.size(0), [&](int64_t p, int64_t c0, int64_t w, Tensor& c, cpu::TileScratch&) {
+  auto scaled = [&](int64_t p, int64_t c0, int64_t w, Tensor& c, cpu::TileScratch&) {
     contrastive_epilogue(c.data_ptr<float>(), in.B, w, c0, in.y_ptr(), in.z_ptr() + c0, in.self_ptr(), m, pos_thr, gp,
                          loss_scratch[p].data_ptr<double>(), count_scratch[p].data_ptr<int64_t>());
-  });
+  };
+  return cpu::coefficient_backward(in, ref.size(0), scaled);
 }
 
 }  // namespace

@@ -3,7 +3,7 @@
 //   positive: max(0, d_ij - pos_margin), dl/dS = -1/d_ij where active
 //   negative: max(0, neg_margin - d_ij), dl/dS = +1/d_ij where active
 // and their tile epilogue, shared by contrastive_l2 (both terms) and margin (the negatives'
-// pass; its positives, found first, take l2_pair one at a time).
+// pass; its positives, found first, take l2_pair one at a time), at the CPU's widest vector.
 #pragma once
 
 #include <cmath>
@@ -67,7 +67,7 @@ XBM_INLINE bool any_lane(typename Vec<L>::I m) {
 #endif
 
 // Overwrites s (B x w, row-major) with c_ij, times row_scale[i] where row_scale is given (the
-// backward's dL/dl_i: ((n - p) / d) g_i, the product the separate scaling of C computed); adds
+// backward's dL/dl_i: ((n - p) (1 / d)) g_i, the product the separate scaling of C computed); adds
 // per-row loss and active-pair counts. Columns are c0 .. c0 + w - 1 of the reference; all of
 // them are < ref_valid. Returns the number of nonzero-coefficient candidates of the tile (the
 // active pairs), for the choice between a GEMM and row adds in the gradient.
@@ -80,7 +80,7 @@ XBM_INLINE int64_t contrastive_l2_epilogue_lanes(float* s, int64_t B, int64_t w,
                                                  const int32_t* z, const int64_t* self_idx, const PairRule& q,
                                                  const float* row_scale, double* loss, int64_t* counts) {
   int64_t active = 0;
-  int64_t tested = 0, skipped = 0;  // blocks tested for a skip, and skipped
+  [[maybe_unused]] int64_t tested = 0, skipped = 0;  // blocks tested for a skip, and skipped
   for (int64_t i = 0; i < B; ++i) {
     float* row = s + i * w;
     const int32_t yi = y[i];

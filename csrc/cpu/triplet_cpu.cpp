@@ -137,7 +137,8 @@ Hardest find_hardest(const cpu::LossInputs& in, float pos_thr) {
   cpu::for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
     Tensor st = scratch[p].similarity(in, c0, w);
     hardest_tile(st.data_ptr<float>(), B, w, c0, in.y_ptr(), in.z_ptr() + c0, in.self_ptr(), pos_thr,
-                 pv[p].data_ptr<float>(), pi[p].data_ptr<int64_t>(), nv[p].data_ptr<float>(), ni[p].data_ptr<int64_t>());
+                 pv[p].data_ptr<float>(), pi[p].data_ptr<int64_t>(), nv[p].data_ptr<float>(),
+                 ni[p].data_ptr<int64_t>());
   });
   // Splits hold increasing column ranges: merging in order with strict comparisons
   // keeps the lowest column among equal values.
