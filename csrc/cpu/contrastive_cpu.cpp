@@ -15,12 +15,17 @@ namespace {
 
 using at::Tensor;
 
-// Overwrites s (B x w, row-major) with c_ij; adds per-row loss and active-pair counts and
-// returns the tile's number of non-zero c_ij. Columns are c0 .. c0 + w - 1 of the
-// reference; all of them are < ref_valid.
+// Overwrites s (B x w, row-major) with c_ij, times row_scale[i] where row_scale is given (the
+// backward's dL/dl_i, applied as the tile is written); adds per-row loss and active-pair
+// counts and returns the tile's number of non-zero c_ij. Columns are c0 .. c0 + w - 1 of the
+// reference; all of them are < ref_valid. L lanes at a time (simd.h, the CPU's widest), the
+// scalar loop after it the definition.
 // With p = [positive], n = [active negative] and c = n - p, the pair's loss is p + c S.
-int64_t contrastive_epilogue(float* s, int64_t B, int64_t w, int64_t c0, const int32_t* y, const int32_t* z,
-                          const int64_t* self_idx, float margin, float pos_thr, double* loss, int64_t* counts) {
+template <int L>
+XBM_INLINE int64_t contrastive_epilogue_lanes(float* s, int64_t B, int64_t w, int64_t c0, const int32_t* y,
+                                              const int32_t* z, const int64_t* self_idx, float margin,
+                                              float pos_thr, const float* row_scale, double* loss,
+                                              int64_t* counts) {
   int64_t active = 0;
   for (int64_t i = 0; i < B; ++i) {
     float* row = s + i * w;
@@ -28,24 +33,28 @@ int64_t contrastive_epilogue(float* s, int64_t B, int64_t w, int64_t c0, const i
     const int64_t self_col = self_idx ? self_idx[i] - c0 : -1;
     const bool has_self = self_col >= 0 && self_col < w;
     const float self_s = has_self ? row[self_col] : 0.f;
+    const float g = row_scale ? row_scale[i] : 1.f;
     float acc = 0.f, npos = 0.f, nneg = 0.f;  // counts in float: exact, w <= 2^24
     int64_t j = 0;
 #if XBM_CPU_VECTOR
-    cpu::f32x4 acc4 = {0.f, 0.f, 0.f, 0.f}, pos4 = acc4, neg4 = acc4;
-    for (; j + 4 <= w; j += 4) {
-      const cpu::f32x4 v = cpu::load4(row + j);
-      const cpu::i32x4 same = cpu::load4(z + j) == yi;
-      const cpu::f32x4 p = cpu::mask_to_one(same & (v < pos_thr));
-      const cpu::f32x4 n = cpu::mask_to_one(~same & (v > margin));
-      const cpu::f32x4 c = n - p;
-      acc4 += p + c * v;
-      pos4 += p;
-      neg4 += n;
-      cpu::store4(row + j, c);
+    using V = cpu::Vec<L>;
+    using F = typename V::F;
+    using I = typename V::I;
+    F accv = V::splat(0.f), posv = accv, negv = accv;
+    for (; j + L <= w; j += L) {
+      const F v = V::load(row + j);
+      const I same = V::eq(V::load(z + j), yi);
+      const F p = V::one_where(same & V::lt(v, pos_thr));
+      const F n = V::one_where(~same & V::gt(v, margin));
+      const F c = n - p;
+      accv += p + c * v;
+      posv += p;
+      negv += n;
+      V::store(row + j, row_scale ? c * g : c);
     }
-    acc = cpu::sum4(acc4);
-    npos = cpu::sum4(pos4);
-    nneg = cpu::sum4(neg4);
+    acc = V::sum(accv);
+    npos = V::sum(posv);
+    nneg = V::sum(negv);
 #endif
     for (; j < w; ++j) {
       const float v = row[j];
@@ -56,7 +65,7 @@ int64_t contrastive_epilogue(float* s, int64_t B, int64_t w, int64_t c0, const i
       acc += p + c * v;
       npos += p;
       nneg += n;
-      row[j] = c;
+      row[j] = row_scale ? c * g : c;
     }
     if (has_self) {  // take the anchor's own column back out
       const bool same = z[self_col] == yi;
@@ -64,7 +73,7 @@ int64_t contrastive_epilogue(float* s, int64_t B, int64_t w, int64_t c0, const i
       acc -= pos ? 1.f - self_s : (neg ? self_s : 0.f);
       npos -= pos;
       nneg -= neg;
-      row[self_col] = 0.f;
+      row[self_col] = row_scale ? 0.f * g : 0.f;
     }
     loss[i] += acc;
     counts[2 * i] += static_cast<int64_t>(npos);
@@ -73,6 +82,11 @@ int64_t contrastive_epilogue(float* s, int64_t B, int64_t w, int64_t c0, const i
   }
   return active;
 }
+XBM_CPU_DISPATCH(int64_t, contrastive_epilogue,
+                 (float* s, int64_t B, int64_t w, int64_t c0, const int32_t* y, const int32_t* z,
+                  const int64_t* self_idx, float margin, float pos_thr, const float* row_scale, double* loss,
+                  int64_t* counts),
+                 (s, B, w, c0, y, z, self_idx, margin, pos_thr, row_scale, loss, counts))
 
 // The kernels call ATen ops on their own buffers: keep them below autograd.
 using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
@@ -82,8 +96,8 @@ using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 auto epilogue_for(const cpu::LossInputs& in, double margin, double pos_eps) {
   const float m = static_cast<float>(margin), pos_thr = static_cast<float>(1.0 - pos_eps);
   return [&in, m, pos_thr](float* s, int64_t c0, int64_t w, double* loss, int64_t* counts) {
-    return contrastive_epilogue(s, in.B, w, c0, in.y_ptr(), in.z_ptr() + c0, in.self_ptr(), m, pos_thr, loss,
-                                counts);
+    return contrastive_epilogue(s, in.B, w, c0, in.y_ptr(), in.z_ptr() + c0, in.self_ptr(), m, pos_thr, nullptr,
+                                loss, counts);
   };
 }
 
@@ -103,7 +117,19 @@ std::tuple<Tensor, Tensor> contrastive_bwd_cpu(const Tensor& x, const Tensor& la
                                                const Tensor& grad_rows, bool /*allow_tf32*/) {
   BelowAutograd guard;
   const auto in = cpu::prepare_inputs(x, labels, ref, ref_labels, self_index, ref_valid);
-  return cpu::pairwise_backward(in, ref.size(0), grad_rows, epilogue_for(in, margin, pos_eps));
+  // cpu::pairwise_backward with the row scaling inside the epilogue (no second sweep over C)
+  TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == in.B, "grad_rows: expected shape (", in.B, ",)");
+  const Tensor g = grad_rows.to(at::kFloat).contiguous();
+  const float* gp = g.data_ptr<float>();
+  const float m = static_cast<float>(margin), pos_thr = static_cast<float>(1.0 - pos_eps);
+  const auto plan = cpu::plan_tiles(in.B, in.n);
+  Tensor loss_scratch = at::zeros({plan.splits, in.B}, in.x32.options().dtype(at::kDouble));
+  Tensor count_scratch = at::zeros({plan.splits, in.B, 2}, in.x32.options().dtype(at::kLong));
+  auto scaled = [&](int64_t p, int64_t c0, int64_t w, Tensor& c, cpu::TileScratch&) {
+    contrastive_epilogue(c.data_ptr<float>(), in.B, w, c0, in.y_ptr(), in.z_ptr() + c0, in.self_ptr(), m, pos_thr, gp,
+                         loss_scratch[p].data_ptr<double>(), count_scratch[p].data_ptr<int64_t>());
+  };
+  return cpu::coefficient_backward(in, ref.size(0), scaled);
 }
 
 }  // namespace

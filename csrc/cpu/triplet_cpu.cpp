@@ -7,7 +7,10 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "cpu/simd.h"
 #include "cpu/tiles.h"
@@ -24,54 +27,87 @@ struct Hardest {
 };
 
 #if XBM_CPU_VECTOR
-// One row of hardest_tile with every column valid, four lanes at a time. Each lane keeps
-// its first extreme (strict comparisons, columns visited in order); the lanes then merge
-// by value and, among equal values, by the lowest column; the tile's result replaces the
-// running one only when strictly better, so the lowest column wins ties overall.
-void hardest_row_vec(const float* row, int64_t w, int64_t c0, const int32_t* z, int32_t yi, float pos_thr,
-                     float& pv, int64_t& pi, float& nv, int64_t& ni) {
-  cpu::f32x4 p4 = {kInf, kInf, kInf, kInf}, n4 = {-kInf, -kInf, -kInf, -kInf};
-  cpu::i32x4 pj = {-1, -1, -1, -1}, nj = pj, col = {0, 1, 2, 3};
+// The least (kMax: greatest) lane of v, v holding floats (no NaN) or int32: lane-wise over
+// halves down to 4 lanes (vector instructions), then the last 4. The order of a min/max does
+// not change its value, except that of -0 and +0: callers read the winner back by its column.
+template <bool kMax, int L, class T>
+XBM_INLINE auto lane_extreme(T v) {
+  if constexpr (L > 4) {
+    constexpr bool is_float = std::is_same_v<std::remove_cv_t<std::remove_reference_t<decltype(v[0])>>, float>;
+    typedef std::conditional_t<is_float, typename cpu::Lanes<L / 2>::F, typename cpu::Lanes<L / 2>::I> H;
+    H lo, hi;
+    std::memcpy(&lo, &v, sizeof(H));
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(H), sizeof(H));
+    return lane_extreme<kMax, L / 2>(kMax ? (hi > lo ? hi : lo) : (hi < lo ? hi : lo));
+  } else {
+    auto pick = [](auto a, auto b) { return kMax ? std::max(a, b) : std::min(a, b); };
+    return pick(pick(v[0], v[1]), pick(v[2], v[3]));
+  }
+}
+
+// One row of hardest_tile with every column valid, L lanes at a time (simd.h, the CPU's
+// widest). Each lane keeps its first extreme (strict comparisons, columns visited in order);
+// the lanes then merge by value and, among equal values, by the lowest column; the tile's
+// result replaces the running one only when strictly better, so the lowest column wins ties
+// overall.
+template <int L>
+XBM_INLINE void hardest_row_vec(const float* row, int64_t w, int64_t c0, const int32_t* z, int32_t yi, float pos_thr,
+                                float& pv, int64_t& pi, float& nv, int64_t& ni) {
+  using V = cpu::Vec<L>;
+  using F = typename V::F;
+  using I = typename V::I;
+  alignas(64) static constexpr int32_t kIota[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  F pl = V::splat(kInf), nl = V::splat(-kInf);
+  I pj = I{} - 1, nj = pj, col = V::load(kIota);
   int64_t j = 0;
-  for (; j + 4 <= w; j += 4, col += 4) {
-    const cpu::f32x4 v = cpu::load4(row + j);
-    const cpu::i32x4 same = cpu::load4(z + j) == yi;
-    const cpu::i32x4 better_p = same & (v < pos_thr) & (v < p4);
-    const cpu::i32x4 better_n = ~same & (v > n4);
-    p4 = cpu::select4(better_p, v, p4);
+  for (; j + L <= w; j += L, col += L) {
+    const F v = V::load(row + j);
+    const I same = V::eq(V::load(z + j), yi);
+    const I better_p = same & V::lt(v, pos_thr) & V::lt(v, pl);
+    const I better_n = ~same & V::gt(v, nl);
+    pl = V::select(better_p, v, pl);
     pj = (better_p & col) | (~better_p & pj);
-    n4 = cpu::select4(better_n, v, n4);
+    nl = V::select(better_n, v, nl);
     nj = (better_n & col) | (~better_n & nj);
   }
+  // A lane that found a positive holds a value below +inf (strict v < +inf), a negative one
+  // above -inf: the lanes' extreme is that of the found ones; the winner is the lowest column
+  // among the lanes holding it (a lane's column is -1 only where it holds the initial
+  // infinity), its value read back from the row.
+  const int32_t none = std::numeric_limits<int32_t>::max();
+  const float pmin = lane_extreme<false, L>(pl), nmax = lane_extreme<true, L>(nl);
+  const I pc = V::eq(pl, pmin) & V::gt(pj, -1), nc = V::eq(nl, nmax) & V::gt(nj, -1);
+  const int32_t bpj = lane_extreme<false, L>((pc & pj) | (~pc & none));
+  const int32_t bnj = lane_extreme<false, L>((nc & nj) | (~nc & none));
   float bp = kInf, bn = -kInf;
-  int64_t bpj = -1, bnj = -1;
-  for (int k = 0; k < 4; ++k) {
-    if (pj[k] >= 0 && (p4[k] < bp || (p4[k] == bp && pj[k] < bpj))) bp = p4[k], bpj = pj[k];
-    if (nj[k] >= 0 && (n4[k] > bn || (n4[k] == bn && nj[k] < bnj))) bn = n4[k], bnj = nj[k];
-  }
-  for (; j < w; ++j) {  // the last 0-3 columns come after every lane's columns
+  int64_t bpc = -1, bnc = -1;
+  if (bpj != none) bp = row[bpj], bpc = bpj;
+  if (bnj != none) bn = row[bnj], bnc = bnj;
+  for (; j < w; ++j) {  // the last columns come after every lane's columns
     const float v = row[j];
     if (z[j] == yi) {
-      if (v < pos_thr && v < bp) bp = v, bpj = j;
+      if (v < pos_thr && v < bp) bp = v, bpc = j;
     } else if (v > bn) {
-      bn = v, bnj = j;
+      bn = v, bnc = j;
     }
   }
-  if (bpj >= 0 && bp < pv) pv = bp, pi = c0 + bpj;
-  if (bnj >= 0 && bn > nv) nv = bn, ni = c0 + bnj;
+  if (bpc >= 0 && bp < pv) pv = bp, pi = c0 + bpc;
+  if (bnc >= 0 && bn > nv) nv = bn, ni = c0 + bnc;
 }
 #endif
 
-void hardest_tile(const float* s, int64_t B, int64_t w, int64_t c0, const cpu::LossInputs& in, float pos_thr,
-                  float* pv, int64_t* pi, float* nv, int64_t* ni) {
-  const int32_t* y = in.y_ptr();
-  const int32_t* z = in.z_ptr() + c0;
+// The hardest positive and negative of each row of the tile s (B x w), merged into the running
+// (pv, pi, nv, ni) of the split.
+template <int L>
+XBM_INLINE void hardest_tile_lanes(const float* s, int64_t B, int64_t w, int64_t c0, const int32_t* y,
+                                   const int32_t* z, const int64_t* self_idx, float pos_thr, float* pv, int64_t* pi,
+                                   float* nv, int64_t* ni) {
   for (int64_t i = 0; i < B; ++i) {
     const float* row = s + i * w;
-    const int64_t self_col = in.self_col(i) - c0;
+    const int64_t self_col = self_idx ? self_idx[i] - c0 : -1;
 #if XBM_CPU_VECTOR
     if (self_col < 0 || self_col >= w) {  // every column valid
-      hardest_row_vec(row, w, c0, z, y[i], pos_thr, pv[i], pi[i], nv[i], ni[i]);
+      hardest_row_vec<L>(row, w, c0, z, y[i], pos_thr, pv[i], pi[i], nv[i], ni[i]);
       continue;
     }
 #endif
@@ -86,6 +122,10 @@ void hardest_tile(const float* s, int64_t B, int64_t w, int64_t c0, const cpu::L
     }
   }
 }
+XBM_CPU_DISPATCH(void, hardest_tile,
+                 (const float* s, int64_t B, int64_t w, int64_t c0, const int32_t* y, const int32_t* z,
+                  const int64_t* self_idx, float pos_thr, float* pv, int64_t* pi, float* nv, int64_t* ni),
+                 (s, B, w, c0, y, z, self_idx, pos_thr, pv, pi, nv, ni))
 
 Hardest find_hardest(const cpu::LossInputs& in, float pos_thr) {
   const int64_t B = in.B;
@@ -96,8 +136,9 @@ Hardest find_hardest(const cpu::LossInputs& in, float pos_thr) {
   Tensor pi = at::full({plan.splits, B}, -1, f32.dtype(at::kLong)), ni = at::full({plan.splits, B}, -1, pi.options());
   cpu::for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
     Tensor st = scratch[p].similarity(in, c0, w);
-    hardest_tile(st.data_ptr<float>(), B, w, c0, in, pos_thr, pv[p].data_ptr<float>(), pi[p].data_ptr<int64_t>(),
-                 nv[p].data_ptr<float>(), ni[p].data_ptr<int64_t>());
+    hardest_tile(st.data_ptr<float>(), B, w, c0, in.y_ptr(), in.z_ptr() + c0, in.self_ptr(), pos_thr,
+                 pv[p].data_ptr<float>(), pi[p].data_ptr<int64_t>(), nv[p].data_ptr<float>(),
+                 ni[p].data_ptr<int64_t>());
   });
   // Splits hold increasing column ranges: merging in order with strict comparisons
   // keeps the lowest column among equal values.
