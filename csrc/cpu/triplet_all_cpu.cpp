@@ -22,9 +22,10 @@
 // positive instead of by binary search (both are monotone in S_ip, so the counts are those of
 // the searches): the row's coefficient k = b - a per negative, each positive's count (what the
 // difference array gives), and the loss k (S_in + margin) in double lanes, minus sum_p count_p
-// S_ip. A block of L columns where some negative is near a bound (negative_s's test, the same
-// fp32 arithmetic) takes the scalar path whole, as do the row holding the anchor's own column,
-// anchors with more positives and the last w mod L columns: the scalar code is the definition.
+// S_ip. A negative near a bound (negative_s's test, the same fp32 arithmetic) takes the scalar
+// path, as do anchors with more positives and the last w mod L columns of a row: the scalar
+// code is the definition. (The anchor's own column enters the vector pass as a NaN score,
+// which no predicate holds for: coefficient 0, as the scalar path gives it.)
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
@@ -213,16 +214,16 @@ XBM_INLINE typename Vec<L>::I triplet_block_near(typename Vec<L>::F s, const flo
   return near;
 }
 
-// The columns [0, w - w mod L) of a row whose columns are all valid (its own column elsewhere),
+// The columns [0, w - w mod L) of a row (its own column, if there, a NaN),
 // 1 <= np <= kVecMaxPositives: the coefficients k written over the scores, the loss
 // sum k (S_in + margin) added to loss (in double), the active triplets and nonzero
-// coefficients counted, each positive's count added to counts[p]. The blocks with a negative
-// near a bound are left as they are, their first columns listed in near_blocks; returns
-// their number.
+// coefficients counted, each positive's count added to counts[p]. The negatives near a bound
+// are left out (coefficient 0), their columns listed in near_cols and their scores in near_s;
+// returns their number. A NaN score is no negative's (no triplet, never near).
 template <int L>
 XBM_INLINE int64_t triplet_row_vec_lanes(float* row, int64_t w, const int32_t* z, int32_t yi, const float* sp,
                                          int64_t np, float lo, float hi, float margin, const float* bounds, int nb,
-                                         int32_t* cnt, int64_t* counts, int64_t* near_blocks, double& loss,
+                                         int32_t* cnt, int64_t* counts, int64_t* near_cols, float* near_s, double& loss,
                                          int64_t& active, int64_t& nonzero) {
   using V = Vec<L>;
   using F = typename V::F;
@@ -238,7 +239,7 @@ XBM_INLINE int64_t triplet_row_vec_lanes(float* row, int64_t w, const int32_t* z
   for (int64_t j = 0; j + L <= w; j += L) {
     const F sn = V::load(row + j);
     // other-label lanes: sn; same-label lanes: -inf, which no positive makes active or near
-    const F s = V::select(V::ne(V::load(z + j), yi), sn, ninf);
+    F s = V::select(V::ne(V::load(z + j), yi), sn, ninf);
     I near;
     switch (nb) {
       case 0: near = I{}; break;
@@ -246,9 +247,13 @@ XBM_INLINE int64_t triplet_row_vec_lanes(float* row, int64_t w, const int32_t* z
       case 2: near = triplet_block_near<L, 2>(s, sp, np, bounds); break;
       default: near = triplet_block_near<L, 3>(s, sp, np, bounds); break;
     }
-    if (any_lane<L>(near)) {
-      near_blocks[n_near++] = j;
-      continue;
+    if (any_lane<L>(near)) {  // rare: those lanes decided by the scalar path, the others here
+      for (int t = 0; t < L; ++t)
+        if (near[t]) {
+          near_cols[n_near] = j + t;
+          near_s[n_near++] = sn[t];
+        }
+      s = V::select(near, ninf, s);
     }
     const bool check_lo = any_lane<L>(~V::gt(v0 - s, lo));
     const bool check_hi = any_lane<L>(V::ne(s, ninf) & ~V::keep(vmax - s <= hi));
@@ -285,9 +290,10 @@ XBM_INLINE int64_t triplet_row_vec_lanes(float* row, int64_t w, const int32_t* z
 }
 XBM_CPU_DISPATCH(int64_t, triplet_row_vec,
                  (float* row, int64_t w, const int32_t* z, int32_t yi, const float* sp, int64_t np, float lo, float hi,
-                  float margin, const float* bounds, int nb, int32_t* cnt, int64_t* counts, int64_t* near_blocks,
-                  double& loss, int64_t& active, int64_t& nonzero),
-                 (row, w, z, yi, sp, np, lo, hi, margin, bounds, nb, cnt, counts, near_blocks, loss, active, nonzero))
+                  float margin, const float* bounds, int nb, int32_t* cnt, int64_t* counts, int64_t* near_cols,
+                  float* near_s, double& loss, int64_t& active, int64_t& nonzero),
+                 (row, w, z, yi, sp, np, lo, hi, margin, bounds, nb, cnt, counts, near_cols, near_s, loss, active,
+                  nonzero))
 #endif
 
 // Where a row's decisions go: the loss (double), the active triplets and nonzero coefficients,
@@ -329,20 +335,26 @@ inline void decide_row(const cpu::LossInputs& in, const Positives& pos, const Tr
   }
   int64_t j0 = 0;  // the columns from j0 on take the scalar path
 #if XBM_CPU_VECTOR
-  if ((self_col < 0 || self_col >= w) && np <= kVecMaxPositives) {
+  if (np <= kVecMaxPositives) {
     const int L = cpu::simd_lanes();
     thread_local std::vector<int32_t> cnt;
-    thread_local std::vector<int64_t> counts, near_blocks;
+    thread_local std::vector<int64_t> counts, near_cols;
+    thread_local std::vector<float> near_s;
     cnt.resize(kVecMaxPositives * 16);
     counts.assign(np, 0);
-    near_blocks.resize(w / 4 + 1);
+    near_cols.resize(w);
+    near_s.resize(w);
+    const bool own = self_col >= 0 && self_col < w - w % L;  // the own column in the vector part
+    if (own) row[self_col] = std::numeric_limits<float>::quiet_NaN();  // no negative: coefficient 0
     float bounds[3];
     int nb = 0;
     for (const float t : {prm.lo, prm.hi, prm.margin})
       if (!(std::abs(t) > 2.5f)) bounds[nb++] = t;  // as negative_s: +-3 is no bound
     const float* sp = pos.s.data() + s0;
     const int64_t n_near = triplet_row_vec(row, w, z, yi, sp, np, prm.lo, prm.hi, prm.margin, bounds, nb, cnt.data(),
-                                           counts.data(), near_blocks.data(), out.loss, out.active, out.nonzero);
+                                           counts.data(), near_cols.data(), near_s.data(), out.loss, out.active,
+                                           out.nonzero);
+    if (own) row[self_col] = 0.f;
     for (int64_t p = 0; p < np; ++p) {  // the positives' share of the loss, and their counts
       out.loss -= static_cast<double>(counts[p]) * static_cast<double>(sp[p]);
       if (out.diff) {
@@ -350,9 +362,8 @@ inline void decide_row(const cpu::LossInputs& in, const Positives& pos, const Tr
         out.diff[p + 1] -= counts[p];
       }
     }
-    for (int64_t b = 0; b < n_near; ++b)
-      for (int64_t j = near_blocks[b]; j < near_blocks[b] + L; ++j)
-        row[j] = z[j] != yi ? decide_scalar(in, pos, prm, i, c0 + j, row[j], out) : 0.f;
+    for (int64_t t = 0; t < n_near; ++t)  // other-label, valid: negatives
+      row[near_cols[t]] = decide_scalar(in, pos, prm, i, c0 + near_cols[t], near_s[t], out);
     j0 = w - w % L;
   }
 #endif
