@@ -17,11 +17,21 @@
 // under two labels gives u = 0 exactly, as one GEMM over all columns (pytorch-metric-learning's)
 // does. The reference-side gradient (in-batch loss) runs the pass for the positives' counts,
 // then C = dl/dS per tile: dX = C R, dR = C^T X.
+// The vector pass (triplet_row_vec, simd.h's widest lanes): for an anchor with at most
+// kVecMaxPositives positives, L negatives at a time, the same fp32 predicates evaluated per
+// positive instead of by binary search (both are monotone in S_ip, so the counts are those of
+// the searches): the row's coefficient k = b - a per negative, each positive's count (what the
+// difference array gives), and the loss k (S_in + margin) in double lanes, minus sum_p count_p
+// S_ip. A negative near a bound (negative_s's test, the same fp32 arithmetic) takes the scalar
+// path, as do anchors with more positives and the last w mod L columns of a row: the scalar
+// code is the definition. (The anchor's own column enters the vector pass as a NaN score,
+// which no predicate holds for: coefficient 0, as the scalar path gives it.)
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <vector>
@@ -34,6 +44,7 @@ namespace xbm_kernels {
 namespace {
 
 using at::Tensor;
+using cpu::Vec;
 
 struct TripletParams {
   float margin, lo, hi, pos_thr;
@@ -130,6 +141,236 @@ inline float negative_s(const cpu::LossInputs& in, const Positives& pos, const T
   return sn;
 }
 
+// Anchors with more positives keep the binary searches.
+constexpr int64_t kVecMaxPositives = 64;
+
+#if XBM_CPU_VECTOR
+template <int L>
+struct DoubleLanes {  // (as cpu::Lanes: a dependent vector_size outside the function using it)
+  typedef double D __attribute__((vector_size(8 * L)));
+};
+
+// Whether any lane of a mask is set.
+template <int L>
+XBM_INLINE bool any_lane(typename Vec<L>::I m) {
+  if constexpr (L == 4) {
+    int64_t h[2];
+    std::memcpy(h, &m, sizeof(h));
+    return (h[0] | h[1]) != 0;
+  } else {
+    typename Vec<L / 2>::I a, b;
+    std::memcpy(&a, &m, sizeof(a));
+    std::memcpy(&b, reinterpret_cast<const char*>(&m) + sizeof(a), sizeof(b));
+    return any_lane<L / 2>(a | b);
+  }
+}
+
+// One block's coefficients over the sorted positives sp[0..np): per lane the number of positives
+// with lo < u <= hi and margin - u > 0, u = fl(sp - s) (each positive's lanes counted into
+// cnt[p L ..]); the lo (hi) test left out where every lane passes it at the smallest (largest)
+// positive, u being monotone in sp.
+template <int L, bool CheckLo, bool CheckHi>
+XBM_INLINE typename Vec<L>::I triplet_block_counts(typename Vec<L>::F s, const float* sp, int64_t np, float lo,
+                                                   float hi, float margin, int32_t* cnt) {
+  using V = Vec<L>;
+  typename V::I k = typename V::I{};
+  const typename V::F zero = V::splat(0.f), vm = V::splat(margin);
+  for (int64_t p = 0; p < np; ++p) {
+    const typename V::F u = V::splat(sp[p]) - s;
+    typename V::I m = V::gt(vm - u, zero);
+    if (CheckLo) m &= V::gt(u, lo);
+    if (CheckHi) m &= V::keep(u <= hi);
+    const typename V::I c = V::load(cnt + p * L) - m;
+    std::memcpy(cnt + p * L, &c, sizeof(c));
+    k -= m;
+  }
+  return k;
+}
+
+// Whether some positive lies within [fl(fl(s + t) - tol), fl(fl(s + t) + tol)] for one of the NB
+// active bounds t (negative_s's test: the first positive not below the low end is at most the
+// high end), tol = 1e-5 (1 + |s|), lane by lane.
+template <int L, int NB>
+XBM_INLINE typename Vec<L>::I triplet_block_near(typename Vec<L>::F s, const float* sp, int64_t np,
+                                                 const float* bounds) {
+  using V = Vec<L>;
+  using F = typename V::F;
+  using I = typename V::I;
+  I near = I{};
+  if constexpr (NB > 0) {
+    const F abs_s = reinterpret_cast<F>(reinterpret_cast<I>(s) & 0x7fffffff);
+    const F tol = V::splat(1e-5f) * (V::splat(1.f) + abs_s);
+    F lo[NB], hi[NB];
+    for (int t = 0; t < NB; ++t) {
+      const F c = s + bounds[t];
+      lo[t] = c - tol;
+      hi[t] = c + tol;
+    }
+    for (int64_t p = 0; p < np; ++p) {
+      const F v = V::splat(sp[p]);
+      for (int t = 0; t < NB; ++t) near |= ~V::lt(v, lo[t]) & V::keep(v <= hi[t]);
+    }
+  }
+  return near;
+}
+
+// The columns [0, w - w mod L) of a row (its own column, if there, a NaN),
+// 1 <= np <= kVecMaxPositives: the coefficients k written over the scores, the loss
+// sum k (S_in + margin) added to loss (in double), the active triplets and nonzero
+// coefficients counted, each positive's count added to counts[p]. The negatives near a bound
+// are left out (coefficient 0), their columns listed in near_cols and their scores in near_s;
+// returns their number. A NaN score is no negative's (no triplet, never near).
+template <int L>
+XBM_INLINE int64_t triplet_row_vec_lanes(float* row, int64_t w, const int32_t* z, int32_t yi, const float* sp,
+                                         int64_t np, float lo, float hi, float margin, const float* bounds, int nb,
+                                         int32_t* cnt, int64_t* counts, int64_t* near_cols, float* near_s, double& loss,
+                                         int64_t& active, int64_t& nonzero) {
+  using V = Vec<L>;
+  using F = typename V::F;
+  using I = typename V::I;
+  typedef typename DoubleLanes<L>::D DV;
+  std::fill(cnt, cnt + np * L, 0);
+  const F ninf = V::splat(-std::numeric_limits<float>::infinity()), zero = V::splat(0.f);
+  const F v0 = V::splat(sp[0]), vmax = V::splat(sp[np - 1]);
+  const DV dmargin = DV{} + static_cast<double>(margin);
+  DV dl = DV{};
+  I kacc = I{}, nz = I{};
+  int64_t n_near = 0;
+  for (int64_t j = 0; j + L <= w; j += L) {
+    const F sn = V::load(row + j);
+    // other-label lanes: sn; same-label lanes: -inf, which no positive makes active or near
+    F s = V::select(V::ne(V::load(z + j), yi), sn, ninf);
+    I near;
+    switch (nb) {
+      case 0: near = I{}; break;
+      case 1: near = triplet_block_near<L, 1>(s, sp, np, bounds); break;
+      case 2: near = triplet_block_near<L, 2>(s, sp, np, bounds); break;
+      default: near = triplet_block_near<L, 3>(s, sp, np, bounds); break;
+    }
+    if (any_lane<L>(near)) {  // rare: those lanes decided by the scalar path, the others here
+      for (int t = 0; t < L; ++t)
+        if (near[t]) {
+          near_cols[n_near] = j + t;
+          near_s[n_near++] = sn[t];
+        }
+      s = V::select(near, ninf, s);
+    }
+    const bool check_lo = any_lane<L>(~V::gt(v0 - s, lo));
+    const bool check_hi = any_lane<L>(V::ne(s, ninf) & ~V::keep(vmax - s <= hi));
+    I k;
+    if (check_lo)
+      k = check_hi ? triplet_block_counts<L, true, true>(s, sp, np, lo, hi, margin, cnt)
+                   : triplet_block_counts<L, true, false>(s, sp, np, lo, hi, margin, cnt);
+    else
+      k = check_hi ? triplet_block_counts<L, false, true>(s, sp, np, lo, hi, margin, cnt)
+                   : triplet_block_counts<L, false, false>(s, sp, np, lo, hi, margin, cnt);
+    const I act = V::gt(k, I{});
+    V::store(row + j, __builtin_convertvector(k, F));
+    kacc += k;
+    nz -= act;
+    const DV ds = __builtin_convertvector(V::select(act, s, zero), DV);
+    dl += __builtin_convertvector(k, DV) * (ds + dmargin);
+  }
+  double l = 0;
+  int64_t a = 0, n = 0;
+  for (int t = 0; t < L; ++t) {
+    l += dl[t];
+    a += kacc[t];
+    n += nz[t];
+  }
+  loss += l;
+  active += a;
+  nonzero += n;
+  for (int64_t p = 0; p < np; ++p) {
+    int64_t c = 0;
+    for (int t = 0; t < L; ++t) c += cnt[p * L + t];
+    counts[p] += c;
+  }
+  return n_near;
+}
+XBM_CPU_DISPATCH(int64_t, triplet_row_vec,
+                 (float* row, int64_t w, const int32_t* z, int32_t yi, const float* sp, int64_t np, float lo, float hi,
+                  float margin, const float* bounds, int nb, int32_t* cnt, int64_t* counts, int64_t* near_cols,
+                  float* near_s, double& loss, int64_t& active, int64_t& nonzero),
+                 (row, w, z, yi, sp, np, lo, hi, margin, bounds, nb, cnt, counts, near_cols, near_s, loss, active,
+                  nonzero))
+#endif
+
+// Where a row's decisions go: the loss (double), the active triplets and nonzero coefficients,
+// and with diff (the split's difference array at anchor i's entries, start[i] + i) the
+// positives' counts; the coefficients k are written over the row's scores.
+struct RowSink {
+  double loss = 0;
+  int64_t active = 0, nonzero = 0;
+  int64_t* diff = nullptr;
+};
+
+// One negative's coefficient by the scalar definition (negative_s, then negative_range).
+inline float decide_scalar(const cpu::LossInputs& in, const Positives& pos, const TripletParams& prm, int64_t i,
+                           int64_t col, float sn_tile, RowSink& out) {
+  const int64_t s0 = pos.start[i];
+  const float sn = negative_s(in, pos, prm, i, col, sn_tile);
+  const auto [a, b] = negative_range(pos, prm, i, sn);
+  if (b <= a) return 0.f;
+  const int64_t k = b - a;
+  out.loss += static_cast<double>(k) * (static_cast<double>(sn) + prm.margin) -
+              (pos.prefix[s0 + i + b] - pos.prefix[s0 + i + a]);
+  out.active += k;
+  if (out.diff) {
+    out.diff[a] += 1;
+    out.diff[b] -= 1;
+  }
+  ++out.nonzero;
+  return static_cast<float>(k);
+}
+
+// Row i of a (B x w) score tile from column c0, replaced by its coefficients dl/dS_in (0 on
+// columns that are not negatives).
+inline void decide_row(const cpu::LossInputs& in, const Positives& pos, const TripletParams& prm, int64_t i,
+                       int64_t c0, int64_t w, float* row, const int32_t* z, int32_t yi, RowSink& out) {
+  const int64_t self_col = in.self_col(i) - c0, s0 = pos.start[i], np = pos.start[i + 1] - s0;
+  if (np == 0) {  // no positive: no triplet
+    std::fill(row, row + w, 0.f);
+    return;
+  }
+  int64_t j0 = 0;  // the columns from j0 on take the scalar path
+#if XBM_CPU_VECTOR
+  if (np <= kVecMaxPositives) {
+    const int L = cpu::simd_lanes();
+    thread_local std::vector<int32_t> cnt;
+    thread_local std::vector<int64_t> counts, near_cols;
+    thread_local std::vector<float> near_s;
+    cnt.resize(kVecMaxPositives * 16);
+    counts.assign(np, 0);
+    near_cols.resize(w);
+    near_s.resize(w);
+    const bool own = self_col >= 0 && self_col < w - w % L;  // the own column in the vector part
+    if (own) row[self_col] = std::numeric_limits<float>::quiet_NaN();  // no negative: coefficient 0
+    float bounds[3];
+    int nb = 0;
+    for (const float t : {prm.lo, prm.hi, prm.margin})
+      if (!(std::abs(t) > 2.5f)) bounds[nb++] = t;  // as negative_s: +-3 is no bound
+    const float* sp = pos.s.data() + s0;
+    const int64_t n_near = triplet_row_vec(row, w, z, yi, sp, np, prm.lo, prm.hi, prm.margin, bounds, nb, cnt.data(),
+                                           counts.data(), near_cols.data(), near_s.data(), out.loss, out.active,
+                                           out.nonzero);
+    if (own) row[self_col] = 0.f;
+    for (int64_t p = 0; p < np; ++p) {  // the positives' share of the loss, and their counts
+      out.loss -= static_cast<double>(counts[p]) * static_cast<double>(sp[p]);
+      if (out.diff) {
+        out.diff[p] += counts[p];
+        out.diff[p + 1] -= counts[p];
+      }
+    }
+    for (int64_t t = 0; t < n_near; ++t)  // other-label, valid: negatives
+      row[near_cols[t]] = decide_scalar(in, pos, prm, i, c0 + near_cols[t], near_s[t], out);
+    j0 = w - w % L;
+  }
+#endif
+  for (int64_t j = j0; j < w; ++j)
+    row[j] = z[j] != yi && j != self_col ? decide_scalar(in, pos, prm, i, c0 + j, row[j], out) : 0.f;
+}
+
 TripletSplits triplet_pass(const cpu::LossInputs& in, const cpu::TilePlan& plan, const Positives& pos,
                            const TripletParams& prm, bool accumulate) {
   const int64_t B = in.B, D = in.D;
@@ -150,26 +391,12 @@ TripletSplits triplet_pass(const cpu::LossInputs& in, const cpu::TilePlan& plan,
     int64_t* diff = st.diff[p].data_ptr<int64_t>();
     int64_t nonzero = 0;
     for (int64_t i = 0; i < B; ++i) {
-      float* row = s + i * w;
-      const int64_t self_col = in.self_col(i) - c0, s0 = pos.start[i];
-      for (int64_t j = 0; j < w; ++j) {
-        float c = 0.f;
-        if (z[j] != y[i] && j != self_col) {  // a negative (other label, valid)
-          const float sn = negative_s(in, pos, prm, i, c0 + j, row[j]);
-          const auto [a, b] = negative_range(pos, prm, i, sn);
-          if (b > a) {
-            const int64_t k = b - a;
-            loss[i] += static_cast<double>(k) * (static_cast<double>(sn) + prm.margin) -
-                       (pos.prefix[s0 + i + b] - pos.prefix[s0 + i + a]);
-            active[i] += k;
-            diff[s0 + i + a] += 1;
-            diff[s0 + i + b] -= 1;
-            c = static_cast<float>(k);
-            ++nonzero;
-          }
-        }
-        row[j] = c;
-      }
+      RowSink out;
+      out.diff = diff + pos.start[i] + i;
+      decide_row(in, pos, prm, i, c0, w, s + i * w, z, y[i], out);
+      loss[i] += out.loss;
+      active[i] += out.active;
+      nonzero += out.nonzero;
     }
     if (accumulate) cpu::add_sparse_rows(scratch[p], in, tile, c0, st.grad[p], nonzero);
   });
@@ -261,15 +488,9 @@ std::tuple<Tensor, Tensor> triplet_all_bwd_cpu(const Tensor& x, const Tensor& la
     const int32_t* z = in.z_ptr() + c0;
     for (int64_t i = 0; i < in.B; ++i) {
       float* row = cp + i * w;
-      const int64_t self_col = in.self_col(i) - c0;
-      for (int64_t j = 0; j < w; ++j) {
-        float coef = 0.f;
-        if (z[j] != y[i] && j != self_col) {
-          const auto [a, b] = negative_range(pos, prm, i, negative_s(in, pos, prm, i, c0 + j, row[j]));
-          coef = static_cast<float>(b - a);
-        }
-        row[j] = coef * gp[i];
-      }
+      RowSink out;  // the coefficients only
+      decide_row(in, pos, prm, i, c0, w, row, z, y[i], out);
+      for (int64_t j = 0; j < w; ++j) row[j] *= gp[i];
       // the positives in this tile (by column), from the gather: their S never from the tile
       const auto& list = by_col[i];
       auto it = std::lower_bound(list.begin(), list.end(), std::make_pair(c0, -std::numeric_limits<float>::infinity()));
