@@ -93,7 +93,6 @@ torch.save(list(fwd) + list(bwd), out)
 
 @pytest.mark.backends("cpu")
 @pytest.mark.parametrize("loss_name", ["multi_similarity", "supcon", "ntxent", "nca", "circle", "generalized_lifted",
-@pytest.mark.parametrize("loss_name", ["multi_similarity", "supcon", "ntxent", "nca", "circle", "generalized_lifted",
                                        "contrastive", "contrastive_l2", "margin", "triplet", "triplet_all"])
 def test_vector_width_does_not_change_the_answer(loss_name, backend, device, tmp_path):
     """The vector epilogues at 4 lanes (XBM_CPU_LANES=4: the build every x86-64 and aarch64
