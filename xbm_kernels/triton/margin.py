@@ -47,6 +47,8 @@ COUNT_LIMIT = 2 ** 31 - 1
 # 16-bit reference) and the software pipeline's buffers of its gathers (list -> labels, rows):
 # multi-similarity's positives kernel's model.
 _POS_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 512, acc_tiles=1, temps=12)
+# margin_pos_kernel tallies a tile's three counts in 10-bit fields of one int32
+assert max(c[1] for c in _POS_CONFIGS + [_common.INTERP_FWD]) < 1024
 
 
 @triton.jit
