@@ -101,8 +101,8 @@ def resources(compiled):
 @functools.lru_cache(maxsize=None)
 def _modules():
     from xbm_kernels.triton import _common, circle, contrastive, contrastive_l2, multi_similarity, ntxent, supcon
-    from xbm_kernels.triton import triplet, triplet_all
-    return _common, contrastive, contrastive_l2, multi_similarity, ntxent, supcon, triplet, circle, triplet_all
+    from xbm_kernels.triton import margin, triplet, triplet_all
+    return _common, contrastive, contrastive_l2, multi_similarity, ntxent, supcon, triplet, circle, triplet_all, margin
 
 
 def autotuned_kernels():
@@ -110,7 +110,7 @@ def autotuned_kernels():
     chooses (multi-similarity's forward and reference-side kernels with mining on and off, its
     positives kernel in both phases; circle's kernels in both forms, the second the generalized
     lifted structure loss's)."""
-    _, c, l2, ms, nx, sc, tr, ci, ta = _modules()
+    _, c, l2, ms, nx, sc, tr, ci, ta, mg = _modules()
     return {
         "contrastive_fwd": (c.contrastive_fwd_kernel, {}),
         "contrastive_ref_grad": (c.contrastive_ref_grad_kernel, {}),
@@ -118,6 +118,7 @@ def autotuned_kernels():
         "contrastive_l2_ref_grad": (l2.contrastive_l2_ref_grad_kernel, {"WEIGHTED": False}),
         "margin_fwd": (l2.contrastive_l2_fwd_kernel, {"WEIGHTED": True}),  # margin: contrastive_l2's, weighted
         "margin_ref_grad": (l2.contrastive_l2_ref_grad_kernel, {"WEIGHTED": True}),
+        "margin_pos": (mg.margin_pos_kernel, {}),  # margin's positives over the candidate rows
         "multi_similarity_pos": (ms.multi_similarity_pos_kernel, {"FINISH": False}),
         "multi_similarity_pos-finish": (ms.multi_similarity_pos_kernel, {"FINISH": True}),
         "multi_similarity_fwd-mine": (ms.multi_similarity_fwd_kernel, {"MINE": True}),

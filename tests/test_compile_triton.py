@@ -25,7 +25,7 @@ except ImportError as exc:  # an older or newer Triton without the ahead-of-time
     pytest.skip(f"Triton {triton.__version__}: no ahead-of-time compile API ({exc})", allow_module_level=True)
 
 from xbm_kernels.triton import _common, contrastive, contrastive_l2, enqueue, multi_similarity  # noqa: E402
-from xbm_kernels.triton import circle, ntxent, supcon, triplet, triplet_all  # noqa: E402
+from xbm_kernels.triton import circle, margin, ntxent, supcon, triplet, triplet_all  # noqa: E402
 
 # fp32, 16-bit, fp32 anchors in 16-bit limbs (2 for fp16, 3 for bf16); IEEE products
 OPERANDS = ("fp32", "bf16", "fp32-on-fp16", "fp32-on-bf16")
@@ -35,6 +35,8 @@ KERNELS = {
     "contrastive_ref_grad": contrastive.contrastive_ref_grad_kernel,
     "contrastive_l2_fwd": contrastive_l2.contrastive_l2_fwd_kernel,
     "contrastive_l2_ref_grad": contrastive_l2.contrastive_l2_ref_grad_kernel,
+    "margin_pos": margin.margin_pos_kernel,
+    "margin_merge": margin.margin_merge_kernel,
     "multi_similarity_pos": multi_similarity.multi_similarity_pos_kernel,
     "multi_similarity_fwd": multi_similarity.multi_similarity_fwd_kernel,
     "multi_similarity_merge": multi_similarity.multi_similarity_merge_kernel,
