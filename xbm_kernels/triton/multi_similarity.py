@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import anchor_tile, candidate_tile, dot_acc, gather_candidates, log1p, memory_tile, pair_sets
+from ._common import anchor_tile, candidate_program, candidate_tile, dot_acc, log1p, memory_tile, pair_sets
 from ._common import ref_grad_acc, reference_block, scores
 from ._common import FWD_CONFIGS as _POS_CONFIGS
 from ._common import TWO_ACC_FWD_CONFIGS as _FWD_CONFIGS
@@ -104,18 +104,9 @@ def multi_similarity_pos_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, idx_ws, stat
                                 NEED_GRAD: tl.constexpr, PRECISION: tl.constexpr, X_LIMBS: tl.constexpr,
                                 W_LIMBS: tl.constexpr, LO_SCALE: tl.constexpr, BLOCK_D: tl.constexpr,
                                 BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_s = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    rows64 = rows.to(tl.int64)
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < D
-    x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
-                                                      r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_LIMBS, LO_SCALE)
-    col_start = pid_s * cols_per_split
-    col_end = tl.minimum(col_start + cols_per_split, n)
-    idx_ptr = idx_ws + (tl.program_id(0).to(tl.int64) * splits + pid_s) * cols_per_split
-    count = gather_candidates(z_ptr, yi, self_col, row_ok, col_start, col_end, idx_ptr, HAS_SELF_INDEX, BLOCK_K)
+    pid_s, rows, row_ok, rows64, dims, dim_ok, x, x_hi, x_mid, x_lo, yi, self_col, idx_ptr, count = candidate_program(
+        x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, idx_ws, B, D, n, cols_per_split, splits, HAS_SELF_INDEX, X_LIMBS,
+        LO_SCALE, BLOCK_D, BLOCK_B, BLOCK_K)
     if FINISH:  # min_pos from phase 1, max_neg from the pass over the memory
         min_pos = tl.load(stats_ptr + rows64, mask=row_ok, other=float("inf"))
         max_neg = tl.load(stats_ptr + B + rows64, mask=row_ok, other=float("-inf"))
