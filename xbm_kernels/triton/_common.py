@@ -682,13 +682,11 @@ def gather_candidates(z_ptr, yi, self_col, row_ok, col_start, col_end, idx_ptr, 
 
 
 @triton.jit
-def candidate_program(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, idx_ws, B, D, n, cols_per_split, splits,
-                      HAS_SELF_INDEX: tl.constexpr, X_LIMBS: tl.constexpr, LO_SCALE: tl.constexpr,
-                      BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The start of a positives kernel (grid: anchor tiles x splits of the memory): the program's
-    split, its anchor rows and their tile (anchor_tile), and the candidate list of the split's
-    columns (gather_candidates) in the program's region of idx_ws, with its length."""
-    pid_s = tl.program_id(1)
+def anchor_program(x_ptr, y_ptr, r_ptr, si_ptr, B, D, HAS_SELF_INDEX: tl.constexpr, X_LIMBS: tl.constexpr,
+                   LO_SCALE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr):
+    """The anchor side of a program whose grid axis 0 is tiles of BLOCK_B anchors: its rows, their
+    bounds mask and int64 offsets, the dims of D and their mask, and the anchor tile
+    (anchor_tile: x and its 16-bit parts, the labels, each anchor's own column)."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     rows64 = rows.to(tl.int64)
@@ -696,6 +694,19 @@ def candidate_program(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, idx_ws, B, D, n, cols_
     dim_ok = dims < D
     x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
                                                       r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_LIMBS, LO_SCALE)
+    return rows, row_ok, rows64, dims, dim_ok, x, x_hi, x_mid, x_lo, yi, self_col
+
+
+@triton.jit
+def candidate_program(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, idx_ws, B, D, n, cols_per_split, splits,
+                      HAS_SELF_INDEX: tl.constexpr, X_LIMBS: tl.constexpr, LO_SCALE: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The start of a positives kernel (grid: anchor tiles x splits of the memory): the program's
+    split, its anchor rows and their tile (anchor_tile), and the candidate list of the split's
+    columns (gather_candidates) in the program's region of idx_ws, with its length."""
+    pid_s = tl.program_id(1)
+    rows, row_ok, rows64, dims, dim_ok, x, x_hi, x_mid, x_lo, yi, self_col = anchor_program(
+        x_ptr, y_ptr, r_ptr, si_ptr, B, D, HAS_SELF_INDEX, X_LIMBS, LO_SCALE, BLOCK_D, BLOCK_B)
     col_start = pid_s * cols_per_split
     col_end = tl.minimum(col_start + cols_per_split, n)
     idx_ptr = idx_ws + (tl.program_id(0).to(tl.int64) * splits + pid_s) * cols_per_split

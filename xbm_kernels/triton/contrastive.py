@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import anchor_tile, dot_acc, memory_tile, pair_sets, ref_grad_acc, reference_block, scores
+from ._common import anchor_program, anchor_tile, dot_acc, memory_tile, pair_sets, ref_grad_acc, reference_block, scores
 
 _FWD_PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 2048)
 _REF_PRUNE = _common.prune_configs("BLOCK_K", "BLOCK_B", "n", 1024, temps=6, fp32_product_when_limbed=True,
@@ -56,16 +56,9 @@ def contrastive_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, loss_ptr, counts_
                            HAS_SELF_INDEX: tl.constexpr, NEED_GRAD: tl.constexpr, PRECISION: tl.constexpr,
                            X_LIMBS: tl.constexpr, W_LIMBS: tl.constexpr, LO_SCALE: tl.constexpr,
                            BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    rows64 = rows.to(tl.int64)
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < D
-
-    x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
-                                                      r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_LIMBS, LO_SCALE)
+    rows, row_ok, rows64, dims, dim_ok, x, x_hi, x_mid, x_lo, yi, self_col = anchor_program(
+        x_ptr, y_ptr, r_ptr, si_ptr, B, D, HAS_SELF_INDEX, X_LIMBS, LO_SCALE, BLOCK_D, BLOCK_B)
 
     loss = tl.zeros([BLOCK_B], dtype=tl.float32)
     npos = tl.zeros([BLOCK_B], dtype=tl.int32)

@@ -44,7 +44,8 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import anchor_tile, candidate_program, candidate_tile, dot_acc, log1p, memory_tile, pair_sets
+from ._common import anchor_program, anchor_tile, candidate_program, candidate_tile, dot_acc, log1p
+from ._common import memory_tile, pair_sets
 from ._common import ref_grad_acc, reference_block, scores
 from ._common import FWD_CONFIGS as _POS_CONFIGS
 from ._common import TWO_ACC_FWD_CONFIGS as _FWD_CONFIGS
@@ -154,13 +155,8 @@ def multi_similarity_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, stats_ptr, s
                                 LO_SCALE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr,
                                 BLOCK_K: tl.constexpr):
     pid_s = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    rows64 = rows.to(tl.int64)
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < D
-    x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
-                                                      r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_LIMBS, LO_SCALE)
+    rows, row_ok, rows64, dims, dim_ok, x, x_hi, x_mid, x_lo, yi, self_col = anchor_program(
+        x_ptr, y_ptr, r_ptr, si_ptr, B, D, HAS_SELF_INDEX, X_LIMBS, LO_SCALE, BLOCK_D, BLOCK_B)
     if MINE:  # min_pos from the positives' phase 1; max_neg and the negatives' shift run
         min_pos = tl.load(stats_ptr + rows64, mask=row_ok, other=float("inf"))
     else:

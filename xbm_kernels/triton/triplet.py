@@ -22,7 +22,7 @@ import triton.language as tl
 
 from . import _common
 from ._common import FWD_CONFIGS as _FWD_CONFIGS
-from ._common import anchor_tile, memory_tile, pair_sets
+from ._common import anchor_program, memory_tile, pair_sets
 
 _PRUNE = _common.prune_configs("BLOCK_B", "BLOCK_K", "B", 2048, acc_tiles=0, temps=4)
 # Reference-side scatter: 64 rows x 64 anchors x 64-column chunks of D, 4 warps: no spills
@@ -39,13 +39,8 @@ def triplet_hardest_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, val_ws, idx_ws, B
                            X_LIMBS: tl.constexpr, LO_SCALE: tl.constexpr,
                            BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_s = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    rows64 = rows.to(tl.int64)
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < D
-    x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
-                                                      r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_LIMBS, LO_SCALE)
+    rows, row_ok, rows64, dims, dim_ok, x, x_hi, x_mid, x_lo, yi, self_col = anchor_program(
+        x_ptr, y_ptr, r_ptr, si_ptr, B, D, HAS_SELF_INDEX, X_LIMBS, LO_SCALE, BLOCK_D, BLOCK_B)
 
     pos_val = tl.full([BLOCK_B], float("inf"), tl.float32)
     neg_val = tl.full([BLOCK_B], float("-inf"), tl.float32)
