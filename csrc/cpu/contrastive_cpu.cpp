@@ -92,7 +92,7 @@ XBM_CPU_DISPATCH(int64_t, contrastive_epilogue,
 using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 
 // contrastive_epilogue bound to one call's inputs and parameters, in the form
-// cpu::pairwise_forward / pairwise_backward take.
+// cpu::pairwise_forward takes.
 auto epilogue_for(const cpu::LossInputs& in, double margin, double pos_eps) {
   const float m = static_cast<float>(margin), pos_thr = static_cast<float>(1.0 - pos_eps);
   return [&in, m, pos_thr](float* s, int64_t c0, int64_t w, double* loss, int64_t* counts) {
@@ -117,7 +117,8 @@ std::tuple<Tensor, Tensor> contrastive_bwd_cpu(const Tensor& x, const Tensor& la
                                                const Tensor& grad_rows, bool /*allow_tf32*/) {
   BelowAutograd guard;
   const auto in = cpu::prepare_inputs(x, labels, ref, ref_labels, self_index, ref_valid);
-  // cpu::pairwise_backward with the row scaling inside the epilogue (no second sweep over C)
+  // C recomputed per tile, row i scaled by grad_rows[i] inside the epilogue (no second sweep over
+  // C); (dX, dR) as cpu::coefficient_backward
   TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == in.B, "grad_rows: expected shape (", in.B, ",)");
   const Tensor g = grad_rows.to(at::kFloat).contiguous();
   const float* gp = g.data_ptr<float>();

@@ -25,7 +25,7 @@ using at::Tensor;
 using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 
 // contrastive_l2_epilogue bound to one call's inputs and parameters, in the form
-// cpu::pairwise_forward / pairwise_backward take.
+// cpu::pairwise_forward takes.
 auto epilogue_for(const cpu::LossInputs& in, double pos_margin, double neg_margin, double pos_eps) {
   const cpu::PairRule rule = cpu::make_rule(pos_margin, neg_margin, pos_eps);
   return [&in, rule](float* s, int64_t c0, int64_t w, double* loss, int64_t* counts) {

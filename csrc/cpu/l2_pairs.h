@@ -164,8 +164,8 @@ inline float no_negative_above(float nm) {
   return t;
 }
 
-// pairwise_backward (tiles.h) with the epilogue scaling each row by grad_rows as it writes
-// it: the same coefficients, without a second sweep over the tile.
+// The backward: C recomputed per tile, the epilogue scaling each row by grad_rows as it writes
+// it (no second sweep over the tile); (dX, dR) as coefficient_backward (tiles.h).
 inline std::tuple<at::Tensor, at::Tensor> l2_pairs_backward(const LossInputs& in, int64_t ref_rows,
                                                             const at::Tensor& grad_rows, const PairRule& q) {
   TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == in.B, "grad_rows: expected shape (", in.B, ",)");

@@ -518,21 +518,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_forward(const LossInputs
   return {sum_splits(loss_splits).to(at::kFloat), grad, sum_splits(count_splits).to(at::kInt)};
 }
 
-// Backward: C recomputed per tile, row i scaled by grad_rows[i]; (dX, dR) as
-// coefficient_backward.
-template <typename Epilogue>
-std::tuple<at::Tensor, at::Tensor> pairwise_backward(const LossInputs& in, int64_t ref_rows,
-                                                     const at::Tensor& grad_rows, const Epilogue& epilogue) {
-  TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == in.B, "grad_rows: expected shape (", in.B, ",)");
-  const at::Tensor g_col = grad_rows.to(at::kFloat).contiguous().unsqueeze(1);
-  const auto plan = plan_tiles(in.B, in.n);
-  at::Tensor loss_scratch = at::zeros({plan.splits, in.B}, in.x32.options().dtype(at::kDouble));
-  at::Tensor count_scratch = at::zeros({plan.splits, in.B, 2}, in.x32.options().dtype(at::kLong));
-  return coefficient_backward(in, ref_rows, [&](int64_t p, int64_t c0, int64_t w, at::Tensor& c, TileScratch&) {
-    epilogue(c.data_ptr<float>(), c0, w, loss_scratch[p].data_ptr<double>(), count_scratch[p].data_ptr<int64_t>());
-    c.mul_(g_col);  // row i of C scaled by dL/dl_i
-  });
-}
-
 }  // namespace cpu
 }  // namespace xbm_kernels
