@@ -124,3 +124,24 @@ def test_bench_gemm16_smoke(tmp_path):
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
     assert {r["loss"] for r in rows} == set(xk.LOSSES), rows[:2]
+
+
+def test_ab_builds_smoke(tmp_path):
+    """bench/ab_builds.py against this checkout itself, one small shape: every (shape, dtype,
+    loss) row timed on both sides, the ratio their quotient."""
+    if "cpu" not in xk.available_backends():
+        import pytest
+        pytest.skip("the CPU kernels are not built")
+    out = tmp_path / "ab.csv"
+    proc = subprocess.run([sys.executable, os.path.join("bench", "ab_builds.py"), "--other", ROOT, "--shapes",
+                           "16,512,32", "--losses", "contrastive,supcon", "--dtypes", "float32,bfloat16", "--rounds",
+                           "1", "--csv", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"ab_builds exited {proc.returncode}\n{proc.stderr[-3000:]}"
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["dtype"], r["loss"]) for r in rows} == {(d, l) for d in ("float32", "bfloat16")
+                                                       for l in ("contrastive", "supcon")}
+    for r in rows:
+        assert _finite_positive(r["other_ms"]) and _finite_positive(r["this_ms"])
+        assert abs(float(r["this_over_other"]) - float(r["this_ms"]) / float(r["other_ms"])) < 1e-2
+        assert r["this_commit"] == r["other_commit"] and r["device"]

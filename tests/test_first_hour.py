@@ -70,6 +70,9 @@ NOT_RUN = {
     "python bench/bench_pml.py": "a minute of timing; tests/test_bench_smoke.py runs its --smoke",
     "python bench/bench_cpu_losses.py --rounds 7": "minutes of timing; tests/test_bench_smoke.py runs its --smoke",
     "python bench/gemm16.py --rounds 5": "minutes of timing; tests/test_bench_smoke.py runs its --smoke",
+    "python bench/bench.py --loss-ratios": "minutes of timing; tests/test_bench_smoke.py runs its --smoke",
+    "python bench/ab_builds.py --other DIR": "needs a second checkout built in place; tests/test_bench_smoke.py runs "
+                                             "it against this checkout on a small shape",
 }
 
 
