@@ -92,11 +92,11 @@ XBM_CPU_DISPATCH(int64_t, contrastive_epilogue,
 using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 
 // contrastive_epilogue bound to one call's inputs and parameters, in the form
-// cpu::pairwise_forward takes.
+// cpu::pairwise_forward / pairwise_backward take.
 auto epilogue_for(const cpu::LossInputs& in, double margin, double pos_eps) {
   const float m = static_cast<float>(margin), pos_thr = static_cast<float>(1.0 - pos_eps);
-  return [&in, m, pos_thr](float* s, int64_t c0, int64_t w, double* loss, int64_t* counts) {
-    return contrastive_epilogue(s, in.B, w, c0, in.y_ptr(), in.z_ptr() + c0, in.self_ptr(), m, pos_thr, nullptr,
+  return [&in, m, pos_thr](float* s, int64_t c0, int64_t w, const float* row_scale, double* loss, int64_t* counts) {
+    return contrastive_epilogue(s, in.B, w, c0, in.y_ptr(), in.z_ptr() + c0, in.self_ptr(), m, pos_thr, row_scale,
                                 loss, counts);
   };
 }
@@ -117,20 +117,7 @@ std::tuple<Tensor, Tensor> contrastive_bwd_cpu(const Tensor& x, const Tensor& la
                                                const Tensor& grad_rows, bool /*allow_tf32*/) {
   BelowAutograd guard;
   const auto in = cpu::prepare_inputs(x, labels, ref, ref_labels, self_index, ref_valid);
-  // C recomputed per tile, row i scaled by grad_rows[i] inside the epilogue (no second sweep over
-  // C); (dX, dR) as cpu::coefficient_backward
-  TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == in.B, "grad_rows: expected shape (", in.B, ",)");
-  const Tensor g = grad_rows.to(at::kFloat).contiguous();
-  const float* gp = g.data_ptr<float>();
-  const float m = static_cast<float>(margin), pos_thr = static_cast<float>(1.0 - pos_eps);
-  const auto plan = cpu::plan_tiles(in.B, in.n);
-  Tensor loss_scratch = at::zeros({plan.splits, in.B}, in.x32.options().dtype(at::kDouble));
-  Tensor count_scratch = at::zeros({plan.splits, in.B, 2}, in.x32.options().dtype(at::kLong));
-  auto scaled = [&](int64_t p, int64_t c0, int64_t w, Tensor& c, cpu::TileScratch&) {
-    contrastive_epilogue(c.data_ptr<float>(), in.B, w, c0, in.y_ptr(), in.z_ptr() + c0, in.self_ptr(), m, pos_thr, gp,
-                         loss_scratch[p].data_ptr<double>(), count_scratch[p].data_ptr<int64_t>());
-  };
-  return cpu::coefficient_backward(in, ref.size(0), scaled);
+  return cpu::pairwise_backward(in, ref.size(0), grad_rows, epilogue_for(in, margin, pos_eps));
 }
 
 }  // namespace

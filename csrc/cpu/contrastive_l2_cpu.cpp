@@ -25,12 +25,12 @@ using at::Tensor;
 using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 
 // contrastive_l2_epilogue bound to one call's inputs and parameters, in the form
-// cpu::pairwise_forward takes.
+// cpu::pairwise_forward / pairwise_backward take.
 auto epilogue_for(const cpu::LossInputs& in, double pos_margin, double neg_margin, double pos_eps) {
   const cpu::PairRule rule = cpu::make_rule(pos_margin, neg_margin, pos_eps);
-  return [&in, rule](float* s, int64_t c0, int64_t w, double* loss, int64_t* counts) {
-    return cpu::contrastive_l2_epilogue(s, in.B, w, c0, in.y_ptr(), in.z_ptr() + c0, in.self_ptr(), rule, nullptr, loss,
-                                        counts);
+  return [&in, rule](float* s, int64_t c0, int64_t w, const float* row_scale, double* loss, int64_t* counts) {
+    return cpu::contrastive_l2_epilogue(s, in.B, w, c0, in.y_ptr(), in.z_ptr() + c0, in.self_ptr(), rule, row_scale,
+                                        loss, counts);
   };
 }
 
@@ -51,7 +51,7 @@ std::tuple<Tensor, Tensor> contrastive_l2_bwd_cpu(const Tensor& x, const Tensor&
                                                   double pos_eps, const Tensor& grad_rows, bool /*allow_tf32*/) {
   BelowAutograd guard;
   const auto in = cpu::prepare_inputs(x, labels, ref, ref_labels, self_index, ref_valid);
-  return cpu::l2_pairs_backward(in, ref.size(0), grad_rows, cpu::make_rule(pos_margin, neg_margin, pos_eps));
+  return cpu::pairwise_backward(in, ref.size(0), grad_rows, epilogue_for(in, pos_margin, neg_margin, pos_eps));
 }
 
 }  // namespace

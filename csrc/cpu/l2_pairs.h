@@ -11,7 +11,6 @@
 #include <limits>
 
 #include "cpu/simd.h"
-#include "cpu/tiles.h"
 
 namespace xbm_kernels {
 namespace cpu {
@@ -162,22 +161,6 @@ inline float no_negative_above(float nm) {
   float t = static_cast<float>(sq);
   if (static_cast<double>(t) < sq) t = std::nextafter(t, std::numeric_limits<float>::infinity());
   return t;
-}
-
-// The backward: C recomputed per tile, the epilogue scaling each row by grad_rows as it writes
-// it (no second sweep over the tile); (dX, dR) as coefficient_backward (tiles.h).
-inline std::tuple<at::Tensor, at::Tensor> l2_pairs_backward(const LossInputs& in, int64_t ref_rows,
-                                                            const at::Tensor& grad_rows, const PairRule& q) {
-  TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == in.B, "grad_rows: expected shape (", in.B, ",)");
-  const at::Tensor g = grad_rows.to(at::kFloat).contiguous();
-  const float* gp = g.data_ptr<float>();
-  const auto plan = plan_tiles(in.B, in.n);
-  at::Tensor loss_scratch = at::zeros({plan.splits, in.B}, in.x32.options().dtype(at::kDouble));
-  at::Tensor count_scratch = at::zeros({plan.splits, in.B, 2}, in.x32.options().dtype(at::kLong));
-  return coefficient_backward(in, ref_rows, [&](int64_t p, int64_t c0, int64_t w, at::Tensor& c, TileScratch&) {
-    contrastive_l2_epilogue(c.data_ptr<float>(), in.B, w, c0, in.y_ptr(), in.z_ptr() + c0, in.self_ptr(), q, gp,
-                            loss_scratch[p].data_ptr<double>(), count_scratch[p].data_ptr<int64_t>());
-  });
 }
 
 inline PairRule make_rule(double pos_margin, double neg_margin, double pos_eps) {

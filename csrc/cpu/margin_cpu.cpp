@@ -71,8 +71,8 @@ std::pair<cpu::PairRule, cpu::PairRule> rules(double margin, double beta, double
 }
 
 auto negatives_epilogue(const cpu::LossInputs& in, const cpu::PairRule& rule) {
-  return [&in, rule](float* s, int64_t c0, int64_t w, double* loss, int64_t* counts) {
-    return cpu::contrastive_l2_epilogue(s, in.B, w, c0, in.y_ptr(), in.z_ptr() + c0, in.self_ptr(), rule, nullptr,
+  return [&in, rule](float* s, int64_t c0, int64_t w, const float* row_scale, double* loss, int64_t* counts) {
+    return cpu::contrastive_l2_epilogue(s, in.B, w, c0, in.y_ptr(), in.z_ptr() + c0, in.self_ptr(), rule, row_scale,
                                         loss, counts);
   };
 }
@@ -140,7 +140,7 @@ std::tuple<Tensor, Tensor> margin_bwd_cpu(const Tensor& x, const Tensor& labels,
   const double* gp = g.data_ptr<double>();
   Tensor neg_scale = at::empty({B}, in.x32.options());  // dL/dl_i |P_i|: the negatives' weight
   for (int64_t i = 0; i < B; ++i) neg_scale.data_ptr<float>()[i] = static_cast<float>(gp[i] * P.n_pos[i]);
-  auto [gx, gr] = cpu::l2_pairs_backward(in, ref.size(0), neg_scale, neg_rule);
+  auto [gx, gr] = cpu::pairwise_backward(in, ref.size(0), neg_scale, negatives_epilogue(in, neg_rule));
   // the positives: dL/dS_ij = dL/dl_i |N_i| coef, one row add each into dX and dR (in anchor
   // order: several anchors share a positive row)
   float* gxp = gx.data_ptr<float>();

@@ -492,9 +492,10 @@ std::tuple<at::Tensor, at::Tensor> coefficient_backward(const LossInputs& in, in
 }
 
 // The two passes of a loss whose coefficient dl_i/dS_ij depends on that pair alone
-// (contrastive, contrastive_l2). epilogue(s, c0, w, loss, counts) turns the score tile S
-// (B x w, row-major) into C in place, adds the tile's per-row loss and counts and returns
-// its number of non-zero c_ij.
+// (contrastive, contrastive_l2, margin's negatives). epilogue(s, c0, w, row_scale, loss, counts)
+// turns the score tile S (B x w, row-major) into C in place, row i times row_scale[i] where
+// row_scale is given, adds the tile's per-row loss and counts and returns its number of
+// non-zero c_ij.
 // Forward: (loss_rows, dX = sum over tiles of C R_tile (row adds when C is sparse) or (0,),
 // counts), partial results combined in range order.
 template <typename Epilogue>
@@ -508,7 +509,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_forward(const LossInputs
   ScratchPool scratch(in, plan);
   for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
     at::Tensor st = scratch[p].similarity(in, c0, w);
-    const int64_t active = epilogue(st.data_ptr<float>(), c0, w, loss_splits[p].data_ptr<double>(),
+    const int64_t active = epilogue(st.data_ptr<float>(), c0, w, nullptr, loss_splits[p].data_ptr<double>(),
                                     count_splits[p].data_ptr<int64_t>());
     // Few active pairs in the tile (the hard negatives are few, or a term is switched off):
     // row adds instead of the GEMM.
@@ -516,6 +517,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_forward(const LossInputs
   });
   at::Tensor grad = need_grad ? sum_splits(grad_splits) : at::empty({0}, f32);
   return {sum_splits(loss_splits).to(at::kFloat), grad, sum_splits(count_splits).to(at::kInt)};
+}
+
+// Backward: C recomputed per tile, each row scaled by grad_rows as the epilogue writes it (no
+// second sweep over the tile); (dX, dR) as coefficient_backward.
+template <typename Epilogue>
+std::tuple<at::Tensor, at::Tensor> pairwise_backward(const LossInputs& in, int64_t ref_rows,
+                                                     const at::Tensor& grad_rows, const Epilogue& epilogue) {
+  TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == in.B, "grad_rows: expected shape (", in.B, ",)");
+  const at::Tensor g = grad_rows.to(at::kFloat).contiguous();
+  const float* gp = g.data_ptr<float>();
+  const auto plan = plan_tiles(in.B, in.n);
+  at::Tensor loss_scratch = at::zeros({plan.splits, in.B}, in.x32.options().dtype(at::kDouble));
+  at::Tensor count_scratch = at::zeros({plan.splits, in.B, 2}, in.x32.options().dtype(at::kLong));
+  return coefficient_backward(in, ref_rows, [&](int64_t p, int64_t c0, int64_t w, at::Tensor& c, TileScratch&) {
+    epilogue(c.data_ptr<float>(), c0, w, gp, loss_scratch[p].data_ptr<double>(), count_scratch[p].data_ptr<int64_t>());
+  });
 }
 
 }  // namespace cpu

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import anchor_tile, candidate_tile, dot_acc, gather_candidates, memory_tile, pair_sets
+from ._common import anchor_program, anchor_tile, candidate_tile, dot_acc, gather_candidates, memory_tile, pair_sets
 from ._common import ref_grad_acc, reference_block, scores
 
 ROWS = _common.CANDIDATE_ROWS  # anchors per tile: the gather's lists are per 16 anchors
@@ -125,13 +125,8 @@ def triplet_all_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, idx_ws, count_ws,
     tl.static_assert(BLOCK_B == 16)  # the gather's tiles (CANDIDATE_ROWS)
     tile = tl.program_id(0)
     pid_s = tl.program_id(1)
-    rows = tile * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    rows64 = rows.to(tl.int64)
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < D
-    x, x_hi, x_mid, x_lo, yi, self_col = anchor_tile(x_ptr, y_ptr, si_ptr, rows, row_ok, dims, dim_ok, D,
-                                                      r_ptr.dtype.element_ty, HAS_SELF_INDEX, X_LIMBS, LO_SCALE)
+    rows, row_ok, rows64, dims, dim_ok, x, x_hi, x_mid, x_lo, yi, self_col = anchor_program(
+        x_ptr, y_ptr, r_ptr, si_ptr, B, D, HAS_SELF_INDEX, X_LIMBS, LO_SCALE, BLOCK_D, BLOCK_B)
     count = tl.load(count_ws + tile)
     idx_ptr = idx_ws + tile.to(tl.int64) * n
     loss = tl.zeros([BLOCK_B], dtype=tl.float64)
