@@ -242,6 +242,7 @@ struct TileScratch {
   at::Tensor ref32;   // (cols, D) f32, or undefined when ref is already fp32
   at::Tensor ref16t;  // (D * cols,) 16-bit: R_tile^T row-major, or undefined without gemm16
   at::Tensor limbs;   // (2, B * cols) 16-bit: a coefficient tile's hi and lo limbs, likewise
+  std::vector<int32_t> listed;  // a tile's pairs i * w + j listed by an epilogue (add_listed_rows)
   TileScratch(int64_t B, int64_t D, int64_t cols, const at::Tensor& ref, bool gemm16) {
     auto opts = ref.options().dtype(at::kFloat);
     scores = at::empty({B * cols}, opts);
@@ -253,6 +254,11 @@ struct TileScratch {
     }
   }
   at::Tensor aux_tile(int64_t B, int64_t w) { return aux.narrow(0, 0, B * w).view({B, w}); }
+  // Room for every pair of a (B, w) tile in `listed`.
+  int32_t* list_buffer(int64_t B, int64_t w) {
+    if (static_cast<int64_t>(listed.size()) < B * w) listed.resize(B * w);
+    return listed.data();
+  }
   at::Tensor current_ref;  // the tile ref_tile returned last (epilogues that read R rows)
   int64_t current_c0 = -1, current_w = -1;
   // Whether ref_tile(ref, c0, w) is an fp32 copy made already (no conversion to ask for it).
@@ -466,6 +472,44 @@ inline void add_sparse_rows(TileScratch& scratch, const LossInputs& in, const at
   }
   sparse_row_adds(c.data_ptr<float>(), B, w, scratch.ref_tile(in.ref, c0, w).data_ptr<float>(), D,
                   out.data_ptr<float>());
+}
+
+// out += C R_tile for the 0/1 tile C whose ones are the n pairs scratch.listed[0, n) (flat
+// i * w + j, in row-major order, as an epilogue found them): one row add per pair, in that
+// order (the sums sparse_row_adds makes of the same tile written out), or the GEMM on the
+// tile written out when it is denser than add_sparse_rows' cut-off.
+template <class T>
+inline void listed_row_adds(const int32_t* idx, int64_t n, int64_t w, const T* r, int64_t D, float* o) {
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t i = idx[k] / w, j = idx[k] % w;
+    float* oi = o + i * D;
+    const T* rj = r + j * D;
+    for (int64_t d = 0; d < D; ++d) oi[d] += static_cast<float>(rj[d]);
+  }
+}
+inline void add_listed_rows(TileScratch& scratch, const LossInputs& in, int64_t c0, int64_t w, int64_t n,
+                            at::Tensor out) {
+  const int64_t B = in.B, D = in.D;
+  if (n == 0) return;
+  const int32_t* idx = scratch.listed.data();
+  if (n * 32 > B * w) {
+    at::Tensor c = scratch.aux_tile(B, w);
+    c.zero_();
+    float* cp = c.data_ptr<float>();
+    for (int64_t k = 0; k < n; ++k) cp[idx[k]] = 1.f;
+    scratch.add_product(in, c, c0, w, out);
+    return;
+  }
+  const at::ScalarType t = in.ref.scalar_type();
+  float* o = out.data_ptr<float>();
+  if ((t == at::kBFloat16 || t == at::kHalf) && !scratch.holds_ref32(c0, w)) {
+    if (t == at::kBFloat16)
+      listed_row_adds(idx, n, w, static_cast<const at::BFloat16*>(in.ref.data_ptr()) + c0 * D, D, o);
+    else
+      listed_row_adds(idx, n, w, static_cast<const at::Half*>(in.ref.data_ptr()) + c0 * D, D, o);
+    return;
+  }
+  listed_row_adds(idx, n, w, scratch.ref_tile(in.ref, c0, w).data_ptr<float>(), D, o);
 }
 
 // The reference-side backward shared by the losses whose gradient is a coefficient matrix:
