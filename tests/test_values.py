@@ -295,3 +295,27 @@ def test_generated_shapes_match_the_oracle(loss, backend, device, B, N, D, class
     assert_close(out, rows_e if reduction == "none" else rows_e.sum() * scale, FP32, "loss", scale)
     out.sum().backward()
     assert_close(x.grad, gx_e * scale, FP32, "grad_x", scale)
+
+
+@pytest.mark.backends("cpu", "cuda")
+@pytest.mark.parametrize("loss_name, name, value, self_mode", [
+    (loss_name, name, value, self_mode)
+    for loss_name, name, value in [("supcon", "temperature", 1e300), ("ntxent", "temperature", 1e300),
+                                   ("nca", "scale", 1e-300), ("tuplet_margin", "scale", 1e-300)]
+    for self_mode in ["in-batch", "random"]])
+def test_a_logit_scale_below_fp32s_range_is_the_limit(loss_name, name, value, self_mode, backend, device):
+    """1 / temperature (or the logits' scale) below fp32's range: every logit is S times about 0,
+    the oracle's limit, on the rows whose own column is in the memory too (the cpu epilogues keep
+    the factor at fp32's smallest normal, so that the -inf they put in that column stays -inf)."""
+    params = {**cases.variants(loss_name)[list(cases.variants(loss_name))[0]], name: value}
+    N = 6 if self_mode == "in-batch" else 300
+    c = cases.Case("generated", 6, N, 16, 3, None if self_mode == "in-batch" else 200, self_mode, noise=1.0)
+    d = cases.draw_case(c, loss_name, params, seed=1)
+    rows_e, gx_e, _, counts_e = oracle.evaluate(loss_name, params, *d.args(), d.ref_valid, d.self_index)
+    d = d.to(device)
+    x = d.x.clone().requires_grad_()
+    rows, counts = _compute(loss_name, d, x, d.r, params, "none", backend)
+    assert_equal_counts(counts, counts_e)
+    assert_close(rows, rows_e, FP32, "rows")
+    rows.sum().backward()
+    assert_close(x.grad, gx_e, FP32, "grad_x")

@@ -235,9 +235,10 @@ using cpu::ref_row;
 // more than 1/32 of the pairs (cpu::find_candidates).
 inline bool gather_positives(const cpu::LossInputs& in, Positives& pos) { return cpu::gather_same_label(in, pos); }
 
-// The largest S over the valid negatives of one row of a tile (different label; -inf if none).
+// The largest S over the negatives of one row of a tile (different label; -inf if none; the
+// anchor's own column, if in the tile, is -inf by then).
 template <int L>
-XBM_INLINE float neg_max_row_lanes(const float* row, int64_t w, const int32_t* z, int32_t yi, int64_t self_col) {
+XBM_INLINE float neg_max_row_lanes(const float* row, int64_t w, const int32_t* z, int32_t yi) {
 #if XBM_CPU_VECTOR
   using V = cpu::Vec<L>;
   using F = typename V::F;
@@ -245,7 +246,7 @@ XBM_INLINE float neg_max_row_lanes(const float* row, int64_t w, const int32_t* z
   int64_t j = 0;
   float mx = -kInf;
 #if XBM_CPU_VECTOR
-  if (self_col < 0 || self_col >= w) {
+  {
     F mx4 = V::splat(-kInf);
     for (; j + L <= w; j += L) {
       const F v = V::load(row + j);
@@ -255,18 +256,16 @@ XBM_INLINE float neg_max_row_lanes(const float* row, int64_t w, const int32_t* z
   }
 #endif
   for (; j < w; ++j)
-    if (j != self_col && z[j] != yi && row[j] > mx) mx = row[j];
+    if (z[j] != yi && row[j] > mx) mx = row[j];
   return mx;
 }
-XBM_CPU_DISPATCH(float, neg_max_row, (const float* row, int64_t w, const int32_t* z, int32_t yi, int64_t self_col),
-                 (row, w, z, yi, self_col))
+XBM_CPU_DISPATCH(float, neg_max_row, (const float* row, int64_t w, const int32_t* z, int32_t yi), (row, w, z, yi))
 
 // Over one row of a tile: the mined negatives' weights exp(beta (S - base) - shift) (S + mm >
 // min_pos) written over the row, 0 in every other column (same-label columns included: the
 // positives are the gather's); adds their sum and count.
 template <int L>
-XBM_INLINE void neg_weights_row_lanes(float* row, int64_t w, const int32_t* z, int32_t yi, int64_t self_col,
-                                      const MsParams& prm, float min_pos, float shift, double& sum, int64_t& count) {
+XBM_INLINE void neg_weights_row_lanes(float* row, int64_t w, const int32_t* z, int32_t yi, const MsParams& prm, float min_pos, float shift, double& sum, int64_t& count) {
 #if XBM_CPU_VECTOR
   using V = cpu::Vec<L>;
   using F = typename V::F;
@@ -276,7 +275,7 @@ XBM_INLINE void neg_weights_row_lanes(float* row, int64_t w, const int32_t* z, i
   int64_t nn = 0;
   int64_t j = 0;
 #if XBM_CPU_VECTOR
-  if (self_col < 0 || self_col >= w) {
+  {
     const F zero = V::splat(0.f);
     while (j + L <= w) {  // float lanes over blocks of up to 256 columns, each block's sum added in double
       const int64_t end = std::min(w, j + 256);
@@ -297,7 +296,7 @@ XBM_INLINE void neg_weights_row_lanes(float* row, int64_t w, const int32_t* z, i
 #endif
   for (; j < w; ++j) {
     const float v = row[j];
-    const bool mined = j != self_col && z[j] != yi && v + prm.mining_margin > min_pos;
+    const bool mined = z[j] != yi && v + prm.mining_margin > min_pos;
     const float wn = mined ? std::exp(prm.beta * (v - prm.base) - shift) : 0.f;
     sn += wn;
     nn += mined;
@@ -307,9 +306,9 @@ XBM_INLINE void neg_weights_row_lanes(float* row, int64_t w, const int32_t* z, i
   count += nn;
 }
 XBM_CPU_DISPATCH(void, neg_weights_row,
-                 (float* row, int64_t w, const int32_t* z, int32_t yi, int64_t self_col, const MsParams& prm,
-                  float min_pos, float shift, double& sum, int64_t& count),
-                 (row, w, z, yi, self_col, prm, min_pos, shift, sum, count))
+                 (float* row, int64_t w, const int32_t* z, int32_t yi, const MsParams& prm, float min_pos,
+                  float shift, double& sum, int64_t& count),
+                 (row, w, z, yi, prm, min_pos, shift, sum, count))
 
 // min_pos per row from the gathered positives (+inf without positives).
 Tensor positives_min(const cpu::LossInputs& in, const Positives& pos, float pos_thr) {
@@ -344,14 +343,21 @@ MsState ms_one_pass_mined(const cpu::LossInputs& in, const MsParams& prm, const 
   Tensor gn_splits = accumulate ? at::zeros({plan.splits, B, D}, f32) : Tensor();
   cpu::ScratchPool scratch(in, plan);
   const int32_t* y = in.y_ptr();
+  // per split pointers and views made once, not per tile (an ATen select costs microseconds)
+  float* mx_all = max_splits.data_ptr<float>();
+  float* sh_all = shift_splits.data_ptr<float>();
+  double* sn_all = sn_splits.data_ptr<double>();
+  int64_t* nn_all = nn_splits.data_ptr<int64_t>();
+  std::vector<Tensor> gn_split(accumulate ? plan.splits : 0);
+  for (size_t p = 0; p < gn_split.size(); ++p) gn_split[p] = gn_splits[p];
   cpu::for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
     Tensor s_tile = scratch[p].similarity(in, c0, w);
     float* s = s_tile.data_ptr<float>();
     const int32_t* z = in.z_ptr() + c0;
-    float* mx = max_splits[p].data_ptr<float>();
-    float* sh = shift_splits[p].data_ptr<float>();
-    double* sn = sn_splits[p].data_ptr<double>();
-    int64_t* nn = nn_splits[p].data_ptr<int64_t>();
+    float* mx = mx_all + p * B;
+    float* sh = sh_all + p * B;
+    double* sn = sn_all + p * B;
+    int64_t* nn = nn_all + p * B;
     int64_t mined = 0;
     for (int64_t i = 0; i < B; ++i) {
       float* row = s + i * w;
@@ -359,8 +365,11 @@ MsState ms_one_pass_mined(const cpu::LossInputs& in, const MsParams& prm, const 
         std::fill(row, row + w, 0.f);
         continue;
       }
+      // the row's own column, if here, set to -inf: no negative's maximum, never mined (the
+      // vector path for every row)
       const int64_t self_col = in.self_col(i) - c0;
-      const float m = neg_max_row(row, w, z, y[i], self_col);
+      if (self_col >= 0 && self_col < w) row[self_col] = -kInf;
+      const float m = neg_max_row(row, w, z, y[i]);
       if (m > mx[i]) {  // the shift grows: bring the split's sums to it
         mx[i] = m;
         const float new_shift = prm.shift_n(m);
@@ -372,11 +381,11 @@ MsState ms_one_pass_mined(const cpu::LossInputs& in, const MsParams& prm, const 
         sh[i] = new_shift;
       }
       int64_t row_mined = 0;
-      neg_weights_row(row, w, z, y[i], self_col, prm, min_pos[i], sh[i], sn[i], row_mined);
+      neg_weights_row(row, w, z, y[i], prm, min_pos[i], sh[i], sn[i], row_mined);
       nn[i] += row_mined;
       mined += row_mined;
     }
-    if (accumulate) cpu::add_sparse_rows(scratch[p], in, s_tile, c0, gn_splits[p], mined);
+    if (accumulate) cpu::add_sparse_rows(scratch[p], in, s_tile, c0, gn_split[p], mined);
   });
   st.max_neg = max_splits.amax(0).contiguous();  // exact in any order
   st.shift_p = at::empty_like(st.min_pos);
@@ -450,7 +459,9 @@ std::tuple<Tensor, Tensor> ms_one_pass_backward(const cpu::LossInputs& in, const
       }
       double sum = 0;
       int64_t count = 0;
-      neg_weights_row(row, w, z, y[i], in.self_col(i) - c0, prm, min_pos[i], shn[i], sum, count);
+      const int64_t self_col = in.self_col(i) - c0;
+      if (self_col >= 0 && self_col < w) row[self_col] = -kInf;  // as in the forward
+      neg_weights_row(row, w, z, y[i], prm, min_pos[i], shn[i], sum, count);
       const float f = gnp[i];
       for (int64_t j = 0; j < w; ++j) row[j] *= f;
       const int64_t k1 = pos.start[i + 1];

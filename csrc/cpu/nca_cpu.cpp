@@ -111,7 +111,7 @@ std::tuple<Tensor, Tensor, Tensor> nca_fwd_cpu(const Tensor& x, const Tensor& la
   TORCH_CHECK(scale > 0, "scale: expected > 0, got ", scale);
   const auto in = cpu::prepare_inputs(x, labels, ref, ref_labels, self_index, ref_valid);
   const int64_t B = in.B;
-  const float a_scale = static_cast<float>(2.0 * scale), pos_thr = static_cast<float>(1.0 - pos_eps);
+  const float a_scale = cpu::logit_scale_f32(2.0 * scale), pos_thr = static_cast<float>(1.0 - pos_eps);
   const NcaSameLabel sl = nca_same_label(in, a_scale, pos_thr);
   const auto plan = cpu::plan_tiles(B, in.n);
   const cpu::LseMerged neg =
@@ -159,7 +159,7 @@ std::tuple<Tensor, Tensor> nca_bwd_cpu(const Tensor& x, const Tensor& labels, co
   const auto in = cpu::prepare_inputs(x, labels, ref, ref_labels, self_index, ref_valid);
   TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == in.B, "grad_rows: expected shape (", in.B, ",)");
   const int64_t B = in.B;
-  const float a_scale = static_cast<float>(2.0 * scale), pos_thr = static_cast<float>(1.0 - pos_eps);
+  const float a_scale = cpu::logit_scale_f32(2.0 * scale), pos_thr = static_cast<float>(1.0 - pos_eps);
   const NcaSameLabel sl = nca_same_label(in, a_scale, pos_thr);
   const auto plan = cpu::plan_tiles(B, in.n);
   const NcaRows rows =

@@ -105,6 +105,9 @@ XBM_INLINE float neg_row_lanes(float* row, int64_t w, const int32_t* z, int32_t 
     if (z[j] != yi) vmax = std::max(vmax, row[j]);
   const float m_new = std::max(m, vmax * inv_tau);  // max(v) / tau = max(v / tau): rounding is monotone
   const float rescale = m_new == -kInf ? 1.f : std::exp(m - m_new);  // 0 when m was -inf
+  // -inf only with no negative yet: shift by 0 (every weight is 0; a -inf column, the row's own,
+  // gives exp(-inf) = 0, not exp(-inf + inf))
+  const float shift = m_new == -kInf ? 0.f : m_new;
   double acc = 0;
   float nn = 0.f;
   j = 0;
@@ -117,7 +120,7 @@ XBM_INLINE float neg_row_lanes(float* row, int64_t w, const int32_t* z, int32_t 
       const F v = V::load(row + j);
       const I neg = V::ne(V::load(z + j), yi);
       // other lanes may overflow Vec::exp's range; they are clamped there, then zeroed
-      const F e = V::select(neg, V::exp(v * inv_tau - m_new), zero);
+      const F e = V::select(neg, V::exp(v * inv_tau - shift), zero);
       acc4 += e;
       nn4 += V::one_where(neg);
       V::store(row + j, e);
@@ -128,7 +131,7 @@ XBM_INLINE float neg_row_lanes(float* row, int64_t w, const int32_t* z, int32_t 
 #endif
   for (; j < w; ++j) {
     const bool neg = z[j] != yi;
-    const float e = neg ? std::exp(row[j] * inv_tau - m_new) : 0.f;
+    const float e = neg ? std::exp(row[j] * inv_tau - shift) : 0.f;
     acc += e;
     nn += neg;
     row[j] = e;
@@ -143,29 +146,6 @@ XBM_CPU_DISPATCH(float, neg_row,
                   int64_t& count),
                  (row, w, z, yi, inv_tau, m, sum, count))
 
-// The same for the row whose own column is in the tile (once per row and pass), scalar.
-float neg_row_with_self(float* row, int64_t w, int64_t self_col, const int32_t* z, int32_t yi, float inv_tau,
-                        float& m, double& sum, int64_t& count) {
-  float vmax = -kInf;
-  for (int64_t j = 0; j < w; ++j)
-    if (j != self_col && z[j] != yi) vmax = std::max(vmax, row[j]);
-  const float m_new = std::max(m, vmax * inv_tau);
-  const float rescale = m_new == -kInf ? 1.f : std::exp(m - m_new);
-  double acc = 0;
-  int64_t nn = 0;
-  for (int64_t j = 0; j < w; ++j) {
-    const bool neg = j != self_col && z[j] != yi;
-    const float e = neg ? std::exp(row[j] * inv_tau - m_new) : 0.f;
-    acc += e;
-    nn += neg;
-    row[j] = e;
-  }
-  sum = sum * rescale + acc;
-  m = m_new;
-  count += nn;
-  return rescale;
-}
-
 NegSplits negatives_pass(const cpu::LossInputs& in, const cpu::TilePlan& plan, float inv_tau, bool accumulate) {
   const int64_t B = in.B, D = in.D;
   const auto f32 = in.x32.options();
@@ -177,21 +157,41 @@ NegSplits negatives_pass(const cpu::LossInputs& in, const cpu::TilePlan& plan, f
   Tensor rescale = at::empty({plan.splits, B}, f32);
   cpu::ScratchPool scratch(in, plan);
   const int32_t* y = in.y_ptr();
+  // per split pointers made once, not per tile (an ATen select costs microseconds)
+  float* m_all = st.m.data_ptr<float>();
+  double* sum_all = st.sum.data_ptr<double>();
+  int64_t* count_all = st.count.data_ptr<int64_t>();
+  float* rs_all = rescale.data_ptr<float>();
+  float* g_all = accumulate ? st.g.data_ptr<float>() : nullptr;
+  std::vector<Tensor> g_split(accumulate ? plan.splits : 0);
+  for (size_t p = 0; p < g_split.size(); ++p) g_split[p] = st.g[p];
   cpu::for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
     Tensor e = scratch[p].similarity(in, c0, w);
     float* ep = e.data_ptr<float>();
-    float* m = st.m[p].data_ptr<float>();
-    double* sum = st.sum[p].data_ptr<double>();
-    int64_t* count = st.count[p].data_ptr<int64_t>();
-    float* rs = rescale[p].data_ptr<float>();
+    float* m = m_all + p * B;
+    double* sum = sum_all + p * B;
+    int64_t* count = count_all + p * B;
+    float* rs = rs_all + p * B;
     const int32_t* z = in.z_ptr() + c0;
     for (int64_t i = 0; i < B; ++i) {
+      // The row holding its own column takes the vector path too: S there set to -inf (inv_tau > 0,
+      // checked) is no negative's maximum and weighs exp(-inf) = 0; counted as a negative if its
+      // label differs, which is taken back.
       const int64_t self_col = in.self_col(i) - c0;
-      rs[i] = (self_col < 0 || self_col >= w)
-                  ? neg_row(ep + i * w, w, z, y[i], inv_tau, m[i], sum[i], count[i])
-                  : neg_row_with_self(ep + i * w, w, self_col, z, y[i], inv_tau, m[i], sum[i], count[i]);
+      const bool self_in = self_col >= 0 && self_col < w;
+      if (self_in) ep[i * w + self_col] = -kInf;
+      rs[i] = neg_row(ep + i * w, w, z, y[i], inv_tau, m[i], sum[i], count[i]);
+      if (self_in && z[self_col] != y[i]) --count[i];
     }
-    if (accumulate) scratch[p].add_product(in, e, c0, w, st.g[p].mul_(rescale[p].unsqueeze(1)));
+    if (accumulate) {
+      // G rescaled where the row's max grew (x 1 elsewhere: skipped; no ATen op per tile)
+      float* gp = g_all + p * B * D;
+      for (int64_t i = 0; i < B; ++i) {
+        if (rs[i] == 1.f) continue;
+        for (int64_t d = 0; d < D; ++d) gp[i * D + d] *= rs[i];
+      }
+      scratch[p].add_product(in, e, c0, w, g_split[p]);
+    }
   });
   return st;
 }
@@ -447,7 +447,7 @@ std::tuple<Tensor, Tensor, Tensor> ntxent_fwd_cpu(const Tensor& x, const Tensor&
                                                   bool need_grad, bool /*allow_tf32*/) {
   check_temperature(temperature);
   return cpu::ntxent_form_fwd(x, labels, ref, ref_labels, self_index, ref_valid,
-                              cpu::PositiveLogit::identity(static_cast<float>(1.0 / temperature)),
+                              cpu::PositiveLogit::identity(cpu::logit_scale_f32(1.0 / temperature)),
                               static_cast<float>(1.0 - pos_eps), need_grad);
 }
 
@@ -457,7 +457,7 @@ std::tuple<Tensor, Tensor> ntxent_bwd_cpu(const Tensor& x, const Tensor& labels,
                                           const Tensor& grad_rows, bool /*allow_tf32*/) {
   check_temperature(temperature);
   return cpu::ntxent_form_bwd(x, labels, ref, ref_labels, self_index, ref_valid,
-                              cpu::PositiveLogit::identity(static_cast<float>(1.0 / temperature)),
+                              cpu::PositiveLogit::identity(cpu::logit_scale_f32(1.0 / temperature)),
                               static_cast<float>(1.0 - pos_eps), grad_rows);
 }
 

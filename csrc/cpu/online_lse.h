@@ -33,19 +33,27 @@ struct LseSplits {
   Tensor g, gpos;     // (P, B, D) f32 softmax numerator x rows, positive rows; or undefined
 };
 
-#if XBM_CPU_VECTOR
-// One row of lse_tile whose columns are all valid (its own column is elsewhere), L
-// lanes at a time (the CPU's widest, simd.h); the exponentials by Vec::exp. With neg_only,
-// the other-label columns alone enter m, sum and the tile's weights. Returns the row's
-// positive count.
+// One row of lse_tile, L lanes at a time (the CPU's widest, simd.h); the exponentials by
+// Vec::exp. The row's own column (self_col, when in [0, w)) is set to -inf first: no max, an
+// exponential of 0, and the same-label lanes skip it. The same-label columns are few (a
+// memory of many classes): the lanes that have one are found by a bit mask and handled one by
+// one (the positive indicator S < pos_thr, the sum of positive S / tau, the positive's flat
+// index i * w + j appended to pos_list when given), so the common lane costs a load, a
+// compare, an exponential, an add and a store. With neg_only the other-label columns alone
+// enter m, sum and the tile's weights. Returns the row's positive count.
 template <int L>
-XBM_INLINE int64_t lse_row_vec_lanes(float* row, float* pos_row, int64_t w, const int32_t* z, int32_t yi,
+XBM_INLINE int64_t lse_row_vec_lanes(float* row, int64_t w, int64_t self_col, const int32_t* z, int32_t yi,
                                      float inv_tau, float pos_thr, bool neg_only, float& m, double& sum,
-                                     double& pos_sum, int64_t* counts, float& rescale) {
+                                     double& pos_sum, int64_t* counts, float& rescale, int32_t* pos_list,
+                                     int64_t row_offset) {
+  const bool self_in = self_col >= 0 && self_col < w;
+  if (self_in) row[self_col] = -kLseInf;
+  int64_t j = 0;
+  float vmax = -kLseInf;
+#if XBM_CPU_VECTOR
   using V = Vec<L>;
   using F = typename V::F;
   using I = typename V::I;
-  int64_t j = 0;
   F mx = V::splat(-kLseInf);
   for (; j + L <= w; j += L) {
     const F v = V::load(row + j);
@@ -54,7 +62,8 @@ XBM_INLINE int64_t lse_row_vec_lanes(float* row, float* pos_row, int64_t w, cons
     else
       mx = V::select(V::gt(v, mx), v, mx);
   }
-  float vmax = V::max(mx);
+  vmax = V::max(mx);
+#endif
   for (; j < w; ++j)
     if (!neg_only || z[j] != yi) vmax = std::max(vmax, row[j]);
   const float m_new = std::max(m, vmax * inv_tau);  // max(v) / tau = max(v / tau): rounding is monotone
@@ -62,101 +71,72 @@ XBM_INLINE int64_t lse_row_vec_lanes(float* row, float* pos_row, int64_t w, cons
   const float shift = m_new == -kLseInf ? 0.f : m_new;
   rescale = std::exp(m - shift);                    // 0 when m was -inf
   double acc = 0, psum = 0;
-  float np = 0.f, nn = 0.f;
+  int64_t np = 0, nsame = 0;
+  // a same-label column j whose score (before the exponential) is v
+  auto same_label = [&](int64_t jj, float v) {
+    if (jj == self_col) return;
+    ++nsame;
+    if (!(v < pos_thr)) return;
+    ++np;
+    psum += v * inv_tau;  // S / tau: the same products as m
+    if (pos_list) *pos_list++ = static_cast<int32_t>(row_offset + jj);
+  };
   for (j = 0; j < w;) {
     // float lanes over blocks of up to 256 columns, each block's sum added in double
     const int64_t end = std::min(w, j + 256);
-    F acc4 = V::splat(0.f), ps4 = acc4, np4 = acc4, nn4 = acc4;
+    float a = 0.f;
+#if XBM_CPU_VECTOR
+    F acc4 = V::splat(0.f);
     for (; j + L <= end; j += L) {
       const F v = V::load(row + j);
       const I same = V::eq(V::load(z + j), yi);
-      const F e = neg_only ? V::select(same, V::splat(0.f), V::exp(v * inv_tau - shift)) : V::exp(v * inv_tau - shift);
-      const F pos = V::one_where(same & V::lt(v, pos_thr));
+      F e = V::exp(v * inv_tau - shift);
+      if (neg_only) e = V::select(same, V::splat(0.f), e);
       acc4 += e;
-      ps4 += pos * (v * inv_tau);  // S / tau: the same products as m
-      np4 += pos;
-      nn4 += V::one_where(~same);
       V::store(row + j, e);
-      if (pos_row) V::store(pos_row + j, pos);
+      for (uint32_t b = V::bits(same); b != 0; b &= b - 1) {
+        const int k = __builtin_ctz(b);
+        same_label(j + k, v[k]);
+      }
     }
-    float a = V::sum(acc4), ps = V::sum(ps4);
-    np += V::sum(np4);
-    nn += V::sum(nn4);
+    a = V::sum(acc4);
+#endif
     for (; j < end; ++j) {  // the last columns of the row
       const float v = row[j];
-      const bool same = z[j] == yi, pos = same && v < pos_thr;
+      const bool same = z[j] == yi;
       const float e = neg_only && same ? 0.f : std::exp(v * inv_tau - shift);
       a += e;
-      ps += pos ? v * inv_tau : 0.f;
-      np += pos;
-      nn += !same;
       row[j] = e;
-      if (pos_row) pos_row[j] = pos ? 1.f : 0.f;
+      if (same) same_label(j, v);
     }
     acc += a;
-    psum += ps;
   }
   sum = sum * rescale + acc;
   m = m_new;
   pos_sum += psum;
-  counts[0] += static_cast<int64_t>(np);
-  counts[1] += static_cast<int64_t>(nn);
-  return static_cast<int64_t>(np);
+  counts[0] += np;
+  counts[1] += w - (self_in ? 1 : 0) - nsame;
+  return np;
 }
 XBM_CPU_DISPATCH(inline int64_t, lse_row_vec,
-                 (float* row, float* pos_row, int64_t w, const int32_t* z, int32_t yi, float inv_tau, float pos_thr,
-                  bool neg_only, float& m, double& sum, double& pos_sum, int64_t* counts, float& rescale),
-                 (row, pos_row, w, z, yi, inv_tau, pos_thr, neg_only, m, sum, pos_sum, counts, rescale))
-#endif
+                 (float* row, int64_t w, int64_t self_col, const int32_t* z, int32_t yi, float inv_tau, float pos_thr,
+                  bool neg_only, float& m, double& sum, double& pos_sum, int64_t* counts, float& rescale,
+                  int32_t* pos_list, int64_t row_offset),
+                 (row, w, self_col, z, yi, inv_tau, pos_thr, neg_only, m, sum, pos_sum, counts, rescale, pos_list,
+                  row_offset))
 
 // Pass over one tile: updates the running state, writes exp(S/tau - m_new) into s (0 outside
-// V_i, or outside N_i with neg_only) and with pos_tile != nullptr the positive indicator into it.
-// Returns the number of positives in the tile.
-inline int64_t lse_tile(float* s, float* pos_tile, int64_t B, int64_t w, int64_t c0, const LossInputs& in,
+// V_i, or outside N_i with neg_only) and with pos_list != nullptr the flat indices i * w + j of
+// the positives into it, in row-major order. Returns the number of positives in the tile.
+inline int64_t lse_tile(float* s, int32_t* pos_list, int64_t B, int64_t w, int64_t c0, const LossInputs& in,
                         float inv_tau, float pos_thr, bool neg_only, float* m, double* sum, double* pos_sum,
                         int64_t* counts, float* rescale) {
   const int32_t* y = in.y_ptr();
   const int32_t* z = in.z_ptr() + c0;
   int64_t tile_pos = 0;
-  for (int64_t i = 0; i < B; ++i) {
-    float* row = s + i * w;
-    const int64_t self_col = in.self_col(i) - c0;
-#if XBM_CPU_VECTOR
-    if (self_col < 0 || self_col >= w) {  // every column valid: the vector path
-      tile_pos += lse_row_vec(row, pos_tile ? pos_tile + i * w : nullptr, w, z, y[i], inv_tau, pos_thr, neg_only,
-                              m[i], sum[i], pos_sum[i], counts + 2 * i, rescale[i]);
-      continue;
-    }
-#endif
-    // The row whose own column is in this tile (once per row and pass), and the scalar
-    // definition of the vector path.
-    float tile_max = -kLseInf;
-    for (int64_t j = 0; j < w; ++j)
-      if (j != self_col && (!neg_only || z[j] != y[i])) tile_max = std::max(tile_max, row[j] * inv_tau);
-    const float m_new = std::max(m[i], tile_max);
-    const float scale = m_new == -kLseInf ? 1.f : std::exp(m[i] - m_new);
-    rescale[i] = scale;
-    double acc = 0, psum = 0;
-    int64_t np = 0, nn = 0;
-    for (int64_t j = 0; j < w; ++j) {
-      const float v = row[j];
-      const bool valid = j != self_col, same = z[j] == y[i];
-      const bool pos = valid && same && v < pos_thr;
-      const float e = valid && !(neg_only && same) ? std::exp(v * inv_tau - m_new) : 0.f;
-      acc += e;
-      psum += pos ? v * inv_tau : 0.f;
-      np += pos;
-      nn += valid && !same;
-      row[j] = e;
-      if (pos_tile) pos_tile[i * w + j] = pos ? 1.f : 0.f;
-    }
-    sum[i] = sum[i] * scale + acc;
-    m[i] = m_new;
-    pos_sum[i] += psum;
-    counts[2 * i] += np;
-    counts[2 * i + 1] += nn;
-    tile_pos += np;
-  }
+  for (int64_t i = 0; i < B; ++i)
+    tile_pos += lse_row_vec(s + i * w, w, in.self_col(i) - c0, z, y[i], inv_tau, pos_thr, neg_only, m[i], sum[i],
+                            pos_sum[i], counts + 2 * i, rescale[i], pos_list ? pos_list + tile_pos : nullptr, i * w);
   return tile_pos;
 }
 
@@ -191,10 +171,9 @@ inline LseSplits lse_pass(const LossInputs& in, const TilePlan& plan, float inv_
   ScratchPool scratch(in, plan);
   for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
     Tensor e = scratch[p].similarity(in, c0, w);
-    Tensor pos = scratch[p].aux_tile(B, w);
-    float* pos_tile = accumulate && positives ? pos.data_ptr<float>() : nullptr;
+    int32_t* pos_list = accumulate && positives ? scratch[p].list_buffer(B, w) : nullptr;
     float* rs = rescale_all + p * B;
-    const int64_t npos = lse_tile(e.data_ptr<float>(), pos_tile, B, w, c0, in, inv_tau, pos_thr, negatives_only,
+    const int64_t npos = lse_tile(e.data_ptr<float>(), pos_list, B, w, c0, in, inv_tau, pos_thr, negatives_only,
                                   m_all + p * B, s_all + p * B, ps_all + p * B, counts_all + p * 2 * B, rs);
     if (accumulate) {
       float* g = g_split[p].data_ptr<float>();
@@ -204,7 +183,7 @@ inline LseSplits lse_pass(const LossInputs& in, const TilePlan& plan, float inv_
         for (int64_t d = 0; d < D; ++d) gi[d] *= rs[i];
       }
       scratch[p].add_product(in, e, c0, w, g_split[p]);
-      if (positives) add_sparse_rows(scratch[p], in, pos, c0, gpos_split[p], npos);  // positives: usually few
+      if (positives) add_listed_rows(scratch[p], in, c0, w, npos, gpos_split[p]);  // positives: usually few
     }
   });
   return st;

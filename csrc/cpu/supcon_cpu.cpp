@@ -68,7 +68,7 @@ std::tuple<Tensor, Tensor, Tensor> supcon_fwd_cpu(const Tensor& x, const Tensor&
   at::AutoDispatchBelowADInplaceOrView guard;
   TORCH_CHECK(temperature > 0, "temperature: expected > 0, got ", temperature);
   const auto in = cpu::prepare_inputs(x, labels, ref, ref_labels, self_index, ref_valid);
-  const float inv_tau = static_cast<float>(1.0 / temperature);
+  const float inv_tau = cpu::logit_scale_f32(1.0 / temperature);
   const auto plan = cpu::plan_tiles(in.B, in.n);
   const SupconRows rows = supcon_merge(cpu::lse_pass(in, plan, inv_tau, float(1.0 - pos_eps), need_grad), inv_tau);
   Tensor grad = need_grad ? (rows.g - rows.gpos).mul_(inv_tau) : at::empty({0}, rows.loss.options());
@@ -84,7 +84,7 @@ std::tuple<Tensor, Tensor> supcon_bwd_cpu(const Tensor& x, const Tensor& labels,
   const auto in = cpu::prepare_inputs(x, labels, ref, ref_labels, self_index, ref_valid);
   TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == in.B, "grad_rows: expected shape (", in.B, ",)");
   const int64_t B = in.B;
-  const float inv_tau = static_cast<float>(1.0 / temperature), pos_thr = static_cast<float>(1.0 - pos_eps);
+  const float inv_tau = cpu::logit_scale_f32(1.0 / temperature), pos_thr = static_cast<float>(1.0 - pos_eps);
   const auto plan = cpu::plan_tiles(B, in.n);
   const SupconRows rows = supcon_merge(cpu::lse_pass(in, plan, inv_tau, pos_thr, false), inv_tau);
   // Pass 2: C_ij = g_i / tau (exp(S_ij / tau - LSE_i) - [j in P_i] / |P_i|), rows without positives 0.

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <vector>
 
@@ -34,6 +35,11 @@ struct TilePlan {
   int64_t tiles;   // number of tiles covering [0, n)
   int64_t splits;   // splits (each owns a contiguous range of tiles)
 };
+
+// A positive logit scale (1 / temperature, 2 scale, ...) in fp32, at least the smallest normal
+// float: one that underflows fp32 stays positive, so that -inf times it is -inf (the epilogues
+// set a row's own column to -inf) and every logit is still S times about 0.
+inline float logit_scale_f32(double v) { return std::max(static_cast<float>(v), std::numeric_limits<float>::min()); }
 
 inline TilePlan plan_tiles(int64_t B, int64_t n) {
   // Keep the B x cols fp32 score tile near 256 KiB (L2), at least 64 and at most 1024 cols.

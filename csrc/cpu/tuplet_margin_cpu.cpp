@@ -10,6 +10,7 @@
 #include <cmath>
 
 #include "cpu/ntxent.h"
+#include "cpu/tiles.h"
 
 namespace xbm_kernels {
 namespace {
@@ -19,7 +20,7 @@ using at::Tensor;
 cpu::PositiveLogit tuplet_logit(double margin, double scale) {
   TORCH_CHECK(scale > 0 && std::isfinite(scale), "scale: expected a finite value > 0, got ", scale);
   TORCH_CHECK(std::isfinite(margin), "margin: expected a finite number of degrees, got ", margin);
-  return cpu::PositiveLogit::angular_margin(static_cast<float>(scale), margin * M_PI / 180.0);
+  return cpu::PositiveLogit::angular_margin(cpu::logit_scale_f32(scale), margin * M_PI / 180.0);
 }
 
 std::tuple<Tensor, Tensor, Tensor> tuplet_margin_fwd_cpu(const Tensor& x, const Tensor& labels, const Tensor& ref,
