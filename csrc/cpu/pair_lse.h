@@ -116,28 +116,74 @@ inline int64_t pair_lse_row_scalar(const float* row, float* crow, int64_t w, int
 }
 
 #if XBM_CPU_VECTOR
+// (a > b ? a : b) lane by lane, b where either is NaN: std::max(b, a) of each lane (one vmaxps
+// at 8 and 16 lanes, which are only compiled for AVX2 / AVX-512; maxps at 4 with SSE2).
+template <int L>
+XBM_INLINE typename Vec<L>::F pair_lse_max(typename Vec<L>::F a, typename Vec<L>::F b) {
+#if defined(__x86_64__) || defined(__i386__)
+  if constexpr (L >= 8) {
+    typename Vec<L>::F r;
+    asm("vmaxps %2, %1, %0" : "=v"(r) : "v"(a), "v"(b));
+    return r;
+  }
+#endif
+#if defined(__SSE2__)
+  if constexpr (L == 4) return reinterpret_cast<typename Vec<L>::F>(_mm_max_ps(reinterpret_cast<__m128>(a), reinterpret_cast<__m128>(b)));
+#endif
+  return Vec<L>::select(Vec<L>::gt(a, b), a, b);
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+// At 16 lanes (compiled for AVX-512 only) the sweep keeps its lane sets in mask registers, as
+// bits (lane k = bit k): the lanes where a != b, and an add, a max and a product on the lanes
+// of m only (asm, as simd.h: its compares give vector masks, which cost a conversion each way).
+XBM_INLINE uint32_t pair_lse_ne16(Vec<16>::I a, Vec<16>::I b) {
+  uint16_t m;
+  asm("vpcmpd $4, %2, %1, %0" : "=Yk"(m) : "v"(a), "v"(b));
+  return m;
+}
+// acc + x on the lanes of m, acc elsewhere
+XBM_INLINE Vec<16>::F pair_lse_add_on16(Vec<16>::F acc, uint32_t m, Vec<16>::F x) {
+  const uint16_t k = static_cast<uint16_t>(m);
+  asm("vaddps %1, %0, %0%{%2%}" : "+v"(acc) : "v"(x), "Yk"(k));
+  return acc;
+}
+// pair_lse_max(x, top) on the lanes of m, top elsewhere
+XBM_INLINE Vec<16>::F pair_lse_max_on16(Vec<16>::F top, uint32_t m, Vec<16>::F x) {
+  const uint16_t k = static_cast<uint16_t>(m);
+  asm("vmaxps %0, %1, %0%{%2%}" : "+v"(top) : "v"(x), "Yk"(k));
+  return top;
+}
+// a * b on the lanes of m, 0 elsewhere
+XBM_INLINE Vec<16>::F pair_lse_mul_on16(uint32_t m, Vec<16>::F a, Vec<16>::F b) {
+  const uint16_t k = static_cast<uint16_t>(m);
+  Vec<16>::F r;
+  asm("vmulps %2, %1, %0%{%3%}%{z%}" : "=v"(r) : "v"(a), "v"(b), "Yk"(k));
+  return r;
+}
+#endif
+
 // One sweep of pair_lse_row_vec_lanes over the row, L lanes at a time (the last w % L columns by
 // the scalar Form). The lanes evaluate the negative Form only; the excluded lanes (same label,
-// or the row's own column) are found as a bit mask. With kScan: the positives listed (scalar
-// Form, one by one: they are few), the counts and the largest negative logit (tn). With kExp:
-// the negatives' exp(logit - sh) (Vec::exp) summed in float lanes over blocks of up to 256
-// columns, each block's sum added in double (returned), and with crow their coefficients
-// exp(logit - sh) k (0 at the excluded columns).
-template <int L, bool kScan, bool kExp, class Form>
-XBM_INLINE double pair_lse_sweep(const float* row, float* crow, int64_t w, int64_t self_col, const int32_t* z,
-                                 int32_t yi, const Form& prm, float sh, float& tn, float& tp, int64_t& np,
-                                 int64_t& nn, int32_t* pidx, int32_t base) {
+// or with kSelf the row's own column self_col) are found as a bit mask. With kScan: the
+// positives listed (scalar Form, one by one: they are few), the counts and the largest negative
+// logit (tn). With kExp: the negatives' exp(logit - sh) (Vec::exp) summed in float lanes over
+// blocks of up to 256 columns, each block's sum added in double (returned), and with crow their
+// coefficients exp(logit - sh) k (0 at the excluded columns).
+template <int L, bool kScan, bool kExp, bool kSelf, class Form>
+XBM_INLINE double pair_lse_sweep_at(const float* row, float* crow, int64_t w, int64_t self_col, const int32_t* z,
+                                    int32_t yi, const Form& prm, float sh, float& tn, float& tp, int64_t& np,
+                                    int64_t& nn, int32_t* pidx, int32_t base) {
   using V = Vec<L>;
   using F = typename V::F;
   using I = typename V::I;
   constexpr float kInf = std::numeric_limits<float>::infinity();
-  const F zero = V::splat(0.f), sh4 = V::splat(sh);
+  const F zero = V::splat(0.f), sh4 = V::splat(sh), ninf = V::splat(-kInf);
   I iota;
   for (int k = 0; k < L; ++k) iota[k] = k;
-  F top = V::splat(-kInf);
-  I nn4 = I{};  // -1 per counted lane: exact
+  F top = ninf;
   float tp_s = tp;
-  int64_t np_s = np;
+  int64_t np_s = np, nn_s = nn;
   double acc = 0;
   int64_t j = 0;
   for (; j < w;) {
@@ -145,16 +191,47 @@ XBM_INLINE double pair_lse_sweep(const float* row, float* crow, int64_t w, int64
     F an = zero;
     for (; j + L <= end; j += L) {
       const F v = V::load(row + j);
-      const I excl = V::eq(V::load(z + j), yi) | V::eq(iota, static_cast<int32_t>(self_col - j));
       F ln, kn;
       prm.template neg_vec<V>(v, ln, kn);
+#if defined(__x86_64__) || defined(__i386__)
+      if constexpr (L == 16) {
+        // the same lane by lane as the generic body below, the negatives' lanes as mask bits
+        uint32_t negs = pair_lse_ne16(V::load(z + j), I{} + yi);
+        if constexpr (kSelf) {
+          const int64_t o = self_col - j;
+          if (o >= 0 && o < L) negs &= ~(1u << o);
+        }
+        if constexpr (kScan) {
+          top = pair_lse_max_on16(top, negs, ln);
+          nn_s += __builtin_popcount(negs);
+          for (uint32_t b = ~negs & 0xFFFFu; b; b &= b - 1) {
+            const int64_t col = j + __builtin_ctz(b);
+            const float vc = row[col];
+            if ((kSelf && col == self_col) || !(vc < prm.pos_thr)) continue;
+            float logit, k;
+            prm.pos(vc, logit, k);
+            tp_s = std::max(tp_s, logit);
+            pidx[np_s++] = base + static_cast<int32_t>(col);
+          }
+        }
+        if constexpr (kExp) {
+          const F e = V::exp(ln - sh4);
+          an = pair_lse_add_on16(an, negs, e);
+          if (crow) V::store(crow + j, pair_lse_mul_on16(negs, e, kn));
+        }
+        continue;
+      }
+#endif
+      I excl = V::eq(V::load(z + j), yi);
+      if constexpr (kSelf) excl |= V::eq(iota, static_cast<int32_t>(self_col - j));
       if constexpr (kScan) {
-        top = V::select(~excl & V::gt(ln, top), ln, top);  // std::max(top, logit): NaN keeps top
-        nn4 += ~excl;
-        for (uint32_t b = V::bits(excl); b; b &= b - 1) {
+        top = pair_lse_max<L>(V::select(excl, ninf, ln), top);  // std::max(top, logit): NaN keeps top
+        const uint32_t bits = V::bits(excl);
+        nn_s += L - __builtin_popcount(bits);
+        for (uint32_t b = bits; b; b &= b - 1) {
           const int64_t col = j + __builtin_ctz(b);
           const float vc = row[col];
-          if (col == self_col || !(vc < prm.pos_thr)) continue;
+          if ((kSelf && col == self_col) || !(vc < prm.pos_thr)) continue;
           float logit, k;
           prm.pos(vc, logit, k);
           tp_s = std::max(tp_s, logit);
@@ -176,7 +253,7 @@ XBM_INLINE double pair_lse_sweep(const float* row, float* crow, int64_t w, int64
       if constexpr (kScan) {
         if (neg) {
           tn = std::max(tn, logit);
-          ++nn;
+          ++nn_s;
         } else if (j != self_col && v < prm.pos_thr) {
           float lp, kp;
           prm.pos(v, lp, kp);
@@ -198,13 +275,19 @@ XBM_INLINE double pair_lse_sweep(const float* row, float* crow, int64_t w, int64
   }
   if constexpr (kScan) {
     tn = std::max(tn, V::max(top));  // exact in any order (no NaN among them)
-    int64_t cnt = 0;
-    for (int k = 0; k < L; ++k) cnt -= nn4[k];
-    nn += cnt;
     tp = tp_s;
     np = np_s;
+    nn = nn_s;
   }
   return acc;
+}
+template <int L, bool kScan, bool kExp, class Form>
+XBM_INLINE double pair_lse_sweep(const float* row, float* crow, int64_t w, int64_t self_col, const int32_t* z,
+                                 int32_t yi, const Form& prm, float sh, float& tn, float& tp, int64_t& np,
+                                 int64_t& nn, int32_t* pidx, int32_t base) {
+  if (self_col >= 0)
+    return pair_lse_sweep_at<L, kScan, kExp, true>(row, crow, w, self_col, z, yi, prm, sh, tn, tp, np, nn, pidx, base);
+  return pair_lse_sweep_at<L, kScan, kExp, false>(row, crow, w, self_col, z, yi, prm, sh, tn, tp, np, nn, pidx, base);
 }
 
 // pair_lse_row_scalar, L lanes at a time. The negatives' shift is the running max of the
