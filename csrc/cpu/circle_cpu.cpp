@@ -28,17 +28,11 @@ struct CircleForm {
     logit = k * (v - m);
   }
 #if XBM_CPU_VECTOR
-  // The same lane by lane (std::max(0, t) is t where 0 < t, else 0).
-  template <class V>
-  XBM_INLINE void pos_vec(typename V::F v, typename V::F& logit, typename V::F& k) const {
-    const typename V::F t = (1.f + m) - v;
-    k = -gamma * V::select(V::gt(t, 0.f), t, V::splat(0.f));
-    logit = k * (v - (1.f - m));
-  }
+  // neg() lane by lane (std::max(0, t) is t where 0 < t, else 0, as pair_lse_max(t, 0)).
   template <class V>
   XBM_INLINE void neg_vec(typename V::F v, typename V::F& logit, typename V::F& k) const {
     const typename V::F t = v + m;
-    k = gamma * V::select(V::gt(t, 0.f), t, V::splat(0.f));
+    k = gamma * cpu::pair_lse_max<V::lanes>(t, V::splat(0.f));
     logit = k * (v - m);
   }
 #endif

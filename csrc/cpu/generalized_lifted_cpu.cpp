@@ -50,12 +50,6 @@ struct LiftedForm {
     dd = V::select(V::gt(d, 0.f), -1.f / d, zero);
   }
   template <class V>
-  XBM_INLINE void pos_vec(typename V::F v, typename V::F& logit, typename V::F& k) const {
-    typename V::F d;
-    distance_vec<V>(v, d, k);
-    logit = d - pos_margin;
-  }
-  template <class V>
   XBM_INLINE void neg_vec(typename V::F v, typename V::F& logit, typename V::F& k) const {
     typename V::F d, dd;
     distance_vec<V>(v, d, dd);
