@@ -24,7 +24,11 @@
 // difference array gives), and the loss k (S_in + margin) in double lanes, minus sum_p count_p
 // S_ip. A negative near a bound (negative_s's test, the same fp32 arithmetic) takes the scalar
 // path, as do anchors with more positives and the last w mod L columns of a row: the scalar
-// code is the definition. (The anchor's own column enters the vector pass as a NaN score,
+// code is the definition. Where the margin is the one bound (the default: no selection) and
+// the positives fit in two vectors, a block's counts come first and the near test looks at two
+// positives per lane only, those on either side of the lane's count (triplet_near_at, which
+// checks the premise that makes this exact and otherwise tests every positive); the few near
+// lanes' counts are then taken back out. (The anchor's own column enters the vector pass as a NaN score,
 // which no predicate holds for: coefficient 0, as the scalar path gives it.)
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
@@ -153,17 +157,47 @@ struct DoubleLanes {  // (as cpu::Lanes: a dependent vector_size outside the fun
 // Whether any lane of a mask is set.
 template <int L>
 XBM_INLINE bool any_lane(typename Vec<L>::I m) {
-  if constexpr (L == 4) {
-    int64_t h[2];
-    std::memcpy(h, &m, sizeof(h));
-    return (h[0] | h[1]) != 0;
-  } else {
-    typename Vec<L / 2>::I a, b;
-    std::memcpy(&a, &m, sizeof(a));
-    std::memcpy(&b, reinterpret_cast<const char*>(&m) + sizeof(a), sizeof(b));
-    return any_lane<L / 2>(a | b);
-  }
+  return Vec<L>::bits(m) != 0;
 }
+
+// Every lane holding *a: one broadcast (V::splat's 0 + a costs an add first, as 0 + -0 is +0;
+// its bits or'ed into zeros are a plain broadcast, and the same value).
+template <int L>
+XBM_INLINE typename Vec<L>::F bcast(const float* a) {
+  int32_t b;
+  std::memcpy(&b, a, sizeof(b));
+  return reinterpret_cast<typename Vec<L>::F>(typename Vec<L>::I{} | b);
+}
+
+// a where m is set, else b (int lanes).
+template <int L>
+XBM_INLINE typename Vec<L>::I select_int(typename Vec<L>::I m, typename Vec<L>::I a, typename Vec<L>::I b) {
+  return (m & a) | (~m & b);
+}
+
+// The sorted positives sp[0..np), np <= 2 L, as two vectors (t0: the first L, t1: the rest),
+// looked up lane by lane at indices in [0, np).
+template <int L>
+struct PositiveTable {
+  typename Vec<L>::F t0, t1;
+  bool two;
+  XBM_INLINE void fill(const float* sp, int64_t np) {
+    two = np > L;
+    for (int t = 0; t < L; ++t) {
+      t0[t] = sp[std::min<int64_t>(t, np - 1)];
+      t1[t] = sp[std::min<int64_t>(L + t, np - 1)];
+    }
+  }
+  XBM_INLINE typename Vec<L>::F at(typename Vec<L>::I idx) const {
+#if defined(__clang__)
+    typename Vec<L>::F v;
+    for (int t = 0; t < L; ++t) v[t] = idx[t] < L ? t0[idx[t]] : t1[idx[t] - L];
+    return v;
+#else
+    return two ? __builtin_shuffle(t0, t1, idx) : __builtin_shuffle(t0, idx);
+#endif
+  }
+};
 
 // One block's coefficients over the sorted positives sp[0..np): per lane the number of positives
 // with lo < u <= hi and margin - u > 0, u = fl(sp - s) (each positive's lanes counted into
@@ -176,13 +210,36 @@ XBM_INLINE typename Vec<L>::I triplet_block_counts(typename Vec<L>::F s, const f
   typename V::I k = typename V::I{};
   const typename V::F zero = V::splat(0.f), vm = V::splat(margin);
   for (int64_t p = 0; p < np; ++p) {
-    const typename V::F u = V::splat(sp[p]) - s;
+    const typename V::F u = bcast<L>(sp + p) - s;
     typename V::I m = V::gt(vm - u, zero);
     if (CheckLo) m &= V::gt(u, lo);
     if (CheckHi) m &= V::keep(u <= hi);
     const typename V::I c = V::load(cnt + p * L) - m;
     std::memcpy(cnt + p * L, &c, sizeof(c));
     k -= m;
+  }
+  return k;
+}
+
+// triplet_block_counts without the lo and hi tests (they hold for every lane at every positive),
+// its masks applied as masked adds. Lt: margin - u > 0 evaluated as u < margin, the same answer
+// for a margin of at least 2^-100 (fl(margin - u) is then 0 only where u = margin, never a
+// flushed subnormal: a non-zero difference of two floats of such a size is at least 2^-124).
+template <int L, bool Lt, bool Undo = false>
+XBM_INLINE typename Vec<L>::I triplet_block_counts_margin(typename Vec<L>::F s, const float* sp, int64_t np,
+                                                          float margin, int32_t* cnt) {
+  using V = Vec<L>;
+  using I = typename V::I;
+  I k = I{};
+  const typename V::F zero = V::splat(0.f), vm = V::splat(margin);
+  const I one = I{} + (Undo ? -1 : 1);
+  for (int64_t p = 0; p < np; ++p) {
+    const typename V::F u = bcast<L>(sp + p) - s;
+    const I m = Lt ? (u < vm) : (vm - u > zero);
+    I c = V::load(cnt + p * L);
+    c = m ? c + one : c;
+    std::memcpy(cnt + p * L, &c, sizeof(c));
+    k = m ? k + one : k;
   }
   return k;
 }
@@ -207,11 +264,38 @@ XBM_INLINE typename Vec<L>::I triplet_block_near(typename Vec<L>::F s, const flo
       hi[t] = c + tol;
     }
     for (int64_t p = 0; p < np; ++p) {
-      const F v = V::splat(sp[p]);
+      const F v = bcast<L>(sp + p);
       for (int t = 0; t < NB; ++t) near |= ~V::lt(v, lo[t]) & V::keep(v <= hi[t]);
     }
   }
   return near;
+}
+
+// triplet_block_near's answer for one bound t from two positives per lane, given c: for each
+// lane an index in [0, np] (the count of positives below t's flip point, which puts the near
+// positives, if any, at c - 1 or c). With A(v) = !(v < fl(fl(s + t) - tol)) (false, then true as
+// v grows) and B(v) = v <= fl(fl(s + t) + tol) (true, then false), a positive is near when A and
+// B hold for it: the near positives are an index range [n1, n2). Where B holds at c - 1 (or
+// c = 0) and A at c (or c = np), n1 <= c <= n2, and the range is non-empty exactly when it holds
+// c - 1 or c. ok is false when some lane does not meet that premise (the caller then runs
+// triplet_block_near): the answer never rests on c being the count.
+template <int L>
+XBM_INLINE typename Vec<L>::I triplet_near_at(typename Vec<L>::F s, typename Vec<L>::I c, const PositiveTable<L>& tab,
+                                              int32_t np, float t, bool& ok) {
+  using V = Vec<L>;
+  using F = typename V::F;
+  using I = typename V::I;
+  const F abs_s = reinterpret_cast<F>(reinterpret_cast<I>(s) & 0x7fffffff);
+  const F tol = V::splat(1e-5f) * (V::splat(1.f) + abs_s);
+  const F ct = s + t;
+  const F lo = ct - tol, hi = ct + tol;
+  const I zero = I{}, vnp = zero + np;
+  const I has_low = V::gt(c, zero), has_high = V::lt(c, vnp);
+  const F vl = tab.at(select_int<L>(has_low, c - 1, zero));
+  const F vh = tab.at(select_int<L>(has_high, c, vnp - 1));
+  const I al = ~V::lt(vl, lo), bl = V::keep(vl <= hi), ah = ~V::lt(vh, lo), bh = V::keep(vh <= hi);
+  ok = V::bits(~((~has_low | bl) & (~has_high | ah))) == 0;
+  return (has_low & al & bl) | (has_high & ah & bh);
 }
 
 // The columns [0, w - w mod L) of a row (its own column, if there, a NaN),
@@ -236,34 +320,60 @@ XBM_INLINE int64_t triplet_row_vec_lanes(float* row, int64_t w, const int32_t* z
   DV dl = DV{};
   I kacc = I{}, nz = I{};
   int64_t n_near = 0;
+  // The one bound the margin (|lo|, |hi| > 2.5) and the positives in two vectors: a block's
+  // counts first, near lanes then found at each lane's count (triplet_near_at) and their
+  // counts taken back out; otherwise the near lanes first, as triplet_block_near finds them.
+  const bool fast = nb == 1 && np <= 2 * L;
+  const bool lt = margin >= 0x1p-100f;
+  PositiveTable<L> tab;
+  if (fast) tab.fill(sp, np);
   for (int64_t j = 0; j + L <= w; j += L) {
     const F sn = V::load(row + j);
     // other-label lanes: sn; same-label lanes: -inf, which no positive makes active or near
     F s = V::select(V::ne(V::load(z + j), yi), sn, ninf);
-    I near;
-    switch (nb) {
-      case 0: near = I{}; break;
-      case 1: near = triplet_block_near<L, 1>(s, sp, np, bounds); break;
-      case 2: near = triplet_block_near<L, 2>(s, sp, np, bounds); break;
-      default: near = triplet_block_near<L, 3>(s, sp, np, bounds); break;
-    }
-    if (any_lane<L>(near)) {  // rare: those lanes decided by the scalar path, the others here
-      for (int t = 0; t < L; ++t)
-        if (near[t]) {
-          near_cols[n_near] = j + t;
-          near_s[n_near++] = sn[t];
-        }
-      s = V::select(near, ninf, s);
-    }
-    const bool check_lo = any_lane<L>(~V::gt(v0 - s, lo));
-    const bool check_hi = any_lane<L>(V::ne(s, ninf) & ~V::keep(vmax - s <= hi));
     I k;
-    if (check_lo)
-      k = check_hi ? triplet_block_counts<L, true, true>(s, sp, np, lo, hi, margin, cnt)
-                   : triplet_block_counts<L, true, false>(s, sp, np, lo, hi, margin, cnt);
-    else
-      k = check_hi ? triplet_block_counts<L, false, true>(s, sp, np, lo, hi, margin, cnt)
-                   : triplet_block_counts<L, false, false>(s, sp, np, lo, hi, margin, cnt);
+    if (fast && !any_lane<L>(~V::gt(v0 - s, lo) | (V::ne(s, ninf) & ~V::keep(vmax - s <= hi)))) {
+      // the lo and hi tests hold for every lane at every positive: k counts the margin's test
+      k = lt ? triplet_block_counts_margin<L, true>(s, sp, np, margin, cnt)
+             : triplet_block_counts_margin<L, false>(s, sp, np, margin, cnt);
+      bool ok;
+      I near = triplet_near_at<L>(s, k, tab, static_cast<int32_t>(np), bounds[0], ok);
+      if (!ok) near = triplet_block_near<L, 1>(s, sp, np, bounds);
+      if (any_lane<L>(near)) {  // rare: those lanes decided by the scalar path, their counts undone
+        for (int t = 0; t < L; ++t)
+          if (near[t]) {
+            near_cols[n_near] = j + t;
+            near_s[n_near++] = sn[t];
+          }
+        triplet_block_counts_margin<L, false, true>(V::select(near, s, ninf), sp, np, margin, cnt);
+        k = select_int<L>(near, I{}, k);
+        s = V::select(near, ninf, s);
+      }
+    } else {
+      I near;
+      switch (nb) {
+        case 0: near = I{}; break;
+        case 1: near = triplet_block_near<L, 1>(s, sp, np, bounds); break;
+        case 2: near = triplet_block_near<L, 2>(s, sp, np, bounds); break;
+        default: near = triplet_block_near<L, 3>(s, sp, np, bounds); break;
+      }
+      if (any_lane<L>(near)) {  // rare: those lanes decided by the scalar path, the others here
+        for (int t = 0; t < L; ++t)
+          if (near[t]) {
+            near_cols[n_near] = j + t;
+            near_s[n_near++] = sn[t];
+          }
+        s = V::select(near, ninf, s);
+      }
+      const bool check_lo = any_lane<L>(~V::gt(v0 - s, lo));
+      const bool check_hi = any_lane<L>(V::ne(s, ninf) & ~V::keep(vmax - s <= hi));
+      if (check_lo)
+        k = check_hi ? triplet_block_counts<L, true, true>(s, sp, np, lo, hi, margin, cnt)
+                     : triplet_block_counts<L, true, false>(s, sp, np, lo, hi, margin, cnt);
+      else
+        k = check_hi ? triplet_block_counts<L, false, true>(s, sp, np, lo, hi, margin, cnt)
+                     : triplet_block_counts<L, false, false>(s, sp, np, lo, hi, margin, cnt);
+    }
     const I act = V::gt(k, I{});
     V::store(row + j, __builtin_convertvector(k, F));
     kacc += k;
