@@ -152,6 +152,33 @@ constexpr int64_t kVecMaxPositives = 64;
 template <int L>
 struct DoubleLanes {  // (as cpu::Lanes: a dependent vector_size outside the function using it)
   typedef double D __attribute__((vector_size(8 * L)));
+  typedef double H __attribute__((vector_size(4 * L)));  // half of them: one register
+  typedef float FH __attribute__((vector_size(2 * L)));
+  typedef int32_t IH __attribute__((vector_size(2 * L)));
+};
+
+// A row's loss lanes sum k (s + margin) in double, lane t of the blocks in lane t: two halves
+// of L / 2 doubles, each a register (one vector of L doubles is kept in memory).
+template <int L>
+struct LossLanes {
+  typedef DoubleLanes<L> DL;
+  typename DL::H lo = typename DL::H{}, hi = typename DL::H{};
+  XBM_INLINE void add(typename Vec<L>::I k, typename Vec<L>::F s, double margin) {
+    typename DL::FH s0, s1;
+    typename DL::IH k0, k1;
+    std::memcpy(&s0, &s, sizeof(s0));
+    std::memcpy(&s1, reinterpret_cast<const char*>(&s) + sizeof(s0), sizeof(s1));
+    std::memcpy(&k0, &k, sizeof(k0));
+    std::memcpy(&k1, reinterpret_cast<const char*>(&k) + sizeof(k0), sizeof(k1));
+    lo += __builtin_convertvector(k0, typename DL::H) * (__builtin_convertvector(s0, typename DL::H) + margin);
+    hi += __builtin_convertvector(k1, typename DL::H) * (__builtin_convertvector(s1, typename DL::H) + margin);
+  }
+  XBM_INLINE double sum() const {
+    double l = 0;
+    for (int t = 0; t < L / 2; ++t) l += lo[t];
+    for (int t = 0; t < L / 2; ++t) l += hi[t];
+    return l;
+  }
 };
 
 // Whether any lane of a mask is set.
@@ -183,10 +210,10 @@ struct PositiveTable {
   bool two;
   XBM_INLINE void fill(const float* sp, int64_t np) {
     two = np > L;
-    for (int t = 0; t < L; ++t) {
-      t0[t] = sp[std::min<int64_t>(t, np - 1)];
-      t1[t] = sp[std::min<int64_t>(L + t, np - 1)];
-    }
+    float buf[2 * L];
+    for (int t = 0; t < 2 * L; ++t) buf[t] = sp[std::min<int64_t>(t, np - 1)];
+    t0 = Vec<L>::load(buf);
+    t1 = Vec<L>::load(buf + L);
   }
   XBM_INLINE typename Vec<L>::F at(typename Vec<L>::I idx) const {
 #if defined(__clang__)
@@ -298,6 +325,149 @@ XBM_INLINE typename Vec<L>::I triplet_near_at(typename Vec<L>::F s, typename Vec
   return (has_low & al & bl) | (has_high & ah & bh);
 }
 
+// One block by the general rule: the near lanes (triplet_block_near, NB of the bounds) written
+// into near and left out (coefficient 0), then the others counted with the lo and hi tests
+// where some lane needs them. s: other-label lanes their score, the others -inf or NaN.
+template <int L>
+XBM_INLINE typename Vec<L>::I triplet_block_general(typename Vec<L>::F s, const float* sp, int64_t np, float lo,
+                                                    float hi, float margin, const float* bounds, int nb, int32_t* cnt,
+                                                    typename Vec<L>::I& near) {
+  using V = Vec<L>;
+  const typename V::F ninf = V::splat(-std::numeric_limits<float>::infinity());
+  switch (nb) {
+    case 0: near = typename V::I{}; break;
+    case 1: near = triplet_block_near<L, 1>(s, sp, np, bounds); break;
+    case 2: near = triplet_block_near<L, 2>(s, sp, np, bounds); break;
+    default: near = triplet_block_near<L, 3>(s, sp, np, bounds); break;
+  }
+  s = V::select(near, ninf, s);
+  const bool check_lo = any_lane<L>(~V::gt(bcast<L>(sp) - s, lo));
+  const bool check_hi = any_lane<L>(V::ne(s, ninf) & ~V::keep(bcast<L>(sp + np - 1) - s <= hi));
+  if (check_lo)
+    return check_hi ? triplet_block_counts<L, true, true>(s, sp, np, lo, hi, margin, cnt)
+                    : triplet_block_counts<L, true, false>(s, sp, np, lo, hi, margin, cnt);
+  return check_hi ? triplet_block_counts<L, false, true>(s, sp, np, lo, hi, margin, cnt)
+                  : triplet_block_counts<L, false, false>(s, sp, np, lo, hi, margin, cnt);
+}
+
+// The same out of line (for the margin-only rows' rare blocks that need the lo and hi tests):
+// the block of scores sn and labels zj, its k and near lanes written to k_out and near_out.
+template <int L>
+XBM_INLINE void triplet_block_out_lanes(const float* sn, const int32_t* zj, int32_t yi, const float* sp, int64_t np,
+                                        float lo, float hi, float margin, const float* bounds, int nb, int32_t* cnt,
+                                        int32_t* k_out, int32_t* near_out) {
+  using V = Vec<L>;
+  const typename V::F s =
+      V::select(V::ne(V::load(zj), yi), V::load(sn), V::splat(-std::numeric_limits<float>::infinity()));
+  typename V::I near;
+  const typename V::I k = triplet_block_general<L>(s, sp, np, lo, hi, margin, bounds, nb, cnt, near);
+  std::memcpy(k_out, &k, sizeof(k));
+  std::memcpy(near_out, &near, sizeof(near));
+}
+XBM_CPU_DISPATCH(void, triplet_block_out,
+                 (const float* sn, const int32_t* zj, int32_t yi, const float* sp, int64_t np, float lo, float hi,
+                  float margin, const float* bounds, int nb, int32_t* cnt, int32_t* k_out, int32_t* near_out),
+                 (sn, zj, yi, sp, np, lo, hi, margin, bounds, nb, cnt, k_out, near_out))
+
+// A row's totals: the loss lanes dl, the coefficients kacc and nonzero lanes nz summed into
+// loss, active and nonzero, each positive's lanes of cnt into counts[p].
+template <int L>
+XBM_INLINE void triplet_row_totals(const LossLanes<L>& dl, typename Vec<L>::I kacc, typename Vec<L>::I nz,
+                                   const int32_t* cnt, int64_t np, int64_t* counts, double& loss, int64_t& active,
+                                   int64_t& nonzero) {
+  int64_t a = 0, n = 0;
+  for (int t = 0; t < L; ++t) {
+    a += kacc[t];
+    n += nz[t];
+  }
+  loss += dl.sum();
+  active += a;
+  nonzero += n;
+  for (int64_t p = 0; p < np; ++p) {
+    int64_t c = 0;
+    for (int t = 0; t < L; ++t) c += cnt[p * L + t];
+    counts[p] += c;
+  }
+}
+
+// Where a block's near lanes go: their columns and scores listed for the scalar path.
+template <int L>
+XBM_INLINE void list_near(typename Vec<L>::I near, typename Vec<L>::F sn, int64_t j, int64_t* near_cols,
+                          float* near_s, int64_t& n_near) {
+  for (uint32_t b = Vec<L>::bits(near); b != 0; b &= b - 1) {
+    const int t = __builtin_ctz(b);
+    near_cols[n_near] = j + t;
+    near_s[n_near++] = sn[t];
+  }
+}
+
+// triplet_row_vec's rows whose one bound is the margin (|lo|, |hi| > 2.5 or otherwise not
+// bounds), np <= 2 L: a block's counts first (the margin's test only, where the lo and hi tests
+// hold for every lane at every positive), its near lanes then found at each lane's count
+// (triplet_near_at) and their counts taken back out. Blocks that need the lo or hi test take
+// triplet_block_out. Lt: see triplet_block_counts_margin.
+template <int L, bool Lt>
+XBM_INLINE int64_t triplet_row_margin(float* row, int64_t w, const int32_t* z, int32_t yi, const float* sp,
+                                      int64_t np, float lo, float hi, float margin, const float* bounds, int32_t* cnt,
+                                      int64_t* counts, int64_t* near_cols, float* near_s, double& loss,
+                                      int64_t& active, int64_t& nonzero) {
+  using V = Vec<L>;
+  using F = typename V::F;
+  using I = typename V::I;
+  std::fill(cnt, cnt + np * L, 0);
+  const F ninf = V::splat(-std::numeric_limits<float>::infinity()), zero = V::splat(0.f);
+  const F v0 = V::splat(sp[0]), vmax = V::splat(sp[np - 1]);
+  const double dmargin = margin;
+  LossLanes<L> dl;
+  I kacc = I{}, nz = I{};
+  int64_t n_near = 0;
+  PositiveTable<L> tab;
+  tab.fill(sp, np);
+  // Where lo and hi are far from 0 (|lo|, |hi| > 2.5: no subnormal results near them), a lane
+  // with t_hi <= sn <= t_lo passes the lo test at sp[0] and the hi test at sp[np - 1]: with
+  // t_lo <= sp[0] - next(lo) and t_hi >= sp[np - 1] - hi (computed in double, then one float
+  // step inwards), fl(sp[0] - sn) >= next(lo) > lo and fl(sp[np - 1] - sn) <= hi, rounding being
+  // monotone. (A same-label lane, -inf below, passes both tests anyway.) Blocks that fail this
+  // take the tests themselves.
+  const bool thresholds = std::abs(lo) > 2.5f && std::abs(hi) > 2.5f;
+  const float inf = std::numeric_limits<float>::infinity();
+  const F t_lo = V::splat(std::nextafter(
+      static_cast<float>(static_cast<double>(sp[0]) - static_cast<double>(std::nextafter(lo, inf))), -inf));
+  const F t_hi = V::splat(
+      std::nextafter(static_cast<float>(static_cast<double>(sp[np - 1]) - static_cast<double>(hi)), inf));
+  for (int64_t j = 0; j + L <= w; j += L) {
+    const F sn = V::load(row + j);
+    // other-label lanes: sn; same-label lanes: -inf, which no positive makes active or near
+    const F s = V::select(V::ne(V::load(z + j), yi), sn, ninf);
+    I k, near;
+    if (__builtin_expect((thresholds && !any_lane<L>(~(V::keep(sn <= t_lo) & V::keep(sn >= t_hi)))) ||
+                             !any_lane<L>(~V::gt(v0 - s, lo) | (V::ne(s, ninf) & ~V::keep(vmax - s <= hi))),
+                         1)) {
+      k = triplet_block_counts_margin<L, Lt>(s, sp, np, margin, cnt);
+      bool ok;
+      near = triplet_near_at<L>(s, k, tab, static_cast<int32_t>(np), bounds[0], ok);
+      if (__builtin_expect(!ok, 0)) near = triplet_block_near<L, 1>(s, sp, np, bounds);
+      if (__builtin_expect(any_lane<L>(near), 0)) {  // their counts taken back out
+        triplet_block_counts_margin<L, false, true>(V::select(near, s, ninf), sp, np, margin, cnt);
+        k = select_int<L>(near, I{}, k);
+      }
+    } else {
+      int32_t kb[L], nbuf[L];
+      triplet_block_out(row + j, z + j, yi, sp, np, lo, hi, margin, bounds, 1, cnt, kb, nbuf);
+      k = V::load(kb);
+      near = V::load(nbuf);
+    }
+    if (__builtin_expect(any_lane<L>(near), 0)) list_near<L>(near, sn, j, near_cols, near_s, n_near);
+    const I act = V::gt(k, I{});  // (never a near lane, nor one whose s is not finite)
+    V::store(row + j, __builtin_convertvector(k, F));
+    kacc += k;
+    nz -= act;
+    dl.add(k, V::select(act, s, zero), dmargin);
+  }
+  triplet_row_totals<L>(dl, kacc, nz, cnt, np, counts, loss, active, nonzero);
+  return n_near;
+}
+
 // The columns [0, w - w mod L) of a row (its own column, if there, a NaN),
 // 1 <= np <= kVecMaxPositives: the coefficients k written over the scores, the loss
 // sum k (S_in + margin) added to loss (in double), the active triplets and nonzero
@@ -309,93 +479,34 @@ XBM_INLINE int64_t triplet_row_vec_lanes(float* row, int64_t w, const int32_t* z
                                          int64_t np, float lo, float hi, float margin, const float* bounds, int nb,
                                          int32_t* cnt, int64_t* counts, int64_t* near_cols, float* near_s, double& loss,
                                          int64_t& active, int64_t& nonzero) {
+  if (nb == 1 && np <= 2 * L)
+    return margin >= 0x1p-100f ? triplet_row_margin<L, true>(row, w, z, yi, sp, np, lo, hi, margin, bounds, cnt, counts,
+                                                             near_cols, near_s, loss, active, nonzero)
+                               : triplet_row_margin<L, false>(row, w, z, yi, sp, np, lo, hi, margin, bounds, cnt,
+                                                              counts, near_cols, near_s, loss, active, nonzero);
   using V = Vec<L>;
   using F = typename V::F;
   using I = typename V::I;
-  typedef typename DoubleLanes<L>::D DV;
   std::fill(cnt, cnt + np * L, 0);
   const F ninf = V::splat(-std::numeric_limits<float>::infinity()), zero = V::splat(0.f);
-  const F v0 = V::splat(sp[0]), vmax = V::splat(sp[np - 1]);
-  const DV dmargin = DV{} + static_cast<double>(margin);
-  DV dl = DV{};
+  const double dmargin = margin;
+  LossLanes<L> dl;
   I kacc = I{}, nz = I{};
   int64_t n_near = 0;
-  // The one bound the margin (|lo|, |hi| > 2.5) and the positives in two vectors: a block's
-  // counts first, near lanes then found at each lane's count (triplet_near_at) and their
-  // counts taken back out; otherwise the near lanes first, as triplet_block_near finds them.
-  const bool fast = nb == 1 && np <= 2 * L;
-  const bool lt = margin >= 0x1p-100f;
-  PositiveTable<L> tab;
-  if (fast) tab.fill(sp, np);
   for (int64_t j = 0; j + L <= w; j += L) {
     const F sn = V::load(row + j);
     // other-label lanes: sn; same-label lanes: -inf, which no positive makes active or near
-    F s = V::select(V::ne(V::load(z + j), yi), sn, ninf);
-    I k;
-    if (fast && !any_lane<L>(~V::gt(v0 - s, lo) | (V::ne(s, ninf) & ~V::keep(vmax - s <= hi)))) {
-      // the lo and hi tests hold for every lane at every positive: k counts the margin's test
-      k = lt ? triplet_block_counts_margin<L, true>(s, sp, np, margin, cnt)
-             : triplet_block_counts_margin<L, false>(s, sp, np, margin, cnt);
-      bool ok;
-      I near = triplet_near_at<L>(s, k, tab, static_cast<int32_t>(np), bounds[0], ok);
-      if (!ok) near = triplet_block_near<L, 1>(s, sp, np, bounds);
-      if (any_lane<L>(near)) {  // rare: those lanes decided by the scalar path, their counts undone
-        for (int t = 0; t < L; ++t)
-          if (near[t]) {
-            near_cols[n_near] = j + t;
-            near_s[n_near++] = sn[t];
-          }
-        triplet_block_counts_margin<L, false, true>(V::select(near, s, ninf), sp, np, margin, cnt);
-        k = select_int<L>(near, I{}, k);
-        s = V::select(near, ninf, s);
-      }
-    } else {
-      I near;
-      switch (nb) {
-        case 0: near = I{}; break;
-        case 1: near = triplet_block_near<L, 1>(s, sp, np, bounds); break;
-        case 2: near = triplet_block_near<L, 2>(s, sp, np, bounds); break;
-        default: near = triplet_block_near<L, 3>(s, sp, np, bounds); break;
-      }
-      if (any_lane<L>(near)) {  // rare: those lanes decided by the scalar path, the others here
-        for (int t = 0; t < L; ++t)
-          if (near[t]) {
-            near_cols[n_near] = j + t;
-            near_s[n_near++] = sn[t];
-          }
-        s = V::select(near, ninf, s);
-      }
-      const bool check_lo = any_lane<L>(~V::gt(v0 - s, lo));
-      const bool check_hi = any_lane<L>(V::ne(s, ninf) & ~V::keep(vmax - s <= hi));
-      if (check_lo)
-        k = check_hi ? triplet_block_counts<L, true, true>(s, sp, np, lo, hi, margin, cnt)
-                     : triplet_block_counts<L, true, false>(s, sp, np, lo, hi, margin, cnt);
-      else
-        k = check_hi ? triplet_block_counts<L, false, true>(s, sp, np, lo, hi, margin, cnt)
-                     : triplet_block_counts<L, false, false>(s, sp, np, lo, hi, margin, cnt);
-    }
+    const F s = V::select(V::ne(V::load(z + j), yi), sn, ninf);
+    I near;
+    const I k = triplet_block_general<L>(s, sp, np, lo, hi, margin, bounds, nb, cnt, near);
+    if (any_lane<L>(near)) list_near<L>(near, sn, j, near_cols, near_s, n_near);  // rare
     const I act = V::gt(k, I{});
     V::store(row + j, __builtin_convertvector(k, F));
     kacc += k;
     nz -= act;
-    const DV ds = __builtin_convertvector(V::select(act, s, zero), DV);
-    dl += __builtin_convertvector(k, DV) * (ds + dmargin);
+    dl.add(k, V::select(act, s, zero), dmargin);
   }
-  double l = 0;
-  int64_t a = 0, n = 0;
-  for (int t = 0; t < L; ++t) {
-    l += dl[t];
-    a += kacc[t];
-    n += nz[t];
-  }
-  loss += l;
-  active += a;
-  nonzero += n;
-  for (int64_t p = 0; p < np; ++p) {
-    int64_t c = 0;
-    for (int t = 0; t < L; ++t) c += cnt[p * L + t];
-    counts[p] += c;
-  }
+  triplet_row_totals<L>(dl, kacc, nz, cnt, np, counts, loss, active, nonzero);
   return n_near;
 }
 XBM_CPU_DISPATCH(int64_t, triplet_row_vec,
@@ -450,7 +561,10 @@ inline void decide_row(const cpu::LossInputs& in, const Positives& pos, const Tr
     thread_local std::vector<int32_t> cnt;
     thread_local std::vector<int64_t> counts, near_cols;
     thread_local std::vector<float> near_s;
-    cnt.resize(kVecMaxPositives * 16);
+    cnt.resize(kVecMaxPositives * 16 + 16);
+    // each positive's lanes on a cache line of their own: a vector of them read and written
+    // once per block, never split across two lines
+    int32_t* cnt64 = reinterpret_cast<int32_t*>((reinterpret_cast<uintptr_t>(cnt.data()) + 63) & ~uintptr_t{63});
     counts.assign(np, 0);
     near_cols.resize(w);
     near_s.resize(w);
@@ -461,7 +575,7 @@ inline void decide_row(const cpu::LossInputs& in, const Positives& pos, const Tr
     for (const float t : {prm.lo, prm.hi, prm.margin})
       if (!(std::abs(t) > 2.5f)) bounds[nb++] = t;  // as negative_s: +-3 is no bound
     const float* sp = pos.s.data() + s0;
-    const int64_t n_near = triplet_row_vec(row, w, z, yi, sp, np, prm.lo, prm.hi, prm.margin, bounds, nb, cnt.data(),
+    const int64_t n_near = triplet_row_vec(row, w, z, yi, sp, np, prm.lo, prm.hi, prm.margin, bounds, nb, cnt64,
                                            counts.data(), near_cols.data(), near_s.data(), out.loss, out.active,
                                            out.nonzero);
     if (own) row[self_col] = 0.f;
