@@ -153,8 +153,6 @@ template <int L>
 struct DoubleLanes {  // (as cpu::Lanes: a dependent vector_size outside the function using it)
   typedef double D __attribute__((vector_size(8 * L)));
   typedef double H __attribute__((vector_size(4 * L)));  // half of them: one register
-  typedef float FH __attribute__((vector_size(2 * L)));
-  typedef int32_t IH __attribute__((vector_size(2 * L)));
 };
 
 // A row's loss lanes sum k (s + margin) in double, lane t of the blocks in lane t: two halves
@@ -164,14 +162,12 @@ struct LossLanes {
   typedef DoubleLanes<L> DL;
   typename DL::H lo = typename DL::H{}, hi = typename DL::H{};
   XBM_INLINE void add(typename Vec<L>::I k, typename Vec<L>::F s, double margin) {
-    typename DL::FH s0, s1;
-    typename DL::IH k0, k1;
-    std::memcpy(&s0, &s, sizeof(s0));
-    std::memcpy(&s1, reinterpret_cast<const char*>(&s) + sizeof(s0), sizeof(s1));
-    std::memcpy(&k0, &k, sizeof(k0));
-    std::memcpy(&k1, reinterpret_cast<const char*>(&k) + sizeof(k0), sizeof(k1));
-    lo += __builtin_convertvector(k0, typename DL::H) * (__builtin_convertvector(s0, typename DL::H) + margin);
-    hi += __builtin_convertvector(k1, typename DL::H) * (__builtin_convertvector(s1, typename DL::H) + margin);
+    const typename DL::D t = __builtin_convertvector(k, typename DL::D) * (__builtin_convertvector(s, typename DL::D) + margin);
+    typename DL::H t0, t1;
+    std::memcpy(&t0, &t, sizeof(t0));
+    std::memcpy(&t1, reinterpret_cast<const char*>(&t) + sizeof(t0), sizeof(t1));
+    lo += t0;
+    hi += t1;
   }
   XBM_INLINE double sum() const {
     double l = 0;
@@ -254,12 +250,13 @@ XBM_INLINE typename Vec<L>::I triplet_block_counts(typename Vec<L>::F s, const f
 // flushed subnormal: a non-zero difference of two floats of such a size is at least 2^-124).
 template <int L, bool Lt, bool Undo = false>
 XBM_INLINE typename Vec<L>::I triplet_block_counts_margin(typename Vec<L>::F s, const float* sp, int64_t np,
-                                                          float margin, int32_t* cnt) {
+                                                          typename Vec<L>::F vm, int32_t* cnt) {
   using V = Vec<L>;
   using I = typename V::I;
   I k = I{};
-  const typename V::F zero = V::splat(0.f), vm = V::splat(margin);
+  const typename V::F zero = V::splat(0.f);
   const I one = I{} + (Undo ? -1 : 1);
+#pragma GCC unroll 2
   for (int64_t p = 0; p < np; ++p) {
     const typename V::F u = bcast<L>(sp + p) - s;
     const I m = Lt ? (u < vm) : (vm - u > zero);
@@ -421,20 +418,20 @@ XBM_INLINE int64_t triplet_row_margin(float* row, int64_t w, const int32_t* z, i
   LossLanes<L> dl;
   I kacc = I{}, nz = I{};
   int64_t n_near = 0;
+  const F vm = V::splat(margin);
   PositiveTable<L> tab;
   tab.fill(sp, np);
   // Where lo and hi are far from 0 (|lo|, |hi| > 2.5: no subnormal results near them), a lane
   // with t_hi <= sn <= t_lo passes the lo test at sp[0] and the hi test at sp[np - 1]: with
-  // t_lo <= sp[0] - next(lo) and t_hi >= sp[np - 1] - hi (computed in double, then one float
-  // step inwards), fl(sp[0] - sn) >= next(lo) > lo and fl(sp[np - 1] - sn) <= hi, rounding being
-  // monotone. (A same-label lane, -inf below, passes both tests anyway.) Blocks that fail this
-  // take the tests themselves.
+  // t_lo <= sp[0] - next(lo) and t_hi >= sp[np - 1] - hi, fl(sp[0] - sn) >= next(lo) > lo and
+  // fl(sp[np - 1] - sn) <= hi, rounding being monotone. (A same-label lane, -inf below, passes
+  // both tests anyway.) The differences in double, moved inwards by 1e-6 of |sp| + |lo| (or
+  // |hi|), more than next(lo) - lo and the rounding to float together (each at most 2^-23 of
+  // it). Blocks that fail this take the tests themselves.
   const bool thresholds = std::abs(lo) > 2.5f && std::abs(hi) > 2.5f;
-  const float inf = std::numeric_limits<float>::infinity();
-  const F t_lo = V::splat(std::nextafter(
-      static_cast<float>(static_cast<double>(sp[0]) - static_cast<double>(std::nextafter(lo, inf))), -inf));
-  const F t_hi = V::splat(
-      std::nextafter(static_cast<float>(static_cast<double>(sp[np - 1]) - static_cast<double>(hi)), inf));
+  const double a0 = sp[0], a1 = sp[np - 1];
+  const F t_lo = V::splat(static_cast<float>(a0 - lo - 1e-6 * (std::abs(a0) + std::abs(lo))));
+  const F t_hi = V::splat(static_cast<float>(a1 - hi + 1e-6 * (std::abs(a1) + std::abs(hi))));
   for (int64_t j = 0; j + L <= w; j += L) {
     const F sn = V::load(row + j);
     // other-label lanes: sn; same-label lanes: -inf, which no positive makes active or near
@@ -443,12 +440,12 @@ XBM_INLINE int64_t triplet_row_margin(float* row, int64_t w, const int32_t* z, i
     if (__builtin_expect((thresholds && !any_lane<L>(~(V::keep(sn <= t_lo) & V::keep(sn >= t_hi)))) ||
                              !any_lane<L>(~V::gt(v0 - s, lo) | (V::ne(s, ninf) & ~V::keep(vmax - s <= hi))),
                          1)) {
-      k = triplet_block_counts_margin<L, Lt>(s, sp, np, margin, cnt);
+      k = triplet_block_counts_margin<L, Lt>(s, sp, np, vm, cnt);
       bool ok;
       near = triplet_near_at<L>(s, k, tab, static_cast<int32_t>(np), bounds[0], ok);
       if (__builtin_expect(!ok, 0)) near = triplet_block_near<L, 1>(s, sp, np, bounds);
       if (__builtin_expect(any_lane<L>(near), 0)) {  // their counts taken back out
-        triplet_block_counts_margin<L, false, true>(V::select(near, s, ninf), sp, np, margin, cnt);
+        triplet_block_counts_margin<L, false, true>(V::select(near, s, ninf), sp, np, vm, cnt);
         k = select_int<L>(near, I{}, k);
       }
     } else {
