@@ -199,7 +199,8 @@ XBM_INLINE typename Vec<L>::I select_int(typename Vec<L>::I m, typename Vec<L>::
 }
 
 // The sorted positives sp[0..np), np <= 2 L, as two vectors (t0: the first L, t1: the rest),
-// looked up lane by lane at indices in [0, np).
+// looked up lane by lane at indices taken modulo L (np <= L) or 2 L (__builtin_shuffle's
+// rule): in [0, np) the positives, elsewhere some value the caller does not use.
 template <int L>
 struct PositiveTable {
   typename Vec<L>::F t0, t1;
@@ -214,7 +215,10 @@ struct PositiveTable {
   XBM_INLINE typename Vec<L>::F at(typename Vec<L>::I idx) const {
 #if defined(__clang__)
     typename Vec<L>::F v;
-    for (int t = 0; t < L; ++t) v[t] = idx[t] < L ? t0[idx[t]] : t1[idx[t] - L];
+    for (int t = 0; t < L; ++t) {
+      const int i = idx[t] & (two ? 2 * L - 1 : L - 1);
+      v[t] = i < L ? t0[i] : t1[i - L];
+    }
     return v;
 #else
     return two ? __builtin_shuffle(t0, t1, idx) : __builtin_shuffle(t0, idx);
@@ -315,8 +319,7 @@ XBM_INLINE typename Vec<L>::I triplet_near_at(typename Vec<L>::F s, typename Vec
   const F lo = ct - tol, hi = ct + tol;
   const I zero = I{}, vnp = zero + np;
   const I has_low = V::gt(c, zero), has_high = V::lt(c, vnp);
-  const F vl = tab.at(select_int<L>(has_low, c - 1, zero));
-  const F vh = tab.at(select_int<L>(has_high, c, vnp - 1));
+  const F vl = tab.at(c - 1), vh = tab.at(c);  // (used where has_low, has_high)
   const I al = ~V::lt(vl, lo), bl = V::keep(vl <= hi), ah = ~V::lt(vh, lo), bh = V::keep(vh <= hi);
   ok = V::bits(~((~has_low | bl) & (~has_high | ah))) == 0;
   return (has_low & al & bl) | (has_high & ah & bh);
