@@ -369,6 +369,20 @@ XBM_CPU_DISPATCH(void, triplet_block_out,
                   float margin, const float* bounds, int nb, int32_t* cnt, int32_t* k_out, int32_t* near_out),
                  (sn, zj, yi, sp, np, lo, hi, margin, bounds, nb, cnt, k_out, near_out))
 
+// The sum of a vector's int32 lanes (exact: each lane a count of at most the row's blocks):
+// halves added lane by lane down to 4, then those 4.
+template <int L>
+XBM_INLINE int64_t lane_sum(typename Vec<L>::I v) {
+  if constexpr (L > 4) {
+    typename Vec<L / 2>::I a, b;
+    std::memcpy(&a, &v, sizeof(a));
+    std::memcpy(&b, reinterpret_cast<const char*>(&v) + sizeof(a), sizeof(b));
+    return lane_sum<L / 2>(a + b);
+  } else {
+    return static_cast<int64_t>(v[0]) + v[1] + v[2] + v[3];
+  }
+}
+
 // A row's totals: the loss lanes dl, the coefficients kacc and nonzero lanes nz summed into
 // loss, active and nonzero, each positive's lanes of cnt into counts[p].
 template <int L>
@@ -383,11 +397,7 @@ XBM_INLINE void triplet_row_totals(const LossLanes<L>& dl, typename Vec<L>::I ka
   loss += dl.sum();
   active += a;
   nonzero += n;
-  for (int64_t p = 0; p < np; ++p) {
-    int64_t c = 0;
-    for (int t = 0; t < L; ++t) c += cnt[p * L + t];
-    counts[p] += c;
-  }
+  for (int64_t p = 0; p < np; ++p) counts[p] += lane_sum<L>(Vec<L>::load(cnt + p * L));
 }
 
 // Where a block's near lanes go: their columns and scores listed for the scalar path.
@@ -558,16 +568,25 @@ inline void decide_row(const cpu::LossInputs& in, const Positives& pos, const Tr
 #if XBM_CPU_VECTOR
   if (np <= kVecMaxPositives) {
     const int L = cpu::simd_lanes();
-    thread_local std::vector<int32_t> cnt;
-    thread_local std::vector<int64_t> counts, near_cols;
-    thread_local std::vector<float> near_s;
-    cnt.resize(kVecMaxPositives * 16 + 16);
+    struct Scratch {  // one thread-local object (one TLS look-up per row)
+      std::vector<int32_t> cnt;
+      std::vector<int64_t> counts, near_cols;
+      std::vector<float> near_s;
+    };
+    thread_local Scratch sc;
+    std::vector<int32_t>& cnt = sc.cnt;
+    std::vector<int64_t>& counts = sc.counts;
+    std::vector<int64_t>& near_cols = sc.near_cols;
+    std::vector<float>& near_s = sc.near_s;
+    if (cnt.empty()) cnt.resize(kVecMaxPositives * 16 + 16);
     // each positive's lanes on a cache line of their own: a vector of them read and written
     // once per block, never split across two lines
     int32_t* cnt64 = reinterpret_cast<int32_t*>((reinterpret_cast<uintptr_t>(cnt.data()) + 63) & ~uintptr_t{63});
     counts.assign(np, 0);
-    near_cols.resize(w);
-    near_s.resize(w);
+    if (static_cast<int64_t>(near_cols.size()) < w) {
+      near_cols.resize(w);
+      near_s.resize(w);
+    }
     const bool own = self_col >= 0 && self_col < w - w % L;  // the own column in the vector part
     if (own) row[self_col] = std::numeric_limits<float>::quiet_NaN();  // no negative: coefficient 0
     float bounds[3];
