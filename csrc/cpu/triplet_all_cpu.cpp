@@ -24,7 +24,11 @@
 // difference array gives), and the loss k (S_in + margin) in double lanes, minus sum_p count_p
 // S_ip. A negative near a bound (negative_s's test, the same fp32 arithmetic) takes the scalar
 // path, as do anchors with more positives and the last w mod L columns of a row: the scalar
-// code is the definition. (The anchor's own column enters the vector pass as a NaN score,
+// code is the definition. Where the margin is the one bound (the default: no selection) and
+// the positives fit in two vectors, a block's counts come first and the near test looks at two
+// positives per lane only, those on either side of the lane's count (triplet_near_at, which
+// checks the premise that makes this exact and otherwise tests every positive); the few near
+// lanes' counts are then taken back out. (The anchor's own column enters the vector pass as a NaN score,
 // which no predicate holds for: coefficient 0, as the scalar path gives it.)
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
@@ -148,22 +152,79 @@ constexpr int64_t kVecMaxPositives = 64;
 template <int L>
 struct DoubleLanes {  // (as cpu::Lanes: a dependent vector_size outside the function using it)
   typedef double D __attribute__((vector_size(8 * L)));
+  typedef double H __attribute__((vector_size(4 * L)));  // half of them: one register
+};
+
+// A row's loss lanes sum k (s + margin) in double, lane t of the blocks in lane t: two halves
+// of L / 2 doubles, each a register (one vector of L doubles is kept in memory).
+template <int L>
+struct LossLanes {
+  typedef DoubleLanes<L> DL;
+  typename DL::H lo = typename DL::H{}, hi = typename DL::H{};
+  XBM_INLINE void add(typename Vec<L>::I k, typename Vec<L>::F s, double margin) {
+    const typename DL::D t = __builtin_convertvector(k, typename DL::D) * (__builtin_convertvector(s, typename DL::D) + margin);
+    typename DL::H t0, t1;
+    std::memcpy(&t0, &t, sizeof(t0));
+    std::memcpy(&t1, reinterpret_cast<const char*>(&t) + sizeof(t0), sizeof(t1));
+    lo += t0;
+    hi += t1;
+  }
+  XBM_INLINE double sum() const {
+    double l = 0;
+    for (int t = 0; t < L / 2; ++t) l += lo[t];
+    for (int t = 0; t < L / 2; ++t) l += hi[t];
+    return l;
+  }
 };
 
 // Whether any lane of a mask is set.
 template <int L>
 XBM_INLINE bool any_lane(typename Vec<L>::I m) {
-  if constexpr (L == 4) {
-    int64_t h[2];
-    std::memcpy(h, &m, sizeof(h));
-    return (h[0] | h[1]) != 0;
-  } else {
-    typename Vec<L / 2>::I a, b;
-    std::memcpy(&a, &m, sizeof(a));
-    std::memcpy(&b, reinterpret_cast<const char*>(&m) + sizeof(a), sizeof(b));
-    return any_lane<L / 2>(a | b);
-  }
+  return Vec<L>::bits(m) != 0;
 }
+
+// Every lane holding *a: one broadcast (V::splat's 0 + a costs an add first, as 0 + -0 is +0;
+// its bits or'ed into zeros are a plain broadcast, and the same value).
+template <int L>
+XBM_INLINE typename Vec<L>::F bcast(const float* a) {
+  int32_t b;
+  std::memcpy(&b, a, sizeof(b));
+  return reinterpret_cast<typename Vec<L>::F>(typename Vec<L>::I{} | b);
+}
+
+// a where m is set, else b (int lanes).
+template <int L>
+XBM_INLINE typename Vec<L>::I select_int(typename Vec<L>::I m, typename Vec<L>::I a, typename Vec<L>::I b) {
+  return (m & a) | (~m & b);
+}
+
+// The sorted positives sp[0..np), np <= 2 L, as two vectors (t0: the first L, t1: the rest),
+// looked up lane by lane at indices taken modulo L (np <= L) or 2 L (__builtin_shuffle's
+// rule): in [0, np) the positives, elsewhere some value the caller does not use.
+template <int L>
+struct PositiveTable {
+  typename Vec<L>::F t0, t1;
+  bool two;
+  XBM_INLINE void fill(const float* sp, int64_t np) {
+    two = np > L;
+    float buf[2 * L];
+    for (int t = 0; t < 2 * L; ++t) buf[t] = sp[std::min<int64_t>(t, np - 1)];
+    t0 = Vec<L>::load(buf);
+    t1 = Vec<L>::load(buf + L);
+  }
+  XBM_INLINE typename Vec<L>::F at(typename Vec<L>::I idx) const {
+#if defined(__clang__)
+    typename Vec<L>::F v;
+    for (int t = 0; t < L; ++t) {
+      const int i = idx[t] & (two ? 2 * L - 1 : L - 1);
+      v[t] = i < L ? t0[i] : t1[i - L];
+    }
+    return v;
+#else
+    return two ? __builtin_shuffle(t0, t1, idx) : __builtin_shuffle(t0, idx);
+#endif
+  }
+};
 
 // One block's coefficients over the sorted positives sp[0..np): per lane the number of positives
 // with lo < u <= hi and margin - u > 0, u = fl(sp - s) (each positive's lanes counted into
@@ -176,13 +237,37 @@ XBM_INLINE typename Vec<L>::I triplet_block_counts(typename Vec<L>::F s, const f
   typename V::I k = typename V::I{};
   const typename V::F zero = V::splat(0.f), vm = V::splat(margin);
   for (int64_t p = 0; p < np; ++p) {
-    const typename V::F u = V::splat(sp[p]) - s;
+    const typename V::F u = bcast<L>(sp + p) - s;
     typename V::I m = V::gt(vm - u, zero);
     if (CheckLo) m &= V::gt(u, lo);
     if (CheckHi) m &= V::keep(u <= hi);
     const typename V::I c = V::load(cnt + p * L) - m;
     std::memcpy(cnt + p * L, &c, sizeof(c));
     k -= m;
+  }
+  return k;
+}
+
+// triplet_block_counts without the lo and hi tests (they hold for every lane at every positive),
+// its masks applied as masked adds. Lt: margin - u > 0 evaluated as u < margin, the same answer
+// for a margin of at least 2^-100 (fl(margin - u) is then 0 only where u = margin, never a
+// flushed subnormal: a non-zero difference of two floats of such a size is at least 2^-124).
+template <int L, bool Lt, bool Undo = false>
+XBM_INLINE typename Vec<L>::I triplet_block_counts_margin(typename Vec<L>::F s, const float* sp, int64_t np,
+                                                          typename Vec<L>::F vm, int32_t* cnt) {
+  using V = Vec<L>;
+  using I = typename V::I;
+  I k = I{};
+  const typename V::F zero = V::splat(0.f);
+  const I one = I{} + (Undo ? -1 : 1);
+#pragma GCC unroll 2
+  for (int64_t p = 0; p < np; ++p) {
+    const typename V::F u = bcast<L>(sp + p) - s;
+    const I m = Lt ? (u < vm) : (vm - u > zero);
+    I c = V::load(cnt + p * L);
+    c = m ? c + one : c;
+    std::memcpy(cnt + p * L, &c, sizeof(c));
+    k = m ? k + one : k;
   }
   return k;
 }
@@ -207,11 +292,190 @@ XBM_INLINE typename Vec<L>::I triplet_block_near(typename Vec<L>::F s, const flo
       hi[t] = c + tol;
     }
     for (int64_t p = 0; p < np; ++p) {
-      const F v = V::splat(sp[p]);
+      const F v = bcast<L>(sp + p);
       for (int t = 0; t < NB; ++t) near |= ~V::lt(v, lo[t]) & V::keep(v <= hi[t]);
     }
   }
   return near;
+}
+
+// triplet_block_near's answer for one bound t from two positives per lane, given c: for each
+// lane an index in [0, np] (the count of positives below t's flip point, which puts the near
+// positives, if any, at c - 1 or c). With A(v) = !(v < fl(fl(s + t) - tol)) (false, then true as
+// v grows) and B(v) = v <= fl(fl(s + t) + tol) (true, then false), a positive is near when A and
+// B hold for it: the near positives are an index range [n1, n2). Where B holds at c - 1 (or
+// c = 0) and A at c (or c = np), n1 <= c <= n2, and the range is non-empty exactly when it holds
+// c - 1 or c. ok is false when some lane does not meet that premise (the caller then runs
+// triplet_block_near): the answer never rests on c being the count.
+template <int L>
+XBM_INLINE typename Vec<L>::I triplet_near_at(typename Vec<L>::F s, typename Vec<L>::I c, const PositiveTable<L>& tab,
+                                              int32_t np, float t, bool& ok) {
+  using V = Vec<L>;
+  using F = typename V::F;
+  using I = typename V::I;
+  const F abs_s = reinterpret_cast<F>(reinterpret_cast<I>(s) & 0x7fffffff);
+  const F tol = V::splat(1e-5f) * (V::splat(1.f) + abs_s);
+  const F ct = s + t;
+  const F lo = ct - tol, hi = ct + tol;
+  const I zero = I{}, vnp = zero + np;
+  const I has_low = V::gt(c, zero), has_high = V::lt(c, vnp);
+  const F vl = tab.at(c - 1), vh = tab.at(c);  // (used where has_low, has_high)
+  const I al = ~V::lt(vl, lo), bl = V::keep(vl <= hi), ah = ~V::lt(vh, lo), bh = V::keep(vh <= hi);
+  ok = V::bits(~((~has_low | bl) & (~has_high | ah))) == 0;
+  return (has_low & al & bl) | (has_high & ah & bh);
+}
+
+// One block by the general rule: the near lanes (triplet_block_near, NB of the bounds) written
+// into near and left out (coefficient 0), then the others counted with the lo and hi tests
+// where some lane needs them. s: other-label lanes their score, the others -inf or NaN.
+template <int L>
+XBM_INLINE typename Vec<L>::I triplet_block_general(typename Vec<L>::F s, const float* sp, int64_t np, float lo,
+                                                    float hi, float margin, const float* bounds, int nb, int32_t* cnt,
+                                                    typename Vec<L>::I& near) {
+  using V = Vec<L>;
+  const typename V::F ninf = V::splat(-std::numeric_limits<float>::infinity());
+  switch (nb) {
+    case 0: near = typename V::I{}; break;
+    case 1: near = triplet_block_near<L, 1>(s, sp, np, bounds); break;
+    case 2: near = triplet_block_near<L, 2>(s, sp, np, bounds); break;
+    default: near = triplet_block_near<L, 3>(s, sp, np, bounds); break;
+  }
+  s = V::select(near, ninf, s);
+  const bool check_lo = any_lane<L>(~V::gt(bcast<L>(sp) - s, lo));
+  const bool check_hi = any_lane<L>(V::ne(s, ninf) & ~V::keep(bcast<L>(sp + np - 1) - s <= hi));
+  if (check_lo)
+    return check_hi ? triplet_block_counts<L, true, true>(s, sp, np, lo, hi, margin, cnt)
+                    : triplet_block_counts<L, true, false>(s, sp, np, lo, hi, margin, cnt);
+  return check_hi ? triplet_block_counts<L, false, true>(s, sp, np, lo, hi, margin, cnt)
+                  : triplet_block_counts<L, false, false>(s, sp, np, lo, hi, margin, cnt);
+}
+
+// The same out of line (for the margin-only rows' rare blocks that need the lo and hi tests):
+// the block of scores sn and labels zj, its k and near lanes written to k_out and near_out.
+template <int L>
+XBM_INLINE void triplet_block_out_lanes(const float* sn, const int32_t* zj, int32_t yi, const float* sp, int64_t np,
+                                        float lo, float hi, float margin, const float* bounds, int nb, int32_t* cnt,
+                                        int32_t* k_out, int32_t* near_out) {
+  using V = Vec<L>;
+  const typename V::F s =
+      V::select(V::ne(V::load(zj), yi), V::load(sn), V::splat(-std::numeric_limits<float>::infinity()));
+  typename V::I near;
+  const typename V::I k = triplet_block_general<L>(s, sp, np, lo, hi, margin, bounds, nb, cnt, near);
+  std::memcpy(k_out, &k, sizeof(k));
+  std::memcpy(near_out, &near, sizeof(near));
+}
+XBM_CPU_DISPATCH(void, triplet_block_out,
+                 (const float* sn, const int32_t* zj, int32_t yi, const float* sp, int64_t np, float lo, float hi,
+                  float margin, const float* bounds, int nb, int32_t* cnt, int32_t* k_out, int32_t* near_out),
+                 (sn, zj, yi, sp, np, lo, hi, margin, bounds, nb, cnt, k_out, near_out))
+
+// The sum of a vector's int32 lanes (exact: each lane a count of at most the row's blocks):
+// halves added lane by lane down to 4, then those 4.
+template <int L>
+XBM_INLINE int64_t lane_sum(typename Vec<L>::I v) {
+  if constexpr (L > 4) {
+    typename Vec<L / 2>::I a, b;
+    std::memcpy(&a, &v, sizeof(a));
+    std::memcpy(&b, reinterpret_cast<const char*>(&v) + sizeof(a), sizeof(b));
+    return lane_sum<L / 2>(a + b);
+  } else {
+    return static_cast<int64_t>(v[0]) + v[1] + v[2] + v[3];
+  }
+}
+
+// A row's totals: the loss lanes dl, the coefficients kacc and nonzero lanes nz summed into
+// loss, active and nonzero, each positive's lanes of cnt into counts[p].
+template <int L>
+XBM_INLINE void triplet_row_totals(const LossLanes<L>& dl, typename Vec<L>::I kacc, typename Vec<L>::I nz,
+                                   const int32_t* cnt, int64_t np, int64_t* counts, double& loss, int64_t& active,
+                                   int64_t& nonzero) {
+  int64_t a = 0, n = 0;
+  for (int t = 0; t < L; ++t) {
+    a += kacc[t];
+    n += nz[t];
+  }
+  loss += dl.sum();
+  active += a;
+  nonzero += n;
+  for (int64_t p = 0; p < np; ++p) counts[p] += lane_sum<L>(Vec<L>::load(cnt + p * L));
+}
+
+// Where a block's near lanes go: their columns and scores listed for the scalar path.
+template <int L>
+XBM_INLINE void list_near(typename Vec<L>::I near, typename Vec<L>::F sn, int64_t j, int64_t* near_cols,
+                          float* near_s, int64_t& n_near) {
+  for (uint32_t b = Vec<L>::bits(near); b != 0; b &= b - 1) {
+    const int t = __builtin_ctz(b);
+    near_cols[n_near] = j + t;
+    near_s[n_near++] = sn[t];
+  }
+}
+
+// triplet_row_vec's rows whose one bound is the margin (|lo|, |hi| > 2.5 or otherwise not
+// bounds), np <= 2 L: a block's counts first (the margin's test only, where the lo and hi tests
+// hold for every lane at every positive), its near lanes then found at each lane's count
+// (triplet_near_at) and their counts taken back out. Blocks that need the lo or hi test take
+// triplet_block_out. Lt: see triplet_block_counts_margin.
+template <int L, bool Lt>
+XBM_INLINE int64_t triplet_row_margin(float* row, int64_t w, const int32_t* z, int32_t yi, const float* sp,
+                                      int64_t np, float lo, float hi, float margin, const float* bounds, int32_t* cnt,
+                                      int64_t* counts, int64_t* near_cols, float* near_s, double& loss,
+                                      int64_t& active, int64_t& nonzero) {
+  using V = Vec<L>;
+  using F = typename V::F;
+  using I = typename V::I;
+  std::fill(cnt, cnt + np * L, 0);
+  const F ninf = V::splat(-std::numeric_limits<float>::infinity()), zero = V::splat(0.f);
+  const F v0 = V::splat(sp[0]), vmax = V::splat(sp[np - 1]);
+  const double dmargin = margin;
+  LossLanes<L> dl;
+  I kacc = I{}, nz = I{};
+  int64_t n_near = 0;
+  const F vm = V::splat(margin);
+  PositiveTable<L> tab;
+  tab.fill(sp, np);
+  // Where lo and hi are far from 0 (|lo|, |hi| > 2.5: no subnormal results near them), a lane
+  // with t_hi <= sn <= t_lo passes the lo test at sp[0] and the hi test at sp[np - 1]: with
+  // t_lo <= sp[0] - next(lo) and t_hi >= sp[np - 1] - hi, fl(sp[0] - sn) >= next(lo) > lo and
+  // fl(sp[np - 1] - sn) <= hi, rounding being monotone. (A same-label lane, -inf below, passes
+  // both tests anyway.) The differences in double, moved inwards by 1e-6 of |sp| + |lo| (or
+  // |hi|), more than next(lo) - lo and the rounding to float together (each at most 2^-23 of
+  // it). Blocks that fail this take the tests themselves.
+  const bool thresholds = std::abs(lo) > 2.5f && std::abs(hi) > 2.5f;
+  const double a0 = sp[0], a1 = sp[np - 1];
+  const F t_lo = V::splat(static_cast<float>(a0 - lo - 1e-6 * (std::abs(a0) + std::abs(lo))));
+  const F t_hi = V::splat(static_cast<float>(a1 - hi + 1e-6 * (std::abs(a1) + std::abs(hi))));
+  for (int64_t j = 0; j + L <= w; j += L) {
+    const F sn = V::load(row + j);
+    // other-label lanes: sn; same-label lanes: -inf, which no positive makes active or near
+    const F s = V::select(V::ne(V::load(z + j), yi), sn, ninf);
+    I k, near;
+    if (__builtin_expect((thresholds && !any_lane<L>(~(V::keep(sn <= t_lo) & V::keep(sn >= t_hi)))) ||
+                             !any_lane<L>(~V::gt(v0 - s, lo) | (V::ne(s, ninf) & ~V::keep(vmax - s <= hi))),
+                         1)) {
+      k = triplet_block_counts_margin<L, Lt>(s, sp, np, vm, cnt);
+      bool ok;
+      near = triplet_near_at<L>(s, k, tab, static_cast<int32_t>(np), bounds[0], ok);
+      if (__builtin_expect(!ok, 0)) near = triplet_block_near<L, 1>(s, sp, np, bounds);
+      if (__builtin_expect(any_lane<L>(near), 0)) {  // their counts taken back out
+        triplet_block_counts_margin<L, false, true>(V::select(near, s, ninf), sp, np, vm, cnt);
+        k = select_int<L>(near, I{}, k);
+      }
+    } else {
+      int32_t kb[L], nbuf[L];
+      triplet_block_out(row + j, z + j, yi, sp, np, lo, hi, margin, bounds, 1, cnt, kb, nbuf);
+      k = V::load(kb);
+      near = V::load(nbuf);
+    }
+    if (__builtin_expect(any_lane<L>(near), 0)) list_near<L>(near, sn, j, near_cols, near_s, n_near);
+    const I act = V::gt(k, I{});  // (never a near lane, nor one whose s is not finite)
+    V::store(row + j, __builtin_convertvector(k, F));
+    kacc += k;
+    nz -= act;
+    dl.add(k, V::select(act, s, zero), dmargin);
+  }
+  triplet_row_totals<L>(dl, kacc, nz, cnt, np, counts, loss, active, nonzero);
+  return n_near;
 }
 
 // The columns [0, w - w mod L) of a row (its own column, if there, a NaN),
@@ -225,67 +489,34 @@ XBM_INLINE int64_t triplet_row_vec_lanes(float* row, int64_t w, const int32_t* z
                                          int64_t np, float lo, float hi, float margin, const float* bounds, int nb,
                                          int32_t* cnt, int64_t* counts, int64_t* near_cols, float* near_s, double& loss,
                                          int64_t& active, int64_t& nonzero) {
+  if (nb == 1 && np <= 2 * L)
+    return margin >= 0x1p-100f ? triplet_row_margin<L, true>(row, w, z, yi, sp, np, lo, hi, margin, bounds, cnt, counts,
+                                                             near_cols, near_s, loss, active, nonzero)
+                               : triplet_row_margin<L, false>(row, w, z, yi, sp, np, lo, hi, margin, bounds, cnt,
+                                                              counts, near_cols, near_s, loss, active, nonzero);
   using V = Vec<L>;
   using F = typename V::F;
   using I = typename V::I;
-  typedef typename DoubleLanes<L>::D DV;
   std::fill(cnt, cnt + np * L, 0);
   const F ninf = V::splat(-std::numeric_limits<float>::infinity()), zero = V::splat(0.f);
-  const F v0 = V::splat(sp[0]), vmax = V::splat(sp[np - 1]);
-  const DV dmargin = DV{} + static_cast<double>(margin);
-  DV dl = DV{};
+  const double dmargin = margin;
+  LossLanes<L> dl;
   I kacc = I{}, nz = I{};
   int64_t n_near = 0;
   for (int64_t j = 0; j + L <= w; j += L) {
     const F sn = V::load(row + j);
     // other-label lanes: sn; same-label lanes: -inf, which no positive makes active or near
-    F s = V::select(V::ne(V::load(z + j), yi), sn, ninf);
+    const F s = V::select(V::ne(V::load(z + j), yi), sn, ninf);
     I near;
-    switch (nb) {
-      case 0: near = I{}; break;
-      case 1: near = triplet_block_near<L, 1>(s, sp, np, bounds); break;
-      case 2: near = triplet_block_near<L, 2>(s, sp, np, bounds); break;
-      default: near = triplet_block_near<L, 3>(s, sp, np, bounds); break;
-    }
-    if (any_lane<L>(near)) {  // rare: those lanes decided by the scalar path, the others here
-      for (int t = 0; t < L; ++t)
-        if (near[t]) {
-          near_cols[n_near] = j + t;
-          near_s[n_near++] = sn[t];
-        }
-      s = V::select(near, ninf, s);
-    }
-    const bool check_lo = any_lane<L>(~V::gt(v0 - s, lo));
-    const bool check_hi = any_lane<L>(V::ne(s, ninf) & ~V::keep(vmax - s <= hi));
-    I k;
-    if (check_lo)
-      k = check_hi ? triplet_block_counts<L, true, true>(s, sp, np, lo, hi, margin, cnt)
-                   : triplet_block_counts<L, true, false>(s, sp, np, lo, hi, margin, cnt);
-    else
-      k = check_hi ? triplet_block_counts<L, false, true>(s, sp, np, lo, hi, margin, cnt)
-                   : triplet_block_counts<L, false, false>(s, sp, np, lo, hi, margin, cnt);
+    const I k = triplet_block_general<L>(s, sp, np, lo, hi, margin, bounds, nb, cnt, near);
+    if (any_lane<L>(near)) list_near<L>(near, sn, j, near_cols, near_s, n_near);  // rare
     const I act = V::gt(k, I{});
     V::store(row + j, __builtin_convertvector(k, F));
     kacc += k;
     nz -= act;
-    const DV ds = __builtin_convertvector(V::select(act, s, zero), DV);
-    dl += __builtin_convertvector(k, DV) * (ds + dmargin);
+    dl.add(k, V::select(act, s, zero), dmargin);
   }
-  double l = 0;
-  int64_t a = 0, n = 0;
-  for (int t = 0; t < L; ++t) {
-    l += dl[t];
-    a += kacc[t];
-    n += nz[t];
-  }
-  loss += l;
-  active += a;
-  nonzero += n;
-  for (int64_t p = 0; p < np; ++p) {
-    int64_t c = 0;
-    for (int t = 0; t < L; ++t) c += cnt[p * L + t];
-    counts[p] += c;
-  }
+  triplet_row_totals<L>(dl, kacc, nz, cnt, np, counts, loss, active, nonzero);
   return n_near;
 }
 XBM_CPU_DISPATCH(int64_t, triplet_row_vec,
@@ -337,13 +568,25 @@ inline void decide_row(const cpu::LossInputs& in, const Positives& pos, const Tr
 #if XBM_CPU_VECTOR
   if (np <= kVecMaxPositives) {
     const int L = cpu::simd_lanes();
-    thread_local std::vector<int32_t> cnt;
-    thread_local std::vector<int64_t> counts, near_cols;
-    thread_local std::vector<float> near_s;
-    cnt.resize(kVecMaxPositives * 16);
+    struct Scratch {  // one thread-local object (one TLS look-up per row)
+      std::vector<int32_t> cnt;
+      std::vector<int64_t> counts, near_cols;
+      std::vector<float> near_s;
+    };
+    thread_local Scratch sc;
+    std::vector<int32_t>& cnt = sc.cnt;
+    std::vector<int64_t>& counts = sc.counts;
+    std::vector<int64_t>& near_cols = sc.near_cols;
+    std::vector<float>& near_s = sc.near_s;
+    if (cnt.empty()) cnt.resize(kVecMaxPositives * 16 + 16);
+    // each positive's lanes on a cache line of their own: a vector of them read and written
+    // once per block, never split across two lines
+    int32_t* cnt64 = reinterpret_cast<int32_t*>((reinterpret_cast<uintptr_t>(cnt.data()) + 63) & ~uintptr_t{63});
     counts.assign(np, 0);
-    near_cols.resize(w);
-    near_s.resize(w);
+    if (static_cast<int64_t>(near_cols.size()) < w) {
+      near_cols.resize(w);
+      near_s.resize(w);
+    }
     const bool own = self_col >= 0 && self_col < w - w % L;  // the own column in the vector part
     if (own) row[self_col] = std::numeric_limits<float>::quiet_NaN();  // no negative: coefficient 0
     float bounds[3];
@@ -351,7 +594,7 @@ inline void decide_row(const cpu::LossInputs& in, const Positives& pos, const Tr
     for (const float t : {prm.lo, prm.hi, prm.margin})
       if (!(std::abs(t) > 2.5f)) bounds[nb++] = t;  // as negative_s: +-3 is no bound
     const float* sp = pos.s.data() + s0;
-    const int64_t n_near = triplet_row_vec(row, w, z, yi, sp, np, prm.lo, prm.hi, prm.margin, bounds, nb, cnt.data(),
+    const int64_t n_near = triplet_row_vec(row, w, z, yi, sp, np, prm.lo, prm.hi, prm.margin, bounds, nb, cnt64,
                                            counts.data(), near_cols.data(), near_s.data(), out.loss, out.active,
                                            out.nonzero);
     if (own) row[self_col] = 0.f;
