@@ -60,3 +60,23 @@ def test_every_column_a_positive_gives_exactly_zero(backend, device):
         rows.sum().backward()
         assert bool((rows == 0).all()), rows.tolist()
         assert bool((xg.grad == 0).all()) and bool((rg.grad == 0).all())
+
+
+def test_a_nan_same_label_column_makes_the_row_nan(backend, device):
+    """S = NaN in one of an anchor's same-label columns: not a positive (NaN < 1 - pos_eps is
+    false) but in V_i, so the row's normaliser, and the row, are NaN as in the float64 oracle
+    (not the row without that column); the NaN columns of another label are the other anchor's
+    negatives (the negatives' pass), its row NaN as well."""
+    gen = torch.Generator().manual_seed(0)
+    x = F.normalize(torch.randn(2, 8, generator=gen), dim=1)
+    r = F.normalize(torch.randn(40, 8, generator=gen), dim=1)
+    y = torch.tensor([0, 1])
+    z = torch.arange(40) % 4
+    r[4, 0] = float("nan")  # label 0: anchor 0's same-label column, anchor 1's negative
+    rows = xk.nca_loss(x.to(device), y.to(device), r.to(device), z.to(device), backend=backend, reduction="none")
+    expected = oracle.evaluate("nca", {}, x.double(), y, r.double(), z, 40, None)[0]
+    assert torch.isnan(expected).all()
+    assert torch.isnan(rows.cpu()).all(), rows
+    finite = xk.nca_loss(x.to(device), y.to(device), r[5:].to(device), z[5:].to(device), backend=backend,
+                         reduction="none")
+    assert not torch.isnan(finite.cpu()).any(), finite  # the NaN row is the cause

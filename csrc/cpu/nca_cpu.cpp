@@ -32,6 +32,7 @@ using at::Tensor;
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 
 double log_add_exp(double a, double b) {
+  if (std::isnan(a) || std::isnan(b)) return a + b;  // NaN stays NaN (not dropped with a -inf side)
   if (a < b) std::swap(a, b);
   return a == kNegInf ? kNegInf : a + std::log1p(std::exp(b - a));
 }
@@ -69,8 +70,10 @@ NcaSameLabel nca_same_label(const cpu::LossInputs& in, float a_scale, float pos_
         const int set = out.is_pos(k) ? 0 : 1;
         sum[set] += std::exp(out.logit(k) - top[set]);
       }
-      if (sum[0] > 0) out.lse_pos[i] = top[0] + std::log(sum[0]);
-      if (sum[1] > 0) out.lse_dup[i] = top[1] + std::log(sum[1]);
+      // an empty set stays -inf; a NaN logit (S NaN: no positive, in V_i) makes its set's sum NaN,
+      // which stays NaN (std::max skipped it for top)
+      if (!(sum[0] <= 0)) out.lse_pos[i] = top[0] + std::log(sum[0]);
+      if (!(sum[1] <= 0)) out.lse_dup[i] = top[1] + std::log(sum[1]);
     }
   });
   return out;
