@@ -115,6 +115,29 @@ inline int64_t pair_lse_row_scalar(const float* row, float* crow, int64_t w, int
   return np;
 }
 
+// One row of pair_lse_bwd's coefficients C_ij = w_set exp(logit - top_set) k (0 outside P_i and
+// N_i) over crow (the row's S) in place: the definition of the vector path.
+template <class Form>
+inline void pair_lse_coef_row_scalar(float* crow, int64_t w, int64_t self_col, const int32_t* z, int32_t yi,
+                                     const Form& prm, float tp, float tn, float wp, float wn) {
+  for (int64_t j = 0; j < w; ++j) {
+    const float v = crow[j];
+    float logit, k, c_ij = 0.f;
+    if (j != self_col) {
+      if (z[j] == yi) {
+        if (v < prm.pos_thr) {
+          prm.pos(v, logit, k);
+          c_ij = wp * std::exp(logit - tp) * k;
+        }
+      } else {
+        prm.neg(v, logit, k);
+        c_ij = wn * std::exp(logit - tn) * k;
+      }
+    }
+    crow[j] = c_ij;
+  }
+}
+
 #if XBM_CPU_VECTOR
 // (a > b ? a : b) lane by lane, b where either is NaN: std::max(b, a) of each lane (one vmaxps
 // at 8 and 16 lanes, which are only compiled for AVX2 / AVX-512; maxps at 4 with SSE2).
@@ -368,22 +391,8 @@ XBM_INLINE void pair_lse_coef_row_vec_lanes(float* crow, int64_t w, int64_t self
       crow[j + k] = wp * std::exp(logit - tp) * kp;
     }
   }
-  for (; j < w; ++j) {
-    const float v = crow[j];
-    float logit, k, c_ij = 0.f;
-    if (j != self_col) {
-      if (z[j] == yi) {
-        if (v < prm.pos_thr) {
-          prm.pos(v, logit, k);
-          c_ij = wp * std::exp(logit - tp) * k;
-        }
-      } else {
-        prm.neg(v, logit, k);
-        c_ij = wn * std::exp(logit - tn) * k;
-      }
-    }
-    crow[j] = c_ij;
-  }
+  // the last columns: the scalar definition
+  pair_lse_coef_row_scalar(crow + j, w - j, self_col - j, z + j, yi, prm, tp, tn, wp, wn);
 }
 
 // The two row functions above for one Form, compiled at each vector width and chosen at run time
@@ -406,29 +415,6 @@ XBM_INLINE void pair_lse_coef_row_vec_lanes(float* crow, int64_t w, int64_t self
 #else
 #define XBM_PAIR_LSE_VECTOR(Form)
 #endif
-
-// One row of pair_lse_bwd's coefficients C_ij = w_set exp(logit - top_set) k (0 outside P_i and
-// N_i) over crow (the row's S) in place: the definition of the vector path.
-template <class Form>
-inline void pair_lse_coef_row_scalar(float* crow, int64_t w, int64_t self_col, const int32_t* z, int32_t yi,
-                                     const Form& prm, float tp, float tn, float wp, float wn) {
-  for (int64_t j = 0; j < w; ++j) {
-    const float v = crow[j];
-    float logit, k, c_ij = 0.f;
-    if (j != self_col) {
-      if (z[j] == yi) {
-        if (v < prm.pos_thr) {
-          prm.pos(v, logit, k);
-          c_ij = wp * std::exp(logit - tp) * k;
-        }
-      } else {
-        prm.neg(v, logit, k);
-        c_ij = wn * std::exp(logit - tn) * k;
-      }
-    }
-    crow[j] = c_ij;
-  }
-}
 
 // One tile of the pass over the score tile s (read only): updates the running state of every
 // row and each row's rescale factors (scale_p / scale_n); lists the tile's positive pairs in

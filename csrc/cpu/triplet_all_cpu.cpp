@@ -383,6 +383,19 @@ XBM_INLINE int64_t lane_sum(typename Vec<L>::I v) {
   }
 }
 
+// One block's coefficients k (L negatives, scores s) written over the row at out and added to
+// the row's lanes: the coefficients kacc, the nonzero lanes nz, the loss k (s + margin) in dl.
+template <int L>
+XBM_INLINE void triplet_block_finish(float* out, typename Vec<L>::I k, typename Vec<L>::F s, double dmargin,
+                                     LossLanes<L>& dl, typename Vec<L>::I& kacc, typename Vec<L>::I& nz) {
+  using V = Vec<L>;
+  const typename V::I act = V::gt(k, typename V::I{});
+  V::store(out, __builtin_convertvector(k, typename V::F));
+  kacc += k;
+  nz -= act;
+  dl.add(k, V::select(act, s, V::splat(0.f)), dmargin);
+}
+
 // A row's totals: the loss lanes dl, the coefficients kacc and nonzero lanes nz summed into
 // loss, active and nonzero, each positive's lanes of cnt into counts[p].
 template <int L>
@@ -425,7 +438,7 @@ XBM_INLINE int64_t triplet_row_margin(float* row, int64_t w, const int32_t* z, i
   using F = typename V::F;
   using I = typename V::I;
   std::fill(cnt, cnt + np * L, 0);
-  const F ninf = V::splat(-std::numeric_limits<float>::infinity()), zero = V::splat(0.f);
+  const F ninf = V::splat(-std::numeric_limits<float>::infinity());
   const F v0 = V::splat(sp[0]), vmax = V::splat(sp[np - 1]);
   const double dmargin = margin;
   LossLanes<L> dl;
@@ -468,11 +481,8 @@ XBM_INLINE int64_t triplet_row_margin(float* row, int64_t w, const int32_t* z, i
       near = V::load(nbuf);
     }
     if (__builtin_expect(any_lane<L>(near), 0)) list_near<L>(near, sn, j, near_cols, near_s, n_near);
-    const I act = V::gt(k, I{});  // (never a near lane, nor one whose s is not finite)
-    V::store(row + j, __builtin_convertvector(k, F));
-    kacc += k;
-    nz -= act;
-    dl.add(k, V::select(act, s, zero), dmargin);
+    // (k > 0 never in a near lane, nor in one whose s is not finite)
+    triplet_block_finish<L>(row + j, k, s, dmargin, dl, kacc, nz);
   }
   triplet_row_totals<L>(dl, kacc, nz, cnt, np, counts, loss, active, nonzero);
   return n_near;
@@ -498,7 +508,7 @@ XBM_INLINE int64_t triplet_row_vec_lanes(float* row, int64_t w, const int32_t* z
   using F = typename V::F;
   using I = typename V::I;
   std::fill(cnt, cnt + np * L, 0);
-  const F ninf = V::splat(-std::numeric_limits<float>::infinity()), zero = V::splat(0.f);
+  const F ninf = V::splat(-std::numeric_limits<float>::infinity());
   const double dmargin = margin;
   LossLanes<L> dl;
   I kacc = I{}, nz = I{};
@@ -510,11 +520,7 @@ XBM_INLINE int64_t triplet_row_vec_lanes(float* row, int64_t w, const int32_t* z
     I near;
     const I k = triplet_block_general<L>(s, sp, np, lo, hi, margin, bounds, nb, cnt, near);
     if (any_lane<L>(near)) list_near<L>(near, sn, j, near_cols, near_s, n_near);  // rare
-    const I act = V::gt(k, I{});
-    V::store(row + j, __builtin_convertvector(k, F));
-    kacc += k;
-    nz -= act;
-    dl.add(k, V::select(act, s, zero), dmargin);
+    triplet_block_finish<L>(row + j, k, s, dmargin, dl, kacc, nz);
   }
   triplet_row_totals<L>(dl, kacc, nz, cnt, np, counts, loss, active, nonzero);
   return n_near;
