@@ -208,6 +208,18 @@ XBM_INLINE double pair_lse_sweep_at(const float* row, float* crow, int64_t w, in
   float tp_s = tp;
   int64_t np_s = np, nn_s = nn;
   double acc = 0;
+  // the same-label lanes (bits) of the block at j0, one by one: the positives' max logit and list
+  auto same_label = [&](int64_t j0, uint32_t bits) {
+    for (uint32_t b = bits; b; b &= b - 1) {
+      const int64_t col = j0 + __builtin_ctz(b);
+      const float vc = row[col];
+      if ((kSelf && col == self_col) || !(vc < prm.pos_thr)) continue;
+      float logit, k;
+      prm.pos(vc, logit, k);
+      tp_s = std::max(tp_s, logit);
+      pidx[np_s++] = base + static_cast<int32_t>(col);
+    }
+  };
   int64_t j = 0;
   for (; j < w;) {
     const int64_t end = std::min(w, j + 256);
@@ -227,15 +239,7 @@ XBM_INLINE double pair_lse_sweep_at(const float* row, float* crow, int64_t w, in
         if constexpr (kScan) {
           top = pair_lse_max_on16(top, negs, ln);
           nn_s += __builtin_popcount(negs);
-          for (uint32_t b = ~negs & 0xFFFFu; b; b &= b - 1) {
-            const int64_t col = j + __builtin_ctz(b);
-            const float vc = row[col];
-            if ((kSelf && col == self_col) || !(vc < prm.pos_thr)) continue;
-            float logit, k;
-            prm.pos(vc, logit, k);
-            tp_s = std::max(tp_s, logit);
-            pidx[np_s++] = base + static_cast<int32_t>(col);
-          }
+          same_label(j, ~negs & 0xFFFFu);
         }
         if constexpr (kExp) {
           const F e = V::exp(ln - sh4);
@@ -251,15 +255,7 @@ XBM_INLINE double pair_lse_sweep_at(const float* row, float* crow, int64_t w, in
         top = pair_lse_max<L>(V::select(excl, ninf, ln), top);  // std::max(top, logit): NaN keeps top
         const uint32_t bits = V::bits(excl);
         nn_s += L - __builtin_popcount(bits);
-        for (uint32_t b = bits; b; b &= b - 1) {
-          const int64_t col = j + __builtin_ctz(b);
-          const float vc = row[col];
-          if ((kSelf && col == self_col) || !(vc < prm.pos_thr)) continue;
-          float logit, k;
-          prm.pos(vc, logit, k);
-          tp_s = std::max(tp_s, logit);
-          pidx[np_s++] = base + static_cast<int32_t>(col);
-        }
+        same_label(j, bits);
       }
       if constexpr (kExp) {
         const F e = V::exp(ln - sh4);
