@@ -53,6 +53,23 @@ inline float lse_rescale(float old, float now) {
   return now == -std::numeric_limits<float>::infinity() ? 1.f : std::exp(old - now);
 }
 
+// A row's tile folded into its running state: both sets' maxima to new_p / new_n, their sums
+// rescaled (the factors into scale_p / scale_n) and the tile's sums acc_p / acc_n added, the
+// counts np / nn added. Returns np.
+inline int64_t pair_lse_commit(float new_p, float new_n, double acc_p, double acc_n, int64_t np, int64_t nn,
+                               float& mx_p, float& mx_n, double& sum_p, double& sum_n, int64_t* counts,
+                               float& scale_p, float& scale_n) {
+  scale_p = lse_rescale(mx_p, new_p);
+  scale_n = lse_rescale(mx_n, new_n);
+  sum_p = sum_p * scale_p + acc_p;
+  sum_n = sum_n * scale_n + acc_n;
+  mx_p = new_p;
+  mx_n = new_n;
+  counts[0] += np;
+  counts[1] += nn;
+  return np;
+}
+
 // One row of pair_lse_tile: the positives of the row found in `row` (S, read only) are listed
 // in pidx (flat index base + j, in column order; the return value is their number), their
 // coefficients exp(logit - max_new) k in pcoef (with crow), the negatives' coefficients written
@@ -104,15 +121,7 @@ inline int64_t pair_lse_row_scalar(const float* row, float* crow, int64_t w, int
     }
     if (crow) crow[j] = c;
   }
-  scale_p = lse_rescale(mx_p, new_p);
-  scale_n = lse_rescale(mx_n, new_n);
-  sum_p = sum_p * scale_p + acc_p;
-  sum_n = sum_n * scale_n + acc_n;
-  mx_p = new_p;
-  mx_n = new_n;
-  counts[0] += np;
-  counts[1] += nn;
-  return np;
+  return pair_lse_commit(new_p, new_n, acc_p, acc_n, np, nn, mx_p, mx_n, sum_p, sum_n, counts, scale_p, scale_n);
 }
 
 // One row of pair_lse_bwd's coefficients C_ij = w_set exp(logit - top_set) k (0 outside P_i and
@@ -346,15 +355,7 @@ XBM_INLINE int64_t pair_lse_row_vec_lanes(const float* row, float* crow, int64_t
     acc_p += e;
     if (crow) pcoef[q] = e * k;
   }
-  scale_p = lse_rescale(mx_p, new_p);
-  scale_n = lse_rescale(mx_n, new_n);
-  sum_p = sum_p * scale_p + acc_p;
-  sum_n = sum_n * scale_n + acc_n;
-  mx_p = new_p;
-  mx_n = new_n;
-  counts[0] += np;
-  counts[1] += nn;
-  return np;
+  return pair_lse_commit(new_p, new_n, acc_p, acc_n, np, nn, mx_p, mx_n, sum_p, sum_n, counts, scale_p, scale_n);
 }
 
 // One row of pair_lse_bwd's coefficients, L lanes at a time, over crow (the row's S) in place,
