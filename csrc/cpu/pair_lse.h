@@ -53,6 +53,22 @@ inline float lse_rescale(float old, float now) {
   return now == -std::numeric_limits<float>::infinity() ? 1.f : std::exp(old - now);
 }
 
+// The sum of exp(logit - sp) over a row's np listed positives (flat indices pidx, less base:
+// their columns of row), their coefficients exp(logit - sp) k into pcoef when given.
+template <class Form>
+inline double pair_lse_positives(const float* row, const Form& prm, const int32_t* pidx, int64_t np, int32_t base,
+                                 float sp, float* pcoef) {
+  double acc = 0;
+  for (int64_t q = 0; q < np; ++q) {
+    float logit, k;
+    prm.pos(row[pidx[q] - base], logit, k);
+    const float e = std::exp(logit - sp);
+    acc += e;
+    if (pcoef) pcoef[q] = e * k;
+  }
+  return acc;
+}
+
 // A row's tile folded into its running state: both sets' maxima to new_p / new_n, their sums
 // rescaled (the factors into scale_p / scale_n) and the tile's sums acc_p / acc_n added, the
 // counts np / nn added. Returns np.
@@ -102,14 +118,8 @@ inline int64_t pair_lse_row_scalar(const float* row, float* crow, int64_t w, int
   const float new_p = std::max(mx_p, top_p), new_n = std::max(mx_n, top_n);
   // -inf only where the set has no pair yet: shift by 0 there (no inf - inf)
   const float sp = new_p == -kInf ? 0.f : new_p, sn = new_n == -kInf ? 0.f : new_n;
-  double acc_p = 0, acc_n = 0;
-  for (int64_t q = 0; q < np; ++q) {
-    float logit, k;
-    prm.pos(row[pidx[q] - base], logit, k);
-    const float e = std::exp(logit - sp);
-    acc_p += e;
-    if (crow) pcoef[q] = e * k;
-  }
+  const double acc_p = pair_lse_positives(row, prm, pidx, np, base, sp, crow ? pcoef : nullptr);
+  double acc_n = 0;
   for (int64_t j = 0; j < w; ++j) {
     float c = 0.f;
     if (j != self_col && z[j] != yi) {
@@ -347,14 +357,7 @@ XBM_INLINE int64_t pair_lse_row_vec_lanes(const float* row, float* crow, int64_t
   }
   const float new_p = std::max(mx_p, tp);
   const float sp = new_p == -kInf ? 0.f : new_p;
-  double acc_p = 0;
-  for (int64_t q = 0; q < np; ++q) {
-    float logit, k;
-    prm.pos(row[pidx[q] - base], logit, k);
-    const float e = std::exp(logit - sp);
-    acc_p += e;
-    if (crow) pcoef[q] = e * k;
-  }
+  const double acc_p = pair_lse_positives(row, prm, pidx, np, base, sp, crow ? pcoef : nullptr);
   return pair_lse_commit(new_p, new_n, acc_p, acc_n, np, nn, mx_p, mx_n, sum_p, sum_n, counts, scale_p, scale_n);
 }
 
