@@ -183,7 +183,8 @@ inline LseSplits lse_pass(const LossInputs& in, const TilePlan& plan, float inv_
         for (int64_t d = 0; d < D; ++d) gi[d] *= rs[i];
       }
       scratch[p].add_product(in, e, c0, w, g_split[p]);
-      if (positives) add_listed_rows(scratch[p], in, c0, w, npos, gpos_split[p]);  // positives: usually few
+      if (positives)  // positives: usually few
+        add_listed_rows(scratch[p], in, c0, w, scratch[p].listed.data(), nullptr, npos, gpos_split[p]);
     }
   });
   return st;

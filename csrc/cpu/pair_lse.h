@@ -446,51 +446,6 @@ int64_t pair_lse_tile(const float* s, float* coef, int64_t w, int64_t c0, const 
   return tile_pos;
 }
 
-// o (B x D) += C r for the tile C whose nonzeros are the n listed pairs idx[k] (flat i * w + j,
-// row-major order) with coefficients c[k]: one row add per nonzero pair, in that order (the
-// sums sparse_row_adds, tiles.h, makes of the same tile written out).
-template <class T>
-inline void listed_coef_row_adds(const int32_t* idx, const float* c, int64_t n, int64_t w, const T* r, int64_t D,
-                                 float* o) {
-  for (int64_t k = 0; k < n; ++k) {
-    const float ck = c[k];
-    if (ck == 0.f) continue;
-    const int64_t i = idx[k] / w, j = idx[k] % w;
-    float* oi = o + i * D;
-    const T* rj = r + j * D;
-    for (int64_t d = 0; d < D; ++d) oi[d] += ck * static_cast<float>(rj[d]);
-  }
-}
-
-// out += C R_tile for that listed tile: the row adds, or where the list is denser than
-// add_sparse_rows' cut-off (1/32 of the tile) the tile written out into the scratch's aux tile
-// (which must be free) and the GEMM.
-inline void add_listed_coef_rows(TileScratch& scratch, const LossInputs& in, int64_t c0, int64_t w,
-                                 const int32_t* idx, const float* c, int64_t n, at::Tensor out) {
-  const int64_t B = in.B, D = in.D;
-  if (n == 0) return;
-  if (n * 32 > B * w) {
-    at::Tensor dense = scratch.aux_tile(B, w);
-    dense.zero_();
-    float* dp = dense.data_ptr<float>();
-    for (int64_t k = 0; k < n; ++k) dp[idx[k]] = c[k];
-    scratch.add_product(in, dense, c0, w, out);
-    return;
-  }
-  const at::ScalarType t = in.ref.scalar_type();
-  float* o = out.data_ptr<float>();
-  if ((t == at::kBFloat16 || t == at::kHalf) && !scratch.holds_ref32(c0, w)) {
-    // a 16-bit memory whose tile has no fp32 copy (the 16-bit GEMM read it as it is): the
-    // listed rows read as they are, each element widened exactly
-    if (t == at::kBFloat16)
-      listed_coef_row_adds(idx, c, n, w, static_cast<const at::BFloat16*>(in.ref.data_ptr()) + c0 * D, D, o);
-    else
-      listed_coef_row_adds(idx, c, n, w, static_cast<const at::Half*>(in.ref.data_ptr()) + c0 * D, D, o);
-    return;
-  }
-  listed_coef_row_adds(idx, c, n, w, scratch.ref_tile(in.ref, c0, w).data_ptr<float>(), D, o);
-}
-
 template <class Form>
 PairLseSplits pair_lse_pass(const LossInputs& in, const TilePlan& plan, const Form& prm, bool accumulate) {
   const int64_t B = in.B, D = in.D;
@@ -544,7 +499,7 @@ PairLseSplits pair_lse_pass(const LossInputs& in, const TilePlan& plan, const Fo
       rescale(0, sc_p);
       sc.add_product(in, c_neg, c0, w, g_split[1][p]);
       // after the negatives' GEMM: the dense fallback reuses the aux tile
-      add_listed_coef_rows(sc, in, c0, w, pidx, pc.data(), npos, g_split[0][p]);
+      add_listed_rows(sc, in, c0, w, pidx, pc.data(), npos, g_split[0][p]);
     }
   });
   return st;

@@ -480,42 +480,47 @@ inline void add_sparse_rows(TileScratch& scratch, const LossInputs& in, const at
                   out.data_ptr<float>());
 }
 
-// out += C R_tile for the 0/1 tile C whose ones are the n pairs scratch.listed[0, n) (flat
-// i * w + j, in row-major order, as an epilogue found them): one row add per pair, in that
-// order (the sums sparse_row_adds makes of the same tile written out), or the GEMM on the
-// tile written out when it is denser than add_sparse_rows' cut-off.
+// out += C R_tile for the tile C whose nonzeros are the n listed pairs idx[k] (flat i * w + j,
+// in row-major order, as an epilogue found them) with coefficients coef[k] (1 without coef):
+// one row add per nonzero pair, in that order (the sums sparse_row_adds makes of the same tile
+// written out), or the GEMM on the tile written out into the scratch's aux tile (which must be
+// free) when it is denser than add_sparse_rows' cut-off.
 template <class T>
-inline void listed_row_adds(const int32_t* idx, int64_t n, int64_t w, const T* r, int64_t D, float* o) {
+inline void listed_row_adds(const int32_t* idx, const float* coef, int64_t n, int64_t w, const T* r, int64_t D,
+                            float* o) {
   for (int64_t k = 0; k < n; ++k) {
+    const float ck = coef ? coef[k] : 1.f;
+    if (ck == 0.f) continue;
     const int64_t i = idx[k] / w, j = idx[k] % w;
     float* oi = o + i * D;
     const T* rj = r + j * D;
-    for (int64_t d = 0; d < D; ++d) oi[d] += static_cast<float>(rj[d]);
+    for (int64_t d = 0; d < D; ++d) oi[d] += ck * static_cast<float>(rj[d]);
   }
 }
-inline void add_listed_rows(TileScratch& scratch, const LossInputs& in, int64_t c0, int64_t w, int64_t n,
-                            at::Tensor out) {
+inline void add_listed_rows(TileScratch& scratch, const LossInputs& in, int64_t c0, int64_t w, const int32_t* idx,
+                            const float* coef, int64_t n, at::Tensor out) {
   const int64_t B = in.B, D = in.D;
   if (n == 0) return;
-  const int32_t* idx = scratch.listed.data();
   if (n * 32 > B * w) {
     at::Tensor c = scratch.aux_tile(B, w);
     c.zero_();
     float* cp = c.data_ptr<float>();
-    for (int64_t k = 0; k < n; ++k) cp[idx[k]] = 1.f;
+    for (int64_t k = 0; k < n; ++k) cp[idx[k]] = coef ? coef[k] : 1.f;
     scratch.add_product(in, c, c0, w, out);
     return;
   }
   const at::ScalarType t = in.ref.scalar_type();
   float* o = out.data_ptr<float>();
   if ((t == at::kBFloat16 || t == at::kHalf) && !scratch.holds_ref32(c0, w)) {
+    // a 16-bit memory whose tile has no fp32 copy (the 16-bit GEMM read it as it is): the listed
+    // rows read as they are, each element widened exactly
     if (t == at::kBFloat16)
-      listed_row_adds(idx, n, w, static_cast<const at::BFloat16*>(in.ref.data_ptr()) + c0 * D, D, o);
+      listed_row_adds(idx, coef, n, w, static_cast<const at::BFloat16*>(in.ref.data_ptr()) + c0 * D, D, o);
     else
-      listed_row_adds(idx, n, w, static_cast<const at::Half*>(in.ref.data_ptr()) + c0 * D, D, o);
+      listed_row_adds(idx, coef, n, w, static_cast<const at::Half*>(in.ref.data_ptr()) + c0 * D, D, o);
     return;
   }
-  listed_row_adds(idx, n, w, scratch.ref_tile(in.ref, c0, w).data_ptr<float>(), D, o);
+  listed_row_adds(idx, coef, n, w, scratch.ref_tile(in.ref, c0, w).data_ptr<float>(), D, o);
 }
 
 // The reference-side backward shared by the losses whose gradient is a coefficient matrix:
