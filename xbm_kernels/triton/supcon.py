@@ -190,7 +190,7 @@ def supcon_merge_kernel(stats_ws, counts_ws, g_ws, gpos_ws, loss_ptr, counts_ptr
     if NCA:
         # log r = LSE_R - LSE_P (-inf for an empty R: loss and gradient exactly 0); rows without
         # positives never use it. The shifts subtract first: no cancellation of two large LSEs.
-        s_ok = s > 0.0
+        s_ok = (s > 0.0) | (s != s)  # a NaN sum (a NaN score in V_i \ P_i) stays NaN, not "R empty"
         p_sum = tl.where(has_pos, pos_sum, 1.0)
         log_r = tl.where(s_ok, (shift - shift_p) + tl.log(tl.where(s_ok, s, 1.0)) - tl.log(p_sum), float("-inf"))
         loss = tl.maximum(log_r, 0.0) + _log1p(tl.exp(-tl.abs(log_r)))  # softplus, tiny values resolved
