@@ -246,14 +246,12 @@ XBM_INLINE float neg_max_row_lanes(const float* row, int64_t w, const int32_t* z
   int64_t j = 0;
   float mx = -kInf;
 #if XBM_CPU_VECTOR
-  {
-    F mx4 = V::splat(-kInf);
-    for (; j + L <= w; j += L) {
-      const F v = V::load(row + j);
-      mx4 = V::select(V::ne(V::load(z + j), yi) & V::gt(v, mx4), v, mx4);
-    }
-    mx = V::max(mx4);
+  F mx4 = V::splat(-kInf);
+  for (; j + L <= w; j += L) {
+    const F v = V::load(row + j);
+    mx4 = V::select(V::ne(V::load(z + j), yi) & V::gt(v, mx4), v, mx4);
   }
+  mx = V::max(mx4);
 #endif
   for (; j < w; ++j)
     if (z[j] != yi && row[j] > mx) mx = row[j];
@@ -265,7 +263,8 @@ XBM_CPU_DISPATCH(float, neg_max_row, (const float* row, int64_t w, const int32_t
 // min_pos) written over the row, 0 in every other column (same-label columns included: the
 // positives are the gather's); adds their sum and count.
 template <int L>
-XBM_INLINE void neg_weights_row_lanes(float* row, int64_t w, const int32_t* z, int32_t yi, const MsParams& prm, float min_pos, float shift, double& sum, int64_t& count) {
+XBM_INLINE void neg_weights_row_lanes(float* row, int64_t w, const int32_t* z, int32_t yi, const MsParams& prm,
+                                      float min_pos, float shift, double& sum, int64_t& count) {
 #if XBM_CPU_VECTOR
   using V = cpu::Vec<L>;
   using F = typename V::F;
@@ -275,23 +274,21 @@ XBM_INLINE void neg_weights_row_lanes(float* row, int64_t w, const int32_t* z, i
   int64_t nn = 0;
   int64_t j = 0;
 #if XBM_CPU_VECTOR
-  {
-    const F zero = V::splat(0.f);
-    while (j + L <= w) {  // float lanes over blocks of up to 256 columns, each block's sum added in double
-      const int64_t end = std::min(w, j + 256);
-      F sn4 = zero, nn4 = zero;
-      for (; j + L <= end; j += L) {
-        const F v = V::load(row + j);
-        const I mined = V::ne(V::load(z + j), yi) & V::gt(v + prm.mining_margin, min_pos);
-        // Unmined lanes may overflow Vec::exp's range; they are clamped there, then zeroed.
-        const F wn = V::select(mined, V::exp(prm.beta * (v - prm.base) - shift), zero);
-        sn4 += wn;
-        nn4 += V::one_where(mined);
-        V::store(row + j, wn);
-      }
-      sn += V::sum(sn4);
-      nn += static_cast<int64_t>(V::sum(nn4));
+  const F zero = V::splat(0.f);
+  while (j + L <= w) {  // float lanes over blocks of up to 256 columns, each block's sum added in double
+    const int64_t end = std::min(w, j + 256);
+    F sn4 = zero, nn4 = zero;
+    for (; j + L <= end; j += L) {
+      const F v = V::load(row + j);
+      const I mined = V::ne(V::load(z + j), yi) & V::gt(v + prm.mining_margin, min_pos);
+      // Unmined lanes may overflow Vec::exp's range; they are clamped there, then zeroed.
+      const F wn = V::select(mined, V::exp(prm.beta * (v - prm.base) - shift), zero);
+      sn4 += wn;
+      nn4 += V::one_where(mined);
+      V::store(row + j, wn);
     }
+    sn += V::sum(sn4);
+    nn += static_cast<int64_t>(V::sum(nn4));
   }
 #endif
   for (; j < w; ++j) {
@@ -348,8 +345,7 @@ MsState ms_one_pass_mined(const cpu::LossInputs& in, const MsParams& prm, const 
   float* sh_all = shift_splits.data_ptr<float>();
   double* sn_all = sn_splits.data_ptr<double>();
   int64_t* nn_all = nn_splits.data_ptr<int64_t>();
-  std::vector<Tensor> gn_split(accumulate ? plan.splits : 0);
-  for (size_t p = 0; p < gn_split.size(); ++p) gn_split[p] = gn_splits[p];
+  const std::vector<Tensor> gn_split = accumulate ? gn_splits.unbind(0) : std::vector<Tensor>();
   cpu::for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
     Tensor s_tile = scratch[p].similarity(in, c0, w);
     float* s = s_tile.data_ptr<float>();
@@ -365,10 +361,7 @@ MsState ms_one_pass_mined(const cpu::LossInputs& in, const MsParams& prm, const 
         std::fill(row, row + w, 0.f);
         continue;
       }
-      // the row's own column, if here, set to -inf: no negative's maximum, never mined (the
-      // vector path for every row)
-      const int64_t self_col = in.self_col(i) - c0;
-      if (self_col >= 0 && self_col < w) row[self_col] = -kInf;
+      in.hide_own_column(row, i, c0, w);  // -inf: no negative's maximum, never mined
       const float m = neg_max_row(row, w, z, y[i]);
       if (m > mx[i]) {  // the shift grows: bring the split's sums to it
         mx[i] = m;
@@ -459,8 +452,7 @@ std::tuple<Tensor, Tensor> ms_one_pass_backward(const cpu::LossInputs& in, const
       }
       double sum = 0;
       int64_t count = 0;
-      const int64_t self_col = in.self_col(i) - c0;
-      if (self_col >= 0 && self_col < w) row[self_col] = -kInf;  // as in the forward
+      in.hide_own_column(row, i, c0, w);  // as in the forward
       neg_weights_row(row, w, z, y[i], prm, min_pos[i], shn[i], sum, count);
       const float f = gnp[i];
       for (int64_t j = 0; j < w; ++j) row[j] *= f;

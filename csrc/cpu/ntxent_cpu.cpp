@@ -162,9 +162,7 @@ NegSplits negatives_pass(const cpu::LossInputs& in, const cpu::TilePlan& plan, f
   double* sum_all = st.sum.data_ptr<double>();
   int64_t* count_all = st.count.data_ptr<int64_t>();
   float* rs_all = rescale.data_ptr<float>();
-  float* g_all = accumulate ? st.g.data_ptr<float>() : nullptr;
-  std::vector<Tensor> g_split(accumulate ? plan.splits : 0);
-  for (size_t p = 0; p < g_split.size(); ++p) g_split[p] = st.g[p];
+  const std::vector<Tensor> g_split = accumulate ? st.g.unbind(0) : std::vector<Tensor>();
   cpu::for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
     Tensor e = scratch[p].similarity(in, c0, w);
     float* ep = e.data_ptr<float>();
@@ -174,22 +172,14 @@ NegSplits negatives_pass(const cpu::LossInputs& in, const cpu::TilePlan& plan, f
     float* rs = rs_all + p * B;
     const int32_t* z = in.z_ptr() + c0;
     for (int64_t i = 0; i < B; ++i) {
-      // The row holding its own column takes the vector path too: S there set to -inf (inv_tau > 0,
-      // checked) is no negative's maximum and weighs exp(-inf) = 0; counted as a negative if its
-      // label differs, which is taken back.
-      const int64_t self_col = in.self_col(i) - c0;
-      const bool self_in = self_col >= 0 && self_col < w;
-      if (self_in) ep[i * w + self_col] = -kInf;
+      // The row's own column, -inf (inv_tau > 0, checked), is no negative's maximum and weighs
+      // exp(-inf) = 0; counted as a negative if its label differs, which is taken back.
+      const int64_t self_col = in.hide_own_column(ep + i * w, i, c0, w);
       rs[i] = neg_row(ep + i * w, w, z, y[i], inv_tau, m[i], sum[i], count[i]);
-      if (self_in && z[self_col] != y[i]) --count[i];
+      if (self_col >= 0 && z[self_col] != y[i]) --count[i];
     }
     if (accumulate) {
-      // G rescaled where the row's max grew (x 1 elsewhere: skipped; no ATen op per tile)
-      float* gp = g_all + p * B * D;
-      for (int64_t i = 0; i < B; ++i) {
-        if (rs[i] == 1.f) continue;
-        for (int64_t d = 0; d < D; ++d) gp[i * D + d] *= rs[i];
-      }
+      cpu::scale_rows(g_split[p].data_ptr<float>(), rs, B, D);  // G brought to the rows' new max
       scratch[p].add_product(in, e, c0, w, g_split[p]);
     }
   });

@@ -34,8 +34,8 @@ struct LseSplits {
 };
 
 // One row of lse_tile, L lanes at a time (the CPU's widest, simd.h); the exponentials by
-// Vec::exp. The row's own column (self_col, when in [0, w)) is set to -inf first: no max, an
-// exponential of 0, and the same-label lanes skip it. The same-label columns are few (a
+// Vec::exp. The row's own column (self_col, -1 when not in the tile) is -inf already
+// (LossInputs::hide_own_column): no max, an exponential of 0, and the same-label lanes skip it. The same-label columns are few (a
 // memory of many classes): the lanes that have one are found by a bit mask and handled one by
 // one (the positive indicator S < pos_thr, the sum of positive S / tau, the positive's flat
 // index i * w + j appended to pos_list when given), so the common lane costs a load, a
@@ -46,8 +46,6 @@ XBM_INLINE int64_t lse_row_vec_lanes(float* row, int64_t w, int64_t self_col, co
                                      float inv_tau, float pos_thr, bool neg_only, float& m, double& sum,
                                      double& pos_sum, int64_t* counts, float& rescale, int32_t* pos_list,
                                      int64_t row_offset) {
-  const bool self_in = self_col >= 0 && self_col < w;
-  if (self_in) row[self_col] = -kLseInf;
   int64_t j = 0;
   float vmax = -kLseInf;
 #if XBM_CPU_VECTOR
@@ -115,7 +113,7 @@ XBM_INLINE int64_t lse_row_vec_lanes(float* row, int64_t w, int64_t self_col, co
   m = m_new;
   pos_sum += psum;
   counts[0] += np;
-  counts[1] += w - (self_in ? 1 : 0) - nsame;
+  counts[1] += w - (self_col >= 0 ? 1 : 0) - nsame;
   return np;
 }
 XBM_CPU_DISPATCH(inline int64_t, lse_row_vec,
@@ -134,9 +132,12 @@ inline int64_t lse_tile(float* s, int32_t* pos_list, int64_t B, int64_t w, int64
   const int32_t* y = in.y_ptr();
   const int32_t* z = in.z_ptr() + c0;
   int64_t tile_pos = 0;
-  for (int64_t i = 0; i < B; ++i)
-    tile_pos += lse_row_vec(s + i * w, w, in.self_col(i) - c0, z, y[i], inv_tau, pos_thr, neg_only, m[i], sum[i],
-                            pos_sum[i], counts + 2 * i, rescale[i], pos_list ? pos_list + tile_pos : nullptr, i * w);
+  for (int64_t i = 0; i < B; ++i) {
+    float* row = s + i * w;
+    tile_pos += lse_row_vec(row, w, in.hide_own_column(row, i, c0, w), z, y[i], inv_tau, pos_thr, neg_only, m[i],
+                            sum[i], pos_sum[i], counts + 2 * i, rescale[i], pos_list ? pos_list + tile_pos : nullptr,
+                            i * w);
+  }
   return tile_pos;
 }
 
@@ -157,12 +158,8 @@ inline LseSplits lse_pass(const LossInputs& in, const TilePlan& plan, float inv_
   }
   Tensor rescale = at::empty({plan.splits, B}, f32);
   // Per split views and pointers made once, not per tile (an ATen select costs microseconds).
-  std::vector<Tensor> g_split(plan.splits), gpos_split(plan.splits);
-  if (accumulate)
-    for (int64_t p = 0; p < plan.splits; ++p) {
-      g_split[p] = st.g[p];
-      if (positives) gpos_split[p] = st.gpos[p];
-    }
+  const std::vector<Tensor> g_split = accumulate ? st.g.unbind(0) : std::vector<Tensor>();
+  const std::vector<Tensor> gpos_split = accumulate && positives ? st.gpos.unbind(0) : std::vector<Tensor>();
   float* m_all = st.m.data_ptr<float>();
   double* s_all = st.s.data_ptr<double>();
   double* ps_all = st.pos_sum.data_ptr<double>();
@@ -176,12 +173,7 @@ inline LseSplits lse_pass(const LossInputs& in, const TilePlan& plan, float inv_
     const int64_t npos = lse_tile(e.data_ptr<float>(), pos_list, B, w, c0, in, inv_tau, pos_thr, negatives_only,
                                   m_all + p * B, s_all + p * B, ps_all + p * B, counts_all + p * 2 * B, rs);
     if (accumulate) {
-      float* g = g_split[p].data_ptr<float>();
-      for (int64_t i = 0; i < B; ++i) {  // G rescaled where the row's max grew (x 1 elsewhere: skipped)
-        if (rs[i] == 1.f) continue;
-        float* gi = g + i * D;
-        for (int64_t d = 0; d < D; ++d) gi[d] *= rs[i];
-      }
+      scale_rows(g_split[p].data_ptr<float>(), rs, B, D);  // G brought to the rows' new max
       scratch[p].add_product(in, e, c0, w, g_split[p]);
       if (positives)  // positives: usually few
         add_listed_rows(scratch[p], in, c0, w, scratch[p].listed.data(), nullptr, npos, gpos_split[p]);

@@ -220,18 +220,10 @@ struct Vec {
   }
 };
 
-// The four-lane names the other epilogues use.
+// The four-lane names dot() uses.
 typedef Vec<4>::F f32x4;
-typedef Vec<4>::I i32x4;
 inline f32x4 load4(const float* p) { return Vec<4>::load(p); }
-inline i32x4 load4(const int32_t* p) { return Vec<4>::load(p); }
-inline void store4(float* p, f32x4 v) { Vec<4>::store(p, v); }
-inline f32x4 mask_to_one(i32x4 m) { return Vec<4>::one_where(m); }
 inline float sum4(f32x4 v) { return Vec<4>::sum(v); }
-inline float min4(f32x4 v) { return Vec<4>::min(v); }
-inline float max4(f32x4 v) { return Vec<4>::max(v); }
-inline f32x4 select4(i32x4 m, f32x4 a, f32x4 b) { return Vec<4>::select(m, a, b); }
-inline f32x4 exp4(f32x4 x) { return Vec<4>::exp(x); }
 
 // The widest vector this CPU runs and the OS saves: 16 lanes with AVX-512 (F, DQ, BW, VL), 8
 // with AVX2 and FMA, else 4. XBM_CPU_LANES=4 or 8 caps it (tests compare the widths).

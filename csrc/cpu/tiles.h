@@ -237,6 +237,15 @@ struct LossInputs {
   const int32_t* z_ptr() const { return z.data_ptr<int32_t>(); }
   // The column of anchor i's own copy, or -1.
   int64_t self_col(int64_t i) const { return self_idx.defined() ? self_idx.data_ptr<int64_t>()[i] : -1; }
+  // Anchor i's own column in the tile of columns [c0, c0 + w) whose row i is `row`, set to -inf
+  // there (no maximum, an exponential of 0, above no threshold: the epilogues take the vector
+  // path for every row); its index in the tile, or -1 when it is not in the tile.
+  int64_t hide_own_column(float* row, int64_t i, int64_t c0, int64_t w) const {
+    const int64_t j = self_col(i) - c0;
+    if (j < 0 || j >= w) return -1;
+    row[j] = -std::numeric_limits<float>::infinity();
+    return j;
+  }
 };
 
 // One worker's scratch: the score tile, an optional second tile of the same size (losses
@@ -478,6 +487,16 @@ inline void add_sparse_rows(TileScratch& scratch, const LossInputs& in, const at
   }
   sparse_row_adds(c.data_ptr<float>(), B, w, scratch.ref_tile(in.ref, c0, w).data_ptr<float>(), D,
                   out.data_ptr<float>());
+}
+
+// The rows of a (B, D) fp32 accumulator g times f[i], skipped where f[i] is 1 (an online
+// log-sum-exp's numerator brought to a running max that grew in this tile).
+inline void scale_rows(float* g, const float* f, int64_t B, int64_t D) {
+  for (int64_t i = 0; i < B; ++i) {
+    if (f[i] == 1.f) continue;
+    float* gi = g + i * D;
+    for (int64_t d = 0; d < D; ++d) gi[d] *= f[i];
+  }
 }
 
 // out += C R_tile for the tile C whose nonzeros are the n listed pairs idx[k] (flat i * w + j,
