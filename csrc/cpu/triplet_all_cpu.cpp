@@ -40,6 +40,10 @@
 #include <numeric>
 #include <vector>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 #include "cpu/same_label.h"
 #include "cpu/simd.h"
 #include "cpu/tiles.h"
@@ -71,8 +75,46 @@ struct Positives {
   std::vector<float> s;
   std::vector<int64_t> col;
   std::vector<double> prefix;
+  // sig[k]: the smallest float sn for which the margin test holds at positive k (margin_threshold),
+  // ascending with S; sig_ok[i]: anchor i's positives are all finite and at most kSigPositives
+  std::vector<float> sig;
+  std::vector<char> sig_ok;
+  // with sig_ok, anchor i's tables from tables[i * kSigTables]: kSigWidth thresholds (NaN past
+  // np), then the lookup tables triplet_row_sig reads by lane (PositiveTable's layout: entry t
+  // of n values is value min(t, n - 1)): the positives' S, and by k = 0..np the near test's
+  // bounds from above and below (sig_tables)
+  std::vector<float> tables;
   int64_t total() const { return start.back(); }
 };
+
+constexpr int kSigPositives = 16, kSigWidth = 32, kSigTables = 4 * kSigWidth;
+
+// The float sn at which the margin test fl(margin - fl(sp - sn)) > 0 starts to hold: it holds
+// exactly for sn >= the returned value (NaN: for no sn). The test is monotone in sn (rounding
+// is), so a binary search over the floats in their order (bit patterns mapped to an ordered
+// integer key, -inf to +inf) finds its first float; -inf never passes for a finite sp.
+inline float margin_threshold(float sp, float margin) {
+  auto holds = [&](uint32_t key) {
+    const uint32_t b = key & 0x80000000u ? key ^ 0x80000000u : ~key;
+    float s;
+    std::memcpy(&s, &b, sizeof(s));
+    const float u = sp - s;
+    return margin - u > 0.f;
+  };
+  uint32_t lo = ~0xff800000u, hi = 0x7f800000u | 0x80000000u;  // the keys of -inf and +inf
+  if (!holds(hi)) return std::numeric_limits<float>::quiet_NaN();
+  while (lo < hi) {  // the first key in [lo, hi] that holds
+    const uint32_t mid = lo + (hi - lo) / 2;
+    if (holds(mid))
+      hi = mid;
+    else
+      lo = mid + 1;
+  }
+  const uint32_t b = lo & 0x80000000u ? lo ^ 0x80000000u : ~lo;
+  float s;
+  std::memcpy(&s, &b, sizeof(s));
+  return s;
+}
 
 // S_ij by the gather's dot product (cpu::gather_same_label's: the fp32 anchor against row j's
 // fp32 value), for a negative decided on it (negative_s).
@@ -82,9 +124,30 @@ float pair_dot(const cpu::LossInputs& in, int64_t i, int64_t j) {
   return cpu::dot(in.x32.data_ptr<float>() + i * in.D, cpu::ref_row(in.ref, j, in.D, buf.data()), in.D);
 }
 
+// An anchor's tables for triplet_row_sig (Positives::tables), 1 <= np <= kSigPositives: its
+// thresholds, its positives' S, and the near test's bounds by k: sig_{k-1} + w_{k-1} (-inf at
+// k = 0) and sig_k - w_k (+inf at k = np), w_k = 4e-5 (1 + |sig_k| + |sp_k| + |margin|).
+inline void sig_tables(const float* sp, const float* sig, int64_t np, float margin, float* out) {
+  const float inf = std::numeric_limits<float>::infinity();
+  float a[kSigPositives + 1], b[kSigPositives + 1];
+  a[0] = -inf;
+  for (int64_t p = 0; p < np; ++p) {
+    const float w = 1.1e-5f * (1.f + std::abs(sig[p])) + 1e-6f * (std::abs(sig[p]) + std::abs(sp[p]) + std::abs(margin));
+    a[p + 1] = sig[p] + w;
+    b[p] = sig[p] - w;
+  }
+  b[np] = inf;
+  for (int t = 0; t < kSigWidth; ++t) {
+    out[t] = t < np ? sig[t] : std::numeric_limits<float>::quiet_NaN();
+    out[kSigWidth + t] = sp[std::min<int64_t>(t, np - 1)];
+    out[2 * kSigWidth + t] = a[std::min<int64_t>(t, np)];
+    out[3 * kSigWidth + t] = b[std::min<int64_t>(t, np)];
+  }
+}
+
 // Each anchor's positives: its same-label columns (cpu::gather_same_label, uncapped: every
 // anchor is served this way) with S < 1 - pos_eps, sorted by S.
-Positives gather_positives(const cpu::LossInputs& in, float pos_thr) {
+Positives gather_positives(const cpu::LossInputs& in, float pos_thr, float margin) {
   const int64_t B = in.B;
   cpu::SameLabel cand;
   cpu::gather_same_label(in, cand, /*capped=*/false);
@@ -96,15 +159,23 @@ Positives gather_positives(const cpu::LossInputs& in, float pos_thr) {
   }
   Positives out;
   out.start.assign(1, 0);
+  out.tables.resize(B * kSigTables);
   for (int64_t i = 0; i < B; ++i) {
     double acc = 0;
+    bool finite = true;
     out.prefix.push_back(0.0);
     for (const auto& [s, j] : per[i]) {
       out.s.push_back(s);
       out.col.push_back(j);
+      out.sig.push_back(margin_threshold(s, margin));
+      finite = finite && std::isfinite(s);
       acc += s;
       out.prefix.push_back(acc);
     }
+    const bool ok = finite && !per[i].empty() && per[i].size() <= kSigPositives;
+    out.sig_ok.push_back(ok);
+    if (ok) sig_tables(out.s.data() + out.start[i], out.sig.data() + out.start[i], static_cast<int64_t>(per[i].size()),
+                       margin, out.tables.data() + i * kSigTables);
     out.start.push_back(static_cast<int64_t>(out.s.size()));
   }
   return out;
@@ -205,6 +276,12 @@ template <int L>
 struct PositiveTable {
   typename Vec<L>::F t0, t1;
   bool two;
+  // From 2 L values laid out as fill's.
+  XBM_INLINE void set(const float* buf, bool two_) {
+    two = two_;
+    t0 = Vec<L>::load(buf);
+    t1 = Vec<L>::load(buf + L);
+  }
   XBM_INLINE void fill(const float* sp, int64_t np) {
     two = np > L;
     float buf[2 * L];
@@ -488,6 +565,247 @@ XBM_INLINE int64_t triplet_row_margin(float* row, int64_t w, const int32_t* z, i
   return n_near;
 }
 
+// triplet_row_margin with the positives' thresholds (Positives::sig) and NP >= np lanes of counts
+// kept in registers: a lane's coefficient k is the number of positives whose threshold its score
+// reaches (one comparison and two masked adds per positive, the thresholds ascending; NP - np
+// padding thresholds are NaN, which no score reaches), so k > 0 exactly where the first is
+// reached. The near test (negative_s's, at the margin) runs only on blocks where some lane lies
+// within a width w_k = 4e-5 (1 + |sig_k| + |sp_k| + |margin|) of sig_{k-1} above or sig_k below
+// its k: a near positive q puts sn within 1e-5 (1 + |sn|) plus a few roundings of sig_q, and the
+// thresholds are ascending, so some such lane is at k - 1 or k. There triplet_near_at decides,
+// as in triplet_row_margin, and the near lanes' counts are taken back out. Blocks that need the lo
+// or hi test take triplet_block_out (counts in cnt, zeroed at their first use).
+template <int L, int NP>
+XBM_INLINE int64_t triplet_row_sig(float* row, int64_t w, const int32_t* z, int32_t yi, const float* sp,
+                                   const float* tables, int64_t np, float lo, float hi, float margin,
+                                   const float* bounds, int32_t* cnt, int64_t* counts, int64_t* near_cols,
+                                   float* near_s, double& loss, int64_t& active, int64_t& nonzero) {
+  using V = Vec<L>;
+  using F = typename V::F;
+  using I = typename V::I;
+  static_assert(NP + 1 <= 2 * L && NP <= kSigWidth, "the near tables hold np + 1 entries in two vectors");
+  const F ninf = V::splat(-std::numeric_limits<float>::infinity());
+  const F v0 = V::splat(sp[0]), vmax = V::splat(sp[np - 1]);
+  const float* th = tables;
+  PositiveTable<L> tab, ta, tb;
+  tab.set(tables + kSigWidth, np > L);
+  ta.set(tables + 2 * kSigWidth, np + 1 > L);
+  tb.set(tables + 3 * kSigWidth, np + 1 > L);
+  const double dmargin = margin;
+  LossLanes<L> dl;
+  I c[NP];  // (indexed by constants only, every loop over it unrolled: registers)
+#pragma GCC unroll 32
+  for (int p = 0; p < NP; ++p) c[p] = I{};
+  const I one = I{} + 1;
+  bool cnt_used = false;
+  int64_t nz_out = 0, n_near = 0;
+  // (the lo and hi tests as in triplet_row_margin)
+  const bool thresholds = std::abs(lo) > 2.5f && std::abs(hi) > 2.5f;
+  const double a0 = sp[0], a1 = sp[np - 1];
+  const F t_lo = V::splat(static_cast<float>(a0 - lo - 1e-6 * (std::abs(a0) + std::abs(lo))));
+  const F t_hi = V::splat(static_cast<float>(a1 - hi + 1e-6 * (std::abs(a1) + std::abs(hi))));
+  for (int64_t j = 0; j + L <= w; j += L) {
+    const F sn = V::load(row + j);
+    // other-label lanes: sn; same-label lanes: -inf, which no threshold is (sig > -inf)
+    const F s = V::select(V::ne(V::load(z + j), yi), sn, ninf);
+    I k = I{}, near = I{};
+    if (__builtin_expect((thresholds && !any_lane<L>(~(V::keep(sn <= t_lo) & V::keep(sn >= t_hi)))) ||
+                             !any_lane<L>(~V::gt(v0 - s, lo) | (V::ne(s, ninf) & ~V::keep(vmax - s <= hi))),
+                         1)) {
+#pragma GCC unroll 32
+      for (int p = 0; p < NP; ++p) {
+        const I m = s >= bcast<L>(th + p);
+        k = m ? k + one : k;
+        c[p] = m ? c[p] + one : c[p];
+      }
+      if (__builtin_expect(any_lane<L>(V::lt(s, ta.at(k)) | ~V::lt(s, tb.at(k))), 0)) {
+        bool ok;
+        near = triplet_near_at<L>(s, k, tab, static_cast<int32_t>(np), bounds[0], ok);
+        if (!ok) near = triplet_block_near<L, 1>(s, sp, np, bounds);
+        if (any_lane<L>(near)) {  // their counts taken back out
+#pragma GCC unroll 32
+          for (int p = 0; p < NP; ++p) {
+            const I m = near & V::keep(s >= bcast<L>(th + p));
+            c[p] = m ? c[p] - one : c[p];
+          }
+          k = select_int<L>(near, I{}, k);
+        }
+      }
+    } else {
+      if (!cnt_used) std::fill(cnt, cnt + np * L, 0);
+      cnt_used = true;
+      int32_t kb[L], nbuf[L];
+      triplet_block_out(row + j, z + j, yi, sp, np, lo, hi, margin, bounds, 1, cnt, kb, nbuf);
+      k = V::load(kb);
+      near = V::load(nbuf);
+      nz_out += __builtin_popcount(V::bits(V::gt(k, I{})));
+    }
+    if (__builtin_expect(any_lane<L>(near), 0)) list_near<L>(near, sn, j, near_cols, near_s, n_near);
+    // (k > 0 never in a near lane, nor in one whose s is not finite)
+    const I act = V::gt(k, I{});
+    V::store(row + j, __builtin_convertvector(k, F));
+    dl.add(k, V::select(act, s, V::splat(0.f)), dmargin);
+  }
+  loss += dl.sum();
+  int64_t a = 0;
+#pragma GCC unroll 32
+  for (int p = 0; p < NP; ++p) {
+    if (p >= np) break;
+    int64_t cp = lane_sum<L>(c[p]);
+    if (cnt_used) cp += lane_sum<L>(V::load(cnt + p * L));
+    counts[p] += cp;
+    a += cp;
+  }
+  active += a;
+  nonzero += lane_sum<L>(c[0]) + nz_out;
+  return n_near;
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+// A lane mask's counts taken back: undo[p L + t] += 1 for each lane t of m with k_t > p, p < np
+// (a lane of count k counted positives 0..k-1).
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl"))) XBM_INLINE void triplet_undo16(
+    __mmask16 m, __m512i k, int64_t np, int32_t* undo) {
+  const __m512i one = _mm512_set1_epi32(1);
+  for (int64_t p = 0; p < np; ++p) {
+    const __mmask16 mp = _mm512_mask_cmpgt_epi32_mask(m, k, _mm512_set1_epi32(static_cast<int32_t>(p)));
+    const __m512i u = _mm512_loadu_si512(undo + p * 16);
+    _mm512_storeu_si512(undo + p * 16, _mm512_mask_add_epi32(u, mp, u, one));
+  }
+}
+
+// triplet_row_sig at 16 lanes in AVX-512 intrinsics (the 16-lane build only): the same decisions.
+// Every block is counted (each positive one comparison against its broadcast threshold and two
+// masked adds, into registers that nothing else writes), the near tables looked up by one
+// two-register permute each (entries past np + 1 repeat the last); the rare blocks (a near
+// candidate, or a lane outside the range where the lo and hi tests hold) then take their counts
+// back in undo and decide as triplet_row_sig does. The loss lanes sum k sn in double (exact
+// products, one rounding per add, as a multiply then an add); margin times the active triplets
+// is added at the end.
+template <int L, int NP>
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl"))) XBM_INLINE int64_t triplet_row_sig16(
+    float* row, int64_t w, const int32_t* z, int32_t yi, const float* sp, const float* tables, int64_t np, float lo,
+    float hi, float margin, const float* bounds, int32_t* cnt, int64_t* counts, int64_t* near_cols, float* near_s,
+    double& loss, int64_t& active, int64_t& nonzero) {
+  static_assert(L == 16, "AVX-512");
+  using V = Vec<L>;
+  using F = typename V::F;
+  using I = typename V::I;
+  static_assert(NP + 1 <= 2 * L && NP <= kSigPositives, "the near tables hold np + 1 entries in two vectors");
+  const float* th = tables;
+  const __m512 ta0 = _mm512_loadu_ps(tables + 2 * kSigWidth), ta1 = _mm512_loadu_ps(tables + 2 * kSigWidth + L);
+  const __m512 tb0 = _mm512_loadu_ps(tables + 3 * kSigWidth), tb1 = _mm512_loadu_ps(tables + 3 * kSigWidth + L);
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512i vyi = _mm512_set1_epi32(yi), one = _mm512_set1_epi32(1), zero = _mm512_setzero_si512();
+  __m512i c[NP];  // (indexed by constants only, every loop over it unrolled: registers)
+#pragma GCC unroll 32
+  for (int p = 0; p < NP; ++p) c[p] = zero;
+  __m512d acc0 = _mm512_setzero_pd(), acc1 = _mm512_setzero_pd();
+  int32_t* undo = cnt + kSigPositives * L;  // (cnt: triplet_block_out's counts)
+  bool rare = false;
+  int64_t nz_out = 0, n_near = 0;
+  // (the lo and hi tests hold for every lane in [t_hi, t_lo], as in triplet_row_margin; this
+  // path runs for rows whose lo and hi are both beyond +-2.5)
+  const double a0 = sp[0], a1 = sp[np - 1];
+  const __m512 t_lo = _mm512_set1_ps(static_cast<float>(a0 - lo - 1e-6 * (std::abs(a0) + std::abs(lo))));
+  const __m512 t_hi = _mm512_set1_ps(static_cast<float>(a1 - hi + 1e-6 * (std::abs(a1) + std::abs(hi))));
+  for (int64_t j = 0; j + L <= w; j += L) {
+    const __m512 sn = _mm512_loadu_ps(row + j);
+    // other-label lanes: sn; same-label lanes: -inf, which no threshold is (sig > -inf)
+    const __mmask16 other = _mm512_cmpneq_epi32_mask(_mm512_loadu_si512(z + j), vyi);
+    const __m512 s = _mm512_mask_blend_ps(other, ninf, sn);
+    __m512i k = zero;
+#pragma GCC unroll 32
+    for (int p = 0; p < NP; ++p) {
+      // m = s >= th[p] (_CMP_GE_OQ, the threshold broadcast from memory); k and c[p] + 1 in m's
+      // lanes, in place (an asm: GCC copies k between registers for each masked add otherwise)
+      __mmask16 m;
+      asm("vcmpps $0x1d, %[t]%{1to16%}, %[s], %[m]\n\t"
+          "vpaddd %[one], %[k], %[k]%{%[m]%}\n\t"
+          "vpaddd %[one], %[c], %[c]%{%[m]%}"
+          : [k] "+v"(k), [c] "+v"(c[p]), [m] "=&Yk"(m)
+          : [s] "v"(s), [t] "m"(th[p]), [one] "v"(one));
+    }
+    const __mmask16 in_range = _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(sn, t_lo, _CMP_LE_OQ), sn, t_hi, _CMP_GE_OQ);
+    const __mmask16 cand = _mm512_cmp_ps_mask(s, _mm512_permutex2var_ps(ta0, k, ta1), _CMP_LT_OQ) |
+                           _mm512_cmp_ps_mask(s, _mm512_permutex2var_ps(tb0, k, tb1), _CMP_NLT_UQ);
+    if (__builtin_expect((in_range != 0xffff) | (cand != 0), 0)) {
+      if (!rare) {
+        std::fill(cnt, cnt + np * L, 0);
+        std::fill(undo, undo + np * L, 0);
+        rare = true;
+      }
+      const F sv = reinterpret_cast<F>(s);
+      const F v0 = V::splat(sp[0]), vmax = V::splat(sp[np - 1]);
+      __mmask16 near = 0;
+      if (in_range != 0xffff &&
+          any_lane<L>(~V::gt(v0 - sv, lo) | (V::ne(sv, reinterpret_cast<F>(ninf)) & ~V::keep(vmax - sv <= hi)))) {
+        // a lane needs the lo or hi test: the block by the general rule, its counts in cnt
+        triplet_undo16(0xffff, k, np, undo);
+        int32_t kb[L], nbuf[L];
+        triplet_block_out(row + j, z + j, yi, sp, np, lo, hi, margin, bounds, 1, cnt, kb, nbuf);
+        k = _mm512_loadu_si512(kb);
+        near = static_cast<__mmask16>(V::bits(V::load(nbuf)));
+        nz_out += __builtin_popcount(_mm512_test_epi32_mask(k, k));
+      } else if (cand != 0) {
+        PositiveTable<L> tab;
+        tab.set(tables + kSigWidth, np > L);
+        bool ok;
+        I nv = triplet_near_at<L>(sv, reinterpret_cast<I>(k), tab, static_cast<int32_t>(np), bounds[0], ok);
+        if (!ok) nv = triplet_block_near<L, 1>(sv, sp, np, bounds);
+        near = static_cast<__mmask16>(V::bits(nv));
+        if (near != 0) {  // their counts taken back out
+          triplet_undo16(near, k, np, undo);
+          k = _mm512_maskz_mov_epi32(static_cast<__mmask16>(~near), k);
+        }
+      }
+      if (near != 0)
+        list_near<L>(reinterpret_cast<I>(_mm512_movm_epi32(near)), reinterpret_cast<F>(sn), j, near_cols, near_s,
+                     n_near);
+    }
+    // (k > 0 never in a near lane, nor in one whose s is not finite)
+    _mm512_storeu_ps(row + j, _mm512_cvtepi32_ps(k));
+    const __m512 sa = _mm512_maskz_mov_ps(_mm512_test_epi32_mask(k, k), s);
+    acc0 = _mm512_fmadd_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(k)), _mm512_cvtps_pd(_mm512_castps512_ps256(sa)),
+                           acc0);
+    acc1 = _mm512_fmadd_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(k, 1)),
+                           _mm512_cvtps_pd(_mm512_extractf32x8_ps(sa, 1)), acc1);
+  }
+  int64_t a = 0;
+#pragma GCC unroll 32
+  for (int p = 0; p < NP; ++p) {
+    if (p >= np) break;
+    int64_t cp = _mm512_reduce_add_epi32(c[p]);
+    if (rare) cp += lane_sum<L>(V::load(cnt + p * L)) - lane_sum<L>(V::load(undo + p * L));
+    counts[p] += cp;
+    a += cp;
+  }
+  // sum k (sn + margin) over the row's blocks (the general rule's blocks' k counted in a too)
+  loss += _mm512_reduce_add_pd(_mm512_add_pd(acc0, acc1)) + static_cast<double>(margin) * static_cast<double>(a);
+  active += a;
+  nonzero += _mm512_reduce_add_epi32(c[0]) + nz_out - (rare ? lane_sum<L>(V::load(undo)) : 0);
+  return n_near;
+}
+
+// triplet_row_sig16 at the NP for np <= 16 (an out-of-line AVX-512 function: the vector-extension
+// templates that call it are compiled for no particular target).
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl"))) int64_t triplet_row_sig_x16(
+    float* row, int64_t w, const int32_t* z, int32_t yi, const float* sp, const float* tables, int64_t np, float lo,
+    float hi, float margin, const float* bounds, int32_t* cnt, int64_t* counts, int64_t* near_cols, float* near_s,
+    double& loss, int64_t& active, int64_t& nonzero) {
+#define XBM_TRIPLET_ROW_SIG16(NP)                                                                                  \
+  if (np <= NP)                                                                                                   \
+    return triplet_row_sig16<16, NP>(row, w, z, yi, sp, tables, np, lo, hi, margin, bounds, cnt, counts, near_cols, \
+                                     near_s, loss, active, nonzero);
+  XBM_TRIPLET_ROW_SIG16(4)
+  XBM_TRIPLET_ROW_SIG16(8)
+  XBM_TRIPLET_ROW_SIG16(12)
+#undef XBM_TRIPLET_ROW_SIG16
+  return triplet_row_sig16<16, 16>(row, w, z, yi, sp, tables, np, lo, hi, margin, bounds, cnt, counts, near_cols,
+                                   near_s, loss, active, nonzero);
+}
+#endif
+
 // The columns [0, w - w mod L) of a row (its own column, if there, a NaN),
 // 1 <= np <= kVecMaxPositives: the coefficients k written over the scores, the loss
 // sum k (S_in + margin) added to loss (in double), the active triplets and nonzero
@@ -496,9 +814,28 @@ XBM_INLINE int64_t triplet_row_margin(float* row, int64_t w, const int32_t* z, i
 // returns their number. A NaN score is no negative's (no triplet, never near).
 template <int L>
 XBM_INLINE int64_t triplet_row_vec_lanes(float* row, int64_t w, const int32_t* z, int32_t yi, const float* sp,
-                                         int64_t np, float lo, float hi, float margin, const float* bounds, int nb,
-                                         int32_t* cnt, int64_t* counts, int64_t* near_cols, float* near_s, double& loss,
-                                         int64_t& active, int64_t& nonzero) {
+                                         const float* tables, int64_t np, float lo, float hi, float margin,
+                                         const float* bounds, int nb, int32_t* cnt, int64_t* counts,
+                                         int64_t* near_cols, float* near_s, double& loss, int64_t& active,
+                                         int64_t& nonzero) {
+  if (nb == 1 && tables != nullptr && np + 1 <= 2 * L) {
+#define XBM_TRIPLET_ROW_SIG(NP)                                                                              \
+  if constexpr (NP + 1 <= 2 * L)                                                                            \
+    if (np <= NP)                                                                                           \
+      return triplet_row_sig<L, NP>(row, w, z, yi, sp, tables, np, lo, hi, margin, bounds, cnt, counts, near_cols, \
+                                    near_s, loss, active, nonzero);
+#if defined(__x86_64__) || defined(__i386__)
+    if constexpr (L == 16)
+      if (np <= 16)
+        return triplet_row_sig_x16(row, w, z, yi, sp, tables, np, lo, hi, margin, bounds, cnt, counts, near_cols,
+                                   near_s, loss, active, nonzero);
+#endif
+    XBM_TRIPLET_ROW_SIG(4)
+    XBM_TRIPLET_ROW_SIG(8)
+    XBM_TRIPLET_ROW_SIG(12)
+    XBM_TRIPLET_ROW_SIG(16)
+#undef XBM_TRIPLET_ROW_SIG
+  }
   if (nb == 1 && np <= 2 * L)
     return margin >= 0x1p-100f ? triplet_row_margin<L, true>(row, w, z, yi, sp, np, lo, hi, margin, bounds, cnt, counts,
                                                              near_cols, near_s, loss, active, nonzero)
@@ -526,10 +863,10 @@ XBM_INLINE int64_t triplet_row_vec_lanes(float* row, int64_t w, const int32_t* z
   return n_near;
 }
 XBM_CPU_DISPATCH(int64_t, triplet_row_vec,
-                 (float* row, int64_t w, const int32_t* z, int32_t yi, const float* sp, int64_t np, float lo, float hi,
-                  float margin, const float* bounds, int nb, int32_t* cnt, int64_t* counts, int64_t* near_cols,
-                  float* near_s, double& loss, int64_t& active, int64_t& nonzero),
-                 (row, w, z, yi, sp, np, lo, hi, margin, bounds, nb, cnt, counts, near_cols, near_s, loss, active,
+                 (float* row, int64_t w, const int32_t* z, int32_t yi, const float* sp, const float* tables, int64_t np,
+                  float lo, float hi, float margin, const float* bounds, int nb, int32_t* cnt, int64_t* counts,
+                  int64_t* near_cols, float* near_s, double& loss, int64_t& active, int64_t& nonzero),
+                 (row, w, z, yi, sp, tables, np, lo, hi, margin, bounds, nb, cnt, counts, near_cols, near_s, loss, active,
                   nonzero))
 #endif
 
@@ -600,7 +937,8 @@ inline void decide_row(const cpu::LossInputs& in, const Positives& pos, const Tr
     for (const float t : {prm.lo, prm.hi, prm.margin})
       if (!(std::abs(t) > 2.5f)) bounds[nb++] = t;  // as negative_s: +-3 is no bound
     const float* sp = pos.s.data() + s0;
-    const int64_t n_near = triplet_row_vec(row, w, z, yi, sp, np, prm.lo, prm.hi, prm.margin, bounds, nb, cnt64,
+    const float* tables = pos.sig_ok[i] ? pos.tables.data() + i * kSigTables : nullptr;
+    const int64_t n_near = triplet_row_vec(row, w, z, yi, sp, tables, np, prm.lo, prm.hi, prm.margin, bounds, nb, cnt64,
                                            counts.data(), near_cols.data(), near_s.data(), out.loss, out.active,
                                            out.nonzero);
     if (own) row[self_col] = 0.f;
@@ -683,7 +1021,7 @@ std::tuple<Tensor, Tensor, Tensor> triplet_all_fwd_cpu(const Tensor& x, const Te
   at::AutoDispatchBelowADInplaceOrView guard;
   const TripletParams prm = params(margin, select_low, select_high, pos_eps);
   const auto in = cpu::prepare_inputs(x, labels, ref, ref_labels, self_index, ref_valid);
-  const Positives pos = gather_positives(in, prm.pos_thr);
+  const Positives pos = gather_positives(in, prm.pos_thr, prm.margin);
   const TripletSplits st = triplet_pass(in, cpu::plan_tiles(in.B, in.n), pos, prm, need_grad);
   const Tensor loss = cpu::sum_splits(st.loss).to(at::kFloat);
   const Tensor counts = int32_counts(cpu::sum_splits(st.active));
@@ -718,7 +1056,7 @@ std::tuple<Tensor, Tensor> triplet_all_bwd_cpu(const Tensor& x, const Tensor& la
   const TripletParams prm = params(margin, select_low, select_high, pos_eps);
   const auto in = cpu::prepare_inputs(x, labels, ref, ref_labels, self_index, ref_valid);
   TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == in.B, "grad_rows: expected shape (", in.B, ",)");
-  const Positives pos = gather_positives(in, prm.pos_thr);
+  const Positives pos = gather_positives(in, prm.pos_thr, prm.margin);
   const std::vector<int64_t> pc =
       positive_counts(pos, triplet_pass(in, cpu::plan_tiles(in.B, in.n), pos, prm, false).diff);
   // Each anchor's positives by column, with their coefficient -count_p.
