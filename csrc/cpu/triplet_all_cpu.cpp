@@ -203,7 +203,7 @@ inline std::pair<int64_t, int64_t> negative_range(const Positives& pos, const Tr
 // positive puts u = S_ip - sn within 1e-5 of a bound or the margin, the gather's dot product (a
 // GEMM and a dot product round one row differently; a row held under two labels must give u = 0).
 inline float negative_s(const cpu::LossInputs& in, const Positives& pos, const TripletParams& prm, int64_t i,
-                        int64_t j, float sn) {
+                        int64_t j, float sn, const float* dot = nullptr) {
   const float* sp = pos.s.data() + pos.start[i];
   const float* end = pos.s.data() + pos.start[i + 1];
   if (sp == end) return sn;
@@ -211,7 +211,7 @@ inline float negative_s(const cpu::LossInputs& in, const Positives& pos, const T
   for (const float t : {prm.lo, prm.hi, prm.margin}) {
     if (std::abs(t) > 2.5f) continue;  // +-3: no bound
     const float* near = std::lower_bound(sp, end, sn + t - tol);
-    if (near != end && *near <= sn + t + tol) return pair_dot(in, i, j);
+    if (near != end && *near <= sn + t + tol) return dot != nullptr ? *dot : pair_dot(in, i, j);
   }
   return sn;
 }
@@ -685,8 +685,8 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl"))) XBM_INLINE void tr
 template <int L, int NP>
 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl"))) XBM_INLINE int64_t triplet_row_sig16(
     float* row, int64_t w, const int32_t* z, int32_t yi, const float* sp, const float* tables, int64_t np, float lo,
-    float hi, float margin, const float* bounds, int32_t* cnt, int64_t* counts, int64_t* near_cols, float* near_s,
-    double& loss, int64_t& active, int64_t& nonzero) {
+    float hi, float margin, const float* bounds, int32_t* cnt, int32_t* acc, int64_t* counts, int64_t* near_cols,
+    float* near_s, double& loss, int64_t& active, int64_t& nonzero) {
   static_assert(L == 16, "AVX-512");
   using V = Vec<L>;
   using F = typename V::F;
@@ -699,7 +699,8 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl"))) XBM_INLINE int64_t
   const __m512i vyi = _mm512_set1_epi32(yi), one = _mm512_set1_epi32(1), zero = _mm512_setzero_si512();
   __m512i c[NP];  // (indexed by constants only, every loop over it unrolled: registers)
 #pragma GCC unroll 32
-  for (int p = 0; p < NP; ++p) c[p] = zero;
+  for (int p = 0; p < NP; ++p) c[p] = acc != nullptr ? _mm512_load_si512(acc + p * L) : zero;
+  const __m512i c0_start = c[0];
   __m512d acc0 = _mm512_setzero_pd(), acc1 = _mm512_setzero_pd();
   int32_t* undo = cnt + kSigPositives * L;  // (cnt: triplet_block_out's counts)
   bool rare = false;
@@ -771,19 +772,36 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl"))) XBM_INLINE int64_t
     acc1 = _mm512_fmadd_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(k, 1)),
                            _mm512_cvtps_pd(_mm512_extractf32x8_ps(sa, 1)), acc1);
   }
+  // nonzero coefficients: the counted lanes past the first threshold less those taken back, and the
+  // general rule's
+  int64_t nz = _mm512_reduce_add_epi32(_mm512_sub_epi32(c[0], c0_start)) + nz_out;
+  if (rare) {  // the general rule's counts in, the taken-back ones out
+    nz -= lane_sum<L>(V::load(undo));
+#pragma GCC unroll 32
+    for (int p = 0; p < NP; ++p)
+      if (p < np)
+        c[p] = _mm512_sub_epi32(_mm512_add_epi32(c[p], _mm512_loadu_si512(cnt + p * L)),
+                                _mm512_loadu_si512(undo + p * L));
+  }
+  nonzero += nz;
+  const double sum_ks = _mm512_reduce_add_pd(_mm512_add_pd(acc0, acc1));
+  if (acc != nullptr) {  // the lanes kept for the caller (triplet_pass adds them up once per anchor)
+#pragma GCC unroll 32
+    for (int p = 0; p < NP; ++p) _mm512_store_si512(acc + p * L, c[p]);
+    loss += sum_ks;
+    return n_near;
+  }
   int64_t a = 0;
 #pragma GCC unroll 32
   for (int p = 0; p < NP; ++p) {
     if (p >= np) break;
-    int64_t cp = _mm512_reduce_add_epi32(c[p]);
-    if (rare) cp += lane_sum<L>(V::load(cnt + p * L)) - lane_sum<L>(V::load(undo + p * L));
+    const int64_t cp = _mm512_reduce_add_epi32(c[p]);
     counts[p] += cp;
     a += cp;
   }
   // sum k (sn + margin) over the row's blocks (the general rule's blocks' k counted in a too)
-  loss += _mm512_reduce_add_pd(_mm512_add_pd(acc0, acc1)) + static_cast<double>(margin) * static_cast<double>(a);
+  loss += sum_ks + static_cast<double>(margin) * static_cast<double>(a);
   active += a;
-  nonzero += _mm512_reduce_add_epi32(c[0]) + nz_out - (rare ? lane_sum<L>(V::load(undo)) : 0);
   return n_near;
 }
 
@@ -791,17 +809,21 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl"))) XBM_INLINE int64_t
 // templates that call it are compiled for no particular target).
 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl"))) int64_t triplet_row_sig_x16(
     float* row, int64_t w, const int32_t* z, int32_t yi, const float* sp, const float* tables, int64_t np, float lo,
-    float hi, float margin, const float* bounds, int32_t* cnt, int64_t* counts, int64_t* near_cols, float* near_s,
-    double& loss, int64_t& active, int64_t& nonzero) {
-#define XBM_TRIPLET_ROW_SIG16(NP)                                                                                  \
-  if (np <= NP)                                                                                                   \
-    return triplet_row_sig16<16, NP>(row, w, z, yi, sp, tables, np, lo, hi, margin, bounds, cnt, counts, near_cols, \
+    float hi, float margin, const float* bounds, int32_t* cnt, int32_t* acc, int64_t* counts, int64_t* near_cols,
+    float* near_s, double& loss, int64_t& active, int64_t& nonzero) {
+#define XBM_TRIPLET_ROW_SIG16(NP)                                                                                     \
+  if (np <= NP)                                                                                                      \
+    return triplet_row_sig16<16, NP>(row, w, z, yi, sp, tables, np, lo, hi, margin, bounds, cnt, acc, counts, near_cols, \
                                      near_s, loss, active, nonzero);
+  XBM_TRIPLET_ROW_SIG16(2)
   XBM_TRIPLET_ROW_SIG16(4)
+  XBM_TRIPLET_ROW_SIG16(6)
   XBM_TRIPLET_ROW_SIG16(8)
+  XBM_TRIPLET_ROW_SIG16(10)
   XBM_TRIPLET_ROW_SIG16(12)
+  XBM_TRIPLET_ROW_SIG16(14)
 #undef XBM_TRIPLET_ROW_SIG16
-  return triplet_row_sig16<16, 16>(row, w, z, yi, sp, tables, np, lo, hi, margin, bounds, cnt, counts, near_cols,
+  return triplet_row_sig16<16, 16>(row, w, z, yi, sp, tables, np, lo, hi, margin, bounds, cnt, acc, counts, near_cols,
                                    near_s, loss, active, nonzero);
 }
 #endif
@@ -827,7 +849,7 @@ XBM_INLINE int64_t triplet_row_vec_lanes(float* row, int64_t w, const int32_t* z
 #if defined(__x86_64__) || defined(__i386__)
     if constexpr (L == 16)
       if (np <= 16)
-        return triplet_row_sig_x16(row, w, z, yi, sp, tables, np, lo, hi, margin, bounds, cnt, counts, near_cols,
+        return triplet_row_sig_x16(row, w, z, yi, sp, tables, np, lo, hi, margin, bounds, cnt, nullptr, counts, near_cols,
                                    near_s, loss, active, nonzero);
 #endif
     XBM_TRIPLET_ROW_SIG(4)
@@ -881,9 +903,9 @@ struct RowSink {
 
 // One negative's coefficient by the scalar definition (negative_s, then negative_range).
 inline float decide_scalar(const cpu::LossInputs& in, const Positives& pos, const TripletParams& prm, int64_t i,
-                           int64_t col, float sn_tile, RowSink& out) {
+                           int64_t col, float sn_tile, RowSink& out, const float* dot = nullptr) {
   const int64_t s0 = pos.start[i];
-  const float sn = negative_s(in, pos, prm, i, col, sn_tile);
+  const float sn = negative_s(in, pos, prm, i, col, sn_tile, dot);
   const auto [a, b] = negative_range(pos, prm, i, sn);
   if (b <= a) return 0.f;
   const int64_t k = b - a;
@@ -898,10 +920,26 @@ inline float decide_scalar(const cpu::LossInputs& in, const Positives& pos, cons
   return static_cast<float>(k);
 }
 
+// Whether anchor i's rows take triplet_row_sig16 with its lanes kept in an accumulator (sig_acc):
+// AVX-512, at most kSigPositives finite positives, the margin the one bound.
+inline bool sig_acc_row(const Positives& pos, const TripletParams& prm, int64_t i) {
+#if XBM_CPU_VECTOR && (defined(__x86_64__) || defined(__i386__))
+  const int64_t np = pos.start[i + 1] - pos.start[i];
+  return cpu::simd_lanes() == 16 && pos.sig_ok[i] && np >= 1 && np <= kSigPositives && std::abs(prm.lo) > 2.5f &&
+         std::abs(prm.hi) > 2.5f && !(std::abs(prm.margin) > 2.5f);
+#else
+  (void)pos, (void)prm, (void)i;
+  return false;
+#endif
+}
+
 // Row i of a (B x w) score tile from column c0, replaced by its coefficients dl/dS_in (0 on
-// columns that are not negatives).
+// columns that are not negatives). With acc (anchor i's kSigPositives x 16 lanes, sig_acc_row), the
+// positives' counts of the vector columns are added to acc's lanes instead of out's diff, and
+// out.loss gets only their sum k S_in (triplet_pass adds the rest once per anchor).
 inline void decide_row(const cpu::LossInputs& in, const Positives& pos, const TripletParams& prm, int64_t i,
-                       int64_t c0, int64_t w, float* row, const int32_t* z, int32_t yi, RowSink& out) {
+                       int64_t c0, int64_t w, float* row, const int32_t* z, int32_t yi, RowSink& out,
+                       int32_t* acc = nullptr) {
   const int64_t self_col = in.self_col(i) - c0, s0 = pos.start[i], np = pos.start[i + 1] - s0;
   if (np == 0) {  // no positive: no triplet
     std::fill(row, row + w, 0.f);
@@ -909,14 +947,50 @@ inline void decide_row(const cpu::LossInputs& in, const Positives& pos, const Tr
   }
   int64_t j0 = 0;  // the columns from j0 on take the scalar path
 #if XBM_CPU_VECTOR
+  struct Scratch {  // one thread-local object (one TLS look-up per row)
+    std::vector<int32_t> cnt;
+    std::vector<int64_t> counts, near_cols;
+    std::vector<float> near_s, rows;
+  };
+  thread_local Scratch sc;
+#if defined(__x86_64__) || defined(__i386__)
+  if (acc != nullptr) {  // (sig_acc_row)
+    if (sc.cnt.empty()) sc.cnt.resize(kVecMaxPositives * 16 + 16);
+    int32_t* cnt64 = reinterpret_cast<int32_t*>((reinterpret_cast<uintptr_t>(sc.cnt.data()) + 63) & ~uintptr_t{63});
+    if (static_cast<int64_t>(sc.near_cols.size()) < w) {
+      sc.near_cols.resize(w);
+      sc.near_s.resize(w);
+    }
+    if (static_cast<int64_t>(sc.rows.size()) < 4 * in.D) sc.rows.resize(4 * in.D);
+    const int64_t wv = w - w % 16;
+    const bool own = self_col >= 0 && self_col < wv;
+    if (own) row[self_col] = std::numeric_limits<float>::quiet_NaN();  // no negative: coefficient 0
+    const float bounds[1] = {prm.margin};
+    const int64_t n_near =
+        triplet_row_sig_x16(row, wv, z, yi, pos.s.data() + s0, pos.tables.data() + i * kSigTables, np, prm.lo, prm.hi,
+                            prm.margin, bounds, cnt64, acc, nullptr, sc.near_cols.data(), sc.near_s.data(), out.loss,
+                            out.active, out.nonzero);
+    if (own) row[self_col] = 0.f;
+    // the near negatives (other-label, valid), their S by the gather's dot product four at a time
+    for (int64_t t0 = 0; t0 < n_near; t0 += 4) {
+      const float* rows[4];
+      float dots[4];
+      const int64_t nt = std::min<int64_t>(4, n_near - t0);
+      for (int64_t r = 0; r < 4; ++r)
+        rows[r] = cpu::ref_row(in.ref, c0 + sc.near_cols[t0 + std::min(r, nt - 1)], in.D, sc.rows.data() + r * in.D);
+      cpu::dot4(in.x32.data_ptr<float>() + i * in.D, rows, in.D, dots);
+      for (int64_t r = 0; r < nt; ++r) {
+        const int64_t j = sc.near_cols[t0 + r];
+        row[j] = decide_scalar(in, pos, prm, i, c0 + j, sc.near_s[t0 + r], out, dots + r);
+      }
+    }
+    for (int64_t j = wv; j < w; ++j)
+      row[j] = z[j] != yi && j != self_col ? decide_scalar(in, pos, prm, i, c0 + j, row[j], out) : 0.f;
+    return;
+  }
+#endif
   if (np <= kVecMaxPositives) {
     const int L = cpu::simd_lanes();
-    struct Scratch {  // one thread-local object (one TLS look-up per row)
-      std::vector<int32_t> cnt;
-      std::vector<int64_t> counts, near_cols;
-      std::vector<float> near_s;
-    };
-    thread_local Scratch sc;
     std::vector<int32_t>& cnt = sc.cnt;
     std::vector<int64_t>& counts = sc.counts;
     std::vector<int64_t>& near_cols = sc.near_cols;
@@ -968,6 +1042,13 @@ TripletSplits triplet_pass(const cpu::LossInputs& in, const cpu::TilePlan& plan,
   st.diff = at::zeros({plan.splits, pos.total() + B}, f32.dtype(at::kLong));
   if (accumulate) st.grad = at::zeros({plan.splits, B, D}, f32);
   const int32_t* y = in.y_ptr();
+  // The sig_acc_row anchors' lanes of counts, per split: kSigPositives vectors of 16 per anchor,
+  // added up once after the pass (a row's share would take a horizontal sum per positive).
+  constexpr int64_t kAcc = kSigPositives * 16;
+  std::vector<char> sig_acc(B);
+  bool any_acc = false;
+  for (int64_t i = 0; i < B; ++i) any_acc |= (sig_acc[i] = sig_acc_row(pos, prm, i));
+  const Tensor acc = at::zeros({any_acc ? plan.splits : 0, B, kAcc}, f32.dtype(at::kInt));  // 64-byte aligned
   cpu::ScratchPool scratch(in, plan);
   cpu::for_each_tile(plan, in.n, [&](int64_t p, int64_t c0, int64_t w) {
     Tensor tile = scratch[p].similarity(in, c0, w);
@@ -976,17 +1057,43 @@ TripletSplits triplet_pass(const cpu::LossInputs& in, const cpu::TilePlan& plan,
     double* loss = st.loss[p].data_ptr<double>();
     int64_t* active = st.active[p].data_ptr<int64_t>();
     int64_t* diff = st.diff[p].data_ptr<int64_t>();
+    int32_t* acc_p = any_acc ? acc[p].data_ptr<int32_t>() : nullptr;
     int64_t nonzero = 0;
     for (int64_t i = 0; i < B; ++i) {
       RowSink out;
       out.diff = diff + pos.start[i] + i;
-      decide_row(in, pos, prm, i, c0, w, s + i * w, z, y[i], out);
+      decide_row(in, pos, prm, i, c0, w, s + i * w, z, y[i], out, sig_acc[i] ? acc_p + i * kAcc : nullptr);
       loss[i] += out.loss;
       active[i] += out.active;
       nonzero += out.nonzero;
     }
     if (accumulate) cpu::add_sparse_rows(scratch[p], in, tile, c0, st.grad[p], nonzero);
   });
+  // The accumulated anchors' counts per positive: into the difference array, the active
+  // triplets, and the loss's sum over the active triplets of margin - S_ip (sum k S_in is in).
+  for (int64_t p = 0; any_acc && p < plan.splits; ++p) {
+    const int32_t* a = acc[p].data_ptr<int32_t>();
+    double* loss = st.loss[p].data_ptr<double>();
+    int64_t* active = st.active[p].data_ptr<int64_t>();
+    int64_t* diff = st.diff[p].data_ptr<int64_t>();
+    for (int64_t i = 0; i < B; ++i) {
+      if (!sig_acc[i]) continue;
+      const int64_t s0 = pos.start[i], np = pos.start[i + 1] - s0;
+      int64_t* d = diff + s0 + i;
+      int64_t total = 0;
+      double sum_sp = 0;
+      for (int64_t q = 0; q < np; ++q) {
+        int64_t cq = 0;
+        for (int t = 0; t < 16; ++t) cq += a[i * kAcc + q * 16 + t];
+        d[q] += cq;
+        d[q + 1] -= cq;
+        total += cq;
+        sum_sp += static_cast<double>(cq) * static_cast<double>(pos.s[s0 + q]);
+      }
+      loss[i] += static_cast<double>(prm.margin) * static_cast<double>(total) - sum_sp;
+      active[i] += total;
+    }
+  }
   return st;
 }
 
