@@ -124,37 +124,50 @@ float pair_dot(const cpu::LossInputs& in, int64_t i, int64_t j) {
   return cpu::dot(in.x32.data_ptr<float>() + i * in.D, cpu::ref_row(in.ref, j, in.D, buf.data()), in.D);
 }
 
+// The scores in [t_hi, t_lo] pass the lo test at an anchor's first positive sp0 and the hi test at
+// its last sp1 (so at every positive), for |lo|, |hi| > 2.5 (triplet_row_margin's argument).
+inline std::pair<float, float> range_limits(float sp0, float sp1, float lo, float hi) {
+  const double a0 = sp0, a1 = sp1;
+  return {static_cast<float>(a1 - hi + 1e-6 * (std::abs(a1) + std::abs(hi))),
+          static_cast<float>(a0 - lo - 1e-6 * (std::abs(a0) + std::abs(lo)))};
+}
+
 // An anchor's tables for triplet_row_sig (Positives::tables), 1 <= np <= kSigPositives: its
-// thresholds, its positives' S, and the near test's bounds by k: sig_{k-1} + w_{k-1} (-inf at
-// k = 0) and sig_k - w_k (+inf at k = np), w_k = 4e-5 (1 + |sig_k| + |sp_k| + |margin|).
-inline void sig_tables(const float* sp, const float* sig, int64_t np, float margin, float* out) {
-  const float inf = std::numeric_limits<float>::infinity();
+// thresholds, its positives' S, and the near test's bounds by k (the count of thresholds a score
+// reaches): sig_{k-1} + w_{k-1} and sig_k - w_k, w_k = 1.1e-5 (1 + |sig_k|) + 1e-6 (|sig_k| +
+// |sp_k| + |margin|), with the range limits at the ends (t_hi at k = 0, t_lo at k = np): a score
+// below the first or at least the second is a candidate. Where t_hi <= sig_0 and sig_{np-1} <=
+// t_lo (returned), every score that is no candidate lies in [t_hi, t_lo]: the lo and hi tests hold.
+inline bool sig_tables(const float* sp, const float* sig, int64_t np, const TripletParams& prm, float* out) {
+  const auto [t_hi, t_lo] = range_limits(sp[0], sp[np - 1], prm.lo, prm.hi);
   float a[kSigPositives + 1], b[kSigPositives + 1];
-  a[0] = -inf;
+  a[0] = t_hi;
   for (int64_t p = 0; p < np; ++p) {
-    const float w = 1.1e-5f * (1.f + std::abs(sig[p])) + 1e-6f * (std::abs(sig[p]) + std::abs(sp[p]) + std::abs(margin));
+    const float w =
+        1.1e-5f * (1.f + std::abs(sig[p])) + 1e-6f * (std::abs(sig[p]) + std::abs(sp[p]) + std::abs(prm.margin));
     a[p + 1] = sig[p] + w;
     b[p] = sig[p] - w;
   }
-  b[np] = inf;
+  b[np] = t_lo;
   for (int t = 0; t < kSigWidth; ++t) {
     out[t] = t < np ? sig[t] : std::numeric_limits<float>::quiet_NaN();
     out[kSigWidth + t] = sp[std::min<int64_t>(t, np - 1)];
     out[2 * kSigWidth + t] = a[std::min<int64_t>(t, np)];
     out[3 * kSigWidth + t] = b[std::min<int64_t>(t, np)];
   }
+  return t_hi <= sig[0] && sig[np - 1] <= t_lo;
 }
 
 // Each anchor's positives: its same-label columns (cpu::gather_same_label, uncapped: every
 // anchor is served this way) with S < 1 - pos_eps, sorted by S.
-Positives gather_positives(const cpu::LossInputs& in, float pos_thr, float margin) {
+Positives gather_positives(const cpu::LossInputs& in, const TripletParams& prm) {
   const int64_t B = in.B;
   cpu::SameLabel cand;
   cpu::gather_same_label(in, cand, /*capped=*/false);
   std::vector<std::vector<std::pair<float, int64_t>>> per(B);
   for (int64_t i = 0; i < B; ++i) {
     for (int64_t k = cand.start[i]; k < cand.start[i + 1]; ++k)
-      if (cand.s[k] < pos_thr) per[i].emplace_back(cand.s[k], cand.col[k]);
+      if (cand.s[k] < prm.pos_thr) per[i].emplace_back(cand.s[k], cand.col[k]);
     std::sort(per[i].begin(), per[i].end());  // by S, then column: a fixed order
   }
   Positives out;
@@ -167,15 +180,15 @@ Positives gather_positives(const cpu::LossInputs& in, float pos_thr, float margi
     for (const auto& [s, j] : per[i]) {
       out.s.push_back(s);
       out.col.push_back(j);
-      out.sig.push_back(margin_threshold(s, margin));
+      out.sig.push_back(margin_threshold(s, prm.margin));
       finite = finite && std::isfinite(s);
       acc += s;
       out.prefix.push_back(acc);
     }
-    const bool ok = finite && !per[i].empty() && per[i].size() <= kSigPositives;
+    const bool ok = finite && !per[i].empty() && per[i].size() <= kSigPositives &&
+                    sig_tables(out.s.data() + out.start[i], out.sig.data() + out.start[i],
+                               static_cast<int64_t>(per[i].size()), prm, out.tables.data() + i * kSigTables);
     out.sig_ok.push_back(ok);
-    if (ok) sig_tables(out.s.data() + out.start[i], out.sig.data() + out.start[i], static_cast<int64_t>(per[i].size()),
-                       margin, out.tables.data() + i * kSigTables);
     out.start.push_back(static_cast<int64_t>(out.s.size()));
   }
   return out;
@@ -705,11 +718,10 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl"))) XBM_INLINE int64_t
   int32_t* undo = cnt + kSigPositives * L;  // (cnt: triplet_block_out's counts)
   bool rare = false;
   int64_t nz_out = 0, n_near = 0;
-  // (the lo and hi tests hold for every lane in [t_hi, t_lo], as in triplet_row_margin; this
-  // path runs for rows whose lo and hi are both beyond +-2.5)
-  const double a0 = sp[0], a1 = sp[np - 1];
-  const __m512 t_lo = _mm512_set1_ps(static_cast<float>(a0 - lo - 1e-6 * (std::abs(a0) + std::abs(lo))));
-  const __m512 t_hi = _mm512_set1_ps(static_cast<float>(a1 - hi + 1e-6 * (std::abs(a1) + std::abs(hi))));
+  // (the lo and hi tests hold for every lane in [t_hi, t_lo]: range_limits; this path runs for
+  // rows whose lo and hi are both beyond +-2.5, and a block with a lane outside has a candidate)
+  const auto [f_hi, f_lo] = range_limits(sp[0], sp[np - 1], lo, hi);
+  const __m512 t_lo = _mm512_set1_ps(f_lo), t_hi = _mm512_set1_ps(f_hi);
   for (int64_t j = 0; j + L <= w; j += L) {
     const __m512 sn = _mm512_loadu_ps(row + j);
     // other-label lanes: sn; same-label lanes: -inf, which no threshold is (sig > -inf)
@@ -727,10 +739,12 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl"))) XBM_INLINE int64_t
           : [k] "+v"(k), [c] "+v"(c[p]), [m] "=&Yk"(m)
           : [s] "v"(s), [t] "m"(th[p]), [one] "v"(one));
     }
-    const __mmask16 in_range = _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(sn, t_lo, _CMP_LE_OQ), sn, t_hi, _CMP_GE_OQ);
+    // candidates: near a threshold, or (the tables' ends) outside [t_hi, t_lo]
     const __mmask16 cand = _mm512_cmp_ps_mask(s, _mm512_permutex2var_ps(ta0, k, ta1), _CMP_LT_OQ) |
                            _mm512_cmp_ps_mask(s, _mm512_permutex2var_ps(tb0, k, tb1), _CMP_NLT_UQ);
-    if (__builtin_expect((in_range != 0xffff) | (cand != 0), 0)) {
+    if (__builtin_expect(cand != 0, 0)) {
+      const __mmask16 in_range =
+          _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(sn, t_lo, _CMP_LE_OQ), sn, t_hi, _CMP_GE_OQ);
       if (!rare) {
         std::fill(cnt, cnt + np * L, 0);
         std::fill(undo, undo + np * L, 0);
@@ -748,7 +762,7 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl"))) XBM_INLINE int64_t
         k = _mm512_loadu_si512(kb);
         near = static_cast<__mmask16>(V::bits(V::load(nbuf)));
         nz_out += __builtin_popcount(_mm512_test_epi32_mask(k, k));
-      } else if (cand != 0) {
+      } else {
         PositiveTable<L> tab;
         tab.set(tables + kSigWidth, np > L);
         bool ok;
@@ -1128,7 +1142,7 @@ std::tuple<Tensor, Tensor, Tensor> triplet_all_fwd_cpu(const Tensor& x, const Te
   at::AutoDispatchBelowADInplaceOrView guard;
   const TripletParams prm = params(margin, select_low, select_high, pos_eps);
   const auto in = cpu::prepare_inputs(x, labels, ref, ref_labels, self_index, ref_valid);
-  const Positives pos = gather_positives(in, prm.pos_thr, prm.margin);
+  const Positives pos = gather_positives(in, prm);
   const TripletSplits st = triplet_pass(in, cpu::plan_tiles(in.B, in.n), pos, prm, need_grad);
   const Tensor loss = cpu::sum_splits(st.loss).to(at::kFloat);
   const Tensor counts = int32_counts(cpu::sum_splits(st.active));
@@ -1163,7 +1177,7 @@ std::tuple<Tensor, Tensor> triplet_all_bwd_cpu(const Tensor& x, const Tensor& la
   const TripletParams prm = params(margin, select_low, select_high, pos_eps);
   const auto in = cpu::prepare_inputs(x, labels, ref, ref_labels, self_index, ref_valid);
   TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == in.B, "grad_rows: expected shape (", in.B, ",)");
-  const Positives pos = gather_positives(in, prm.pos_thr, prm.margin);
+  const Positives pos = gather_positives(in, prm);
   const std::vector<int64_t> pc =
       positive_counts(pos, triplet_pass(in, cpu::plan_tiles(in.B, in.n), pos, prm, false).diff);
   // Each anchor's positives by column, with their coefficient -count_p.
