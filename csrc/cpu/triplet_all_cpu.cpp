@@ -30,6 +30,14 @@
 // checks the premise that makes this exact and otherwise tests every positive); the few near
 // lanes' counts are then taken back out. (The anchor's own column enters the vector pass as a NaN score,
 // which no predicate holds for: coefficient 0, as the scalar path gives it.)
+// Thresholds (the default rows: 1..16 finite positives, the margin the one bound): the margin test
+// fl(margin - fl(sp - sn)) > 0 holds exactly for sn >= sig_p, the first float where it does (found
+// once per anchor, margin_threshold), ascending with sp; a lane's coefficient is the number of
+// thresholds its score reaches, each positive one comparison and two masked adds (triplet_row_sig,
+// and at 16 lanes triplet_row_sig16 in AVX-512, whose counts' lanes accumulate per anchor across a
+// split's tiles and are added up once after the pass). negative_s's near test runs only on the
+// blocks with a candidate lane: within a proven width of the thresholds either side of its count,
+// or outside the range where the lo and hi tests hold (sig_tables).
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
@@ -514,6 +522,19 @@ XBM_INLINE void list_near(typename Vec<L>::I near, typename Vec<L>::F sn, int64_
   }
 }
 
+// Whether the lo and hi tests hold for every lane of a block at every positive: every score sn in
+// [t_hi, t_lo] (range_limits, where thresholds: |lo|, |hi| > 2.5), or else checked at the first
+// (lo) and last (hi) positive v0, vmax on s (the other-label lanes' scores, the others -inf).
+template <int L>
+XBM_INLINE bool lo_hi_hold(bool thresholds, typename Vec<L>::F sn, typename Vec<L>::F s, typename Vec<L>::F t_lo,
+                           typename Vec<L>::F t_hi, typename Vec<L>::F v0, typename Vec<L>::F vmax, float lo,
+                           float hi) {
+  using V = Vec<L>;
+  const typename V::F ninf = V::splat(-std::numeric_limits<float>::infinity());
+  return (thresholds && !any_lane<L>(~(V::keep(sn <= t_lo) & V::keep(sn >= t_hi)))) ||
+         !any_lane<L>(~V::gt(v0 - s, lo) | (V::ne(s, ninf) & ~V::keep(vmax - s <= hi)));
+}
+
 // triplet_row_vec's rows whose one bound is the margin (|lo|, |hi| > 2.5 or otherwise not
 // bounds), np <= 2 L: a block's counts first (the margin's test only, where the lo and hi tests
 // hold for every lane at every positive), its near lanes then found at each lane's count
@@ -545,17 +566,14 @@ XBM_INLINE int64_t triplet_row_margin(float* row, int64_t w, const int32_t* z, i
   // |hi|), more than next(lo) - lo and the rounding to float together (each at most 2^-23 of
   // it). Blocks that fail this take the tests themselves.
   const bool thresholds = std::abs(lo) > 2.5f && std::abs(hi) > 2.5f;
-  const double a0 = sp[0], a1 = sp[np - 1];
-  const F t_lo = V::splat(static_cast<float>(a0 - lo - 1e-6 * (std::abs(a0) + std::abs(lo))));
-  const F t_hi = V::splat(static_cast<float>(a1 - hi + 1e-6 * (std::abs(a1) + std::abs(hi))));
+  const auto [f_hi, f_lo] = range_limits(sp[0], sp[np - 1], lo, hi);
+  const F t_lo = V::splat(f_lo), t_hi = V::splat(f_hi);
   for (int64_t j = 0; j + L <= w; j += L) {
     const F sn = V::load(row + j);
     // other-label lanes: sn; same-label lanes: -inf, which no positive makes active or near
     const F s = V::select(V::ne(V::load(z + j), yi), sn, ninf);
     I k, near;
-    if (__builtin_expect((thresholds && !any_lane<L>(~(V::keep(sn <= t_lo) & V::keep(sn >= t_hi)))) ||
-                             !any_lane<L>(~V::gt(v0 - s, lo) | (V::ne(s, ninf) & ~V::keep(vmax - s <= hi))),
-                         1)) {
+    if (__builtin_expect(lo_hi_hold<L>(thresholds, sn, s, t_lo, t_hi, v0, vmax, lo, hi), 1)) {
       k = triplet_block_counts_margin<L, Lt>(s, sp, np, vm, cnt);
       bool ok;
       near = triplet_near_at<L>(s, k, tab, static_cast<int32_t>(np), bounds[0], ok);
@@ -614,17 +632,14 @@ XBM_INLINE int64_t triplet_row_sig(float* row, int64_t w, const int32_t* z, int3
   int64_t nz_out = 0, n_near = 0;
   // (the lo and hi tests as in triplet_row_margin)
   const bool thresholds = std::abs(lo) > 2.5f && std::abs(hi) > 2.5f;
-  const double a0 = sp[0], a1 = sp[np - 1];
-  const F t_lo = V::splat(static_cast<float>(a0 - lo - 1e-6 * (std::abs(a0) + std::abs(lo))));
-  const F t_hi = V::splat(static_cast<float>(a1 - hi + 1e-6 * (std::abs(a1) + std::abs(hi))));
+  const auto [f_hi, f_lo] = range_limits(sp[0], sp[np - 1], lo, hi);
+  const F t_lo = V::splat(f_lo), t_hi = V::splat(f_hi);
   for (int64_t j = 0; j + L <= w; j += L) {
     const F sn = V::load(row + j);
     // other-label lanes: sn; same-label lanes: -inf, which no threshold is (sig > -inf)
     const F s = V::select(V::ne(V::load(z + j), yi), sn, ninf);
     I k = I{}, near = I{};
-    if (__builtin_expect((thresholds && !any_lane<L>(~(V::keep(sn <= t_lo) & V::keep(sn >= t_hi)))) ||
-                             !any_lane<L>(~V::gt(v0 - s, lo) | (V::ne(s, ninf) & ~V::keep(vmax - s <= hi))),
-                         1)) {
+    if (__builtin_expect(lo_hi_hold<L>(thresholds, sn, s, t_lo, t_hi, v0, vmax, lo, hi), 1)) {
 #pragma GCC unroll 32
       for (int p = 0; p < NP; ++p) {
         const I m = s >= bcast<L>(th + p);
