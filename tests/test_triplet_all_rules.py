@@ -99,3 +99,83 @@ def test_the_margin_and_bounds_are_fp32(backend, device):
         loss = xk.triplet_all_loss(x, torch.tensor([0], device=device), r, z, margin=margin, select_low=low,
                                    select_high=high, pos_eps=-1.0, reduction="sum", backend=backend)
         assert abs(float(loss) - (expected if low < 0 else 0.0)) <= 1e-9, (low, float(loss))
+
+
+def _first_active(sp, margin):
+    """The first fp32 negative score sn at which margin - (sp - sn) > 0 holds in fp32 arithmetic
+    (it holds for every larger sn: rounding is monotone), by a search over the float32 bit patterns."""
+    import numpy as np
+    m, p = np.float32(margin), np.float32(sp)
+
+    def holds(bits):
+        s = np.array([bits], dtype=np.int32).view(np.float32)[0]
+        with np.errstate(over="ignore", invalid="ignore"):
+            return bool(np.float32(m - np.float32(p - s)) > np.float32(0))
+
+    def key(f):  # float32 -> an integer in the floats' order
+        b = int(np.array([f], dtype=np.float32).view(np.int32)[0])
+        return b if b >= 0 else -(b & 0x7FFFFFFF)
+
+    def unkey(k):
+        return k if k >= 0 else (-k) | -0x80000000
+
+    lo, hi = key(np.float32(-np.inf)), key(np.float32(np.inf))
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if holds(unkey(mid)):
+            hi = mid
+        else:
+            lo = mid + 1
+    return float(np.array([unkey(lo)], dtype=np.int32).view(np.float32)[0])
+
+
+@pytest.mark.backends("reference", "cpu", "triton")
+@pytest.mark.parametrize("n_pos", [1, 3, 8, 11, 16, 17])
+def test_the_margin_decides_at_the_fp32_threshold(backend, device, n_pos):
+    """One-dimensional rows (S = the memory's value, exactly), each positive with negatives at its
+    first active score (the first fp32 sn with fp32(margin - fp32(sp - sn)) > 0) and 1 and 2 ulp
+    either side: every triplet is decided by the contract's fp32 rule, counts exactly, the loss
+    and gradient as the float64 sum of margin - u over the active triplets. Several anchors with
+    different positives, memories of odd length (the vector kernels' tails)."""
+    import numpy as np
+    gen = torch.Generator().manual_seed(n_pos)
+    margin = 0.2
+    xs, rows, labels = [], [], []
+    for a in range(3):
+        sp = (torch.rand(n_pos, generator=gen) * 1.2 - 0.6).float()
+        neg = []
+        for v in sp.tolist():
+            t = np.float32(_first_active(v, margin))
+            neg += [float(t), float(np.nextafter(t, np.float32(-1))), float(np.nextafter(t, np.float32(2))),
+                    float(np.nextafter(np.nextafter(t, np.float32(-1)), np.float32(-1))),
+                    float(np.nextafter(np.nextafter(t, np.float32(2)), np.float32(2)))]
+        neg += (torch.rand(7 + a, generator=gen) * 1.6 - 0.8).tolist()  # away from the thresholds, mostly
+        rows += sp.tolist() + neg
+        labels += [a] * n_pos + [100 + a] * len(neg)
+    x = torch.ones(3, 1)
+    y = torch.arange(3)
+    r = torch.tensor(rows, dtype=torch.float32)[:, None]
+    z = torch.tensor(labels)
+    params = dict(margin=margin, select_low=-3.0, select_high=3.0, pos_eps=-1.0)
+    # the expected decisions: fp32 arithmetic as written, anchor by anchor
+    S = r[:, 0].numpy()
+    exp_rows, exp_counts, exp_grad = [], [], []
+    m32 = np.float32(margin)
+    for a in range(3):
+        P = [j for j in range(len(rows)) if labels[j] == a]
+        N = [j for j in range(len(rows)) if labels[j] != a]
+        u32 = S[P][:, None] - S[N][None, :]  # fp32
+        act = (m32 - u32) > 0
+        u64 = S[P].astype(np.float64)[:, None] - S[N].astype(np.float64)[None, :]
+        exp_rows.append(float(np.where(act, float(m32) - u64, 0.0).sum()))
+        exp_counts.append(int(act.sum()))
+        exp_grad.append(float((act.sum(0) * S[N].astype(np.float64)).sum() - (act.sum(1) * S[P].astype(np.float64)).sum()))
+    xa = x.clone().to(device).requires_grad_()
+    out = xk.triplet_all_loss(xa, y.to(device), r.to(device), z.to(device), **params, backend=backend,
+                              reduction="none")
+    _, counts = xk.losses.compute("triplet_all", x.to(device), y.to(device), r.to(device), z.to(device),
+                                  backend=backend, reduction="none", **params)
+    assert counts[:, 0].cpu().long().tolist() == exp_counts
+    out.sum().backward()
+    assert_close(out, torch.tensor(exp_rows, dtype=torch.float64), FP32, "rows")
+    assert_close(xa.grad, torch.tensor(exp_grad, dtype=torch.float64)[:, None], FP32, "grad_x")
