@@ -179,3 +179,23 @@ def test_the_margin_decides_at_the_fp32_threshold(backend, device, n_pos):
     out.sum().backward()
     assert_close(out, torch.tensor(exp_rows, dtype=torch.float64), FP32, "rows")
     assert_close(xa.grad, torch.tensor(exp_grad, dtype=torch.float64)[:, None], FP32, "grad_x")
+
+
+@pytest.mark.backends("reference", "cpu", "triton")
+@pytest.mark.parametrize("extra", [0, 20], ids=["2-positives", "22-positives"])
+@pytest.mark.parametrize("bad", [float("-inf"), -3.4e38, -1e30, 1e30, -100.0])
+def test_a_positive_in_no_triplet_adds_nothing(backend, device, extra, bad):
+    """A positive whose u is below select_low against every negative forms no selected triplet,
+    however large its S or -inf (a prefix sum of the positives' S would lose the others next to
+    it, and 0 times -inf is NaN): the row is the other positives' triplets alone."""
+    import numpy as np
+    pos = [0.5] * (1 + extra) + [bad]
+    r = torch.tensor(pos + [0.4], dtype=torch.float32)[:, None].to(device)
+    z = torch.tensor([0] * len(pos) + [1]).to(device)
+    x = torch.ones(1, 1, device=device)
+    y = torch.zeros(1, dtype=torch.long, device=device)
+    hinge = float(np.float32(np.float32(0.2) - np.float32(np.float32(0.5) - np.float32(0.4))))
+    rows = xk.triplet_all_loss(x, y, r, z, margin=0.2, reduction="none", backend=backend)
+    _, counts = xk.losses.compute("triplet_all", x, y, r, z, backend=backend, reduction="none", margin=0.2)
+    assert counts[0, 0].item() == 1 + extra
+    assert abs(float(rows[0]) - (1 + extra) * hinge) <= 1e-6 * (1 + extra), float(rows[0])

@@ -83,6 +83,9 @@ struct Positives {
   std::vector<float> s;
   std::vector<int64_t> col;
   std::vector<double> prefix;
+  // wide[i]: anchor i has a positive beyond 2^20 in magnitude or not finite, where a difference of
+  // two prefix sums would lose the others (a range's sum is then added up term by term)
+  std::vector<char> wide;
   // sig[k]: the smallest float sn for which the margin test holds at positive k (margin_threshold),
   // ascending with S; sig_ok[i]: anchor i's positives are all finite and at most kSigPositives
   std::vector<float> sig;
@@ -183,16 +186,18 @@ Positives gather_positives(const cpu::LossInputs& in, const TripletParams& prm) 
   out.tables.resize(B * kSigTables);
   for (int64_t i = 0; i < B; ++i) {
     double acc = 0;
-    bool finite = true;
+    bool finite = true, wide = false;
     out.prefix.push_back(0.0);
     for (const auto& [s, j] : per[i]) {
       out.s.push_back(s);
       out.col.push_back(j);
       out.sig.push_back(margin_threshold(s, prm.margin));
       finite = finite && std::isfinite(s);
+      wide = wide || !(std::abs(s) <= 0x1p20f);
       acc += s;
       out.prefix.push_back(acc);
     }
+    out.wide.push_back(wide);
     const bool ok = finite && !per[i].empty() && per[i].size() <= kSigPositives &&
                     sig_tables(out.s.data() + out.start[i], out.sig.data() + out.start[i],
                                static_cast<int64_t>(per[i].size()), prm, out.tables.data() + i * kSigTables);
@@ -938,8 +943,13 @@ inline float decide_scalar(const cpu::LossInputs& in, const Positives& pos, cons
   const auto [a, b] = negative_range(pos, prm, i, sn);
   if (b <= a) return 0.f;
   const int64_t k = b - a;
-  out.loss += static_cast<double>(k) * (static_cast<double>(sn) + prm.margin) -
-              (pos.prefix[s0 + i + b] - pos.prefix[s0 + i + a]);
+  double sum_sp = 0;
+  if (pos.wide[i]) {
+    for (int64_t q = a; q < b; ++q) sum_sp += static_cast<double>(pos.s[s0 + q]);
+  } else {
+    sum_sp = pos.prefix[s0 + i + b] - pos.prefix[s0 + i + a];
+  }
+  out.loss += static_cast<double>(k) * (static_cast<double>(sn) + prm.margin) - sum_sp;
   out.active += k;
   if (out.diff) {
     out.diff[a] += 1;
@@ -1046,6 +1056,7 @@ inline void decide_row(const cpu::LossInputs& in, const Positives& pos, const Tr
                                            out.nonzero);
     if (own) row[self_col] = 0.f;
     for (int64_t p = 0; p < np; ++p) {  // the positives' share of the loss, and their counts
+      if (counts[p] == 0) continue;     // (a positive in no triplet, -inf perhaps, adds nothing)
       out.loss -= static_cast<double>(counts[p]) * static_cast<double>(sp[p]);
       if (out.diff) {
         out.diff[p] += counts[p];
