@@ -60,8 +60,8 @@ def main(argv=None):
         losses.insert(0, "contrastive")
     configs = {c: CONFIGS[c] for c in a.configs.split(",")}
     load0 = os.getloadavg()[0]
-    print(f"# {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}, load {load0:.2f} at start",
-          flush=True)
+    print(f"# {cpu_model()}, timed at 1 thread (torch.utils.benchmark.Timer's default; the process has "
+          f"{torch.get_num_threads()}), torch {torch.__version__}, load {load0:.2f} at start", flush=True)
 
     sq = {dt: (torch.randn(a.square, a.square, dtype=dt), torch.randn(a.square, a.square, dtype=dt))
           for dt in (torch.float32, torch.bfloat16)}
