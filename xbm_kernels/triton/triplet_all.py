@@ -148,14 +148,12 @@ def triplet_all_fwd_kernel(x_ptr, y_ptr, r_ptr, z_ptr, si_ptr, idx_ws, count_ws,
                 pos = same & (sp < pos_thr)
                 cn, cp = _triplets(sn, neg, sp, pos, margin, select_low, select_high)
                 wn += cn
-                # the hinge sum margin - S_ip + S_in over the block's triplets, its S_ip part (a
-                # positive in no triplet adds nothing, -inf included: not 0 * -inf)
-                loss -= tl.sum(tl.where(cp > 0, cp.to(tl.float64) * sp.to(tl.float64), 0.0), axis=1)
+                # the hinge sum margin - S_ip + S_in over the block's triplets, its S_ip part
+                loss -= tl.sum(cp.to(tl.float64) * sp.to(tl.float64), axis=1)
                 if NEED_GRAD:  # cp <= BLOCK_K: exact in 16 bits
                     g_tile = dot_acc(-cp.to(tl.float32), rp, g_tile, 1, PRECISION)
         # ... and its S_in + margin part, in fp64 (as the CPU kernel's prefix sums)
-        loss += tl.sum(tl.where(wn > 0, wn.to(tl.float64) * (sn.to(tl.float64) +
-                                                         tl.full((), margin, tl.float32).to(tl.float64)), 0.0), axis=1)
+        loss += tl.sum(wn.to(tl.float64) * (sn.to(tl.float64) + tl.full((), margin, tl.float32).to(tl.float64)), axis=1)
         active += tl.sum(wn, axis=1).to(tl.int64)
         if NEED_GRAD:
             # the memory tile's gradient apart, then added: the positives' and negatives' parts
