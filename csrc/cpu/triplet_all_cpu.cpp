@@ -86,9 +86,9 @@ struct Positives {
   // wide[i]: anchor i has a positive beyond 2^20 in magnitude or not finite, where a difference of
   // two prefix sums would lose the others (a range's sum is then added up term by term)
   std::vector<char> wide;
-  // sig[k]: the smallest float sn for which the margin test holds at positive k (margin_threshold),
-  // ascending with S; sig_ok[i]: anchor i's positives are all finite and at most kSigPositives
-  std::vector<float> sig;
+  // sig_ok[i]: anchor i's positives are all finite and at most kSigPositives, and its tables
+  // (below) usable: the thresholds sig_k, the smallest float sn for which the margin test holds at
+  // positive k (margin_threshold), ascending with S
   std::vector<char> sig_ok;
   // with sig_ok, anchor i's tables from tables[i * kSigTables]: kSigWidth thresholds (NaN past
   // np), then the lookup tables triplet_row_sig reads by lane (PositiveTable's layout: entry t
@@ -187,11 +187,12 @@ Positives gather_positives(const cpu::LossInputs& in, const TripletParams& prm) 
   for (int64_t i = 0; i < B; ++i) {
     double acc = 0;
     bool finite = true, wide = false;
+    std::vector<float> sig;  // (kept in the tables only)
     out.prefix.push_back(0.0);
     for (const auto& [s, j] : per[i]) {
       out.s.push_back(s);
       out.col.push_back(j);
-      out.sig.push_back(margin_threshold(s, prm.margin));
+      sig.push_back(margin_threshold(s, prm.margin));
       finite = finite && std::isfinite(s);
       wide = wide || !(std::abs(s) <= 0x1p20f);
       acc += s;
@@ -199,7 +200,7 @@ Positives gather_positives(const cpu::LossInputs& in, const TripletParams& prm) 
     }
     out.wide.push_back(wide);
     const bool ok = finite && !per[i].empty() && per[i].size() <= kSigPositives &&
-                    sig_tables(out.s.data() + out.start[i], out.sig.data() + out.start[i],
+                    sig_tables(out.s.data() + out.start[i], sig.data(),
                                static_cast<int64_t>(per[i].size()), prm, out.tables.data() + i * kSigTables);
     out.sig_ok.push_back(ok);
     out.start.push_back(static_cast<int64_t>(out.s.size()));
@@ -990,16 +991,22 @@ inline void decide_row(const cpu::LossInputs& in, const Positives& pos, const Tr
     std::vector<int32_t> cnt;
     std::vector<int64_t> counts, near_cols;
     std::vector<float> near_s, rows;
+    // Sized for a row of w columns; returns the lane counts' buffer, each positive's lanes on a
+    // cache line of their own (a vector of them read and written once per block, never split
+    // across two lines).
+    int32_t* prepare(int64_t w) {
+      if (cnt.empty()) cnt.resize(kVecMaxPositives * 16 + 16);
+      if (static_cast<int64_t>(near_cols.size()) < w) {
+        near_cols.resize(w);
+        near_s.resize(w);
+      }
+      return reinterpret_cast<int32_t*>((reinterpret_cast<uintptr_t>(cnt.data()) + 63) & ~uintptr_t{63});
+    }
   };
   thread_local Scratch sc;
 #if defined(__x86_64__) || defined(__i386__)
   if (acc != nullptr) {  // (sig_acc_row)
-    if (sc.cnt.empty()) sc.cnt.resize(kVecMaxPositives * 16 + 16);
-    int32_t* cnt64 = reinterpret_cast<int32_t*>((reinterpret_cast<uintptr_t>(sc.cnt.data()) + 63) & ~uintptr_t{63});
-    if (static_cast<int64_t>(sc.near_cols.size()) < w) {
-      sc.near_cols.resize(w);
-      sc.near_s.resize(w);
-    }
+    int32_t* cnt64 = sc.prepare(w);
     if (static_cast<int64_t>(sc.rows.size()) < 4 * in.D) sc.rows.resize(4 * in.D);
     const int64_t wv = w - w % 16;
     const bool own = self_col >= 0 && self_col < wv;
@@ -1030,19 +1037,11 @@ inline void decide_row(const cpu::LossInputs& in, const Positives& pos, const Tr
 #endif
   if (np <= kVecMaxPositives) {
     const int L = cpu::simd_lanes();
-    std::vector<int32_t>& cnt = sc.cnt;
+    int32_t* cnt64 = sc.prepare(w);
     std::vector<int64_t>& counts = sc.counts;
     std::vector<int64_t>& near_cols = sc.near_cols;
     std::vector<float>& near_s = sc.near_s;
-    if (cnt.empty()) cnt.resize(kVecMaxPositives * 16 + 16);
-    // each positive's lanes on a cache line of their own: a vector of them read and written
-    // once per block, never split across two lines
-    int32_t* cnt64 = reinterpret_cast<int32_t*>((reinterpret_cast<uintptr_t>(cnt.data()) + 63) & ~uintptr_t{63});
     counts.assign(np, 0);
-    if (static_cast<int64_t>(near_cols.size()) < w) {
-      near_cols.resize(w);
-      near_s.resize(w);
-    }
     const bool own = self_col >= 0 && self_col < w - w % L;  // the own column in the vector part
     if (own) row[self_col] = std::numeric_limits<float>::quiet_NaN();  // no negative: coefficient 0
     float bounds[3];
